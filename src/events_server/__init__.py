@@ -1,0 +1,1 @@
+"""Event ingestion gRPC server: validate, deduplicate, queue on Redis Streams."""

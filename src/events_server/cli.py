@@ -1,0 +1,177 @@
+"""``events-server``: run the gRPC server, or look at what is queued."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import TextIO
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from events_server.codec import envelope_to_dict
+from events_server.config import Settings, add_settings_flags, settings_from_args
+from events_server.keys import ENVELOPE_FIELD, KeySpace
+from events_server.pb import events_pb2 as pb
+from events_server.server import create_server
+from events_server.store import connect
+
+log = logging.getLogger("events_server")
+
+PAGE = 500
+"""Entries fetched per stream per round trip when reading the whole queue."""
+
+FOLLOW_BLOCK_MS = 1000
+
+
+def _entry_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq)
+
+
+def _partition_of(stream: str) -> int:
+    return int(stream.split("{p", 1)[1].split("}", 1)[0])
+
+
+async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
+    """The configured partition streams plus any left over from another partition count."""
+    found = {keys.stream(p) for p in range(keys.partitions)}
+    pattern = f"{keys.prefix}:{{p*}}:events"
+    async for name in redis.scan_iter(match=pattern, count=1000, _type="STREAM"):
+        found.add(name.decode())
+    return sorted(found, key=_partition_of)
+
+
+async def _read_all(redis: Redis, streams: Sequence[str]) -> AsyncIterator[tuple[str, bytes, bytes]]:
+    """Every entry of every stream, oldest first (a k-way merge over paged XRANGEs)."""
+    cursors = dict.fromkeys(streams, "-")
+    pending: dict[str, int] = {}  # entries of each stream still in the heap
+    heap: list[tuple[tuple[int, int], str, bytes, bytes]] = []
+
+    async def refill(stream: str) -> None:
+        page = await redis.xrange(stream, min=cursors[stream], max="+", count=PAGE)
+        for entry_id, fields in page:
+            heapq.heappush(heap, (_entry_key(entry_id), stream, entry_id, fields[ENVELOPE_FIELD]))
+        if page:
+            cursors[stream] = "(" + page[-1][0].decode()
+        pending[stream] = len(page)
+
+    for stream in streams:
+        await refill(stream)
+    while heap:
+        _, stream, entry_id, payload = heapq.heappop(heap)
+        yield stream, entry_id, payload
+        pending[stream] -= 1
+        if pending[stream] == 0:
+            await refill(stream)
+
+
+async def _read_last(
+    redis: Redis, streams: Sequence[str], count: int
+) -> list[tuple[str, bytes, bytes]]:
+    """The newest ``count`` entries across all streams, oldest first."""
+    newest: list[tuple[tuple[int, int], str, bytes, bytes]] = []
+    for stream in streams:
+        for entry_id, fields in await redis.xrevrange(stream, count=count):
+            newest.append((_entry_key(entry_id), stream, entry_id, fields[ENVELOPE_FIELD]))
+    newest.sort()
+    return [(s, i, p) for _, s, i, p in newest[-count:]]
+
+
+def _print(out: TextIO, stream: str, entry_id: bytes, payload: bytes) -> None:
+    envelope = pb.Envelope.FromString(payload)
+    line = {"partition": _partition_of(stream), "entry_id": entry_id.decode()}
+    line.update(envelope_to_dict(envelope))
+    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO) -> None:
+    """Print queued envelopes as JSON lines: all of them (or the last ``count``), then new ones."""
+    redis = connect(settings.model_copy(update={"redis_timeout_seconds": 10.0}))
+    try:
+        keys = KeySpace(settings.key_prefix, settings.partitions)
+        streams = await _streams(redis, keys)
+        last_seen = dict.fromkeys(streams, "0-0")
+        if count is None:
+            async for stream, entry_id, payload in _read_all(redis, streams):
+                _print(out, stream, entry_id, payload)
+                last_seen[stream] = entry_id.decode()
+        else:
+            for stream, entry_id, payload in await _read_last(redis, streams, count):
+                _print(out, stream, entry_id, payload)
+            last_seen = dict.fromkeys(streams, "$")
+        while follow:
+            reply = await redis.xread(dict(last_seen), block=FOLLOW_BLOCK_MS)
+            for raw_stream, entries in reply or []:
+                stream = raw_stream.decode()
+                for entry_id, fields in entries:
+                    _print(out, stream, entry_id, fields[ENVELOPE_FIELD])
+                    last_seen[stream] = entry_id.decode()
+    finally:
+        await redis.aclose()
+
+
+async def serve(settings: Settings) -> None:
+    """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
+    server, port = await create_server(settings)
+    await server.start()
+    host = settings.grpc_addr.rpartition(":")[0]
+    # Tests and `make run` read this line to learn the port when it was 0.
+    print(f"events-server listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_seconds)
+    await server.stop()
+    log.info("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The events-server argument parser."""
+    parser = argparse.ArgumentParser(prog="events-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="run the gRPC server")
+    add_settings_flags(serve_cmd, Settings, Settings.model_fields)
+
+    tail_cmd = commands.add_parser(
+        "tail", help="print queued envelopes as JSON lines, oldest first"
+    )
+    tail_cmd.add_argument(
+        "--count", type=int, metavar="N", help="only the newest N (default: all, from the start)"
+    )
+    tail_cmd.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new envelopes"
+    )
+    add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the events-server command."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(Settings, args)
+    except ValidationError as exc:
+        print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            asyncio.run(serve(settings))
+        elif args.command == "tail":
+            asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,85 @@
+"""Translation between the contract's JSON form of an event and the protobuf types.
+
+Protobuf messages are built by direct construction: ``json_format`` is several
+times slower and knows nothing of the contract's lower-case type names.
+
+"No value" is one state: JSON ``null`` and an absent field both become an unset
+proto3 ``optional`` (and an empty ``variant_ids`` / ``entity_identifiers``), and
+come back out as an absent field. ``""`` is a value and stays ``""``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC
+from typing import Any
+
+from events_server.pb import events_pb2 as pb
+
+TYPE_NAMES: dict[int, str] = {
+    pb.EVENT_TYPE_PAGE_VIEW: "page_view",
+    pb.EVENT_TYPE_CLICK: "click",
+    pb.EVENT_TYPE_ADD_TO_CART: "add_to_cart",
+    pb.EVENT_TYPE_PURCHASE: "purchase",
+    pb.EVENT_TYPE_ELEMENT_VISIBLE: "element_visible",
+    pb.EVENT_TYPE_WS_CLICK: "ws_click",
+    pb.EVENT_TYPE_RECOMMENDATIONS_INSERTED: "recommendations_inserted",
+}
+"""Contract name of every valid EventType (UNSPECIFIED is deliberately absent)."""
+
+TYPE_VALUES: dict[str, pb.EventType.ValueType] = {
+    name: pb.EventType.ValueType(number) for number, name in TYPE_NAMES.items()
+}
+
+OPTIONAL_STRING_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for f in pb.Event.DESCRIPTOR.fields
+    if f.has_presence and f.type == f.TYPE_STRING and f.name not in ("tenant", "market")
+)
+"""The contract's nullable string fields, in proto field order."""
+
+
+def event_from_dict(data: Mapping[str, Any]) -> pb.Event:
+    """Build an Event from an already-validated contract dict (None = no value)."""
+    event = pb.Event(tenant=data["tenant"], market=data["market"], type=TYPE_VALUES[data["type"]])
+    for name in OPTIONAL_STRING_FIELDS:
+        value = data.get(name)
+        if value is not None:
+            setattr(event, name, value)
+    if variant_ids := data.get("variant_ids"):
+        event.variant_ids.extend(variant_ids)
+    if entity_identifiers := data.get("entity_identifiers"):
+        event.entity_identifiers.update(entity_identifiers)
+    return event
+
+
+def event_to_dict(event: pb.Event) -> dict[str, Any]:
+    """The contract's JSON form of an Event: fields with no value are left out."""
+    out: dict[str, Any] = {
+        "tenant": event.tenant,
+        "market": event.market,
+        "type": TYPE_NAMES.get(event.type, event.type),
+    }
+    for name in OPTIONAL_STRING_FIELDS:
+        if event.HasField(name):
+            out[name] = getattr(event, name)
+    if event.variant_ids:
+        out["variant_ids"] = list(event.variant_ids)
+    if event.entity_identifiers:
+        out["entity_identifiers"] = dict(event.entity_identifiers)
+    return out
+
+
+def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
+    """JSON form of a queued envelope, for people and for JSONL sinks."""
+    received = envelope.received_at.ToDatetime(tzinfo=UTC)
+    out: dict[str, Any] = {
+        "received_at": received.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "client_ip": envelope.client_ip,
+    }
+    for name in ("user_agent", "referer", "forwarded_host"):
+        if envelope.HasField(name):
+            out[name] = getattr(envelope, name)
+    out["api_key_id"] = envelope.api_key_id
+    out["event"] = event_to_dict(envelope.event)
+    return out

@@ -1,0 +1,37 @@
+"""The failures a CreateEvents call can end in. Transports map them to status codes.
+
+A duplicate is not here: it is a normal per-event result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field: ``field`` is a path such as ``events[3].tenant``."""
+
+    field: str
+    description: str
+    reason: str
+
+
+class IngestError(Exception):
+    """Base of every error a call reports to its client."""
+
+
+class InvalidEvents(IngestError):
+    """The request has invalid events; nothing from it was queued."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        noun = "violation" if len(violations) == 1 else "violations"
+        first = violations[0]
+        super().__init__(
+            f"{len(violations)} field {noun}, first: {first.field}: {first.description}"
+        )
+
+
+class StoreUnavailable(IngestError):
+    """Redis could not be reached or refused the write; safe to retry."""

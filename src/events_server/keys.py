@@ -1,0 +1,48 @@
+"""Every Redis key name the service uses, in one place.
+
+Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
+
+    ev:{p7}:events                      stream of Envelope bytes, field ``e``
+    ev:{p7}:dedup:<len>:<tenant>:<id>   string, value = the entry id; expires (seconds)
+
+The ``{p7}`` hash tag puts a partition's stream and its dedup keys in one Redis
+Cluster slot, so the dedup+enqueue script never crosses slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENVELOPE_FIELD = b"e"
+"""Stream entry field that holds the serialized Envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key names under one prefix for ``partitions`` partitions."""
+
+    prefix: str
+    partitions: int
+
+    def tag(self, partition: int) -> str:
+        """The hash tag shared by everything in one partition."""
+        return f"{{p{partition}}}"
+
+    def stream(self, partition: int) -> str:
+        """The partition's stream of envelopes."""
+        return f"{self.prefix}:{self.tag(partition)}:events"
+
+    def streams(self) -> list[str]:
+        """All partition streams, in partition order."""
+        return [self.stream(p) for p in range(self.partitions)]
+
+    def dedup(self, partition: int, tenant: str, dedup_id: str) -> str:
+        """Dedup key of one (tenant, deduplication_id); its TTL is set in seconds (EX)."""
+        # The tenant is length-prefixed: with a plain separator, tenant "a:b" +
+        # id "c" and tenant "a" + id "b:c" would share a key, and one store
+        # could suppress another's events.
+        return f"{self.prefix}:{self.tag(partition)}:dedup:{len(tenant)}:{tenant}:{dedup_id}"
+
+    def dedup_pattern(self) -> str:
+        """SCAN pattern matching every dedup key (for operators and tests)."""
+        return f"{self.prefix}:{{p*}}:dedup:*"

@@ -1,0 +1,130 @@
+"""The EventsService servicer: validate, build envelopes, dedup + enqueue, report.
+
+This is the one place where IngestErrors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.store import EventStore, partition_for
+from events_server.validation import validate_events
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = pb.EventResult.STATUS_ACCEPTED
+DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+
+# The metadata the REST bridge forwards, grpc-gateway style. gRPC overwrites a
+# forwarded `user-agent` with its own, hence the prefixed names.
+MD_USER_AGENT = "grpcgateway-user-agent"
+MD_REFERER = "grpcgateway-referer"
+MD_FORWARDED_FOR = "x-forwarded-for"
+MD_FORWARDED_HOST = "x-forwarded-host"
+MD_API_KEY = "x-api-key"
+
+
+def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
+    """The client address: from x-forwarded-for, skipping trusted proxies, else the peer."""
+    chain = [hop.strip() for hop in metadata.get(MD_FORWARDED_FOR, "").split(",") if hop.strip()]
+    if chain:
+        # Only the right end of the chain was written by proxies we trust; anything
+        # further left came from the client and could be forged.
+        return chain[max(len(chain) - 1 - forwarded_hops, 0)]
+    # grpc peers look like "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path".
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return rest or peer
+
+
+def _status(error: IngestError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes | str], ...]]:
+    """(code, message, trailing metadata) for an error: the single error-to-code mapping."""
+    if isinstance(error, InvalidEvents):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description, reason=v.reason
+                )
+                for v in error.violations
+            ]
+        )
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
+        status.details.add().Pack(bad_request)
+        rich = rpc_status.to_status(status)
+        return rich.code, rich.details, tuple(rich.trailing_metadata)
+    if isinstance(error, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    return grpc.StatusCode.INTERNAL, str(error), ()
+
+
+class EventsService(events_pb2_grpc.EventsServiceServicer):
+    """Serves CreateEvents on top of an EventStore."""
+
+    def __init__(self, store: EventStore, partitions: int, forwarded_hops: int) -> None:
+        self._store = store
+        self._partitions = partitions
+        self._forwarded_hops = forwarded_hops
+
+    async def CreateEvents(  # noqa: N802 (the generated base class names it)
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        try:
+            return await self._create_events(request.events, context)
+        except IngestError as error:
+            code, message, trailers = _status(error)
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("CreateEvents failed: %s: %s", code.name, message)
+            await context.abort(code, message, trailers)
+            raise  # abort() always raises; this keeps type checkers honest
+
+    async def _create_events(
+        self, events: Sequence[pb.Event], context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        received_at = Timestamp()
+        received_at.FromNanoseconds(time.time_ns())
+        validate_events(events)
+        if not events:
+            return pb.CreateEventsResponse()
+
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        user_agent = metadata.get(MD_USER_AGENT, metadata.get("user-agent"))
+        template = pb.Envelope(
+            received_at=received_at,
+            client_ip=client_ip(metadata, context.peer(), self._forwarded_hops),
+            user_agent=user_agent,
+            referer=metadata.get(MD_REFERER),
+            forwarded_host=metadata.get(MD_FORWARDED_HOST),
+        )
+        items = []
+        for event in events:
+            envelope = pb.Envelope()
+            envelope.CopyFrom(template)
+            envelope.event.CopyFrom(event)
+            items.append((partition_for(event, self._partitions), event, envelope.SerializeToString()))
+
+        outcomes = await self._store.append(items)
+        results = [
+            pb.EventResult(
+                status=ACCEPTED if o.accepted else DUPLICATE,
+                entry_id=o.entry_id,
+                partition=o.partition,
+            )
+            for o in outcomes
+        ]
+        accepted = sum(o.accepted for o in outcomes)
+        return pb.CreateEventsResponse(
+            results=results, accepted=accepted, duplicates=len(outcomes) - accepted
+        )
