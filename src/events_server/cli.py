@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -35,6 +35,11 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def _entries(reply: Any) -> list[tuple[bytes, bytes]]:
+    """(entry id, envelope bytes) pairs of an XRANGE/XREVRANGE reply."""
+    return [(entry_id, fields[ENVELOPE_FIELD]) for entry_id, fields in reply or ()]
+
+
 def _partition_of(stream: str) -> int:
     return int(stream.split("{p", 1)[1].split("}", 1)[0])
 
@@ -48,16 +53,18 @@ async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
     return sorted(found, key=_partition_of)
 
 
-async def _read_all(redis: Redis, streams: Sequence[str]) -> AsyncIterator[tuple[str, bytes, bytes]]:
+async def _read_all(
+    redis: Redis, streams: Sequence[str]
+) -> AsyncIterator[tuple[str, bytes, bytes]]:
     """Every entry of every stream, oldest first (a k-way merge over paged XRANGEs)."""
     cursors = dict.fromkeys(streams, "-")
     pending: dict[str, int] = {}  # entries of each stream still in the heap
     heap: list[tuple[tuple[int, int], str, bytes, bytes]] = []
 
     async def refill(stream: str) -> None:
-        page = await redis.xrange(stream, min=cursors[stream], max="+", count=PAGE)
-        for entry_id, fields in page:
-            heapq.heappush(heap, (_entry_key(entry_id), stream, entry_id, fields[ENVELOPE_FIELD]))
+        page = _entries(await redis.xrange(stream, min=cursors[stream], max="+", count=PAGE))
+        for entry_id, payload in page:
+            heapq.heappush(heap, (_entry_key(entry_id), stream, entry_id, payload))
         if page:
             cursors[stream] = "(" + page[-1][0].decode()
         pending[stream] = len(page)
@@ -78,8 +85,8 @@ async def _read_last(
     """The newest ``count`` entries across all streams, oldest first."""
     newest: list[tuple[tuple[int, int], str, bytes, bytes]] = []
     for stream in streams:
-        for entry_id, fields in await redis.xrevrange(stream, count=count):
-            newest.append((_entry_key(entry_id), stream, entry_id, fields[ENVELOPE_FIELD]))
+        for entry_id, payload in _entries(await redis.xrevrange(stream, count=count)):
+            newest.append((_entry_key(entry_id), stream, entry_id, payload))
     newest.sort()
     return [(s, i, p) for _, s, i, p in newest[-count:]]
 
@@ -98,7 +105,7 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
     try:
         keys = KeySpace(settings.key_prefix, settings.partitions)
         streams = await _streams(redis, keys)
-        last_seen = dict.fromkeys(streams, "0-0")
+        last_seen: dict[Any, Any] = dict.fromkeys(streams, "0-0")
         if count is None:
             async for stream, entry_id, payload in _read_all(redis, streams):
                 _print(out, stream, entry_id, payload)
@@ -108,11 +115,11 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
                 _print(out, stream, entry_id, payload)
             last_seen = dict.fromkeys(streams, "$")
         while follow:
-            reply = await redis.xread(dict(last_seen), block=FOLLOW_BLOCK_MS)
-            for raw_stream, entries in reply or []:
+            reply: Any = await redis.xread(last_seen, block=FOLLOW_BLOCK_MS)
+            for raw_stream, entries in reply or ():
                 stream = raw_stream.decode()
-                for entry_id, fields in entries:
-                    _print(out, stream, entry_id, fields[ENVELOPE_FIELD])
+                for entry_id, payload in _entries(entries):
+                    _print(out, stream, entry_id, payload)
                     last_seen[stream] = entry_id.decode()
     finally:
         await redis.aclose()
@@ -137,7 +144,9 @@ async def serve(settings: Settings) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The events-server argument parser."""
-    parser = argparse.ArgumentParser(prog="events-server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="events-server", description="Run the event ingestion gRPC server, or read its queue."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_cmd = commands.add_parser("serve", help="run the gRPC server")
@@ -149,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument(
         "--count", type=int, metavar="N", help="only the newest N (default: all, from the start)"
     )
-    tail_cmd.add_argument(
-        "--follow", "-f", action="store_true", help="keep printing new envelopes"
-    )
+    tail_cmd.add_argument("--follow", "-f", action="store_true", help="keep printing new envelopes")
     add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))
     return parser
 

@@ -61,7 +61,7 @@ def event_to_dict(event: pb.Event) -> dict[str, Any]:
         "type": TYPE_NAMES.get(event.type, event.type),
     }
     for name in OPTIONAL_STRING_FIELDS:
-        if event.HasField(name):
+        if event.HasField(name):  # type: ignore[arg-type]
             out[name] = getattr(event, name)
     if event.variant_ids:
         out["variant_ids"] = list(event.variant_ids)

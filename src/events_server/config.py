@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EVENTS_"
 
 S = TypeVar("S", bound=BaseSettings)
+
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
 
 
 class Settings(BaseSettings):
@@ -56,7 +61,7 @@ class Settings(BaseSettings):
         description="Trusted proxies in front of the REST bridge: the client IP is taken this many"
         " entries left of the last one in x-forwarded-for.",
     )
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: LogLevel = Field("INFO", description="Python logging level.")
 
     @field_validator("key_prefix")
     @classmethod
@@ -67,19 +72,14 @@ class Settings(BaseSettings):
             raise ValueError("must not contain '{' or '}'")
         return value
 
-    @field_validator("log_level")
-    @classmethod
-    def _known_level(cls, value: str) -> str:
-        value = value.upper()
-        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return value
-
 
 def add_settings_flags(
-    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], names: Iterable[str]
+    parser: argparse.ArgumentParser,
+    settings_cls: type[BaseSettings],
+    names: Iterable[str],
+    short: Mapping[str, str] | None = None,
 ) -> None:
-    """Add a --flag for each named setting, its help giving the env variable and default."""
+    """Add a --flag for each named setting (plus any ``short`` alias), with env and default."""
     prefix = settings_cls.model_config.get("env_prefix", "")
     for name in names:
         field = settings_cls.model_fields[name]
@@ -89,9 +89,14 @@ def add_settings_flags(
             if isinstance(aliases, AliasChoices) and isinstance(aliases.choices[0], str)
             else f"{prefix}{name}".upper()
         )
-        kind = field.annotation if field.annotation in (int, float) else str
+        kind: type[object] = (
+            int if field.annotation is int else float if field.annotation is float else str
+        )
+        flags = [f"--{name.replace('_', '-')}"]
+        if short and name in short:
+            flags.insert(0, short[name])
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
+            *flags,
             dest=name,
             type=kind,
             default=None,

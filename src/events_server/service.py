@@ -78,7 +78,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
 
-    async def CreateEvents(  # noqa: N802 (the generated base class names it)
+    async def CreateEvents(
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         try:
@@ -113,7 +113,9 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
             envelope = pb.Envelope()
             envelope.CopyFrom(template)
             envelope.event.CopyFrom(event)
-            items.append((partition_for(event, self._partitions), event, envelope.SerializeToString()))
+            items.append(
+                (partition_for(event, self._partitions), event, envelope.SerializeToString())
+            )
 
         outcomes = await self._store.append(items)
         results = [

@@ -112,9 +112,7 @@ class EventStore:
         """The key names this store writes."""
         return self._keys
 
-    async def append(
-        self, items: Sequence[tuple[int, pb.Event, bytes]]
-    ) -> list[Outcome]:
+    async def append(self, items: Sequence[tuple[int, pb.Event, bytes]]) -> list[Outcome]:
         """Queue (partition, event, envelope bytes) items; one script call per partition."""
         groups: dict[int, list[int]] = {}
         for index, (partition, _, _) in enumerate(items):
@@ -153,7 +151,9 @@ class EventStore:
                 # NOSCRIPT means the call did not run, so running it again is safe.
                 await self._redis.script_load(ENQUEUE_SCRIPT)
                 redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                for i, reply in zip(redo, await self._pipeline([calls[i] for i in redo]), strict=True):
+                for i, reply in zip(
+                    redo, await self._pipeline([calls[i] for i in redo]), strict=True
+                ):
                     replies[i] = reply
         except RedisError as exc:
             await self._forget_idle_connections()

@@ -1,0 +1,1 @@
+"""REST bridge: the JSON contract of POST /create-events, translated to gRPC."""

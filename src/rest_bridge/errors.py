@@ -1,0 +1,75 @@
+"""gRPC status -> HTTP response: the bridge's one error mapping (grpc-gateway's table)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import grpc
+from fastapi.responses import JSONResponse
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    # grpc-gateway says 400; the contract answers every invalid event with 422.
+    grpc.StatusCode.INVALID_ARGUMENT: 422,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+# Codes a client should simply retry later: they get Retry-After.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+_FIELD_PATH = re.compile(r"^events\[(\d+)\]\.(\w+)$")
+
+
+def validation_detail(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
+    """One item of a 422 body, exactly the contract's ValidationError."""
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def _field_loc(path: str) -> list[str | int]:
+    """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body."""
+    match = _FIELD_PATH.match(path)
+    if match is None:
+        return ["body", path]
+    return ["body", int(match[1]), match[2]]
+
+
+def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    details: list[dict[str, Any]] = []
+    for any_detail in status.details if status is not None else ():
+        bad_request = error_details_pb2.BadRequest()
+        if any_detail.Unpack(bad_request):
+            details.extend(
+                validation_detail(_field_loc(v.field), v.description, v.reason or "value_error")
+                for v in bad_request.field_violations
+            )
+    return details
+
+
+def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> JSONResponse:
+    """The HTTP response for a failed CreateEvents call."""
+    code = error.code()
+    http_status = HTTP_STATUS.get(code, 500)
+    message = error.details() or code.name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        detail = _violations(error) or [validation_detail(["body"], message, "value_error")]
+        return JSONResponse({"detail": detail}, status_code=http_status)
+    headers = {"Retry-After": str(retry_after_seconds)} if code in RETRYABLE else None
+    return JSONResponse({"detail": message}, status_code=http_status, headers=headers)
