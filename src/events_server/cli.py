@@ -35,6 +35,13 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _entries(reply: Any) -> list[tuple[bytes, bytes]]:
     """(entry id, envelope bytes) pairs of an XRANGE/XREVRANGE reply."""
     return [(entry_id, fields[ENVELOPE_FIELD]) for entry_id, fields in reply or ()]
@@ -83,6 +90,8 @@ async def _read_last(
     redis: Redis, streams: Sequence[str], count: int
 ) -> list[tuple[str, bytes, bytes]]:
     """The newest ``count`` entries across all streams, oldest first."""
+    if count <= 0:
+        return []
     newest: list[tuple[tuple[int, int], str, bytes, bytes]] = []
     for stream in streams:
         for entry_id, payload in _entries(await redis.xrevrange(stream, count=count)):
@@ -156,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tail", help="print queued envelopes as JSON lines, oldest first"
     )
     tail_cmd.add_argument(
-        "--count", type=int, metavar="N", help="only the newest N (default: all, from the start)"
+        "--count",
+        type=_non_negative,
+        metavar="N",
+        help="only the newest N (default: all, from the start; 0 with --follow: only new ones)",
     )
     tail_cmd.add_argument("--follow", "-f", action="store_true", help="keep printing new envelopes")
     add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))

@@ -32,7 +32,9 @@ from events_server.pb import events_pb2 as pb
 # Returns a flat array: per event 1|0 (accepted|duplicate), then the entry id
 # (the new one, or the one stored in the dedup key).
 # Entries hold one field, 'e' (keys.ENVELOPE_FIELD): the Envelope bytes.
-ENQUEUE_SCRIPT = """
+ENQUEUE_SCRIPT = """#!lua
+-- The shebang makes Redis check memory before the script starts (flagless
+-- scripts are checked at their first write): a full Redis refuses the whole batch.
 local stream = KEYS[1]
 -- Checked before any write: a script is not rolled back when a command fails,
 -- so failing here keeps a batch all-or-nothing.
@@ -160,7 +162,9 @@ class EventStore:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         for reply in replies:
             if isinstance(reply, Exception):
-                raise StoreUnavailable(f"redis refused the write: {reply}") from reply
+                raise StoreUnavailable(
+                    f"redis refused the write: {type(reply).__name__}: {reply}"
+                ) from reply
         return replies
 
     async def _pipeline(self, calls: list[tuple[int, list[int], list[Any]]]) -> list[Any]:

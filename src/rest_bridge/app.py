@@ -30,7 +30,7 @@ from events_server.service import (
 from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.errors import grpc_error_response, validation_detail
-from rest_bridge.models import Event
+from rest_bridge.models import Event, unencodable_locations
 
 STATUS_NAMES = {
     pb.EventResult.STATUS_ACCEPTED: "accepted",
@@ -138,7 +138,16 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         # x_forwarded_for and x_forwarded_host are declared for the contract and
         # read from the raw headers (with the peer appended) in forwarded_metadata.
         api_key = key_in_header or key_in_query or key_in_cookie
-        call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in request])
+        try:
+            call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in request])
+        except UnicodeEncodeError:
+            detail = [
+                validation_detail(
+                    loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
+                )
+                for loc in unencodable_locations(request)
+            ]
+            return JSONResponse({"detail": detail}, status_code=422)
         try:
             reply = await http_request.app.state.events.CreateEvents(
                 call,

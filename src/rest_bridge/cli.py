@@ -37,7 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"rest-bridge: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    uvicorn.Server(server_config(settings)).run()
+    return 0
+
+
+def server_config(settings: BridgeSettings) -> uvicorn.Config:
+    """How uvicorn serves the bridge (the tests serve it the same way)."""
+    return uvicorn.Config(
         create_app(settings),
         host=settings.http_host,
         port=settings.http_port,
@@ -47,4 +53,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
         server_header=False,
     )
-    return 0

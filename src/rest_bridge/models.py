@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -85,3 +86,32 @@ class Event(BaseModel):
     recommendation_type: str | None = Field(
         None, description="The type of recommendations inserted"
     )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unencodable_locations(events: Sequence[Event]) -> list[list[str | int]]:
+    """Where the events hold lone surrogates (JSON allows "\\ud800"; UTF-8 and protobuf do not)."""
+    found: list[list[str | int]] = []
+    for index, event in enumerate(events):
+        for name, value in vars(event).items():
+            if isinstance(value, str) and not _encodable(value):
+                found.append(["body", index, name])
+            elif isinstance(value, list):
+                found.extend(
+                    ["body", index, name, i] for i, item in enumerate(value) if not _encodable(item)
+                )
+            elif isinstance(value, dict):
+                found.extend(
+                    # The key goes into the 422 body, so it must be encodable itself.
+                    ["body", index, name, key.encode("utf-8", "backslashreplace").decode()]
+                    for key, item in value.items()
+                    if not (_encodable(key) and _encodable(item))
+                )
+    return found

@@ -1,0 +1,156 @@
+"""Session-wide real servers (Valkey, gRPC, bridge) and per-test clean state."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import redis
+
+from events_server.config import Settings
+from events_server.keys import KeySpace
+from events_server.pb import events_pb2_grpc
+from events_server.server import EventsServer, create_server
+from rest_bridge.config import BridgeSettings
+from tests.support import LoopThread, UvicornThread, ValkeyProcess
+
+EXAMPLE_EVENT: dict[str, Any] = {
+    "tenant": "my_store",
+    "market": "us",
+    "type": "page_view",
+    "user_id": "GA1.2.00000000.0000000000",
+    "url": "https://my_store.com/awesome_mechanical_keyboard.html",
+    "product_id": "BLA-KEY-XXX",
+    "entity_identifiers": {"sku": "31415"},
+    "entity_price": "100$",
+    "document_width": "300",
+}
+
+
+class Valkey:
+    """The Redis the session uses; ``process`` is None when REDIS_URL names an outside one."""
+
+    def __init__(self, url: str, process: ValkeyProcess | None) -> None:
+        self.url = url
+        self.process = process
+
+    def killable(self) -> ValkeyProcess:
+        """Our own server process, for fault tests (skips the test against an outside Redis)."""
+        if self.process is None:
+            pytest.skip("fault tests need the embedded Valkey (REDIS_URL is set)")
+        return self.process
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
+    """A real Redis-compatible server: REDIS_URL if given, else our own valkey-server."""
+    if url := os.environ.get("REDIS_URL"):
+        yield Valkey(url, None)
+        return
+    process = ValkeyProcess(Path(tmp_path_factory.mktemp("valkey")))
+    process.start()
+    yield Valkey(process.url, process)
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(valkey: Valkey) -> Settings:
+    """Server settings for the session: a key prefix of its own, fast health probes."""
+    return Settings(
+        redis_url=valkey.url,
+        grpc_addr="127.0.0.1:0",
+        key_prefix=f"test-{uuid.uuid4().hex[:8]}",
+        partitions=8,
+        redis_timeout_seconds=1.0,
+        health_interval_seconds=0.1,
+        shutdown_grace_seconds=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def keys(settings: Settings) -> KeySpace:
+    """The session's Redis key names."""
+    return KeySpace(settings.key_prefix, settings.partitions)
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    """The event loop the in-process servers run on."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, int]]:
+    """The real gRPC server on a free loopback port."""
+
+    async def start() -> tuple[EventsServer, int]:
+        server, port = await create_server(settings)
+        await server.start()
+        return server, port
+
+    server, port = loop.run(start())
+    yield server, port
+    loop.run(server.stop(0))
+
+
+@pytest.fixture(scope="session")
+def grpc_target(grpc_server: tuple[EventsServer, int]) -> str:
+    """host:port of the session's gRPC server."""
+    return f"127.0.0.1:{grpc_server[1]}"
+
+
+@pytest.fixture(scope="session")
+def channel(grpc_target: str) -> Iterator[grpc.Channel]:
+    """A plain (sync) gRPC channel to the server, as an internal service would open."""
+    with grpc.insecure_channel(grpc_target) as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
+    """EventsService client."""
+    return events_pb2_grpc.EventsServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def bridge_settings(grpc_target: str) -> BridgeSettings:
+    """Bridge settings pointing at the session's gRPC server."""
+    return BridgeSettings(grpc_target=grpc_target, grpc_timeout_seconds=3.0, log_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def bridge(bridge_settings: BridgeSettings) -> Iterator[str]:
+    """Base URL of the real bridge app served by uvicorn over loopback HTTP."""
+    server = UvicornThread(bridge_settings)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def http(bridge: str) -> Iterator[httpx.Client]:
+    """An HTTP client for the bridge."""
+    with httpx.Client(base_url=bridge, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def rdb(valkey: Valkey, settings: Settings) -> Iterator[redis.Redis]:
+    """A plain Redis client; every key of the session's prefix is gone before each test."""
+    client = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    _delete_prefix(client, settings.key_prefix)
+    yield client
+    client.close()
+
+
+def _delete_prefix(client: redis.Redis, prefix: str) -> None:
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.unlink(key)

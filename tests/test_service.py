@@ -1,0 +1,262 @@
+"""CreateEvents over real gRPC against real Valkey: validation, dedup, atomicity, context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import redis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from events_server.config import Settings
+from events_server.keys import KeySpace
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.server import create_server
+from events_server.store import partition_for
+from tests.conftest import Valkey
+from tests.support import LoopThread, queued
+
+ACCEPTED = pb.EventResult.STATUS_ACCEPTED
+DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+
+
+def ev(**fields: object) -> pb.Event:
+    """A valid event; keyword arguments override its fields."""
+    base: dict[str, object] = {
+        "tenant": "shop-a",
+        "market": "us",
+        "type": pb.EVENT_TYPE_ADD_TO_CART,
+        "user_id": "user-1",
+    }
+    base.update(fields)
+    return pb.Event(**base)  # type: ignore[arg-type]
+
+
+def send(
+    stub: events_pb2_grpc.EventsServiceStub,
+    *events: pb.Event,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> pb.CreateEventsResponse:
+    reply: pb.CreateEventsResponse = stub.CreateEvents(
+        pb.CreateEventsRequest(events=events), metadata=metadata, timeout=5
+    )
+    return reply
+
+
+def statuses(reply: pb.CreateEventsResponse) -> list[int]:
+    return [r.status for r in reply.results]
+
+
+# --- dedup -------------------------------------------------------------------------
+
+
+def test_same_id_across_requests_is_queued_once(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    first = send(stub, ev(deduplication_id="order-1"))
+    again = send(stub, ev(deduplication_id="order-1"))
+    assert statuses(first) == [ACCEPTED]
+    assert statuses(again) == [DUPLICATE]
+    assert (again.accepted, again.duplicates) == (0, 1)
+    # A duplicate points at the entry its first copy made.
+    assert again.results[0].entry_id == first.results[0].entry_id
+    assert len(queued(rdb, keys)) == 1
+
+
+def test_same_id_within_one_request_is_queued_once(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    reply = send(stub, ev(deduplication_id="x"), ev(deduplication_id="y"), ev(deduplication_id="x"))
+    assert statuses(reply) == [ACCEPTED, ACCEPTED, DUPLICATE]
+    assert (reply.accepted, reply.duplicates) == (2, 1)
+    assert sorted(e.event.deduplication_id for _, e in queued(rdb, keys)) == ["x", "y"]
+
+
+def test_same_id_from_two_tenants_is_queued_twice(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    reply = send(
+        stub, ev(tenant="shop-a", deduplication_id="1"), ev(tenant="shop-b", deduplication_id="1")
+    )
+    assert statuses(reply) == [ACCEPTED, ACCEPTED]
+    assert sorted(e.event.tenant for _, e in queued(rdb, keys)) == ["shop-a", "shop-b"]
+
+
+def test_events_without_an_id_are_queued_every_time(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    for _ in range(3):
+        assert statuses(send(stub, ev(), ev())) == [ACCEPTED, ACCEPTED]
+    assert len(queued(rdb, keys)) == 6
+
+
+def test_an_id_is_queued_again_after_the_ttl(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    short = settings.model_copy(update={"dedup_ttl_seconds": 1})
+
+    async def start() -> tuple[object, int]:
+        server, port = await create_server(short)
+        await server.start()
+        return server, port
+
+    server, port = loop.run(start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            short_stub = events_pb2_grpc.EventsServiceStub(channel)
+            assert statuses(send(short_stub, ev(deduplication_id="t"))) == [ACCEPTED]
+            assert statuses(send(short_stub, ev(deduplication_id="t"))) == [DUPLICATE]
+            event = ev(deduplication_id="t")
+            ttl = rdb.ttl(keys.dedup(partition_for(event, keys.partitions), "shop-a", "t"))
+            assert 0 < ttl <= 1  # set in seconds (EX), as configured
+            time.sleep(1.2)
+            assert statuses(send(short_stub, ev(deduplication_id="t"))) == [ACCEPTED]
+    finally:
+        loop.run(server.stop(0))  # type: ignore[attr-defined]
+    assert len(queued(rdb, keys)) == 2
+
+
+def test_retries_land_in_the_partition_of_the_first_attempt(
+    stub: events_pb2_grpc.EventsServiceStub,
+) -> None:
+    partitions = {
+        send(stub, ev(user_id="u-9", deduplication_id=f"{i}")).results[0].partition
+        for i in range(5)
+    }
+    assert len(partitions) == 1
+
+
+# --- validation --------------------------------------------------------------------
+
+
+def violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    return [(v.field, v.reason) for v in bad_request.field_violations]
+
+
+def test_one_invalid_event_rejects_the_whole_request(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(), ev(tenant="", dsid=""), ev(type=0))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == [
+        ("events[1].tenant", "string_too_short"),
+        ("events[1].dsid", "string_too_short"),
+        ("events[2].type", "missing"),
+    ]
+    assert queued(rdb, keys) == []
+
+
+def test_unknown_type_numbers_are_rejected(stub: events_pb2_grpc.EventsServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(type=42))
+    assert violations(caught.value) == [("events[0].type", "enum")]
+
+
+def test_an_empty_request_is_ok(stub: events_pb2_grpc.EventsServiceStub) -> None:
+    reply = send(stub)
+    assert (list(reply.results), reply.accepted, reply.duplicates) == ([], 0, 0)
+
+
+# --- the envelope ------------------------------------------------------------------
+
+
+def test_envelope_keeps_the_event_and_what_the_server_knew(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    event = ev(variant_ids=["v1", "v2"], entity_identifiers={"sku": "1"}, session_id="")
+    before = time.time()
+    send(
+        stub,
+        event,
+        metadata=(
+            ("grpcgateway-user-agent", "Mozilla/5.0"),
+            ("grpcgateway-referer", "https://shop.example/p/1"),
+            # The left entry came from the client and could be forged; the
+            # right one was appended by the bridge.
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
+            ("x-forwarded-host", "shop.example"),
+        ),
+    )
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.event == event
+    assert envelope.event.HasField("session_id")
+    assert envelope.client_ip == "203.0.113.9"
+    assert envelope.user_agent == "Mozilla/5.0"
+    assert envelope.referer == "https://shop.example/p/1"
+    assert envelope.forwarded_host == "shop.example"
+    assert before - 1 <= envelope.received_at.ToNanoseconds() / 1e9 <= time.time() + 1
+
+
+def test_direct_callers_are_known_by_their_peer(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    send(stub, ev())
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.client_ip == "127.0.0.1"
+    assert envelope.user_agent.startswith("grpc-python")
+    assert not envelope.HasField("referer")
+    assert not envelope.HasField("forwarded_host")
+
+
+# --- atomicity ---------------------------------------------------------------------
+
+
+def test_failed_append_leaves_no_dedup_key_and_a_retry_queues_once(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    events = [ev(deduplication_id="a"), ev(deduplication_id="b"), ev()]
+    partition = partition_for(events[0], keys.partitions)
+    rdb.set(keys.stream(partition), "not a stream")  # the append will fail: WRONGTYPE
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, *events)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "WRONGTYPE" in (caught.value.details() or "")
+    assert list(rdb.scan_iter(match=keys.dedup_pattern())) == []
+
+    rdb.delete(keys.stream(partition))  # heal
+    assert statuses(send(stub, *events)) == [ACCEPTED, ACCEPTED, ACCEPTED]
+    assert statuses(send(stub, *events[:2])) == [DUPLICATE, DUPLICATE]
+    assert sorted(e.event.deduplication_id for _, e in queued(rdb, keys)) == ["", "a", "b"]
+
+
+@pytest.fixture
+def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
+    """Valkey with maxmemory reached (writes refused with OOM), restored afterwards."""
+    valkey.killable()  # our own server: safe to reconfigure
+    rdb.config_set("maxmemory", 1)
+    try:
+        yield rdb
+    finally:
+        rdb.config_set("maxmemory", 0)
+
+
+def test_refused_write_leaves_nothing_behind(
+    stub: events_pb2_grpc.EventsServiceStub, full_valkey: redis.Redis, keys: KeySpace
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(deduplication_id="oom"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "maxmemory" in (caught.value.details() or "")
+    full_valkey.config_set("maxmemory", 0)  # heal
+    assert list(full_valkey.scan_iter(match=keys.dedup_pattern())) == []
+    assert queued(full_valkey, keys) == []
+    assert statuses(send(stub, ev(deduplication_id="oom"))) == [ACCEPTED]
+    assert statuses(send(stub, ev(deduplication_id="oom"))) == [DUPLICATE]
+    assert len(queued(full_valkey, keys)) == 1
+
+
+def test_script_is_reloaded_when_redis_lost_it(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    rdb.script_flush()  # as after a restart without persistence
+    assert statuses(send(stub, ev(deduplication_id="s"), ev())) == [ACCEPTED, ACCEPTED]
+    assert len(queued(rdb, keys)) == 2
