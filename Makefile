@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-reliability lint fmt proto proto-check bench clean
+.PHONY: install run test lint fmt proto proto-check bench bench-quick clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ proto: $(STAMP)
 proto-check: proto
 	git diff --exit-code -- src/events_server/pb
 	test -z "$$(git status --porcelain -- src/events_server/pb)"
+
+# Throughput and latency against our own ceiling and a naive peer (~2.5 min; bench-quick < 60 s).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
