@@ -131,7 +131,12 @@ class Bench:
     def start(self) -> None:
         """Valkey, events-server, rest-bridge and the naive peer, each ready to serve."""
         self.valkey.start()
-        env = {**os.environ, "REDIS_URL": self.valkey.url, "EVENTS_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "REDIS_URL": self.valkey.url,
+            "EVENTS_LOG_LEVEL": "WARNING",
+            "EVENTS_METRICS_ADDR": "127.0.0.1:0",
+        }
         py = sys.executable
         workers = (
             ["--workers", str(self.args.server_workers)] if self.args.server_workers > 1 else []

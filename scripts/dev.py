@@ -78,7 +78,7 @@ def _port(var: str, default: int, what: str) -> int:
         raise Abort(f"{var}={raw!r} is not a port number")
     with socket.socket() as probe:
         # Like the servers: TIME_WAIT leftovers of the last run are fine, a live listener is not.
-        # gRPC would even share a taken port silently (SO_REUSEPORT), hence checking all three.
+        # gRPC would even share a taken port silently (SO_REUSEPORT), hence checking them all.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, int(raw)))
@@ -176,7 +176,7 @@ def _grpc_serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _banner(http: str, grpc_addr: str, redis_url: str) -> str:
+def _banner(http: str, grpc_addr: str, redis_url: str, metrics: str) -> str:
     """What is running and how to try it."""
     grpc_body = '{"events":[{"tenant":"my_store","market":"us","type":"EVENT_TYPE_PAGE_VIEW"}]}'
     rule = "=" * 78
@@ -186,6 +186,7 @@ def _banner(http: str, grpc_addr: str, redis_url: str) -> str:
   docs   {http}/docs
   gRPC   {grpc_addr}
   Redis  {redis_url}
+  metrics  {http}/metrics (bridge)   {metrics}/metrics (server)
 
   Send the contract's first example:
     curl -sS -X POST {http}/create-events \\
@@ -206,12 +207,15 @@ def _run(children: Children) -> NoReturn:
     """Start the three services in dependency order, then watch them until told to stop."""
     grpc_port = _port("DEV_GRPC_PORT", 50051, "events-server gRPC")
     http_port = _port("DEV_HTTP_PORT", 8000, "rest-bridge HTTP")
+    metrics_port = _port("DEV_METRICS_PORT", 9464, "events-server metrics")
     redis_url = os.environ.get("REDIS_URL") or _start_valkey(
         children, _port("DEV_VALKEY_PORT", 6390, "Valkey")
     )
     env = {**os.environ, "REDIS_URL": redis_url}
     grpc_addr = f"{HOST}:{grpc_port}"
+    metrics_addr = f"{HOST}:{metrics_port}"
     server = ["-m", "events_server", "serve", "--grpc-addr", grpc_addr]
+    server += ["--metrics-addr", metrics_addr]
     _spawn(children, "events-server", [sys.executable, *server], env)
     with grpc.insecure_channel(grpc_addr) as channel:
         # It stays NOT_SERVING while Redis is unreachable: a wrong REDIS_URL times out here.
@@ -220,7 +224,7 @@ def _run(children: Children) -> NoReturn:
     _spawn(children, "rest-bridge", [sys.executable, *bridge, "--port", str(http_port)], env)
     http = f"http://{HOST}:{http_port}"
     _wait(children, "rest-bridge", 15, lambda: _http_ok(f"{http}/readyz"))
-    print(_banner(http, grpc_addr, redis_url), flush=True)
+    print(_banner(http, grpc_addr, redis_url, f"http://{metrics_addr}"), flush=True)
     while True:
         _check(children)
         time.sleep(0.2)

@@ -70,6 +70,7 @@ def settings(valkey: Valkey) -> Settings:
         redis_timeout_seconds=1.0,
         health_interval_seconds=0.1,
         shutdown_grace_seconds=1.0,
+        metrics_addr="127.0.0.1:0",
     )
 
 

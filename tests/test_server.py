@@ -129,6 +129,7 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
         "EVENTS_KEY_PREFIX": settings.key_prefix,
         "EVENTS_PARTITIONS": str(settings.partitions),
         "EVENTS_SHUTDOWN_GRACE_SECONDS": "5",
+        "EVENTS_METRICS_ADDR": "127.0.0.1:0",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from events_server.codec import envelope_to_dict
 from events_server.config import Settings, add_settings_flags, settings_from_args
 from events_server.keys import ENVELOPE_FIELD, KeySpace
+from events_server.logs import setup_logging
 from events_server.pb import events_pb2 as pb
 from events_server.server import create_server
 from events_server.store import connect
@@ -137,10 +138,23 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
 async def serve(settings: Settings) -> None:
     """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
     server, port = await create_server(settings)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # the metrics port (gRPC's own failures raise RuntimeError)
+        print(
+            f"events-server: cannot serve metrics on {settings.metrics_addr}: {exc}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     host = settings.grpc_addr.rpartition(":")[0]
     # Tests and `make run` read this line to learn the port when it was 0.
     print(f"events-server listening on {host}:{port}", flush=True)
+    if server.metrics_endpoint is not None:
+        metrics_host = settings.metrics_addr.rpartition(":")[0]
+        print(
+            f"events-server metrics on http://{metrics_host}:{server.metrics_endpoint.port}/metrics",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level)
     try:
         if args.command == "serve":
             asyncio.run(serve(settings))

@@ -9,6 +9,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from events_server.logs import IpMode
+
 ENV_PREFIX = "EVENTS_"
 
 S = TypeVar("S", bound=BaseSettings)
@@ -62,6 +64,24 @@ class Settings(BaseSettings):
         " entries left of the last one in x-forwarded-for.",
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
+    log_client_ip: IpMode = Field(
+        "truncated",
+        description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none."
+        " Queued envelopes always keep the full address.",
+    )
+    metrics_addr: str = Field(
+        "127.0.0.1:9464",
+        description="host:port serving Prometheus /metrics (port 0: any free; empty: off).",
+    )
+    metrics_max_tenants: int = Field(
+        100,
+        ge=0,
+        description="Distinct tenant label values in metrics; later tenants are counted as"
+        ' tenant="_other" (0: no tenant names at all).',
+    )
+    metrics_sample_interval_seconds: float = Field(
+        15.0, gt=0, description="How often queue sizes are read from Redis for metrics, seconds."
+    )
 
     @field_validator("key_prefix")
     @classmethod

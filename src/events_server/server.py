@@ -11,8 +11,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from events_server.access import AccessInterceptor
 from events_server.config import Settings
 from events_server.keys import KeySpace
+from events_server.metrics import MetricsEndpoint, RedisSampler, ServerMetrics, scrape_registry
 from events_server.pb import events_pb2, events_pb2_grpc
 from events_server.service import EventsService
 from events_server.store import EventStore, connect
@@ -25,7 +27,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class EventsServer:
-    """A started-or-not gRPC server plus what it owns: the Redis client and the readiness probe."""
+    """A started-or-not gRPC server plus what it owns: Redis client, readiness probe, metrics."""
 
     def __init__(
         self,
@@ -34,20 +36,33 @@ class EventsServer:
         store: EventStore,
         redis: Redis,
         settings: Settings,
+        *,
+        metrics: ServerMetrics,
     ) -> None:
         self.grpc = server
+        self.metrics = metrics
+        self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
+        self.scrape = scrape_registry(metrics.registry, self.sampler)
+        self.metrics_endpoint = (
+            MetricsEndpoint(settings.metrics_addr, self.scrape) if settings.metrics_addr else None
+        )
         self._health = health_servicer
         self._store = store
         self._redis = redis
         self._settings = settings
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def start(self) -> None:
-        """Start serving; readiness follows Redis from here on."""
+        """Start serving (and /metrics); readiness and metrics follow Redis from here on."""
         await self._set_health(await self._store.ping())
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
         await self.grpc.start()
-        self._watcher = asyncio.create_task(self._watch_redis(), name="redis-readiness")
+        self._tasks = [
+            asyncio.create_task(self._watch_redis(), name="redis-readiness"),
+            asyncio.create_task(self.sampler.run(), name="metrics-sampler"),
+        ]
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
@@ -55,11 +70,13 @@ class EventsServer:
             return
         self._stopping = True
         await self._health.enter_graceful_shutdown()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await task
         await self.grpc.stop(self._settings.shutdown_grace_seconds if grace is None else grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         await self._redis.aclose()
 
     async def wait_for_termination(self) -> None:
@@ -90,16 +107,21 @@ async def create_server(
 ) -> tuple[EventsServer, int]:
     """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
     redis = redis if redis is not None else connect(settings)
+    metrics = ServerMetrics(settings.metrics_max_tenants)
     store = EventStore(
-        redis, KeySpace(settings.key_prefix, settings.partitions), settings.dedup_ttl_seconds
+        redis,
+        KeySpace(settings.key_prefix, settings.partitions),
+        settings.dedup_ttl_seconds,
+        observe_script=metrics.observe_script,
     )
     server = grpc.aio.server(
+        interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
         # port would silently take half the traffic. Multi-process mode opts back in.
         options=[("grpc.so_reuseport", 0)],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
-        EventsService(store, settings.partitions, settings.forwarded_hops), server
+        EventsService(store, settings.partitions, settings.forwarded_hops, metrics), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -107,4 +129,4 @@ async def create_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(settings.grpc_addr)
-    return EventsServer(server, health_servicer, store, redis, settings), port
+    return EventsServer(server, health_servicer, store, redis, settings, metrics=metrics), port

@@ -15,6 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.store import EventStore, partition_for
@@ -73,22 +74,28 @@ def _status(error: IngestError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, 
 class EventsService(events_pb2_grpc.EventsServiceServicer):
     """Serves CreateEvents on top of an EventStore."""
 
-    def __init__(self, store: EventStore, partitions: int, forwarded_hops: int) -> None:
+    def __init__(
+        self, store: EventStore, partitions: int, forwarded_hops: int, metrics: ServerMetrics
+    ) -> None:
         self._store = store
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
+        self._metrics = metrics
 
     async def CreateEvents(
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         try:
-            return await self._create_events(request.events, context)
+            reply = await self._create_events(request.events, context)
         except IngestError as error:
+            self._metrics.count_events(request.events, None, error)
             code, message, trailers = _status(error)
             if code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)
             await context.abort(code, message, trailers)
             raise  # abort() always raises; this keeps type checkers honest
+        self._metrics.count_events(request.events, reply)
+        return reply
 
     async def _create_events(
         self, events: Sequence[pb.Event], context: grpc.aio.ServicerContext[object, object]

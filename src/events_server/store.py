@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,10 +105,17 @@ def partition_for(event: pb.Event, partitions: int) -> int:
 class EventStore:
     """Appends envelopes to partition streams, dropping retried duplicates atomically."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, dedup_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        dedup_ttl_seconds: int,
+        observe_script: Callable[[float], None] | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl = str(dedup_ttl_seconds).encode()
+        self._observe_script = observe_script
 
     @property
     def keys(self) -> KeySpace:
@@ -171,7 +179,11 @@ class EventStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for _, _, argv in calls:
                 pipe.execute_command("EVALSHA", ENQUEUE_SHA, *argv)
-            return await pipe.execute(raise_on_error=False)
+            started = time.perf_counter()
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if self._observe_script is not None:
+                self._observe_script(time.perf_counter() - started)
+            return replies
 
     async def _forget_idle_connections(self) -> None:
         # After a restart every pooled socket is dead; dropping the idle ones makes

@@ -11,12 +11,14 @@ import grpc
 from fastapi import FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyCookie, APIKeyHeader, APIKeyQuery
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import WithJsonSchema
 
 from events_server.codec import event_from_dict
+from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server import SERVICE_NAME
@@ -27,9 +29,11 @@ from events_server.service import (
     MD_REFERER,
     MD_USER_AGENT,
 )
+from rest_bridge.access import AccessMiddleware
 from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.errors import grpc_error_response, validation_detail
+from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event, unencodable_locations
 
 STATUS_NAMES = {
@@ -65,7 +69,8 @@ def forwarded_metadata(
     request: Request, api_key: str | None, referer: str | None, user_agent: str | None
 ) -> list[tuple[str, str]]:
     """The gRPC metadata for a call made on behalf of this HTTP request (grpc-gateway style)."""
-    metadata: list[tuple[str, str]] = []
+    # Set by AccessMiddleware; the server logs its lines under the same id.
+    metadata = [(REQUEST_ID_HEADER, request_id.get() or new_request_id())]
     if api_key:
         metadata.append((MD_API_KEY, metadata_value(api_key)))
     if user_agent is not None:
@@ -111,6 +116,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
             yield
 
     app = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
+    metrics = BridgeMetrics()
+    app.add_middleware(AccessMiddleware, metrics=metrics, ip_mode=settings.log_client_ip)
 
     @app.exception_handler(RequestValidationError)
     async def contract_422(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -173,6 +180,10 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         ready = reply.status == health_pb2.HealthCheckResponse.SERVING
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.scrape), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

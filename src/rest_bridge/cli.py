@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from events_server.config import add_settings_flags, settings_from_args
+from events_server.logs import setup_logging
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"rest-bridge: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    setup_logging(settings.log_level)
     uvicorn.Server(server_config(settings)).run()
     return 0
 
@@ -52,4 +54,7 @@ def server_config(settings: BridgeSettings) -> uvicorn.Config:
         # proxy-headers mode would replace the peer with a client-supplied address.
         proxy_headers=False,
         server_header=False,
+        # Logging is ours (JSON, set up by main); the access lines come from AccessMiddleware.
+        log_config=None,
+        access_log=False,
     )

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events_server.config import ENV_PREFIX, LogLevel
+from events_server.logs import IpMode
 
 
 class BridgeSettings(BaseSettings):
@@ -25,3 +26,7 @@ class BridgeSettings(BaseSettings):
         1, ge=0, description="Retry-After sent with 503 and 429 answers, seconds."
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
+    log_client_ip: IpMode = Field(
+        "truncated",
+        description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none.",
+    )

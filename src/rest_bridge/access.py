@@ -1,0 +1,104 @@
+"""The bridge's edge: request id, one access line and the HTTP metrics for every request.
+
+A pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and a
+stream per request). Keys never reach the log: the query string is logged with
+``api_key`` redacted, and headers and cookies are not logged at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote_plus
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from events_server.logs import REQUEST_ID_HEADER, IpMode, accept_request_id, client_ip_for_log
+from events_server.logs import request_id as current_request_id
+from rest_bridge.metrics import UNMATCHED_ROUTE, BridgeMetrics
+
+log = logging.getLogger("rest_bridge.access")
+
+# Query parameters whose values are secrets (compared after decoding, case-insensitively).
+SECRET_PARAMS = frozenset({"api_key", "apikey", "x-api-key", "x_api_key"})
+REDACTED = "[REDACTED]"
+
+# Probes and scrapes are frequent and dull: their lines are DEBUG.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+MAX_LOGGED_CHARS = 2048
+
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
+
+
+def redact_query(query: str) -> str:
+    """The query string with the value of every secret parameter replaced."""
+    if not query:
+        return query
+    parts = []
+    for part in query.split("&"):
+        name = part.partition("=")[0]
+        # Decoded as Starlette decodes it: "api%5Fkey" is the api_key parameter too.
+        secret = unquote_plus(name).strip().lower() in SECRET_PARAMS
+        parts.append(f"{name}={REDACTED}" if secret else part)
+    return "&".join(parts)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+class AccessMiddleware:
+    """Gives each HTTP request an id (the caller's ``X-Request-ID`` if sane), logs and counts it."""
+
+    def __init__(self, app: ASGIApp, metrics: BridgeMetrics, ip_mode: IpMode) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._ip_mode = ip_mode
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = accept_request_id(_header(scope, _REQUEST_ID_BYTES))
+        token = current_request_id.set(rid)
+        status = 500  # what the client gets when the app raises before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), (_REQUEST_ID_BYTES, rid.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            # The route template, never the raw path: that is client-chosen.
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            self._metrics.observe_request(route, scope["method"], status, seconds)
+            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            if log.isEnabledFor(level):
+                self._log(level, scope, status, seconds)
+            current_request_id.reset(token)
+
+    def _log(self, level: int, scope: Scope, status: int, seconds: float) -> None:
+        client = scope.get("client")
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": scope["path"][:MAX_LOGGED_CHARS],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "client_ip": client_ip_for_log(client[0] if client else "", self._ip_mode),
+        }
+        if query := scope.get("query_string", b"").decode("latin-1"):
+            fields["query"] = redact_query(query)[:MAX_LOGGED_CHARS]
+        log.log(level, "%s %s %d", fields["method"], fields["path"], status, extra=fields)
