@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -23,8 +23,8 @@ log = logging.getLogger("events_server.access")
 # Probes and reflection are frequent and dull: their lines are DEBUG.
 QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
-Handler = grpc.RpcMethodHandler[Any, Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
