@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -160,3 +161,86 @@ def queued(client: redis.Redis, keys: KeySpace) -> list[tuple[int, pb.Envelope]]
 def running_in_ci() -> bool:
     """True under CI, where every test must run rather than skip."""
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a gRPC server that can lose a reply, as a network would.
+
+    Armed with ``cut_next_reply()``, it drops both connections the moment the
+    server starts answering a call (an HTTP/2 HEADERS frame on a stream): the
+    server has done the work, the client sees UNAVAILABLE and never the answer.
+    """
+
+    FRAME_HEADER = 9
+    HEADERS = 0x1
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.cuts = 0
+        self._armed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_next_reply(self) -> None:
+        """Drop the connection carrying the next reply."""
+        self._armed.set()
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        self.listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                self._drop(sock)
+
+    @staticmethod
+    def _drop(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    def _forward(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._drop(dst)
+
+    def _replies(self, src: socket.socket, dst: socket.socket) -> None:
+        # Server-to-client bytes are whole HTTP/2 frames from the first byte (the
+        # server sends no preface), so they can be split into frames as they come.
+        buffer = b""
+        try:
+            while data := src.recv(65536):
+                buffer += data
+                while len(buffer) >= self.FRAME_HEADER:
+                    size = self.FRAME_HEADER + int.from_bytes(buffer[:3], "big")
+                    if len(buffer) < size:
+                        break
+                    frame, buffer = buffer[:size], buffer[size:]
+                    stream = int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+                    if frame[3] == self.HEADERS and stream and self._armed.is_set():
+                        self._armed.clear()
+                        self.cuts += 1
+                        self._drop(src)
+                        self._drop(dst)
+                        return
+                    dst.sendall(frame)
+        except OSError:
+            pass
+        self._drop(dst)

@@ -1,0 +1,374 @@
+"""events_server.client against the real server: ids, retries after real faults, batches, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import redis
+
+from events_server.client import (
+    EventsClient,
+    InvalidEventsError,
+    PermissionDeniedError,
+    SyncEventsClient,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from events_server.config import Settings
+from events_server.errors import FieldViolation
+from events_server.keys import KeySpace
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.server import EventsServer, create_server
+from tests.conftest import EXAMPLE_EVENT, Valkey
+from tests.support import CuttingProxy, LoopThread, free_port, queued
+from tests.test_service import ev
+
+T = TypeVar("T")
+
+ACCEPTED = pb.EventResult.STATUS_ACCEPTED
+DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+CREATE = "/events.v1.EventsService/CreateEvents"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine on a fresh event loop of the test's own."""
+    return asyncio.run(coro)
+
+
+def calls(server: EventsServer, code: str = "OK") -> float:
+    """CreateEvents calls the server has answered with ``code`` so far."""
+    value = server.metrics.registry.get_sample_value(
+        "events_grpc_requests_total", {"method": CREATE, "code": code}
+    )
+    return value or 0.0
+
+
+@pytest.fixture
+def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
+    """The session's gRPC server."""
+    return grpc_server[0]
+
+
+# --- sending -----------------------------------------------------------------------
+
+
+def test_dicts_and_typed_events_are_queued_with_ids_filled_in(
+    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    typed = ev()
+    own_id = ev(deduplication_id="order-7")
+
+    async def send() -> pb.CreateEventsResponse:
+        async with EventsClient(grpc_target) as client:
+            return await client.send([EXAMPLE_EVENT, typed, own_id])
+
+    reply = run(send())
+    assert [r.status for r in reply.results] == [ACCEPTED] * 3
+    assert not typed.HasField("deduplication_id")  # the caller's message is left alone
+    ids = {e.event.deduplication_id for _, e in queued(rdb, keys)}
+    assert "order-7" in ids
+    filled = ids - {"order-7"}
+    assert len(filled) == 2
+    assert all(uuid.UUID(i).version == 4 for i in filled)
+    example = next(e.event for _, e in queued(rdb, keys) if e.event.type == pb.EVENT_TYPE_PAGE_VIEW)
+    assert example.entity_identifiers == {"sku": "31415"}
+    assert example.url == EXAMPLE_EVENT["url"]
+
+
+def test_malformed_dicts_are_refused_before_sending(
+    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    before = calls(server, "INVALID_ARGUMENT") + calls(server)
+    bad: list[Any] = [
+        {"tenant": "t", "market": "m", "type": "refund"},
+        {"tenant": 5, "type": "click", "colour": "red", "variant_ids": "v1"},
+        "page_view",
+    ]
+
+    async def send() -> None:
+        async with EventsClient(grpc_target) as client:
+            await client.send([EXAMPLE_EVENT, *bad])
+
+    with pytest.raises(InvalidEventsError) as caught:
+        run(send())
+    assert [(v.field, v.reason) for v in caught.value.violations] == [
+        ("events[1].type", "enum"),
+        ("events[2].tenant", "string_type"),
+        ("events[2].colour", "extra_forbidden"),
+        ("events[2].variant_ids", "list_type"),
+        ("events[2].market", "missing"),
+        ("events[3]", "type"),
+    ]
+    assert caught.value.request_id is None  # never sent
+    assert calls(server, "INVALID_ARGUMENT") + calls(server) == before
+    assert queued(rdb, keys) == []
+
+
+def test_invalid_argument_carries_the_servers_violations(
+    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def send() -> None:
+        async with EventsClient(grpc_target) as client:
+            await client.send([ev(), ev(tenant="", dsid=""), ev(type=0)])
+
+    with pytest.raises(InvalidEventsError) as caught:
+        run(send())
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.violations == [
+        FieldViolation("events[1].tenant", "tenant must not be empty", "string_too_short"),
+        FieldViolation("events[1].dsid", "dsid must not be empty when set", "string_too_short"),
+        FieldViolation(
+            "events[2].type",
+            "type is required (EVENT_TYPE_UNSPECIFIED is not a type)",
+            "missing",
+        ),
+    ]
+    assert error.request_id
+    assert error.request_id in str(error)
+    assert queued(rdb, keys) == []
+
+
+class Refusing(events_pb2_grpc.EventsServiceServicer):
+    """A real EventsService that refuses every call with one status, as auth will."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+        self.api_keys: list[str | None] = []
+
+    async def CreateEvents(
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        self.api_keys.append(metadata.get("x-api-key"))  # type: ignore[arg-type]
+        await context.abort(self.code, "no")
+        raise AssertionError("abort raises")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+    ],
+)
+def test_auth_refusals_are_their_own_exceptions_and_not_retried(
+    code: grpc.StatusCode, kind: type[Exception]
+) -> None:
+    refusing = Refusing(code)
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        events_pb2_grpc.add_EventsServiceServicer_to_server(refusing, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with EventsClient(f"127.0.0.1:{port}", api_key="k-123") as client:
+                await client.send([ev()])
+        finally:
+            await server.stop(0)
+
+    with pytest.raises(kind) as caught:
+        run(scenario())
+    assert caught.value.code == code  # type: ignore[attr-defined]
+    assert refusing.api_keys == ["k-123"]  # sent once, with the key as metadata
+
+
+# --- retries after real faults ------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(grpc_target: str) -> Iterator[CuttingProxy]:
+    """A proxy in front of the session's server that can lose a reply."""
+    cutting = CuttingProxy(int(grpc_target.rsplit(":", 1)[1]))
+    yield cutting
+    cutting.close()
+
+
+def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
+    proxy: CuttingProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def scenario() -> tuple[pb.CreateEventsResponse, pb.CreateEventsResponse]:
+        async with EventsClient(f"127.0.0.1:{proxy.port}") as client:
+            warm = await client.send([ev(user_id="warm-up")])  # connection up, frames flowing
+            proxy.cut_next_reply()
+            return warm, await client.send([ev(user_id="u-lost")])  # no deduplication_id given
+
+    before = calls(server)
+    warm, reply = run(scenario())
+    assert proxy.cuts == 1
+    assert calls(server) - before == 3  # warm-up, the attempt whose reply was lost, the retry
+    # The first attempt queued it; the retry carried the same filled-in id and met it.
+    [result] = reply.results
+    assert result.status == DUPLICATE
+    lost = [e for _, e in queued(rdb, keys) if e.event.user_id == "u-lost"]
+    assert len(lost) == 1
+    assert result.entry_id != warm.results[0].entry_id
+
+
+def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(
+    valkey: Valkey, server: EventsServer, rdb: redis.Redis, keys: KeySpace, grpc_target: str
+) -> None:
+    process = valkey.killable()
+    unavailable_before = calls(server, "UNAVAILABLE")
+    process.kill()
+    restarter = threading.Timer(0.8, process.start)
+    restarter.start()
+
+    async def send() -> pb.CreateEventsResponse:
+        async with EventsClient(grpc_target, deadline_seconds=15) as client:
+            return await client.send([ev(user_id="u-outage")])
+
+    try:
+        reply = run(send())
+    finally:
+        restarter.join()
+        if process.proc is None or process.proc.poll() is not None:
+            process.start()
+    assert [r.status for r in reply.results] == [ACCEPTED]
+    assert calls(server, "UNAVAILABLE") > unavailable_before  # it really was refused first
+    assert [e.event.user_id for _, e in queued(rdb, keys)] == ["u-outage"]
+
+
+def test_a_server_that_comes_up_late_is_reached(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    port = free_port()
+    late: list[EventsServer] = []
+
+    async def start() -> None:
+        there = settings.model_copy(update={"grpc_addr": f"127.0.0.1:{port}"})
+        started, _ = await create_server(there)
+        await started.start()
+        late.append(started)
+
+    starter = threading.Timer(0.8, lambda: loop.run(start()))
+    starter.start()
+
+    async def send() -> pb.CreateEventsResponse:
+        async with EventsClient(f"127.0.0.1:{port}", deadline_seconds=15) as client:
+            return await client.send([ev(user_id="u-late")])
+
+    try:
+        reply = run(send())
+    finally:
+        starter.join()
+        for started in late:
+            loop.run(started.stop(0))
+    assert [r.status for r in reply.results] == [ACCEPTED]
+    assert calls(late[0], "UNAVAILABLE") == 0  # it failed only while nobody listened
+    assert [e.event.user_id for _, e in queued(rdb, keys)] == ["u-late"]
+
+
+def test_unavailable_past_the_deadline_raises() -> None:
+    async def send() -> None:
+        async with EventsClient(f"127.0.0.1:{free_port()}", deadline_seconds=0.5) as client:
+            await client.send([ev()])
+
+    started = time.monotonic()
+    with pytest.raises(UnavailableError) as caught:
+        run(send())
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 5  # bounded by the deadline, not by gRPC's own backoff
+
+
+# --- the batcher ----------------------------------------------------------------------
+
+
+def test_batcher_flushes_when_full(
+    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def scenario() -> tuple[list[pb.EventResult], bool]:
+        async with EventsClient(grpc_target) as client:
+            batcher = client.batcher(max_events=3, max_delay_seconds=60)
+            futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(4)]
+            # Three filled a batch and went out at once; the fourth waits for more (or 60 s).
+            results = await asyncio.wait_for(asyncio.gather(*futures[:3]), 10)
+            fourth_waiting = not futures[3].done()
+            await batcher.close()
+            return [*results, futures[3].result()], fourth_waiting
+
+    before = calls(server)
+    results, fourth_waiting = run(scenario())
+    assert fourth_waiting
+    assert [r.status for r in results] == [ACCEPTED] * 4
+    assert calls(server) - before == 2  # the full batch, then the rest on close
+    assert len(queued(rdb, keys)) == 4
+
+
+def test_batcher_flushes_after_the_delay(
+    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def scenario() -> tuple[list[pb.EventResult], int]:
+        async with EventsClient(grpc_target) as client:
+            batcher = client.batcher(max_events=1000, max_delay_seconds=0.3)
+            futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(2)]
+            queued_early = len(queued(rdb, keys))  # still held by the batcher
+            results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+            await batcher.close()
+            return results, queued_early
+
+    before = calls(server)
+    results, queued_early = run(scenario())
+    assert queued_early == 0
+    assert [r.status for r in results] == [ACCEPTED, ACCEPTED]
+    assert calls(server) - before == 1  # both in one call
+    assert len(queued(rdb, keys)) == 2
+
+
+def test_batcher_refuses_a_bad_event_without_sinking_its_batch(
+    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def scenario() -> pb.EventResult:
+        async with EventsClient(grpc_target) as client, client.batcher(max_delay_seconds=0.05) as b:
+            good = await b.add(ev(user_id="good"))
+            with pytest.raises(InvalidEventsError) as caught:
+                await b.add(ev(tenant=""))
+            assert [(v.field, v.reason) for v in caught.value.violations] == [
+                ("event.tenant", "string_too_short")
+            ]
+            with pytest.raises(InvalidEventsError):
+                await b.add({"tenant": "t", "market": "m"})
+            return await good
+
+    assert run(scenario()).status == ACCEPTED
+    assert [e.event.user_id for _, e in queued(rdb, keys)] == ["good"]
+
+
+def test_batcher_failures_reach_every_future() -> None:
+    async def scenario() -> list[BaseException | pb.EventResult]:
+        target = f"127.0.0.1:{free_port()}"  # nobody there
+        async with EventsClient(target, deadline_seconds=0.3) as client:
+            batcher = client.batcher(max_events=2)
+            futures = [await batcher.add(ev()) for _ in range(2)]
+            await batcher.close()
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = run(scenario())
+    assert len(outcomes) == 2
+    assert all(isinstance(o, UnavailableError) for o in outcomes)
+
+
+# --- without an event loop ------------------------------------------------------------
+
+
+def test_sync_client_and_batcher(grpc_target: str, rdb: redis.Redis, keys: KeySpace) -> None:
+    with SyncEventsClient(grpc_target) as client:
+        reply = client.send([{**EXAMPLE_EVENT, "deduplication_id": "s-1"}])
+        assert [r.status for r in reply.results] == [ACCEPTED]
+        with client.batcher(max_events=2, max_delay_seconds=60) as batcher:
+            first = batcher.add({**EXAMPLE_EVENT, "deduplication_id": "s-1"})
+            second = batcher.add(ev(deduplication_id="s-2"))
+            assert first.result(10).status == DUPLICATE
+            assert second.result(10).status == ACCEPTED
+        with pytest.raises(InvalidEventsError):
+            client.send([ev(market="")])
+    assert len(queued(rdb, keys)) == 2
