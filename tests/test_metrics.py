@@ -1,0 +1,242 @@
+"""Metrics over real HTTP scrapes: the counters move, labels stay bounded, gauges follow Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from events_server.config import Settings
+from events_server.keys import KeySpace
+from events_server.metrics import OTHER_TENANT, TenantLabels
+from events_server.pb import events_pb2_grpc
+from events_server.server import EventsServer, create_server
+from rest_bridge.app import create_app
+from rest_bridge.config import BridgeSettings
+from tests.conftest import Valkey
+from tests.support import LoopThread
+from tests.test_server import eventually
+from tests.test_service import ev, send
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+CREATE = "/events.v1.EventsService/CreateEvents"
+
+
+def scrape(url: str) -> Samples:
+    """Every sample at a /metrics URL, by name and labels."""
+    answer = httpx.get(url, timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when the series does not exist yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def server_metrics_url(server: EventsServer) -> str:
+    assert server.metrics_endpoint is not None
+    return f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+
+
+@pytest.fixture
+def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
+    """The session's gRPC server."""
+    return grpc_server[0]
+
+
+def test_counters_move_after_requests(
+    http: httpx.Client, bridge: str, server: EventsServer, rdb: redis.Redis
+) -> None:
+    grpc_before = scrape(server_metrics_url(server))
+    http_before = scrape(f"{bridge}/metrics")
+
+    ok = {"tenant": "my_store", "market": "us", "type": "purchase", "deduplication_id": "m-1"}
+    assert http.post("/create-events", json=[ok, ok]).status_code == 200  # accepted + duplicate
+    bad = [{"tenant": "my_store", "market": "us", "type": "click"}, {**ok, "tenant": ""}]
+    assert http.post("/create-events", json=bad).status_code == 422  # the server's rule
+    assert http.post("/create-events", content=b"[{").status_code == 422  # the bridge's own
+    assert http.get("/no-such-page").status_code == 404
+
+    grpc_after = scrape(server_metrics_url(server))
+    http_after = scrape(f"{bridge}/metrics")
+
+    def grew(name: str, **labels: str) -> float:
+        return value(grpc_after, name, **labels) - value(grpc_before, name, **labels)
+
+    def grew_http(name: str, **labels: str) -> float:
+        return value(http_after, name, **labels) - value(http_before, name, **labels)
+
+    def events(tenant: str, kind: str, outcome: str, reason: str = "") -> float:
+        return grew("events_total", tenant=tenant, type=kind, outcome=outcome, reason=reason)
+
+    assert events("my_store", "purchase", "accepted") == 1
+    assert events("my_store", "purchase", "duplicate") == 1
+    # The invalid event names its reason; its valid sibling was refused with it.
+    assert events("my_store", "click", "rejected", "batch_rejected") == 1
+    # A tenant not yet seen on a queued event (here: empty) takes no label of its own.
+    assert events(OTHER_TENANT, "purchase", "rejected", "string_too_short") == 1
+    assert grew("events_grpc_requests_total", method=CREATE, code="OK") == 1
+    assert grew("events_grpc_requests_total", method=CREATE, code="INVALID_ARGUMENT") == 1
+    assert grew("events_grpc_request_duration_seconds_count", method=CREATE) == 2
+    # The valid request only (twice when Redis had to be given the script first).
+    assert grew("events_redis_script_duration_seconds_count") in {1, 2}
+    assert value(grpc_after, "events_auth_failures_total", kind="unknown_key") == 0
+
+    route = "/create-events"
+    assert grew_http("events_http_requests_total", route=route, method="POST", status="200") == 1
+    assert grew_http("events_http_requests_total", route=route, method="POST", status="422") == 2
+    assert grew_http("events_http_request_duration_seconds_count", route=route, method="POST") == 3
+    # Unknown paths are one series, whatever the path: clients cannot mint label values.
+    assert grew_http("events_http_requests_total", route="unmatched", method="GET", status="404")
+
+
+def test_metrics_are_not_part_of_the_api_document() -> None:
+    paths = create_app(BridgeSettings()).openapi()["paths"]
+    assert "/metrics" not in paths
+
+
+def test_tenant_labels_are_capped_and_only_queued_events_take_a_place() -> None:
+    labels = TenantLabels(2)
+    assert labels("junk", admit=False) == OTHER_TENANT  # a rejected event takes no place
+    assert labels("a") == "a"
+    assert labels("x" * 65) == OTHER_TENANT  # too long to be a label
+    assert labels("b") == "b"
+    assert labels("c") == OTHER_TENANT
+    assert labels("a", admit=False) == "a"
+    assert TenantLabels(0)("a") == OTHER_TENANT
+
+
+def test_tenant_cap_applies_to_the_servers_counters(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis
+) -> None:
+    async def start() -> tuple[EventsServer, int]:
+        started, port = await create_server(settings.model_copy(update={"metrics_max_tenants": 1}))
+        await started.start()
+        return started, port
+
+    capped, port = loop.run(start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = events_pb2_grpc.EventsServiceStub(channel)
+            send(stub, ev(tenant="first"), ev(tenant="second"), ev(tenant="third"))
+        samples = scrape(server_metrics_url(capped))
+    finally:
+        loop.run(capped.stop(0))
+    accepted = {
+        dict(labels)["tenant"]: v
+        for (name, labels), v in samples.items()
+        if name == "events_total" and dict(labels)["outcome"] == "accepted"
+    }
+    assert accepted == {"first": 1, OTHER_TENANT: 2}
+
+
+def test_queue_gauges_follow_redis(  # noqa: PLR0917
+    loop: LoopThread,
+    server: EventsServer,
+    stub: events_pb2_grpc.EventsServiceStub,
+    valkey: Valkey,
+    rdb: redis.Redis,
+    keys: KeySpace,
+) -> None:
+    reply = send(
+        stub, *[ev(user_id="same", deduplication_id=f"g-{i}") for i in range(3)], ev(user_id="b")
+    )
+    partition = reply.results[0].partition
+    stream = keys.stream(partition)
+    rdb.xgroup_create(stream, "analytics", id="0")
+    rdb.xreadgroup("analytics", "worker-1", {stream: ">"}, count=1)  # one delivered, unacked
+
+    loop.run(server.sampler.sample())
+    samples = scrape(server_metrics_url(server))
+
+    for p in range(keys.partitions):
+        assert value(samples, "events_stream_length", partition=str(p)) == rdb.xlen(keys.stream(p))
+    assert sum(v for (n, _), v in samples.items() if n == "events_stream_length") == 4
+    group = {"partition": str(partition), "group": "analytics"}
+    assert value(samples, "events_group_pending", **group) == 1
+    assert value(samples, "events_group_lag", **group) == rdb.xlen(stream) - 1
+    dedup_keys = len(list(rdb.scan_iter(match=keys.dedup_pattern())))
+    assert dedup_keys == 3
+    if valkey.process is not None:  # our own Valkey: nothing else in it has a TTL
+        assert value(samples, "events_dedup_keys") == dedup_keys
+    else:
+        assert value(samples, "events_dedup_keys") >= dedup_keys
+
+
+# --- multiprocess mode ----------------------------------------------------------------
+
+
+@pytest.fixture
+def two_servers(
+    settings: Settings, tmp_path: Path, rdb: redis.Redis
+) -> Iterator[list[tuple[str, str]]]:
+    """Two real events-server processes sharing one PROMETHEUS_MULTIPROC_DIR: (gRPC, metrics)."""
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+        "EVENTS_METRICS_ADDR": "127.0.0.1:0",
+        "EVENTS_LOG_LEVEL": "WARNING",
+        "EVENTS_METRICS_SAMPLE_INTERVAL_SECONDS": "0.1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        addresses = []
+        for proc in procs:
+            assert proc.stdout is not None
+            listening, metrics = proc.stdout.readline(), proc.stdout.readline()
+            assert metrics.startswith("events-server metrics on "), metrics
+            address = listening.rsplit(" ", 1)[1].strip()
+            addresses.append((address, metrics.rsplit(" ", 1)[1].strip()))
+        yield addresses
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(15)
+
+
+def test_multiprocess_figures_add_up_across_processes(
+    two_servers: list[tuple[str, str]],
+) -> None:
+    for (target, _), calls in zip(two_servers, (2, 3), strict=True):
+        with grpc.insecure_channel(target) as channel:
+            stub = events_pb2_grpc.EventsServiceStub(channel)
+            for _ in range(calls):
+                send(stub, ev(tenant="mp"))
+    accepted = {"tenant": "mp", "type": "add_to_cart", "outcome": "accepted", "reason": ""}
+    for _, metrics_url in two_servers:  # either process reports the sum of both
+        samples = scrape(metrics_url)
+        assert value(samples, "events_grpc_requests_total", method=CREATE, code="OK") == 5
+        assert value(samples, "events_total", **accepted) == 5
+
+        # Read from Redis by each process, never added up: each sees the whole queue once.
+        def queue_length(url: str = metrics_url) -> bool:
+            lengths = [v for (n, _), v in scrape(url).items() if n == "events_stream_length"]
+            return sum(lengths) == 5
+
+        eventually(queue_length)
