@@ -70,8 +70,10 @@ def test_setup_logging_makes_every_logger_write_json() -> None:
     saved = (root.handlers[:], root.level)
     try:
         setup_logging("INFO", out)
-        logging.getLogger("uvicorn.error").info("started")
-        logging.getLogger("some.library").debug("not at INFO")
+        logging.getLogger("test_logs.library").info("started")
+        logging.getLogger("test_logs.library").debug("not at INFO")
+        # uvicorn's own handlers would print a second, plain copy of its lines.
+        assert not logging.getLogger("uvicorn.error").handlers
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
     [line] = out.getvalue().splitlines()

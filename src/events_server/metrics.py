@@ -13,13 +13,15 @@ come from fixed sets, and tenants are capped (``TenantLabels``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import operator
 import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -41,6 +43,8 @@ from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", Counter, Histogram)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,6 +69,7 @@ _STATUS_OUTCOME = {
     pb.EventResult.STATUS_ACCEPTED: ACCEPTED,
     pb.EventResult.STATUS_DUPLICATE: DUPLICATE,
 }
+_TENANT_TYPE = operator.attrgetter("tenant", "type")
 _FIELD_INDEX = re.compile(r"^events\[(\d+)\]")
 
 
@@ -89,6 +94,21 @@ def scrape_registry(own: CollectorRegistry, *local: Collector) -> CollectorRegis
     for collector in local:
         merged.register(collector)
     return merged
+
+
+class LabelCache:
+    """Labelled children by label values: ``labels()`` validates and locks on every call."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def get(self, metric: M, labels: tuple[str, ...]) -> M:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 class TenantLabels:
@@ -130,6 +150,7 @@ class ServerMetrics:
     def __init__(self, max_tenants: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tenant_label = TenantLabels(max_tenants)
+        self._children = LabelCache()
         self.events = Counter(
             "events",
             "Events by tenant, type and outcome (accepted, duplicate, rejected); reason says why"
@@ -173,7 +194,12 @@ class ServerMetrics:
     ) -> None:
         """Count a call's events by outcome: from its reply, or from the error that ended it."""
         counts: dict[tuple[str, int, str, str], int] = {}
-        if reply is not None:
+        if reply is not None and (reply.duplicates == 0 or reply.accepted == 0):
+            # One outcome for all (the usual case): no need to walk the results.
+            outcome = ACCEPTED if reply.duplicates == 0 else DUPLICATE
+            for (tenant, kind), n in collections.Counter(map(_TENANT_TYPE, events)).items():
+                counts[tenant, kind, outcome, ""] = n
+        elif reply is not None:
             for event, result in zip(events, reply.results, strict=False):
                 key = (event.tenant, event.type, _STATUS_OUTCOME.get(result.status, "unknown"), "")
                 counts[key] = counts.get(key, 0) + 1
@@ -181,19 +207,20 @@ class ServerMetrics:
             for event, reason in zip(events, _reasons(len(events), error), strict=True):
                 key = (event.tenant, event.type, REJECTED, reason)
                 counts[key] = counts.get(key, 0) + 1
-        # One label lookup per distinct key, not per event.
+        # One increment per distinct key, not per event.
         for (tenant, kind, outcome, reason), n in counts.items():
-            self.events.labels(
+            labels = (
                 self.tenant_label(tenant, admit=outcome != REJECTED),
                 TYPE_NAMES.get(kind, "unknown"),
                 outcome,
                 reason,
-            ).inc(n)
+            )
+            self._children.get(self.events, labels).inc(n)
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Count one finished gRPC call and its duration."""
-        self.rpc_requests.labels(method, code).inc()
-        self.rpc_seconds.labels(method).observe(seconds)
+        self._children.get(self.rpc_requests, (method, code)).inc()
+        self._children.get(self.rpc_seconds, (method,)).observe(seconds)
 
     def observe_script(self, seconds: float) -> None:
         """Record one round trip of script calls to Redis."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from events_server.metrics import LATENCY_BUCKETS, scrape_registry
+from events_server.metrics import LATENCY_BUCKETS, LabelCache, scrape_registry
 
 # Anything else a client puts in the request line is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -32,9 +32,10 @@ class BridgeMetrics:
             registry=self.registry,
         )
         self.scrape = scrape_registry(self.registry)
+        self._children = LabelCache()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
         method = method if method in METHODS else "other"
-        self.requests.labels(route, method, str(status)).inc()
-        self.seconds.labels(route, method).observe(seconds)
+        self._children.get(self.requests, (route, method, str(status))).inc()
+        self._children.get(self.seconds, (route, method)).observe(seconds)
