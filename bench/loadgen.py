@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis
 
-from bench.workload import Batches, envelope_bytes
+from bench.workload import DEDUP_FIELD, Batches
+from events_server.codec import envelope_bytes, length_delimited
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
-from events_server.store import ENQUEUE_SCRIPT, partition_for
+from events_server.store import EventStore, Item, partition_for
 
 METHOD = "/events.v1.EventsService/CreateEvents"
 
@@ -80,32 +81,27 @@ class HttpConnection:
 
 
 async def _script_sender(job: Job) -> Any:
-    """Drives our dedup+enqueue script directly: envelopes prebuilt, one EVALSHA per partition."""
+    """Drives our dedup+enqueue script directly through EventStore: envelopes prebuilt."""
     redis = Redis.from_url(job.target)
-    sha = await redis.script_load(ENQUEUE_SCRIPT)
-    keys = KeySpace(job.key_prefix, job.partitions)
+    store = EventStore(redis, KeySpace(job.key_prefix, job.partitions), 86_400)
     context = pb.Envelope(client_ip="127.0.0.1", user_agent="bench").SerializeToString()
-    ttl = b"86400"
 
     async def send(batches: Batches) -> int:
-        groups: dict[int, tuple[list[Any], list[Any]]] = {}
-        for event, dedup in batches.script_items(job.batch):
-            partition = partition_for(event, job.partitions)
-            group = groups.get(partition)
-            if group is None:
-                group = groups[partition] = ([keys.stream(partition)], [ttl])
-            group_keys, args = group
+        items: list[Item] = []
+        for index, dedup in batches.script_items(job.batch):
+            event = batches.proto_events[index]
+            payload = batches.proto_bytes[index]
             if dedup is not None:
-                group_keys.append(keys.dedup(partition, event.tenant, dedup.decode()))
-                args.append(len(group_keys))
-            else:
-                args.append(0)
-            args.append(envelope_bytes(event.SerializeToString(), dedup, context))
-        async with redis.pipeline(transaction=False) as pipe:
-            for group_keys, args in groups.values():
-                pipe.execute_command("EVALSHA", sha, len(group_keys), *group_keys, *args)
-            await pipe.execute()
-        return job.batch
+                payload += length_delimited(DEDUP_FIELD, dedup)
+            items.append(
+                (
+                    partition_for(event, job.partitions),
+                    event.tenant,
+                    None if dedup is None else dedup.decode(),
+                    envelope_bytes(payload, context),
+                )
+            )
+        return len(await store.append(items))
 
     return send, redis.aclose
 

@@ -12,7 +12,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from events_server.codec import event_from_dict
+from events_server.codec import event_from_dict, length_delimited
 from events_server.pb import events_pb2 as pb
 
 POOL_SIZE = 1000
@@ -30,21 +30,8 @@ TYPES = [
 ]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field; fields may come in any order and merge."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+DEDUP_FIELD = pb.Event.DESCRIPTOR.fields_by_name["deduplication_id"].number
+EVENTS_FIELD = pb.CreateEventsRequest.DESCRIPTOR.fields_by_name["events"].number
 
 
 def sample_event(rng: random.Random) -> dict[str, object]:
@@ -123,20 +110,11 @@ class Batches:
         for index, dedup in zip(self._indexes(n), self._dedup_ids(n), strict=True):
             event = self.proto_bytes[index]
             if dedup is not None:
-                event += _field(3, dedup)  # Event.deduplication_id
-            parts.append(_field(1, event))  # CreateEventsRequest.events
+                # Appended fields merge into the message: no re-serializing.
+                event += length_delimited(DEDUP_FIELD, dedup)
+            parts.append(length_delimited(EVENTS_FIELD, event))
         return b"".join(parts)
 
-    def script_items(self, n: int) -> list[tuple[pb.Event, bytes | None]]:
-        """(event, deduplication_id) pairs for driving the Redis script directly."""
-        return [
-            (self.proto_events[i], d)
-            for i, d in zip(self._indexes(n), self._dedup_ids(n), strict=True)
-        ]
-
-
-def envelope_bytes(event: bytes, dedup: bytes | None, context: bytes) -> bytes:
-    """An Envelope as the server would queue it, assembled from serialized parts."""
-    if dedup is not None:
-        event += _field(3, dedup)
-    return _field(1, event) + context
+    def script_items(self, n: int) -> list[tuple[int, bytes | None]]:
+        """(pool index, deduplication_id) pairs for driving the Redis script directly."""
+        return list(zip(self._indexes(n), self._dedup_ids(n), strict=True))

@@ -18,9 +18,10 @@ import yaml
 
 from events_server.config import Settings
 from events_server.keys import KeySpace
-from rest_bridge.app import metadata_value
 from rest_bridge.config import BridgeSettings
 from rest_bridge.errors import HTTP_STATUS
+from rest_bridge.ingest import api_key
+from rest_bridge.upstream import metadata_value
 from tests.support import UvicornThread, free_port, queued
 
 CONTRACT = Path(__file__).parent.parent / "contract" / "create-events.openapi.yaml"
@@ -135,10 +136,44 @@ def test_header_values_gRPC_cannot_carry_are_escaped_not_fatal() -> None:
 EVENT = {"tenant": "t", "market": "m", "type": "click"}
 
 
-def _post_raw(http: httpx.Client, content: bytes | str) -> httpx.Response:
-    return http.post(
-        "/create-events", content=content, headers={"Content-Type": "application/json"}
-    )
+def _post_raw(
+    http: httpx.Client, content: bytes | str, content_type: str = "application/json"
+) -> httpx.Response:
+    return http.post("/create-events", content=content, headers={"Content-Type": content_type})
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_is_not_parsed(http: httpx.Client, content_type: str) -> None:
+    # As FastAPI does: only application/json (and */*+json) bodies are parsed as JSON.
+    answer = _post_raw(http, json.dumps([EVENT]), content_type)
+    assert answer.status_code == 422
+    assert answer.json() == {
+        "detail": [{"loc": ["body"], "msg": "Input should be a valid list", "type": "list_type"}]
+    }
+
+
+def test_json_content_types_with_parameters_are_json(http: httpx.Client) -> None:
+    answer = _post_raw(http, json.dumps([EVENT]), "application/json; charset=utf-8")
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "expected"),
+    [
+        (
+            {b"x-api-key": b"from-header", b"cookie": b"X-API-KEY=from-cookie"},
+            b"api_key=q",
+            "from-header",
+        ),
+        ({b"cookie": b"X-API-KEY=from-cookie"}, b"x=1&api_key=from-query", "from-query"),
+        ({b"cookie": b"theme=dark; X-API-KEY=from-cookie"}, b"", "from-cookie"),
+        ({}, b"api_key=", None),
+    ],
+)
+def test_api_key_precedence_is_header_then_query_then_cookie(
+    headers: dict[bytes, bytes], query: bytes, expected: str | None
+) -> None:
+    assert api_key(headers, query) == expected
 
 
 @pytest.mark.parametrize(
@@ -260,6 +295,51 @@ def _post_raw(http: httpx.Client, content: bytes | str) -> httpx.Response:
                 },
             ],
             id="lone-surrogates",
+        ),
+        pytest.param(
+            b'[{"tenant": "caf\xe9"}]',
+            [
+                {
+                    "loc": ["body", 16],  # the byte offset of \xe9
+                    "msg": "JSON decode error: invalid UTF-8",
+                    "type": "json_invalid",
+                }
+            ],
+            id="invalid-utf8",
+        ),
+        pytest.param(
+            "[" * 100_000,
+            [
+                {
+                    "loc": ["body"],
+                    "msg": "JSON decode error: nested too deeply",
+                    "type": "json_invalid",
+                }
+            ],
+            id="nested-too-deeply",
+        ),
+        pytest.param(
+            '[{"tenant": "t", "market": "m", "type": "click", "user_id": NaN}]',
+            [
+                {
+                    "loc": ["body", 0, "user_id"],
+                    "msg": "Input should be a valid string",
+                    "type": "string_type",
+                }
+            ],
+            id="nan",
+        ),
+        pytest.param(
+            '[{"tenant": "t", "market": "m", "type": "click", "\\ud800": 1}]',
+            [
+                {
+                    "loc": ["body", 0],
+                    "msg": "Input should be a valid string, unable to parse raw data as a unicode"
+                    " string",
+                    "type": "string_unicode",
+                }
+            ],
+            id="lone-surrogate-key",
         ),
     ],
 )

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO
 
+import uvloop
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level)
     try:
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            uvloop.run(serve(settings))
         elif args.command == "tail":
             asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
     except KeyboardInterrupt:

@@ -31,12 +31,38 @@ TYPE_VALUES: dict[str, pb.EventType.ValueType] = {
     name: pb.EventType.ValueType(number) for number, name in TYPE_NAMES.items()
 }
 
+ENVELOPE_EVENT_FIELD = pb.Envelope.DESCRIPTOR.fields_by_name["event"].number
+
 OPTIONAL_STRING_FIELDS: tuple[str, ...] = tuple(
     f.name
     for f in pb.Event.DESCRIPTOR.fields
     if f.has_presence and f.type == f.TYPE_STRING and f.name not in ("tenant", "market")
 )
 """The contract's nullable string fields, in proto field order."""
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a string, bytes or sub-message)."""
+    return varint(field_number << 3 | 2) + varint(len(payload)) + payload
+
+
+def envelope_bytes(event: bytes, context: bytes) -> bytes:
+    """A serialized Envelope from a serialized Event and the serialized rest of the Envelope.
+
+    Protobuf parses fields in any order, so the request's shared context is
+    serialized once and each event is prefixed to it: no per-event copies.
+    """
+    return length_delimited(ENVELOPE_EVENT_FIELD, event) + context
 
 
 def event_from_dict(data: Mapping[str, Any]) -> pb.Event:

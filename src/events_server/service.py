@@ -14,11 +14,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from events_server.codec import envelope_bytes
 from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.store import EventStore, partition_for
+from events_server.store import EventStore, Item, partition_for
 from events_server.validation import validate_events
 
 log = logging.getLogger(__name__)
@@ -107,33 +108,32 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
             return pb.CreateEventsResponse()
 
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        user_agent = metadata.get(MD_USER_AGENT, metadata.get("user-agent"))
-        template = pb.Envelope(
+        shared = pb.Envelope(
             received_at=received_at,
             client_ip=client_ip(metadata, context.peer(), self._forwarded_hops),
-            user_agent=user_agent,
+            user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
             referer=metadata.get(MD_REFERER),
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
-        )
-        items = []
-        for event in events:
-            envelope = pb.Envelope()
-            envelope.CopyFrom(template)
-            envelope.event.CopyFrom(event)
-            items.append(
-                (partition_for(event, self._partitions), event, envelope.SerializeToString())
+        ).SerializeToString()
+        partitions = self._partitions
+        items: list[Item] = [
+            (
+                partition_for(event, partitions),
+                event.tenant,
+                event.deduplication_id if event.HasField("deduplication_id") else None,
+                envelope_bytes(event.SerializeToString(), shared),
             )
+            for event in events
+        ]
 
         outcomes = await self._store.append(items)
-        results = [
-            pb.EventResult(
-                status=ACCEPTED if o.accepted else DUPLICATE,
-                entry_id=o.entry_id,
-                partition=o.partition,
-            )
-            for o in outcomes
-        ]
-        accepted = sum(o.accepted for o in outcomes)
+        accepted = sum(o[0] for o in outcomes)
         return pb.CreateEventsResponse(
-            results=results, accepted=accepted, duplicates=len(outcomes) - accepted
+            # Dicts, not EventResult objects: upb builds them in C, twice as fast.
+            results=[
+                {"status": ACCEPTED if ok else DUPLICATE, "entry_id": entry, "partition": part}  # type: ignore[misc]
+                for ok, entry, part in outcomes
+            ],
+            accepted=accepted,
+            duplicates=len(outcomes) - accepted,
         )

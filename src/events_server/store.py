@@ -13,13 +13,13 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from events_server.config import Settings
 from events_server.errors import StoreUnavailable
@@ -66,16 +66,16 @@ end
 return out
 """
 
-ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest()
+ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest().encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one event: queued now, or already queued earlier."""
+Item = tuple[int, str, str | None, bytes]
+"""One event to queue: (partition, tenant, deduplication_id or None, envelope bytes)."""
 
-    accepted: bool
-    entry_id: str
-    partition: int
+Outcome = tuple[bool, str, int]
+"""What happened to one event: (accepted now? else a duplicate, entry id, partition)."""
+
+NOT_RUN: Outcome = (False, "", -1)
 
 
 def connect(settings: Settings) -> Redis:
@@ -122,36 +122,32 @@ class EventStore:
         """The key names this store writes."""
         return self._keys
 
-    async def append(self, items: Sequence[tuple[int, pb.Event, bytes]]) -> list[Outcome]:
-        """Queue (partition, event, envelope bytes) items; one script call per partition."""
-        groups: dict[int, list[int]] = {}
-        for index, (partition, _, _) in enumerate(items):
-            groups.setdefault(partition, []).append(index)
+    async def append(self, items: Sequence[Item]) -> list[Outcome]:
+        """Queue items, in order per partition; one script call per partition, pipelined."""
+        groups: dict[int, tuple[list[int], list[Any], list[Any]]] = {}
+        for index, (partition, tenant, dedup_id, payload) in enumerate(items):
+            group = groups.get(partition)
+            if group is None:
+                group = groups[partition] = ([], [self._keys.stream(partition)], [self._ttl])
+            indexes, keys, args = group
+            indexes.append(index)
+            if dedup_id is None:
+                args.append(0)
+            else:
+                keys.append(self._keys.dedup(partition, tenant, dedup_id))
+                args.append(len(keys))
+            args.append(payload)
 
-        calls: list[tuple[int, list[int], list[Any]]] = []
-        for partition, indexes in groups.items():
-            keys: list[Any] = [self._keys.stream(partition)]
-            args: list[Any] = [self._ttl]
-            for index in indexes:
-                _, event, payload = items[index]
-                if event.HasField("deduplication_id"):
-                    keys.append(self._keys.dedup(partition, event.tenant, event.deduplication_id))
-                    args.append(len(keys))
-                else:
-                    args.append(0)
-                args.append(payload)
-            calls.append((partition, indexes, [len(keys), *keys, *args]))
-
+        calls = [
+            (partition, indexes, [len(keys), *keys, *args])
+            for partition, (indexes, keys, args) in groups.items()
+        ]
         replies = await self._run(calls)
-        outcomes: list[Outcome | None] = [None] * len(items)
+        outcomes: list[Outcome] = [NOT_RUN] * len(items)
         for (partition, indexes, _), reply in zip(calls, replies, strict=True):
             for n, index in enumerate(indexes):
-                outcomes[index] = Outcome(
-                    accepted=reply[2 * n] == 1,
-                    entry_id=reply[2 * n + 1].decode(),
-                    partition=partition,
-                )
-        return [o for o in outcomes if o is not None]
+                outcomes[index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
+        return outcomes
 
     async def _run(self, calls: list[tuple[int, list[int], list[Any]]]) -> list[Any]:
         """EVALSHA every call in one pipeline; load the script once if Redis lacks it."""
@@ -161,9 +157,8 @@ class EventStore:
                 # NOSCRIPT means the call did not run, so running it again is safe.
                 await self._redis.script_load(ENQUEUE_SCRIPT)
                 redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                for i, reply in zip(
-                    redo, await self._pipeline([calls[i] for i in redo]), strict=True
-                ):
+                again = await self._pipeline([calls[i] for i in redo])
+                for i, reply in zip(redo, again, strict=True):
                     replies[i] = reply
         except RedisError as exc:
             await self._forget_idle_connections()
@@ -176,14 +171,31 @@ class EventStore:
         return replies
 
     async def _pipeline(self, calls: list[tuple[int, list[int], list[Any]]]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for _, _, argv in calls:
-                pipe.execute_command("EVALSHA", ENQUEUE_SHA, *argv)
+        """Send the calls back to back on one connection and read every reply.
+
+        The commands are packed by hiredis in C: redis-py's asyncio client packs
+        in Python, which cost a fifth of the server's CPU at 100 events a call.
+        """
+        packed = b"".join(
+            hiredis.pack_command((b"EVALSHA", ENQUEUE_SHA, *argv)) for _, _, argv in calls
+        )
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
             started = time.perf_counter()
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            await connection.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as refused:
+                    # An error reply is read in full: the connection stays usable.
+                    replies.append(refused)
             if self._observe_script is not None:
                 self._observe_script(time.perf_counter() - started)
             return replies
+        finally:
+            await pool.release(connection)
 
     async def _forget_idle_connections(self) -> None:
         # After a restart every pooled socket is dead; dropping the idle ones makes

@@ -31,6 +31,16 @@ def event_violations(index: int, event: pb.Event) -> list[FieldViolation]:
 
 def validate_events(events: Sequence[pb.Event]) -> None:
     """Raise InvalidEvents naming every violation in the request, if there is any."""
-    violations = [v for i, event in enumerate(events) for v in event_violations(i, event)]
-    if violations:
-        raise InvalidEvents(violations)
+    # The same rules as event_violations, as one cheap test per event: valid
+    # requests (nearly all of them) never pay for building violation reports.
+    for event in events:
+        if (
+            not event.tenant
+            or not event.market
+            or event.type not in TYPE_NAMES
+            or (not event.dsid and event.HasField("dsid"))
+        ):
+            break
+    else:
+        return
+    raise InvalidEvents([v for i, event in enumerate(events) for v in event_violations(i, event)])

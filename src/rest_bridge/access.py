@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import unquote_plus
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from events_server.logs import REQUEST_ID_HEADER, IpMode, accept_request_id, client_ip_for_log
 from events_server.logs import request_id as current_request_id
 from rest_bridge.metrics import UNMATCHED_ROUTE, BridgeMetrics
 
 log = logging.getLogger("rest_bridge.access")
+
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 # Query parameters whose values are secrets (compared after decoding, case-insensitively).
 SECRET_PARAMS = frozenset({"api_key", "apikey", "x-api-key", "x_api_key"})
@@ -56,10 +59,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class AccessMiddleware:
     """Gives each HTTP request an id (the caller's ``X-Request-ID`` if sane), logs and counts it."""
 
-    def __init__(self, app: ASGIApp, metrics: BridgeMetrics, ip_mode: IpMode) -> None:
+    def __init__(
+        self, app: AnyASGIApp, metrics: BridgeMetrics, ip_mode: IpMode, routes: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self._metrics = metrics
         self._ip_mode = ip_mode
+        # Paths served outside the router (no scope["route"]): labelled as themselves.
+        self._routes = frozenset(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +90,10 @@ class AccessMiddleware:
         finally:
             seconds = time.perf_counter() - started
             # The route template, never the raw path: that is client-chosen.
-            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            path = scope["path"]
+            route = getattr(scope.get("route"), "path", None) or (
+                path if path in self._routes else UNMATCHED_ROUTE
+            )
             self._metrics.observe_request(route, scope["method"], status, seconds)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             if log.isEnabledFor(level):

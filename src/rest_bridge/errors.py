@@ -6,9 +6,10 @@ import re
 from typing import Any
 
 import grpc
-from fastapi.responses import JSONResponse
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from rest_bridge.responses import Reply, json_reply
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -37,9 +38,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 _FIELD_PATH = re.compile(r"^events\[(\d+)\]\.(\w+)$")
 
 
+def _printable(part: str | int) -> str | int:
+    # A lone surrogate (JSON allows "\\ud800" in a key) cannot be written as UTF-8.
+    if isinstance(part, str) and not part.isascii():
+        return part.encode("utf-8", "backslashreplace").decode()
+    return part
+
+
 def validation_detail(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
     """One item of a 422 body, exactly the contract's ValidationError."""
-    return {"loc": loc, "msg": msg, "type": kind}
+    return {"loc": [_printable(p) for p in loc], "msg": msg, "type": kind}
 
 
 def _field_loc(path: str) -> list[str | int]:
@@ -63,13 +71,13 @@ def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
     return details
 
 
-def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> JSONResponse:
+def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> Reply:
     """The HTTP response for a failed CreateEvents call."""
     code = error.code()
     http_status = HTTP_STATUS.get(code, 500)
     message = error.details() or code.name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         detail = _violations(error) or [validation_detail(["body"], message, "value_error")]
-        return JSONResponse({"detail": detail}, status_code=http_status)
+        return json_reply(http_status, {"detail": detail})
     headers = {"Retry-After": str(retry_after_seconds)} if code in RETRYABLE else None
-    return JSONResponse({"detail": message}, status_code=http_status, headers=headers)
+    return json_reply(http_status, {"detail": message}, headers)

@@ -1,0 +1,193 @@
+"""POST /create-events as a lean ASGI handler.
+
+FastAPI documents the route (rest_bridge.app) but does not serve it: its generic
+pipeline (middleware stack, dependency solving, stdlib JSON, Starlette responses)
+cost more CPU than parsing, validating and forwarding the events themselves. This
+handler keeps FastAPI's observable behaviour, 422 bodies included: the same
+pydantic TypeAdapter validates the same Python values, and JSON that orjson
+refuses is parsed again by the stdlib parser that FastAPI uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl
+
+import grpc
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from events_server.codec import event_from_dict
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from rest_bridge.config import BridgeSettings
+from rest_bridge.errors import grpc_error_response, validation_detail
+from rest_bridge.models import Event, unencodable_locations
+from rest_bridge.responses import Reply, json_reply
+from rest_bridge.upstream import forwarded_metadata
+
+EVENTS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+STATUS_NAMES = {
+    pb.EventResult.STATUS_ACCEPTED: "accepted",
+    pb.EventResult.STATUS_DUPLICATE: "duplicate",
+}
+
+_UNSET = object()
+
+
+def _is_json(content_type: str) -> bool:
+    """FastAPI's rule: application/json or application/*+json (parameters ignored)."""
+    mime = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = mime.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _parse_json(body: bytes) -> Any:
+    """The body as Python values, or a 422 Reply for JSON that does not parse."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # orjson is stricter (NaN, lone surrogates, huge ints): ask FastAPI's parser
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as error:
+        return json_reply(
+            422,
+            {
+                "detail": [
+                    validation_detail(["body", error.pos], "JSON decode error", "json_invalid")
+                ]
+            },
+        )
+    except UnicodeDecodeError as error:
+        # FastAPI answers 400 "There was an error parsing the body"; JSON must be UTF-8.
+        return json_reply(
+            422,
+            {
+                "detail": [
+                    validation_detail(
+                        ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
+                    )
+                ]
+            },
+        )
+    except RecursionError:
+        return json_reply(
+            422,
+            {
+                "detail": [
+                    validation_detail(
+                        ["body"], "JSON decode error: nested too deeply", "json_invalid"
+                    )
+                ]
+            },
+        )
+
+
+def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
+    """The request body as Events, or the contract's 422 Reply."""
+    value: Any = _UNSET
+    if body:
+        if content_type and _is_json(content_type):
+            value = _parse_json(body)
+            if isinstance(value, Reply):
+                return value
+        else:
+            value = body  # as FastAPI: a non-JSON body is validated as raw bytes (and fails)
+    if value is _UNSET:
+        return json_reply(
+            422, {"detail": [validation_detail(["body"], "Field required", "missing")]}
+        )
+    try:
+        return EVENTS.validate_python(value, from_attributes=True)
+    except ValidationError as exc:
+        detail = [
+            validation_detail(["body", *e["loc"]], e["msg"], e["type"])
+            for e in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        return json_reply(422, {"detail": detail})
+
+
+def api_key(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
+    """The API key: the X-API-KEY header, else the api_key query parameter, else the cookie."""
+    if key := headers.get(b"x-api-key"):
+        return key.decode("latin-1")
+    if query_string:
+        for name, value in parse_qsl(query_string.decode("latin-1")):
+            if name == "api_key" and value:
+                return value
+    if cookie := headers.get(b"cookie"):
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(cookie.decode("latin-1"))
+        if (morsel := jar.get("X-API-KEY")) and morsel.value:
+            return morsel.value
+    return None
+
+
+def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
+    """JSON body of a 200: the counts, then one result per event in request order."""
+    return {
+        "accepted": reply.accepted,
+        "duplicates": reply.duplicates,
+        "results": [
+            {
+                "status": STATUS_NAMES.get(r.status, "unknown"),
+                "entry_id": r.entry_id,
+                "partition": r.partition,
+            }
+            for r in reply.results
+        ],
+    }
+
+
+class CreateEvents:
+    """The ASGI app of POST /create-events."""
+
+    def __init__(
+        self, settings: BridgeSettings, stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub]
+    ) -> None:
+        self._settings = settings
+        self._stub = stub
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        reply = await self.handle(scope, body)
+        await reply.send(send)
+
+    async def handle(self, scope: dict[str, Any], body: bytes) -> Reply:
+        """The reply to one request with its whole body."""
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type")
+        events = validate_body(body, content_type.decode("latin-1") if content_type else None)
+        if isinstance(events, Reply):
+            return events
+        try:
+            call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
+        except UnicodeEncodeError:
+            detail = [
+                validation_detail(
+                    loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
+                )
+                for loc in unencodable_locations(events)
+            ]
+            return json_reply(422, {"detail": detail})
+        client = scope.get("client")
+        metadata = forwarded_metadata(
+            headers, client[0] if client else "", api_key(headers, scope.get("query_string", b""))
+        )
+        try:
+            response = await self._stub().CreateEvents(
+                call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            return grpc_error_response(error, self._settings.retry_after_seconds)
+        return json_reply(200, response_body(response))
