@@ -7,6 +7,7 @@ a request is handled, so every line logged on its behalf carries it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -16,6 +17,8 @@ import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
+
+import orjson
 
 REQUEST_ID_HEADER = "x-request-id"
 """HTTP header and gRPC metadata key of the request id."""
@@ -49,6 +52,7 @@ def accept_request_id(value: str | None) -> str:
     return new_request_id()
 
 
+@functools.lru_cache(maxsize=4096)  # parsing costs ~10 us; clients come back
 def client_ip_for_log(ip: str, mode: IpMode) -> str:
     """The client IP as the log may show it: whole, cut to its network (/24, /48), or not at all."""
     if mode == "full":
@@ -85,7 +89,10 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except (TypeError, orjson.JSONEncodeError):  # lone surrogates, ints past 64 bits
+            return json.dumps(line, ensure_ascii=False, default=str)
 
 
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
