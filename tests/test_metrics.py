@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from events_server.config import Settings
 from events_server.keys import KeySpace
-from events_server.metrics import OTHER_TENANT, TenantLabels
+from events_server.metrics import OTHER_TENANT, RedisSampler, TenantLabels
 from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
+from events_server.store import connect
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
@@ -240,3 +242,31 @@ def test_multiprocess_figures_add_up_across_processes(
             return sum(lengths) == 5
 
         eventually(queue_length)
+
+
+def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
+    loop: LoopThread, valkey: Valkey, settings: Settings, keys: KeySpace, rdb: redis.Redis
+) -> None:
+    process = valkey.killable()
+    client = connect(settings.model_copy(update={"redis_timeout_seconds": 0.5}))
+    sampler = RedisSampler(client, keys, interval=0.05)
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.create_task(sampler.run())
+
+    def names() -> set[str]:
+        return {family.name for family in sampler.collect()}
+
+    task = loop.run(start())
+    try:
+        eventually(lambda: "events_stream_length" in names())
+        process.kill()
+        eventually(lambda: names() == set())  # no stale figures
+        process.start()
+        eventually(lambda: "events_stream_length" in names())
+        assert not task.done()  # the outage did not end the sampler
+    finally:
+        if process.proc is None or process.proc.poll() is not None:
+            process.start()
+        loop.loop.call_soon_threadsafe(task.cancel)
+        loop.run(client.aclose())

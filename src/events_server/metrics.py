@@ -35,7 +35,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from events_server.codec import TYPE_NAMES
 from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
@@ -303,10 +302,10 @@ class RedisSampler:
             try:
                 await self.sample()
                 healthy = True
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the sampler must outlive it
                 self._families = []
                 if healthy:
-                    log.warning("metrics: cannot read queue sizes from redis: %s", exc)
+                    log.warning("metrics: cannot read queue sizes from redis: %r", exc)
                 healthy = False
             await asyncio.sleep(self._interval)
 
