@@ -91,6 +91,7 @@ def test_malformed_dicts_are_refused_before_sending(
         {"tenant": "t", "market": "m", "type": "refund"},
         {"tenant": 5, "type": "click", "colour": "red", "variant_ids": "v1"},
         "page_view",
+        {**EXAMPLE_EVENT, "user_id": "\ud800", "variant_ids": ["ok", "\udfff"]},
     ]
 
     async def send() -> None:
@@ -106,6 +107,8 @@ def test_malformed_dicts_are_refused_before_sending(
         ("events[2].variant_ids", "list_type"),
         ("events[2].market", "missing"),
         ("events[3]", "type"),
+        ("events[4].user_id", "string_unicode"),
+        ("events[4].variant_ids", "string_unicode"),
     ]
     assert caught.value.request_id is None  # never sent
     assert calls(server, "INVALID_ARGUMENT") + calls(server) == before

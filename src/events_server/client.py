@@ -381,7 +381,16 @@ class SyncEventsClient:
     Thread-safe; ``close()`` (or leaving the ``with`` block) stops the thread.
     """
 
-    def __init__(self, target: str, **options: Any) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        deadline_seconds: float = 10.0,
+        initial_backoff_seconds: float = 0.05,
+        max_backoff_seconds: float = 2.0,
+        backoff_multiplier: float = 2.0,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="events-client", daemon=True
@@ -389,7 +398,14 @@ class SyncEventsClient:
         self._thread.start()
 
         async def make() -> EventsClient:
-            return EventsClient(target, **options)
+            return EventsClient(
+                target,
+                api_key=api_key,
+                deadline_seconds=deadline_seconds,
+                initial_backoff_seconds=initial_backoff_seconds,
+                max_backoff_seconds=max_backoff_seconds,
+                backoff_multiplier=backoff_multiplier,
+            )
 
         self._client = self._run(make())
 
@@ -410,11 +426,17 @@ class SyncEventsClient:
         """Queue ``events``; see EventsClient.send."""
         return self._run(self._client.send(list(events), deadline_seconds=deadline_seconds))
 
-    def batcher(self, **options: Any) -> SyncBatcher:
+    def batcher(
+        self, *, max_events: int = 500, max_delay_seconds: float = 0.2, max_in_flight: int = 4
+    ) -> SyncBatcher:
         """A batcher sending through this client; see EventsClient.batcher."""
 
         async def make() -> Batcher:
-            return self._client.batcher(**options)
+            return self._client.batcher(
+                max_events=max_events,
+                max_delay_seconds=max_delay_seconds,
+                max_in_flight=max_in_flight,
+            )
 
         return SyncBatcher(self, self._run(make()))
 
