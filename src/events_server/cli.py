@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import heapq
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -139,9 +141,11 @@ async def serve(settings: Settings) -> None:
     """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
     server, port = await create_server(settings)
     await server.start()
-    host = settings.grpc_addr.rpartition(":")[0]
+    address = settings.grpc_addr
+    if not address.startswith("unix:"):
+        address = f"{address.rpartition(':')[0]}:{port}"
     # Tests and `make run` read this line to learn the port when it was 0.
-    print(f"events-server listening on {host}:{port}", flush=True)
+    print(f"events-server listening on {address} (pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,6 +154,51 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_seconds)
     await server.stop()
     log.info("stopped")
+
+
+def _die_with_parent() -> None:
+    """In a forked worker: get SIGTERM (and drain) if the supervising parent dies."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def serve_workers(settings: Settings) -> int:
+    """Fork settings.workers servers sharing one port (SO_REUSEPORT); wait for them all."""
+    # Fork before any gRPC object exists: gRPC's threads and polling state do
+    # not survive a fork. Each worker builds its own server, channel and loop.
+    children: set[int] = set()
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            code = 1
+            try:
+                uvloop.run(serve(settings))
+                code = 0
+            except KeyboardInterrupt:
+                code = 130
+            finally:
+                os._exit(code)
+        children.add(pid)
+
+    def stop_all(signum: int, _frame: object) -> None:
+        for child in children:
+            os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    result = 0
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        if (code := os.waitstatus_to_exitcode(status)) != 0:
+            # One worker gone means a smaller server than configured: stop, and let
+            # the supervisor (systemd, Kubernetes) restart the whole set.
+            log.error("worker %d exited with %d: stopping the others", pid, code)
+            result = 1
+            stop_all(signal.SIGTERM, None)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.command == "serve" and settings.workers > 1:
+            return serve_workers(settings)
         if args.command == "serve":
             uvloop.run(serve(settings))
         elif args.command == "tail":

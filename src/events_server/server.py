@@ -95,8 +95,8 @@ async def create_server(
     )
     server = grpc.aio.server(
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
-        # port would silently take half the traffic. Multi-process mode opts back in.
-        options=[("grpc.so_reuseport", 0)],
+        # port would silently take half the traffic. Only our own workers share one.
+        options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
         EventsService(store, settings.partitions, settings.forwarded_hops), server
