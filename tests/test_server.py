@@ -28,8 +28,9 @@ from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server import SERVICE_NAME, EventsServer, create_server
+from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread, free_port, queued
+from tests.support import LoopThread, UvicornThread, free_port, queued
 from tests.test_service import ev, send
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -229,3 +230,29 @@ def test_workers_need_a_fixed_tcp_port() -> None:
         Settings(grpc_addr="127.0.0.1:0", workers=2)
     with pytest.raises(ValidationError, match="fixed TCP port"):
         Settings(grpc_addr="unix:/tmp/events.sock", workers=2)
+
+
+def test_bridge_reaches_the_server_over_a_unix_socket(
+    loop: LoopThread, settings: Settings, tmp_path: Path, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    socket_path = tmp_path / "events.sock"
+    on_socket = settings.model_copy(update={"grpc_addr": f"unix:{socket_path}"})
+
+    async def start() -> EventsServer:
+        server, _ = await create_server(on_socket)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    bridge = UvicornThread(BridgeSettings(grpc_target=f"unix:{socket_path}"))
+    bridge.start()
+    try:
+        with httpx.Client(base_url=bridge.url, timeout=10) as client:
+            event = {"tenant": "t", "market": "m", "type": "page_view", "user_id": "u"}
+            answer = client.post("/create-events", json=[event])
+        assert answer.status_code == 200, answer.text
+    finally:
+        bridge.stop()
+        loop.run(server.stop(0))
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.event.user_id == "u"
