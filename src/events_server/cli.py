@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import heapq
 import json
 import logging
@@ -141,6 +142,9 @@ async def serve(settings: Settings) -> None:
     """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
     server, port = await create_server(settings)
     await server.start()
+    # Everything made so far lives as long as the process: keep it out of the
+    # cyclic GC: a full pass over it takes ~25 ms here, a latency spike under load.
+    gc.freeze()
     address = settings.grpc_addr
     if not address.startswith("unix:"):
         address = f"{address.rpartition(':')[0]}:{port}"
