@@ -22,6 +22,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.store import EventStore, Item, partition_for
 
 METHOD = "/events.v1.EventsService/CreateEvents"
+REQUEST_TIMEOUT = 30.0
 
 
 @dataclass
@@ -51,6 +52,14 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+
+
+class HttpError(Exception):
+    """A non-200 answer (the benchmark counts these by status)."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]!r}")
+        self.status = status
 
 
 class HttpConnection:
@@ -113,7 +122,7 @@ async def _grpc_sender(job: Job) -> Any:
     )
 
     async def send(batches: Batches) -> int:
-        reply = await call(batches.grpc_body(job.batch), timeout=30)
+        reply = await call(batches.grpc_body(job.batch), timeout=REQUEST_TIMEOUT)
         return int(reply.accepted + reply.duplicates)
 
     return send, channel.close
@@ -125,10 +134,12 @@ async def _http_sender(job: Job) -> Any:
 
     async def send(batches: Batches) -> int:
         conn = idle.pop() if idle else HttpConnection(host, int(port))
-        status, body = await conn.post("/create-events", batches.json_body(job.batch))
+        status, body = await asyncio.wait_for(
+            conn.post("/create-events", batches.json_body(job.batch)), REQUEST_TIMEOUT
+        )
         idle.append(conn)
         if status != 200:
-            raise RuntimeError(f"HTTP {status}: {body[:100]!r}")
+            raise HttpError(status, body)
         return job.batch
 
     async def close() -> None:

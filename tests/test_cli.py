@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from events_server.cli import main as events_server_main
 from events_server.config import Settings
 from rest_bridge.cli import main as bridge_main
 from rest_bridge.config import BridgeSettings
+from tests.support import free_port
 
 
 def _help(module: str, *args: str) -> str:
@@ -99,3 +101,31 @@ def test_tail_follow_prints_new_envelopes(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_bridge_workers_serve_the_contract(grpc_target: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rest_bridge", "--grpc-target", grpc_target, "--port", str(port),
+         "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "bridge workers did not start"
+                time.sleep(0.1)
+            event = {"tenant": "t", "market": "m", "type": "click"}
+            for _ in range(10):
+                assert client.post("/create-events", json=[event]).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

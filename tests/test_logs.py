@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -237,7 +238,7 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
         bridge: subprocess.Popen[bytes] | None = None
         try:
             assert server.stdout is not None
-            target = server.stdout.readline().rsplit(" ", 1)[1].strip()
+            target = re.findall(r"listening on (\S+) ", server.stdout.readline())[0]
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "rest_bridge", "--grpc-target", target],
                 env={**env, "EVENTS_HTTP_PORT": str(http_port)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from events_server.store import connect
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread
+from tests.support import LoopThread, free_port
 from tests.test_server import eventually
 from tests.test_service import ev, send
 
@@ -182,39 +183,52 @@ def test_queue_gauges_follow_redis(  # noqa: PLR0917
 # --- multiprocess mode ----------------------------------------------------------------
 
 
+def server_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a real events-server process on the session's Redis and keys."""
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+        "EVENTS_LOG_LEVEL": "WARNING",
+        "EVENTS_METRICS_SAMPLE_INTERVAL_SECONDS": "0.1",
+        **extra,
+    }
+
+
+def listening_on(proc: subprocess.Popen[str]) -> str:
+    """The gRPC address a starting events-server announces on stdout."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    listening = re.match(r"events-server listening on (\S+) \(pid \d+\)$", line)
+    assert listening, line
+    return listening[1]
+
+
 @pytest.fixture
 def two_servers(
     settings: Settings, tmp_path: Path, rdb: redis.Redis
 ) -> Iterator[list[tuple[str, str]]]:
     """Two real events-server processes sharing one PROMETHEUS_MULTIPROC_DIR: (gRPC, metrics)."""
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-        "EVENTS_METRICS_ADDR": "127.0.0.1:0",
-        "EVENTS_LOG_LEVEL": "WARNING",
-        "EVENTS_METRICS_SAMPLE_INTERVAL_SECONDS": "0.1",
-    }
+    metrics_ports = [free_port(), free_port()]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
-            env=env,
+            env=server_env(
+                settings,
+                PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+                EVENTS_METRICS_ADDR=f"127.0.0.1:{port}",
+            ),
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for port in metrics_ports
     ]
     try:
-        addresses = []
-        for proc in procs:
-            assert proc.stdout is not None
-            listening, metrics = proc.stdout.readline(), proc.stdout.readline()
-            assert metrics.startswith("events-server metrics on "), metrics
-            address = listening.rsplit(" ", 1)[1].strip()
-            addresses.append((address, metrics.rsplit(" ", 1)[1].strip()))
-        yield addresses
+        yield [
+            (listening_on(proc), f"http://127.0.0.1:{port}/metrics")
+            for proc, port in zip(procs, metrics_ports, strict=True)
+        ]
     finally:
         for proc in procs:
             proc.terminate()
@@ -270,3 +284,65 @@ def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
             process.start()
         loop.loop.call_soon_threadsafe(task.cancel)
         loop.run(client.aclose())
+
+
+def test_server_workers_report_the_figures_of_all_workers(
+    settings: Settings, rdb: redis.Redis
+) -> None:
+    grpc_port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "events_server", "serve", "--workers", "2",
+         "--grpc-addr", f"127.0.0.1:{grpc_port}"],
+        env=server_env(settings, EVENTS_METRICS_ADDR=f"127.0.0.1:{metrics_port}"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(2):  # both workers are up
+            listening_on(proc)
+        for _ in range(20):  # a new connection each: the kernel spreads them over both
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                send(events_pb2_grpc.EventsServiceStub(channel), ev(tenant="workers"))
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    # One worker listens for metrics, and counts what the other served too.
+    assert value(samples, "events_grpc_requests_total", method=CREATE, code="OK") == 20
+
+
+def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rest_bridge", "--grpc-target", grpc_target, "--port", str(port),
+         "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    event = {"tenant": "t", "market": "m", "type": "click"}
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        eventually(up, within=20)
+        for _ in range(10):  # a new connection each: uvicorn's workers share the socket
+            assert httpx.post(f"{base}/create-events", json=[event]).status_code == 200
+        totals = [
+            value(
+                scrape(f"{base}/metrics"),
+                "events_http_requests_total",
+                route="/create-events",
+                method="POST",
+                status="200",
+            )
+            for _ in range(4)  # whichever worker answers the scrape
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert totals == [10, 10, 10, 10]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,14 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from pydantic import ValidationError
 
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server import SERVICE_NAME, EventsServer, create_server
+from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread, queued
+from tests.support import LoopThread, UvicornThread, free_port, queued
 from tests.test_service import ev, send
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -140,8 +144,9 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    assert line.startswith("events-server listening on "), line
-    return proc, line.rsplit(" ", 1)[1].strip()
+    listening = re.match(r"events-server listening on (\S+) \(pid \d+\)$", line)
+    assert listening, line
+    return proc, listening[1]
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
@@ -184,3 +189,72 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     assert reply.accepted == 1
     assert float(result["seconds"]) > 1.0  # type: ignore[arg-type] # it really was held in Redis across the SIGTERM
     assert [e.event.deduplication_id for _, e in queued(rdb, keys)] == ["in-flight"]
+
+
+def test_workers_share_one_port_and_stop_together(
+    valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+        "EVENTS_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "events_server", "serve", "--grpc-addr", f"127.0.0.1:{port}",
+         "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        pids = {int(m[1]) for line in lines if (m := re.search(r"\(pid (\d+)\)", line))}
+        assert len(pids) == 2, lines
+        for n in range(20):  # a new channel, a new connection: the kernel spreads them
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                send(events_pb2_grpc.EventsServiceStub(channel), ev(deduplication_id=f"w{n}"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
+    assert len(queued(rdb, keys)) == 20
+
+
+def test_workers_need_a_fixed_tcp_port() -> None:
+    with pytest.raises(ValidationError, match="fixed TCP port"):
+        Settings(grpc_addr="127.0.0.1:0", workers=2)
+    with pytest.raises(ValidationError, match="fixed TCP port"):
+        Settings(grpc_addr="unix:/tmp/events.sock", workers=2)
+
+
+def test_bridge_reaches_the_server_over_a_unix_socket(
+    loop: LoopThread, settings: Settings, tmp_path: Path, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    socket_path = tmp_path / "events.sock"
+    on_socket = settings.model_copy(update={"grpc_addr": f"unix:{socket_path}"})
+
+    async def start() -> EventsServer:
+        server, _ = await create_server(on_socket)
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    bridge = UvicornThread(BridgeSettings(grpc_target=f"unix:{socket_path}"))
+    bridge.start()
+    try:
+        with httpx.Client(base_url=bridge.url, timeout=10) as client:
+            event = {"tenant": "t", "market": "m", "type": "page_view", "user_id": "u"}
+            answer = client.post("/create-events", json=[event])
+        assert answer.status_code == 200, answer.text
+    finally:
+        bridge.stop()
+        loop.run(server.stop(0))
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.event.user_id == "u"

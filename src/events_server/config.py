@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events_server.logs import IpMode
@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     )
     grpc_addr: str = Field(
         "127.0.0.1:50051", description="host:port the gRPC server listens on (port 0: any free)."
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (SO_REUSEPORT); more than 1 needs a"
+        " fixed TCP port.",
     )
     partitions: int = Field(
         16,
@@ -82,6 +89,17 @@ class Settings(BaseSettings):
     metrics_sample_interval_seconds: float = Field(
         15.0, gt=0, description="How often queue sizes are read from Redis for metrics, seconds."
     )
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_port(self) -> Settings:
+        if self.workers > 1 and (
+            self.grpc_addr.startswith("unix:") or self.grpc_addr.endswith(":0")
+        ):
+            raise ValueError(
+                "workers > 1 needs a fixed TCP port in grpc_addr (a Unix socket or port 0"
+                " cannot be shared)"
+            )
+        return self
 
     @field_validator("key_prefix")
     @classmethod

@@ -19,8 +19,11 @@ import logging
 import operator
 import os
 import re
+import shutil
+import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -31,6 +34,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -75,6 +79,30 @@ _FIELD_INDEX = re.compile(r"^events\[(\d+)\]")
 def multiprocess_dir() -> str | None:
     """The directory of multiprocess mode, when this process runs in it."""
     return os.environ.get(MULTIPROC_ENV) or None
+
+
+@contextlib.contextmanager
+def shared_by_workers() -> Iterator[str]:
+    """Multiprocess mode for the workers started inside: the given directory, or a temporary one.
+
+    For a supervisor, before it forks or spawns workers. The directory is emptied
+    first: files of an earlier run would be added to this one's figures.
+    """
+    given = multiprocess_dir()
+    made = None if given else tempfile.mkdtemp(prefix="events-metrics-")
+    directory = given or made
+    assert directory is not None
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = directory
+    # prometheus-client picks its value class on import, which has happened: pick
+    # again, so that metrics made after a fork keep their values in files too.
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+    try:
+        yield directory
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def scrape_registry(own: CollectorRegistry, *local: Collector) -> CollectorRegistry:

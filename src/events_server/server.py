@@ -59,10 +59,9 @@ class EventsServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.start()
         await self.grpc.start()
-        self._tasks = [
-            asyncio.create_task(self._watch_redis(), name="redis-readiness"),
-            asyncio.create_task(self.sampler.run(), name="metrics-sampler"),
-        ]
+        self._tasks = [asyncio.create_task(self._watch_redis(), name="redis-readiness")]
+        if self.metrics_endpoint is not None:  # nobody else would see its readings
+            self._tasks.append(asyncio.create_task(self.sampler.run(), name="metrics-sampler"))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
@@ -117,8 +116,8 @@ async def create_server(
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
-        # port would silently take half the traffic. Multi-process mode opts back in.
-        options=[("grpc.so_reuseport", 0)],
+        # port would silently take half the traffic. Only our own workers share one.
+        options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
         EventsService(store, settings.partitions, settings.forwarded_hops, metrics), server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -104,6 +105,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
         async with grpc.aio.insecure_channel(settings.grpc_target) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
+            # Start-up objects live as long as the process: keep them out of the
+            # cyclic GC: a full pass over them takes ~25 ms, a latency spike under load.
+            gc.freeze()
             yield
 
     api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
-from events_server.config import add_settings_flags, settings_from_args
+from events_server.config import ENV_PREFIX, add_settings_flags, settings_from_args
 from events_server.logs import setup_logging
-from rest_bridge.app import create_app
+from events_server.metrics import shared_by_workers
+from rest_bridge.app import Bridge, create_app
 from rest_bridge.config import BridgeSettings
 
 
@@ -39,22 +42,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rest-bridge: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    uvicorn.Server(server_config(settings)).run()
+    if settings.workers == 1:
+        uvicorn.Server(server_config(settings)).run()
+        return 0
+    # Each worker process builds its own app (and gRPC channel) from the environment.
+    os.environ.update(settings_to_env(settings))
+    with shared_by_workers():  # /metrics of any worker adds up all of them
+        uvicorn.run(
+            "rest_bridge.cli:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            **uvicorn_options(settings),
+        )
     return 0
 
 
-def server_config(settings: BridgeSettings) -> uvicorn.Config:
-    """How uvicorn serves the bridge (the tests serve it the same way)."""
-    return uvicorn.Config(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        log_level=settings.log_level.lower(),
+def settings_to_env(settings: BridgeSettings) -> dict[str, str]:
+    """The environment that reproduces these settings in another process."""
+    return {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in settings}
+
+
+def app_from_environment() -> Bridge:
+    """The app of one worker process, configured from the environment."""
+    settings = BridgeSettings()
+    setup_logging(settings.log_level)  # a spawned worker starts with logging unset
+    return create_app(settings)
+
+
+def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
+    """How uvicorn serves the bridge."""
+    return {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "log_level": settings.log_level.lower(),
         # The bridge appends the real peer to x-forwarded-for itself; uvicorn's
         # proxy-headers mode would replace the peer with a client-supplied address.
-        proxy_headers=False,
-        server_header=False,
-        # Logging is ours (JSON, set up by main); the access lines come from AccessMiddleware.
-        log_config=None,
-        access_log=False,
-    )
+        "proxy_headers": False,
+        "server_header": False,
+        # Logging is ours (JSON, see setup_logging); AccessMiddleware writes the access lines.
+        "log_config": None,
+        "access_log": False,
+    }
+
+
+def server_config(settings: BridgeSettings) -> uvicorn.Config:
+    """A single-process uvicorn serving the bridge (the tests serve it the same way)."""
+    return uvicorn.Config(create_app(settings), **uvicorn_options(settings))

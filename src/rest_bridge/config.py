@@ -19,6 +19,7 @@ class BridgeSettings(BaseSettings):
     )
     http_host: str = Field("127.0.0.1", description="Address the bridge listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port the bridge listens on.")
+    workers: int = Field(1, ge=1, le=64, description="Bridge processes (uvicorn workers).")
     grpc_timeout_seconds: float = Field(
         5.0, gt=0, description="Deadline of each CreateEvents call to the server, seconds."
     )
