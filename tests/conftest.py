@@ -6,7 +6,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -19,18 +18,6 @@ from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
 from rest_bridge.config import BridgeSettings
 from tests.support import LoopThread, UvicornThread, ValkeyProcess
-
-EXAMPLE_EVENT: dict[str, Any] = {
-    "tenant": "my_store",
-    "market": "us",
-    "type": "page_view",
-    "user_id": "GA1.2.00000000.0000000000",
-    "url": "https://my_store.com/awesome_mechanical_keyboard.html",
-    "product_id": "BLA-KEY-XXX",
-    "entity_identifiers": {"sku": "31415"},
-    "entity_price": "100$",
-    "document_width": "300",
-}
 
 
 class Valkey:

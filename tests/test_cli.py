@@ -92,7 +92,11 @@ def test_tail_follow_prints_new_envelopes(
         text=True,
     )
     try:
-        time.sleep(1.0)  # let it reach XREAD BLOCK, so the event is new to it
+        # Wait until it blocks in XREAD: an event sent before that is not new to it.
+        deadline = time.monotonic() + 20
+        while not any(c.get("cmd") == "xread" for c in rdb.client_list()):
+            assert time.monotonic() < deadline, "tail --follow never reached XREAD"
+            time.sleep(0.05)
         event = {"tenant": "t", "market": "se", "type": "ws_click", "click_location": ""}
         assert http.post("/create-events", json=[event]).status_code == 200
         assert proc.stdout is not None

@@ -134,6 +134,8 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
         "EVENTS_PARTITIONS": str(settings.partitions),
         "EVENTS_SHUTDOWN_GRACE_SECONDS": "5",
         "EVENTS_METRICS_ADDR": "127.0.0.1:0",
+        # Longer than the CLIENT PAUSE below, so the held call waits instead of failing.
+        "EVENTS_REDIS_TIMEOUT_SECONDS": "6",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
@@ -159,7 +161,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
             stub = events_pb2_grpc.EventsServiceStub(channel)
             assert health_of(channel) == SERVING
             # Hold every write in Redis so the call is still in flight at SIGTERM.
-            rdb.client_pause(1500, all=False)  # all=False: pause writes only
+            rdb.client_pause(3000, all=False)  # all=False: pause writes only
             result: dict[str, object] = {}
 
             def call() -> None:
@@ -172,7 +174,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
 
             caller = threading.Thread(target=call)
             caller.start()
-            time.sleep(0.3)
+            time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as refused:
