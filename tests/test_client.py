@@ -325,7 +325,7 @@ def test_batcher_flushes_after_the_delay(
 ) -> None:
     async def scenario() -> tuple[list[pb.EventResult], int]:
         async with EventsClient(grpc_target) as client:
-            batcher = client.batcher(max_events=1000, max_delay_seconds=0.3)
+            batcher = client.batcher(max_events=1000, max_delay_seconds=1.0)
             futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(2)]
             queued_early = len(queued(rdb, keys))  # still held by the batcher
             results = await asyncio.wait_for(asyncio.gather(*futures), 10)
