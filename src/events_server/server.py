@@ -75,7 +75,8 @@ class EventsServer:
                 await task
         await self.grpc.stop(self._settings.shutdown_grace_seconds if grace is None else grace)
         if self.metrics_endpoint is not None:
-            self.metrics_endpoint.stop()
+            # Its shutdown waits for the serving thread's next poll: not on the loop.
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         await self._redis.aclose()
 
     async def wait_for_termination(self) -> None:
