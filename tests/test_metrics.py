@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from events_server.config import Settings
 from events_server.keys import KeySpace
-from events_server.metrics import OTHER_TENANT, RedisSampler, TenantLabels
+from events_server.metrics import OTHER_TENANT, TenantLabels
 from events_server.pb import events_pb2_grpc
+from events_server.sampler import RedisSampler
 from events_server.server import EventsServer, create_server
 from events_server.store import connect
 from rest_bridge.app import create_app

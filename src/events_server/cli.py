@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 
 from events_server.codec import envelope_to_dict
 from events_server.config import Settings, add_settings_flags, settings_from_args
+from events_server.exposition import shared_by_workers
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.logs import setup_logging
-from events_server.metrics import shared_by_workers
 from events_server.pb import events_pb2 as pb
 from events_server.server import create_server
 from events_server.store import connect

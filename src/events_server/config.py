@@ -101,6 +101,14 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, colon, port = value.rpartition(":")
+        if value and not (colon and host and port.isdigit() and int(port) <= 65535):
+            raise ValueError("must be host:port (or empty, for no metrics port)")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _no_hash_tag(cls, value: str) -> str:

@@ -13,9 +13,11 @@ from redis.asyncio import Redis
 
 from events_server.access import AccessInterceptor
 from events_server.config import Settings
+from events_server.exposition import MetricsEndpoint, scrape_registry
 from events_server.keys import KeySpace
-from events_server.metrics import MetricsEndpoint, RedisSampler, ServerMetrics, scrape_registry
+from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2, events_pb2_grpc
+from events_server.sampler import RedisSampler
 from events_server.service import EventsService
 from events_server.store import EventStore, connect
 

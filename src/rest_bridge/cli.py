@@ -12,8 +12,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from events_server.config import ENV_PREFIX, add_settings_flags, settings_from_args
+from events_server.exposition import shared_by_workers
 from events_server.logs import setup_logging
-from events_server.metrics import shared_by_workers
 from rest_bridge.app import Bridge, create_app
 from rest_bridge.config import BridgeSettings
 

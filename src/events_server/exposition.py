@@ -1,0 +1,131 @@
+"""Exposing metrics: per-instance registries, multiprocess mode, the server's metrics port.
+
+Every instance has a registry of its own (tests run several servers in one
+process). In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set up by the
+supervisor of ``--workers N``), prometheus-client keeps every counter and
+histogram in files there, and a scrape of any process adds up all processes
+that share the directory (one directory per service: the bridge and the server
+must not share one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+M = TypeVar("M", Counter, Histogram)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Request latency buckets (seconds) of both processes."""
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode, when this process runs in it."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+@contextlib.contextmanager
+def shared_by_workers() -> Iterator[str]:
+    """Multiprocess mode for the workers started inside: the given directory, or a temporary one.
+
+    For a supervisor, before it forks or spawns workers. The directory is emptied
+    first: files of an earlier run would be added to this one's figures.
+    """
+    given = multiprocess_dir()
+    made = None if given else tempfile.mkdtemp(prefix="events-metrics-")
+    directory = given or made
+    assert directory is not None
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = directory
+    # prometheus-client picks its value class on import, which has happened: pick
+    # again, so that metrics made after a fork keep their values in files too.
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+    try:
+        yield directory
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def scrape_registry(own: CollectorRegistry, *local: Collector) -> CollectorRegistry:
+    """What a scrape reads: ``own`` plus ``local`` collectors, or every process's metrics.
+
+    ``local`` collectors report state that any one process can see whole (such as
+    queue lengths read from Redis), so they are never added up across processes.
+    """
+    if multiprocess_dir() is None:
+        ProcessCollector(registry=own)
+        for collector in local:
+            own.register(collector)
+        return own
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    for collector in local:
+        merged.register(collector)
+    return merged
+
+
+class LabelCache:
+    """Labelled children by label values: ``labels()`` validates and locks on every call."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def get(self, metric: M, labels: tuple[str, ...]) -> M:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+
+class MetricsEndpoint:
+    """Serves a registry on its own HTTP port, in a thread (the gRPC server's /metrics)."""
+
+    def __init__(self, addr: str, registry: CollectorRegistry) -> None:
+        host, _, port = addr.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the chosen one when asked for port 0)."""
+        return self._server.server_port if self._server is not None else self._port
+
+    def start(self) -> None:
+        """Listen; fails (OSError) when the port is taken."""
+        self._server, self._thread = start_http_server(self._port, self._host, self._registry)
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown()
+                self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
