@@ -19,6 +19,11 @@ LogLevel = Annotated[
 ]
 
 
+Durability = Annotated[
+    Literal["none", "fsync"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
+]
+
+
 class Settings(BaseSettings):
     """Everything the server needs; validated once at start-up and passed in."""
 
@@ -69,6 +74,17 @@ class Settings(BaseSettings):
         " entries left of the last one in x-forwarded-for.",
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
+    durability: Durability = Field(
+        "none",
+        description="When to acknowledge: 'none' once Redis has the events in memory; 'fsync'"
+        " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes).",
+    )
+    rejected_maxlen: int = Field(
+        10_000,
+        ge=1,
+        description="Records kept per tenant in its rejected-requests stream (XADD MAXLEN ~,"
+        " approximate); older ones are trimmed.",
+    )
 
     @model_validator(mode="after")
     def _workers_need_a_shared_port(self) -> Settings:

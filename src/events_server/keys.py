@@ -4,6 +4,7 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
 
     ev:{p7}:events                      stream of Envelope bytes, field ``e``
     ev:{p7}:dedup:<len>:<tenant>:<id>   string, value = the entry id; expires (seconds)
+    ev:rejected:<tenant>                stream of rejected requests, capped (MAXLEN ~)
 
 The ``{p7}`` hash tag puts a partition's stream and its dedup keys in one Redis
 Cluster slot, so the dedup+enqueue script never crosses slots.
@@ -46,3 +47,17 @@ class KeySpace:
     def dedup_pattern(self) -> str:
         """SCAN pattern matching every dedup key (for operators and tests)."""
         return f"{self.prefix}:{{p*}}:dedup:*"
+
+    def rejected(self, tenant: str) -> str:
+        """One tenant's stream of rejected requests, capped by XADD MAXLEN ~ (never expires)."""
+        # Only the tenant varies after the fixed part, so no separator can be forged; a
+        # partition key never matches, as those start with "{p" right after the prefix.
+        return f"{self.prefix}:rejected:{tenant}"
+
+    def rejected_pattern(self) -> str:
+        """SCAN pattern matching every tenant's rejected stream."""
+        return f"{self.prefix}:rejected:*"
+
+    def rejected_tenant(self, key: str) -> str:
+        """The tenant whose rejected stream ``key`` is."""
+        return key.removeprefix(f"{self.prefix}:rejected:")

@@ -14,12 +14,15 @@ from redis.asyncio import Redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2, events_pb2_grpc
+from events_server.readiness import Readiness, probe
+from events_server.rejected import RejectedLog, RejectedServicer
 from events_server.service import EventsService
 from events_server.store import EventStore, connect
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
+REJECTED_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["RejectedEvents"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -34,18 +37,22 @@ class EventsServer:
         store: EventStore,
         redis: Redis,
         settings: Settings,
+        *,
+        rejected: RejectedLog | None = None,
     ) -> None:
         self.grpc = server
         self._health = health_servicer
         self._store = store
         self._redis = redis
         self._settings = settings
+        self._rejected = rejected
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._readiness: Readiness | None = None
 
     async def start(self) -> None:
         """Start serving; readiness follows Redis from here on."""
-        await self._set_health(await self._store.ping())
+        await self._apply(await probe(self._store, self._settings.durability))
         await self.grpc.start()
         self._watcher = asyncio.create_task(self._watch_redis(), name="redis-readiness")
 
@@ -60,6 +67,8 @@ class EventsServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self.grpc.stop(self._settings.shutdown_grace_seconds if grace is None else grace)
+        if self._rejected is not None:
+            await self._rejected.close()
         await self._redis.aclose()
 
     async def wait_for_termination(self) -> None:
@@ -71,18 +80,27 @@ class EventsServer:
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
 
+    async def _apply(self, now: Readiness) -> None:
+        """Report a probe's result: health, the store's refusal, a log line for each change."""
+        was = self._readiness
+        self._readiness = now
+        # A Redis set up against our promise gets no writes at all: with fsync asked and
+        # AOF off, a write would be queued but never acknowledged, and retried forever.
+        self._store.refusal = now.reason if now.misconfigured else None
+        if was is None or now.serving != was.serving or now.reason != was.reason:
+            if now.serving:
+                log.info("redis answers: SERVING")
+            else:
+                log.warning("NOT_SERVING: %s", now.reason)
+            await self._set_health(now.serving)
+        for warning in now.warnings:
+            if was is None or warning not in was.warnings:
+                log.warning("%s", warning)
+
     async def _watch_redis(self) -> None:
-        was_serving: bool | None = None
         while True:
-            serving = await self._store.ping()
-            if serving != was_serving:
-                if serving:
-                    log.info("redis answers: SERVING")
-                else:
-                    log.warning("redis does not answer: NOT_SERVING")
-                await self._set_health(serving)
-                was_serving = serving
             await asyncio.sleep(self._settings.health_interval_seconds)
+            await self._apply(await probe(self._store, self._settings.durability))
 
 
 async def create_server(
@@ -90,21 +108,30 @@ async def create_server(
 ) -> tuple[EventsServer, int]:
     """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
     redis = redis if redis is not None else connect(settings)
+    keys = KeySpace(settings.key_prefix, settings.partitions)
     store = EventStore(
-        redis, KeySpace(settings.key_prefix, settings.partitions), settings.dedup_ttl_seconds
+        redis,
+        keys,
+        settings.dedup_ttl_seconds,
+        timeout_seconds=settings.redis_timeout_seconds,
+        durability=settings.durability,
     )
+    rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
     server = grpc.aio.server(
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
         # port would silently take half the traffic. Only our own workers share one.
         options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
-        EventsService(store, settings.partitions, settings.forwarded_hops), server
+        EventsService(store, settings.partitions, settings.forwarded_hops, rejected=rejected),
+        server,
     )
+    events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, REJECTED_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(settings.grpc_addr)
-    return EventsServer(server, health_servicer, store, redis, settings), port
+    return EventsServer(server, health_servicer, store, redis, settings, rejected=rejected), port

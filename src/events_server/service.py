@@ -15,9 +15,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from events_server.codec import envelope_bytes
-from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.errors import IngestError, InvalidEvents, StoreFull, StoreUnavailable
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.rejected import RejectedLog
 from events_server.store import EventStore, Item, partition_for
 from events_server.validation import validate_events
 
@@ -68,16 +69,27 @@ def _status(error: IngestError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, 
         return rich.code, rich.details, tuple(rich.trailing_metadata)
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    if isinstance(error, StoreFull):
+        # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
     return grpc.StatusCode.INTERNAL, str(error), ()
 
 
 class EventsService(events_pb2_grpc.EventsServiceServicer):
     """Serves CreateEvents on top of an EventStore."""
 
-    def __init__(self, store: EventStore, partitions: int, forwarded_hops: int) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        partitions: int,
+        forwarded_hops: int,
+        *,
+        rejected: RejectedLog | None = None,
+    ) -> None:
         self._store = store
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
+        self._rejected = rejected
 
     async def CreateEvents(
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
@@ -85,6 +97,8 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         try:
             return await self._create_events(request.events, context)
         except IngestError as error:
+            if isinstance(error, InvalidEvents) and self._rejected is not None:
+                self._rejected.record_invalid_events(request.events, error.violations)
             code, message, trailers = _status(error)
             if code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)

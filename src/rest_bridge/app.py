@@ -20,6 +20,7 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.ingest import CreateEvents
 from rest_bridge.models import Event
+from rest_bridge.rejected import RejectedReporter
 
 CONTRACT_PATH = "/create-events"
 
@@ -91,7 +92,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
         async with grpc.aio.insecure_channel(settings.grpc_target) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
+            app.state.rejected = events_pb2_grpc.RejectedEventsStub(channel)
             yield
+            await rejected.drain()
 
     api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
     _document_contract(api)
@@ -104,7 +107,8 @@ def create_app(settings: BridgeSettings) -> Bridge:
     async def readyz(request: Request) -> JSONResponse:
         try:
             reply = await request.app.state.health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=settings.readiness_timeout_seconds,
             )
         except grpc.aio.AioRpcError as error:
             return JSONResponse({"status": error.code().name}, status_code=503)
@@ -112,4 +116,5 @@ def create_app(settings: BridgeSettings) -> Bridge:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
-    return Bridge(api, CreateEvents(settings, lambda: api.state.events))
+    rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
+    return Bridge(api, CreateEvents(settings, lambda: api.state.events, rejected))

@@ -26,3 +26,6 @@ class BridgeSettings(BaseSettings):
         1, ge=0, description="Retry-After sent with 503 and 429 answers, seconds."
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
+    readiness_timeout_seconds: float = Field(
+        1.0, gt=0, description="Deadline of the health check behind /readyz, seconds."
+    )
