@@ -24,6 +24,14 @@ from rest_bridge.rejected import RejectedReporter
 
 CONTRACT_PATH = "/create-events"
 
+# gRPC's default reconnect backoff grows to 120 s: after a server restart the bridge
+# could keep answering 503 for minutes. The server is near; trying each second is cheap.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 # Contract header parameters: plain `type: string` in the schema, None when absent.
 OptionalHeader = Annotated[str | None, WithJsonSchema({"type": "string"}), Header()]
 
@@ -89,7 +97,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(settings.grpc_target) as channel:
+        async with grpc.aio.insecure_channel(
+            settings.grpc_target, options=RECONNECT_OPTIONS
+        ) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             app.state.rejected = events_pb2_grpc.RejectedEventsStub(channel)
