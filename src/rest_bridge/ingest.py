@@ -83,6 +83,17 @@ def _parse_json(body: bytes) -> Any:
                 ]
             },
         )
+    except ValueError as error:
+        # Python refuses to convert integers of over 4300 digits (a guard against
+        # quadratic parsing); FastAPI would answer 500.
+        return json_reply(
+            422,
+            {
+                "detail": [
+                    validation_detail(["body"], f"JSON decode error: {error}", "json_invalid")
+                ]
+            },
+        )
 
 
 def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
