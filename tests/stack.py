@@ -11,16 +11,22 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import redis
 
+from events_server.config import Settings
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
-from tests.support import free_port
+from events_server.server import EventsServer, create_server
+from rest_bridge.config import BridgeSettings
+from tests.proxy import FaultProxy
+from tests.support import LoopThread, UvicornThread, ValkeyProcess, free_port
 
 RETRYABLE_HTTP = frozenset({503, 429})
 
@@ -327,3 +333,59 @@ async def fixed_rate(  # noqa: PLR0917
         await asyncio.gather(*tasks)
         sample(time.monotonic() - start)
     return result
+
+
+# --- servers for one test ---------------------------------------------------------
+
+
+@contextmanager
+def serving(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, str]]:
+    """An in-process events-server on a free port; stopped on the way out."""
+
+    async def start() -> tuple[EventsServer, int]:
+        server, port = await create_server(settings)
+        await server.start()
+        return server, port
+
+    server, port = loop.run(start())
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        loop.run(server.stop(0))
+
+
+@contextmanager
+def bridged(target: str, grpc_timeout_seconds: float = 3.0) -> Iterator[str]:
+    """The real bridge over HTTP in front of ``target``; its base URL."""
+    bridge = UvicornThread(
+        BridgeSettings(
+            grpc_target=target, grpc_timeout_seconds=grpc_timeout_seconds, log_level="WARNING"
+        )
+    )
+    bridge.start()
+    try:
+        yield bridge.url
+    finally:
+        bridge.stop()
+
+
+@contextmanager
+def valkey_process(workdir: Path, *extra: str) -> Iterator[ValkeyProcess]:
+    """A Valkey of the test's own, stopped however the test ends."""
+    process = ValkeyProcess(workdir, *extra)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@contextmanager
+def proxy_to(url: str) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the Redis at ``url``."""
+    parsed = urlparse(url)
+    proxy = FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 6379)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -14,10 +14,8 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import grpc
 import httpx
@@ -27,9 +25,7 @@ import redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer, create_server
 from events_server.store import ENQUEUE_SCRIPT, partition_for
-from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
 from tests.proxy import FaultProxy
 from tests.stack import (
@@ -38,71 +34,22 @@ from tests.stack import (
     Tally,
     acked_at_least,
     batches,
+    bridged,
     event,
     fixed_rate,
     orphan_dedup_keys,
     percentile,
+    proxy_to,
     retrying_clients,
+    serving,
     stream_contents,
+    valkey_process,
 )
-from tests.support import LoopThread, UvicornThread, ValkeyProcess, free_port
+from tests.support import LoopThread, free_port
 from tests.test_server import NOT_SERVING, SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
 
 Figures = Callable[[str], None]
-
-
-@contextmanager
-def serving(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, str]]:
-    """An in-process events-server on a free port; stopped on the way out."""
-
-    async def start() -> tuple[EventsServer, int]:
-        server, port = await create_server(settings)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        loop.run(server.stop(0))
-
-
-@contextmanager
-def bridged(target: str, grpc_timeout_seconds: float = 3.0) -> Iterator[str]:
-    """The real bridge over HTTP in front of ``target``; its base URL."""
-    bridge = UvicornThread(
-        BridgeSettings(
-            grpc_target=target, grpc_timeout_seconds=grpc_timeout_seconds, log_level="WARNING"
-        )
-    )
-    bridge.start()
-    try:
-        yield bridge.url
-    finally:
-        bridge.stop()
-
-
-@contextmanager
-def valkey_process(workdir: Path, *extra: str) -> Iterator[ValkeyProcess]:
-    """A Valkey of the test's own, stopped however the test ends."""
-    process = ValkeyProcess(workdir, *extra)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.kill()
-
-
-@contextmanager
-def proxy_to(url: str) -> Iterator[FaultProxy]:
-    """A FaultProxy in front of the Redis at ``url``."""
-    parsed = urlparse(url)
-    proxy = FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 6379)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def server_env(settings: Settings, **extra: object) -> dict[str, str]:
