@@ -188,19 +188,34 @@ class EventStore:
                     replies[i] = reply
                 # The redo may have used another connection: both WAITAOFs must confirm.
                 unsynced = unsynced or unsynced_again
+            _raise_refusal(replies)
+            if unsynced is not None:
+                raise StoreUnavailable(unsynced)
+            if self._fsync:
+                duplicated = [c[0] for c, r in zip(calls, replies, strict=True) if 0 in r[::2]]
+                if duplicated:
+                    await self._fsync_barrier(duplicated)
         except RedisError as exc:
             await self._forget_idle_connections()
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        for reply in replies:
-            if isinstance(reply, OutOfMemoryError):
-                raise StoreFull(f"redis is full and refused the write: {reply}") from reply
-            if isinstance(reply, Exception):
-                raise StoreUnavailable(
-                    f"redis refused the write: {type(reply).__name__}: {reply}"
-                ) from reply
-        if unsynced is not None:
-            raise StoreUnavailable(unsynced)
         return replies
+
+    async def _fsync_barrier(self, partitions: list[int]) -> None:
+        """Wait for the fsync of duplicates' first copies, which other connections wrote.
+
+        WAITAOF waits for the last write of its own connection, and a duplicate
+        writes nothing: its first copy may still be unsynced (its own WAITAOF timed
+        out, the client retried). A write now, on each partition's node, moves this
+        connection past that first copy, so WAITAOF covers it.
+        """
+        sets: list[tuple[Any, ...]] = [
+            (b"SET", self._keys.fsync_barrier(p), b"1") for p in partitions
+        ]
+        packed = b"".join(hiredis.pack_command(command) for command in sets)
+        replies = await self._roundtrip(packed + self._waitaof, len(partitions) + 1)
+        _raise_refusal(replies[:-1])
+        if (unsynced := _unsynced(replies[-1])) is not None:
+            raise StoreUnavailable(unsynced)
 
     async def _pipeline(self, calls: list[Call]) -> tuple[list[Any], str | None]:
         """Send the calls back to back on one connection and read every reply.
@@ -213,18 +228,22 @@ class EventStore:
         packed = b"".join(
             hiredis.pack_command((b"EVALSHA", ENQUEUE_SHA, *argv)) for _, _, argv in calls
         )
-        if self._fsync:
-            # Same connection, same send: WAITAOF covers exactly the writes above.
-            packed += self._waitaof
+        if not self._fsync:
+            return await self._roundtrip(packed, len(calls)), None
+        # Same connection, same send: WAITAOF covers exactly the writes above.
+        replies = await self._roundtrip(packed + self._waitaof, len(calls) + 1)
+        return replies[:-1], _unsynced(replies[-1])
+
+    async def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
+        """Send packed commands on one pooled connection; read ``count`` replies."""
         pool = self._redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         complete = False
         try:
             await connection.send_packed_command(packed, check_health=False)
-            replies = [await _reply(connection) for _ in calls]
-            unsynced = _unsynced(await _reply(connection)) if self._fsync else None
+            replies = [await _reply(connection) for _ in range(count)]
             complete = True
-            return replies, unsynced
+            return replies
         finally:
             if not complete:
                 # Replies may still be on their way (a timeout or a cancelled call): this
@@ -262,6 +281,17 @@ async def _reply(connection: AbstractConnection) -> Any:
     except ResponseError as refused:
         # An error reply is read in full: the connection stays usable.
         return refused
+
+
+def _raise_refusal(replies: list[Any]) -> None:
+    """Raise the error of the first write Redis refused, if any: StoreFull when it is full."""
+    for reply in replies:
+        if isinstance(reply, OutOfMemoryError):
+            raise StoreFull(f"redis is full and refused the write: {reply}") from reply
+        if isinstance(reply, Exception):
+            raise StoreUnavailable(
+                f"redis refused the write: {type(reply).__name__}: {reply}"
+            ) from reply
 
 
 def _unsynced(reply: Any) -> str | None:
