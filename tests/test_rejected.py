@@ -16,7 +16,13 @@ from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.rejected import MAX_TENANTS, PAYLOAD_LIMIT, RejectedLog
+from events_server.rejected import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_TENANTS,
+    PAYLOAD_LIMIT,
+    RejectedLog,
+)
 from tests.conftest import Valkey
 from tests.stack import proxy_to, serving
 from tests.support import LoopThread
@@ -188,3 +194,24 @@ def test_tail_rejected_prints_the_records(
     assert [r["tenant"] for r in tail(settings, "--rejected", "--tenant", "shop-t2")] == ["shop-t2"]
     [newest] = tail(settings, "--rejected", "--count", "1")
     assert json.loads(newest["payload"])[0]["type"] == "c"
+
+
+def test_record_rpc_keeps_every_record_bounded(
+    channel: grpc.Channel, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    # What a careless (or hostile) internal caller could send: all of it is cut.
+    request = pb.RejectedRequest(
+        tenants=[f"shop-r{n}" for n in range(10)] + ["", "x" * 10_000],
+        errors=[pb.RejectedField(field="f" * 2_000, description="d", reason="r")] * 100,
+        payload=b"p" * 100_000,
+        payload_size=100_000,
+    )
+    events_pb2_grpc.RejectedEventsStub(channel).Record(request, timeout=5)
+    found = sorted(key.decode() for key in rdb.scan_iter(match=keys.rejected_pattern()))
+    assert found == sorted(keys.rejected(f"shop-r{n}") for n in range(MAX_TENANTS))
+    [record] = records(rdb, keys, "shop-r0")
+    errors = json.loads(record[b"errors"])
+    assert len(errors) == MAX_ERRORS
+    assert len(errors[0]["field"]) == MAX_ERROR_CHARS
+    assert len(record[b"payload"]) == PAYLOAD_LIMIT
+    assert int(record[b"payload_size"]) == 100_000

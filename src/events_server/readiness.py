@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from events_server.store import EventStore
 
 
@@ -35,7 +37,10 @@ async def probe(store: EventStore, durability: str) -> Readiness:
     """Ping Redis, then read its persistence and memory settings (INFO, not CONFIG)."""
     if not await store.ping():
         return Readiness(False, "redis does not answer")
-    info = await store.info("persistence", "memory")
+    try:
+        info = await store.info("persistence", "memory")
+    except (RedisError, TimeoutError):
+        return Readiness(False, "redis does not answer")
     if info is None:
         # INFO may be forbidden (ACLs, renamed commands): nothing to check, so trust
         # WAITAOF to refuse what it cannot confirm.

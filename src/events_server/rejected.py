@@ -40,6 +40,9 @@ MAX_TENANTS = 4
 MAX_ERRORS = 50
 """Errors kept per record (a request of 10,000 bad events would otherwise fill it)."""
 
+MAX_ERROR_CHARS = 500
+"""Characters kept of each error's field, description and reason."""
+
 MAX_IN_FLIGHT = 64
 """Records being written at once; past that, new ones are dropped (and logged)."""
 
@@ -103,7 +106,11 @@ class RejectedLog:
         if not tenants:
             return
         errors = [
-            {"field": e.field, "description": e.description, "reason": e.reason}
+            {
+                "field": e.field[:MAX_ERROR_CHARS],
+                "description": e.description[:MAX_ERROR_CHARS],
+                "reason": e.reason[:MAX_ERROR_CHARS],
+            }
             for e in request.errors[:MAX_ERRORS]
         ]
         fields: dict[Any, Any] = {
@@ -128,7 +135,12 @@ class RejectedLog:
         """Write the record in the background; drop it if too many are in flight."""
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self.dropped += 1
-            log.warning("rejected-request record dropped: %d already being written", MAX_IN_FLIGHT)
+            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th...: no log flood
+                log.warning(
+                    "rejected-request records dropped (%d so far): %d already being written",
+                    self.dropped,
+                    MAX_IN_FLIGHT,
+                )
             return
         task = asyncio.create_task(self._record_logged(request, source))
         self._tasks.add(task)

@@ -266,12 +266,15 @@ class EventStore:
             return False
 
     async def info(self, *sections: str) -> dict[str, Any] | None:
-        """Redis INFO fields of the given sections, or None when INFO is not answered."""
+        """Redis INFO fields of the given sections, or None when INFO is refused (ACLs).
+
+        Raises RedisError or TimeoutError when Redis does not answer.
+        """
         try:
             async with asyncio.timeout(self._timeout):
                 found: dict[str, Any] = await self._redis.info(*sections)
                 return found
-        except (RedisError, TimeoutError):
+        except ResponseError:
             return None
 
 
