@@ -62,7 +62,3 @@ class KeySpace:
     def rejected_pattern(self) -> str:
         """SCAN pattern matching every tenant's rejected stream."""
         return f"{self.prefix}:rejected:*"
-
-    def rejected_tenant(self, key: str) -> str:
-        """The tenant whose rejected stream ``key`` is."""
-        return key.removeprefix(f"{self.prefix}:rejected:")

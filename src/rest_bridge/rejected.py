@@ -51,6 +51,13 @@ class RejectedReporter:
         self._stub = stub
         self._timeout = timeout_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        self.lost = 0
+        """Reports dropped (too many in flight) or not accepted by the server."""
+
+    def _lose(self, why: str) -> None:
+        self.lost += 1
+        if self.lost & (self.lost - 1) == 0:  # 1st, 2nd, 4th...: no log flood
+            log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
 
     def report(self, body: bytes, detail: list[dict[str, Any]]) -> None:
         """Report a request answered 422 with ``detail``, if it names a tenant."""
@@ -58,7 +65,7 @@ class RejectedReporter:
         if not tenants:
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
-            log.warning("rejected-request report dropped: %d already in flight", MAX_IN_FLIGHT)
+            self._lose(f"{MAX_IN_FLIGHT} already in flight")
             return
         request = pb.RejectedRequest(
             tenants=tenants,
@@ -81,11 +88,9 @@ class RejectedReporter:
         try:
             await self._stub().Record(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
-            log.warning(
-                "rejected-request report not sent: %s: %s", error.code().name, error.details()
-            )
+            self._lose(f"{error.code().name}: {error.details()}")
 
     async def drain(self) -> None:
-        """Wait for the reports in flight (at shutdown, and in tests)."""
+        """Wait for the reports in flight (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
