@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt proto proto-check bench bench-quick clean
+.PHONY: install run test test-reliability lint fmt proto proto-check bench bench-quick clean
 
 install: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python scripts/dev.py
 
+# The fast suite (about a minute); the slow fault and load tests are test-reliability's.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# Crash loop, blackhole, SIGTERM under load, a 2-minute soak (about 3 minutes).
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -142,3 +143,26 @@ def rdb(valkey: Valkey, settings: Settings) -> Iterator[redis.Redis]:
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.unlink(key)
+
+
+# --- figures: what the fault and load tests measured, shown at the end of the run ----
+
+FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Report a line of figures; they are printed in the run's summary (with or without -s)."""
+
+    def report(line: str) -> None:
+        request.config.stash.setdefault(FIGURES, []).append(f"{request.node.name}: {line}")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Print every reported figure in a section of its own."""
+    if lines := config.stash.get(FIGURES, []):
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -19,6 +19,7 @@ import uvloop
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from events_server import rejected
 from events_server.codec import envelope_to_dict
 from events_server.config import Settings, add_settings_flags, settings_from_args
 from events_server.exposition import shared_by_workers
@@ -140,6 +141,20 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
         await redis.aclose()
 
 
+async def tail_rejected(
+    settings: Settings, tenant: str | None, count: int | None, follow: bool, out: TextIO
+) -> None:
+    """Print rejected-request records as JSON lines (see events_server.rejected)."""
+    redis = connect(settings.model_copy(update={"redis_timeout_seconds": 10.0}))
+    try:
+        keys = KeySpace(settings.key_prefix, settings.partitions)
+        await rejected.tail_rejected(
+            redis, keys, tenant=tenant, count=count, follow=follow, out=out
+        )
+    finally:
+        await redis.aclose()
+
+
 async def serve(settings: Settings) -> None:
     """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
     server, port = await create_server(settings)
@@ -241,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the newest N (default: all, from the start; 0 with --follow: only new ones)",
     )
     tail_cmd.add_argument("--follow", "-f", action="store_true", help="keep printing new envelopes")
+    tail_cmd.add_argument(
+        "--rejected",
+        action="store_true",
+        help="print the rejected-requests record instead (tenant, time, errors, payload start)",
+    )
+    tail_cmd.add_argument(
+        "--tenant", help="with --rejected: only this tenant's record (default: every tenant)"
+    )
     add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))
     return parser
 
@@ -260,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return serve_workers(settings)
         if args.command == "serve":
             uvloop.run(serve(settings))
+        elif args.command == "tail" and args.rejected:
+            asyncio.run(tail_rejected(settings, args.tenant, args.count, args.follow, sys.stdout))
         elif args.command == "tail":
             asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
     except KeyboardInterrupt:

@@ -21,6 +21,11 @@ LogLevel = Annotated[
 ]
 
 
+Durability = Annotated[
+    Literal["none", "fsync"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
+]
+
+
 class Settings(BaseSettings):
     """Everything the server needs; validated once at start-up and passed in."""
 
@@ -88,6 +93,17 @@ class Settings(BaseSettings):
     )
     metrics_sample_interval_seconds: float = Field(
         15.0, gt=0, description="How often queue sizes are read from Redis for metrics, seconds."
+    )
+    durability: Durability = Field(
+        "none",
+        description="When to acknowledge: 'none' once Redis has the events in memory; 'fsync'"
+        " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes).",
+    )
+    rejected_maxlen: int = Field(
+        10_000,
+        ge=1,
+        description="Records kept per tenant in its rejected-requests stream (XADD MAXLEN ~,"
+        " approximate); older ones are trimmed.",
     )
 
     @model_validator(mode="after")

@@ -35,3 +35,7 @@ class InvalidEvents(IngestError):
 
 class StoreUnavailable(IngestError):
     """Redis could not be reached or refused the write; safe to retry."""
+
+
+class StoreFull(IngestError):
+    """Redis is out of memory and refuses writes; refused batches queued nothing. Retry later."""

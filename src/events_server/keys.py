@@ -4,6 +4,8 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
 
     ev:{p7}:events                      stream of Envelope bytes, field ``e``
     ev:{p7}:dedup:<len>:<tenant>:<id>   string, value = the entry id; expires (seconds)
+    ev:{p7}:fsync-barrier               string, rewritten to order WAITAOF (durability=fsync)
+    ev:rejected:<tenant>                stream of rejected requests, capped (MAXLEN ~)
 
 The ``{p7}`` hash tag puts a partition's stream and its dedup keys in one Redis
 Cluster slot, so the dedup+enqueue script never crosses slots.
@@ -43,6 +45,20 @@ class KeySpace:
         # could suppress another's events.
         return f"{self.prefix}:{self.tag(partition)}:dedup:{len(tenant)}:{tenant}:{dedup_id}"
 
+    def fsync_barrier(self, partition: int) -> str:
+        """A string written (durability=fsync) so that WAITAOF covers a duplicate's first copy."""
+        return f"{self.prefix}:{self.tag(partition)}:fsync-barrier"
+
     def dedup_pattern(self) -> str:
         """SCAN pattern matching every dedup key (for operators and tests)."""
         return f"{self.prefix}:{{p*}}:dedup:*"
+
+    def rejected(self, tenant: str) -> str:
+        """One tenant's stream of rejected requests, capped by XADD MAXLEN ~ (never expires)."""
+        # Only the tenant varies after the fixed part, so no separator can be forged; a
+        # partition key never matches, as those start with "{p" right after the prefix.
+        return f"{self.prefix}:rejected:{tenant}"
+
+    def rejected_pattern(self) -> str:
+        """SCAN pattern matching every tenant's rejected stream."""
+        return f"{self.prefix}:rejected:*"

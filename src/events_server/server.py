@@ -17,6 +17,8 @@ from events_server.exposition import MetricsEndpoint, scrape_registry
 from events_server.keys import KeySpace
 from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2, events_pb2_grpc
+from events_server.readiness import Readiness, probe
+from events_server.rejected import RejectedLog, RejectedServicer
 from events_server.sampler import RedisSampler
 from events_server.service import EventsService
 from events_server.store import EventStore, connect
@@ -24,6 +26,7 @@ from events_server.store import EventStore, connect
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
+REJECTED_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["RejectedEvents"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -40,6 +43,7 @@ class EventsServer:
         settings: Settings,
         *,
         metrics: ServerMetrics,
+        rejected: RejectedLog | None = None,
     ) -> None:
         self.grpc = server
         self.metrics = metrics
@@ -53,11 +57,13 @@ class EventsServer:
         self._redis = redis
         self._settings = settings
         self._tasks: list[asyncio.Task[None]] = []
+        self._rejected = rejected
         self._stopping = False
+        self._readiness: Readiness | None = None
 
     async def start(self) -> None:
         """Start serving (and /metrics); readiness and metrics follow Redis from here on."""
-        await self._set_health(await self._store.ping())
+        await self._apply(await probe(self._store, self._settings.durability))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.start()
         await self.grpc.start()
@@ -79,6 +85,8 @@ class EventsServer:
         if self.metrics_endpoint is not None:
             # Its shutdown waits for the serving thread's next poll: not on the loop.
             await asyncio.to_thread(self.metrics_endpoint.stop)
+        if self._rejected is not None:
+            await self._rejected.close()
         await self._redis.aclose()
 
     async def wait_for_termination(self) -> None:
@@ -90,18 +98,27 @@ class EventsServer:
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
 
+    async def _apply(self, now: Readiness) -> None:
+        """Report a probe's result: health, the store's refusal, a log line for each change."""
+        was = self._readiness
+        self._readiness = now
+        # A Redis set up against our promise gets no writes at all: with fsync asked and
+        # AOF off, a write would be queued but never acknowledged, and retried forever.
+        self._store.refusal = now.reason if now.misconfigured else None
+        if was is None or now.serving != was.serving or now.reason != was.reason:
+            if now.serving:
+                log.info("redis answers: SERVING")
+            else:
+                log.warning("NOT_SERVING: %s", now.reason)
+            await self._set_health(now.serving)
+        for warning in now.warnings:
+            if was is None or warning not in was.warnings:
+                log.warning("%s", warning)
+
     async def _watch_redis(self) -> None:
-        was_serving: bool | None = None
         while True:
-            serving = await self._store.ping()
-            if serving != was_serving:
-                if serving:
-                    log.info("redis answers: SERVING")
-                else:
-                    log.warning("redis does not answer: NOT_SERVING")
-                await self._set_health(serving)
-                was_serving = serving
             await asyncio.sleep(self._settings.health_interval_seconds)
+            await self._apply(await probe(self._store, self._settings.durability))
 
 
 async def create_server(
@@ -110,12 +127,16 @@ async def create_server(
     """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
     redis = redis if redis is not None else connect(settings)
     metrics = ServerMetrics(settings.metrics_max_tenants)
+    keys = KeySpace(settings.key_prefix, settings.partitions)
     store = EventStore(
         redis,
-        KeySpace(settings.key_prefix, settings.partitions),
+        keys,
         settings.dedup_ttl_seconds,
+        timeout_seconds=settings.redis_timeout_seconds,
+        durability=settings.durability,
         observe_script=metrics.observe_script,
     )
+    rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
@@ -123,12 +144,20 @@ async def create_server(
         options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
-        EventsService(store, settings.partitions, settings.forwarded_hops, metrics), server
+        EventsService(
+            store, settings.partitions, settings.forwarded_hops, metrics, rejected=rejected
+        ),
+        server,
     )
+    events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, REJECTED_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(settings.grpc_addr)
-    return EventsServer(server, health_servicer, store, redis, settings, metrics=metrics), port
+    built = EventsServer(
+        server, health_servicer, store, redis, settings, metrics=metrics, rejected=rejected
+    )
+    return built, port

@@ -15,10 +15,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from events_server.codec import envelope_bytes
-from events_server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.errors import IngestError, InvalidEvents, StoreFull, StoreUnavailable
 from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.rejected import RejectedLog
 from events_server.store import EventStore, Item, partition_for
 from events_server.validation import validate_events
 
@@ -69,6 +70,9 @@ def _status(error: IngestError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, 
         return rich.code, rich.details, tuple(rich.trailing_metadata)
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    if isinstance(error, StoreFull):
+        # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
     return grpc.StatusCode.INTERNAL, str(error), ()
 
 
@@ -76,12 +80,19 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
     """Serves CreateEvents on top of an EventStore."""
 
     def __init__(
-        self, store: EventStore, partitions: int, forwarded_hops: int, metrics: ServerMetrics
+        self,
+        store: EventStore,
+        partitions: int,
+        forwarded_hops: int,
+        metrics: ServerMetrics,
+        *,
+        rejected: RejectedLog | None = None,
     ) -> None:
         self._store = store
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
+        self._rejected = rejected
 
     async def CreateEvents(
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
@@ -90,6 +101,8 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
             reply = await self._create_events(request.events, context)
         except IngestError as error:
             self._metrics.count_events(request.events, None, error)
+            if isinstance(error, InvalidEvents) and self._rejected is not None:
+                self._rejected.record_invalid_events(request.events, error.violations)
             code, message, trailers = _status(error)
             if code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)

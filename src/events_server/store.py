@@ -8,21 +8,23 @@ not mistaken for a duplicate.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from events_server.config import Settings
-from events_server.errors import StoreUnavailable
+from events_server.errors import StoreFull, StoreUnavailable
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 
@@ -102,6 +104,10 @@ def partition_for(event: pb.Event, partitions: int) -> int:
     return random.randrange(partitions)
 
 
+Call = tuple[int, list[int], list[Any]]
+"""One script call: (partition, indexes of its items in the request, EVALSHA arguments)."""
+
+
 class EventStore:
     """Appends envelopes to partition streams, dropping retried duplicates atomically."""
 
@@ -110,12 +116,23 @@ class EventStore:
         redis: Redis,
         keys: KeySpace,
         dedup_ttl_seconds: int,
+        *,
         observe_script: Callable[[float], None] | None = None,
+        timeout_seconds: float = 2.0,
+        durability: Literal["none", "fsync"] = "none",
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl = str(dedup_ttl_seconds).encode()
         self._observe_script = observe_script
+        self._timeout = timeout_seconds
+        self._fsync = durability == "fsync"
+        # WAITAOF numlocal=1 numreplicas=0: block until the local AOF holds every write
+        # this connection made; its own timeout (ms) ends it before ours, with a reply.
+        waitaof: tuple[Any, ...] = (b"WAITAOF", 1, 0, max(1, int(timeout_seconds * 1000) - 50))
+        self._waitaof = hiredis.pack_command(waitaof)
+        self.refusal: str | None = None
+        """Why writes are refused before reaching Redis (set by the readiness probe), or None."""
 
     @property
     def keys(self) -> KeySpace:
@@ -142,59 +159,102 @@ class EventStore:
             (partition, indexes, [len(keys), *keys, *args])
             for partition, (indexes, keys, args) in groups.items()
         ]
-        replies = await self._run(calls)
+        if self.refusal is not None:
+            raise StoreUnavailable(self.refusal)
+        try:
+            # One bound for the whole write (connect, scripts, reload, WAITAOF): socket
+            # timeouts apply per read, so a hung Redis could otherwise cost several.
+            async with asyncio.timeout(self._timeout):
+                replies = await self._run(calls)
+        except TimeoutError as exc:
+            await self._forget_idle_connections()
+            raise StoreUnavailable(
+                f"redis: no answer within {self._timeout:g}s (the write may or may not have"
+                " happened; retrying with the same deduplication_ids is safe)"
+            ) from exc
         outcomes: list[Outcome] = [NOT_RUN] * len(items)
         for (partition, indexes, _), reply in zip(calls, replies, strict=True):
             for n, index in enumerate(indexes):
                 outcomes[index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
         return outcomes
 
-    async def _run(self, calls: list[tuple[int, list[int], list[Any]]]) -> list[Any]:
+    async def _run(self, calls: list[Call]) -> list[Any]:
         """EVALSHA every call in one pipeline; load the script once if Redis lacks it."""
         try:
-            replies = await self._pipeline(calls)
+            replies, unsynced = await self._pipeline(calls)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # NOSCRIPT means the call did not run, so running it again is safe.
                 await self._redis.script_load(ENQUEUE_SCRIPT)
                 redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                again = await self._pipeline([calls[i] for i in redo])
+                again, unsynced_again = await self._pipeline([calls[i] for i in redo])
                 for i, reply in zip(redo, again, strict=True):
                     replies[i] = reply
+                # The redo may have used another connection: both WAITAOFs must confirm.
+                unsynced = unsynced or unsynced_again
+            _raise_refusal(replies)
+            if unsynced is not None:
+                raise StoreUnavailable(unsynced)
+            if self._fsync:
+                duplicated = [c[0] for c, r in zip(calls, replies, strict=True) if 0 in r[::2]]
+                if duplicated:
+                    await self._fsync_barrier(duplicated)
         except RedisError as exc:
             await self._forget_idle_connections()
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise StoreUnavailable(
-                    f"redis refused the write: {type(reply).__name__}: {reply}"
-                ) from reply
         return replies
 
-    async def _pipeline(self, calls: list[tuple[int, list[int], list[Any]]]) -> list[Any]:
+    async def _fsync_barrier(self, partitions: list[int]) -> None:
+        """Wait for the fsync of duplicates' first copies, which other connections wrote.
+
+        WAITAOF waits for the last write of its own connection, and a duplicate
+        writes nothing: its first copy may still be unsynced (its own WAITAOF timed
+        out, the client retried). A write now, on each partition's node, moves this
+        connection past that first copy, so WAITAOF covers it.
+        """
+        sets: list[tuple[Any, ...]] = [
+            (b"SET", self._keys.fsync_barrier(p), b"1") for p in partitions
+        ]
+        packed = b"".join(hiredis.pack_command(command) for command in sets)
+        replies = await self._roundtrip(packed + self._waitaof, len(partitions) + 1)
+        _raise_refusal(replies[:-1])
+        if (unsynced := _unsynced(replies[-1])) is not None:
+            raise StoreUnavailable(unsynced)
+
+    async def _pipeline(self, calls: list[Call]) -> tuple[list[Any], str | None]:
         """Send the calls back to back on one connection and read every reply.
 
-        The commands are packed by hiredis in C: redis-py's asyncio client packs
-        in Python, which cost a fifth of the server's CPU at 100 events a call.
+        Returns the replies (error replies as exceptions) and, with fsync durability,
+        why the AOF fsync was not confirmed (None when it was). The commands are packed
+        by hiredis in C: redis-py's asyncio client packs in Python, which cost a fifth
+        of the server's CPU at 100 events a call.
         """
         packed = b"".join(
             hiredis.pack_command((b"EVALSHA", ENQUEUE_SHA, *argv)) for _, _, argv in calls
         )
+        if not self._fsync:
+            return await self._roundtrip(packed, len(calls)), None
+        # Same connection, same send: WAITAOF covers exactly the writes above.
+        replies = await self._roundtrip(packed + self._waitaof, len(calls) + 1)
+        return replies[:-1], _unsynced(replies[-1])
+
+    async def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
+        """Send packed commands on one pooled connection; read ``count`` replies."""
         pool = self._redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        complete = False
         try:
             started = time.perf_counter()
             await connection.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as refused:
-                    # An error reply is read in full: the connection stays usable.
-                    replies.append(refused)
+            replies = [await _reply(connection) for _ in range(count)]
+            complete = True
             if self._observe_script is not None:
                 self._observe_script(time.perf_counter() - started)
             return replies
         finally:
+            if not complete:
+                # Replies may still be on their way (a timeout or a cancelled call): this
+                # connection must never hand them to the next caller.
+                await connection.disconnect(nowait=True)
             await pool.release(connection)
 
     async def _forget_idle_connections(self) -> None:
@@ -205,7 +265,51 @@ class EventStore:
     async def ping(self) -> bool:
         """True when Redis answers."""
         try:
-            return bool(await self._redis.ping())
-        except RedisError:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._redis.ping())
+        except (RedisError, TimeoutError):
             await self._forget_idle_connections()
             return False
+
+    async def info(self, *sections: str) -> dict[str, Any] | None:
+        """Redis INFO fields of the given sections, or None when INFO is refused (ACLs).
+
+        Raises RedisError or TimeoutError when Redis does not answer.
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                found: dict[str, Any] = await self._redis.info(*sections)
+                return found
+        except ResponseError:
+            return None
+
+
+async def _reply(connection: AbstractConnection) -> Any:
+    try:
+        return await connection.read_response()
+    except ResponseError as refused:
+        # An error reply is read in full: the connection stays usable.
+        return refused
+
+
+def _raise_refusal(replies: list[Any]) -> None:
+    """Raise the error of the first write Redis refused, if any: StoreFull when it is full."""
+    for reply in replies:
+        if isinstance(reply, OutOfMemoryError):
+            raise StoreFull(f"redis is full and refused the write: {reply}") from reply
+        if isinstance(reply, Exception):
+            raise StoreUnavailable(
+                f"redis refused the write: {type(reply).__name__}: {reply}"
+            ) from reply
+
+
+def _unsynced(reply: Any) -> str | None:
+    """Why a WAITAOF reply does not confirm the local fsync, or None when it does."""
+    if isinstance(reply, ResponseError):
+        return f"redis could not confirm the write is on disk (durability=fsync): {reply}"
+    if not reply or int(reply[0]) < 1:
+        return (
+            "redis did not confirm the write is on disk in time (durability=fsync); the events"
+            " are queued but not yet durable, retrying with the same deduplication_ids is safe"
+        )
+    return None

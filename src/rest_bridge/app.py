@@ -24,8 +24,17 @@ from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
+from rest_bridge.rejected import RejectedReporter
 
 CONTRACT_PATH = "/create-events"
+
+# gRPC's default reconnect backoff grows to 120 s: after a server restart the bridge
+# could keep answering 503 for minutes. The server is near; trying each second is cheap.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 # Contract header parameters: plain `type: string` in the schema, None when absent.
 OptionalHeader = Annotated[str | None, WithJsonSchema({"type": "string"}), Header()]
@@ -102,13 +111,17 @@ def create_app(settings: BridgeSettings) -> Bridge:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(settings.grpc_target) as channel:
+        async with grpc.aio.insecure_channel(
+            settings.grpc_target, options=RECONNECT_OPTIONS
+        ) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
+            app.state.rejected = events_pb2_grpc.RejectedEventsStub(channel)
             # Start-up objects live as long as the process: keep them out of the
             # cyclic GC: a full pass over them takes ~25 ms, a latency spike under load.
             gc.freeze()
             yield
+            await rejected.drain()
 
     api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
     _document_contract(api)
@@ -121,7 +134,8 @@ def create_app(settings: BridgeSettings) -> Bridge:
     async def readyz(request: Request) -> JSONResponse:
         try:
             reply = await request.app.state.health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=settings.readiness_timeout_seconds,
             )
         except grpc.aio.AioRpcError as error:
             return JSONResponse({"status": error.code().name}, status_code=503)
@@ -129,7 +143,8 @@ def create_app(settings: BridgeSettings) -> Bridge:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
-    bridge = Bridge(api, CreateEvents(settings, lambda: api.state.events), settings)
+    rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
+    bridge = Bridge(api, CreateEvents(settings, lambda: api.state.events, rejected), settings)
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -31,3 +31,6 @@ class BridgeSettings(BaseSettings):
         "truncated",
         description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none.",
     )
+    readiness_timeout_seconds: float = Field(
+        1.0, gt=0, description="Deadline of the health check behind /readyz, seconds."
+    )

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import grpc
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from events_server.codec import event_from_dict
@@ -25,6 +26,7 @@ from events_server.pb import events_pb2_grpc
 from rest_bridge.config import BridgeSettings
 from rest_bridge.errors import grpc_error_response, validation_detail
 from rest_bridge.models import Event, unencodable_locations
+from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
 from rest_bridge.upstream import forwarded_metadata
 
@@ -78,6 +80,17 @@ def _parse_json(body: bytes) -> Any:
                     validation_detail(
                         ["body"], "JSON decode error: nested too deeply", "json_invalid"
                     )
+                ]
+            },
+        )
+    except ValueError as error:
+        # Python refuses to convert integers of over 4300 digits (a guard against
+        # quadratic parsing); FastAPI would answer 500.
+        return json_reply(
+            422,
+            {
+                "detail": [
+                    validation_detail(["body"], f"JSON decode error: {error}", "json_invalid")
                 ]
             },
         )
@@ -149,10 +162,14 @@ class CreateEvents:
     """The ASGI app of POST /create-events."""
 
     def __init__(
-        self, settings: BridgeSettings, stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub]
+        self,
+        settings: BridgeSettings,
+        stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
+        rejected: RejectedReporter | None = None,
     ) -> None:
         self._settings = settings
         self._stub = stub
+        self._rejected = rejected
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         chunks = []
@@ -170,6 +187,7 @@ class CreateEvents:
         content_type = headers.get(b"content-type")
         events = validate_body(body, content_type.decode("latin-1") if content_type else None)
         if isinstance(events, Reply):
+            self._report_rejected(body, events)
             return events
         try:
             call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
@@ -180,7 +198,9 @@ class CreateEvents:
                 )
                 for loc in unencodable_locations(events)
             ]
-            return json_reply(422, {"detail": detail})
+            reply = json_reply(422, {"detail": detail})
+            self._report_rejected(body, reply)
+            return reply
         client = scope.get("client")
         metadata = forwarded_metadata(
             headers, client[0] if client else "", api_key(headers, scope.get("query_string", b""))
@@ -192,3 +212,8 @@ class CreateEvents:
         except grpc.aio.AioRpcError as error:
             return grpc_error_response(error, self._settings.retry_after_seconds)
         return json_reply(200, response_body(response))
+
+    def _report_rejected(self, body: bytes, reply: Reply) -> None:
+        """File a request the bridge refused itself in the rejected record (in the background)."""
+        if self._rejected is not None:
+            self._rejected.report(body, orjson.loads(reply.body)["detail"])

@@ -97,3 +97,88 @@ class EventsService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RejectedEventsStub:
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Record = channel.unary_unary(
+                '/events.v1.RejectedEvents/Record',
+                request_serializer=events__server_dot_pb_dot_events__pb2.RejectedRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.RecordRejectedResponse.FromString,
+                _registered_method=True)
+
+
+class RejectedEventsServicer:
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    def Record(self, request, context):
+        """Appends one bounded record to each named tenant's rejected stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RejectedEventsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Record': grpc.unary_unary_rpc_method_handler(
+                    servicer.Record,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.RejectedRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.RecordRejectedResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'events.v1.RejectedEvents', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('events.v1.RejectedEvents', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RejectedEvents:
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    @staticmethod
+    def Record(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.RejectedEvents/Record',
+            events__server_dot_pb_dot_events__pb2.RejectedRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.RecordRejectedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -58,3 +58,46 @@ class EventsServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_EventsServiceServicer_to_server(servicer: EventsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class RejectedEventsStub:
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> RejectedEventsAsyncStub: ...
+    Record: _grpc.UnaryUnaryMultiCallable[_events_pb2.RejectedRequest, _events_pb2.RecordRejectedResponse]
+    """Appends one bounded record to each named tenant's rejected stream."""
+
+@_typing.type_check_only
+class RejectedEventsAsyncStub(RejectedEventsStub):
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Record: _aio.UnaryUnaryMultiCallable[_events_pb2.RejectedRequest, _events_pb2.RecordRejectedResponse]  # type: ignore[assignment]
+    """Appends one bounded record to each named tenant's rejected stream."""
+
+class RejectedEventsServicer(metaclass=_abc_1.ABCMeta):
+    """Requests rejected as invalid, kept per tenant so a store can see what its
+    integration sends wrong (`events-server tail --rejected`): beacon clients
+    never read a 422. The REST bridge reports here the requests it refuses
+    itself; the server records the ones it refuses on CreateEvents.
+    """
+
+    @_abc_1.abstractmethod
+    def Record(
+        self,
+        request: _events_pb2.RejectedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.RecordRejectedResponse, _abc.Awaitable[_events_pb2.RecordRejectedResponse]]:
+        """Appends one bounded record to each named tenant's rejected stream."""
+
+def add_RejectedEventsServicer_to_server(servicer: RejectedEventsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

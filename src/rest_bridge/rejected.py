@@ -1,0 +1,96 @@
+"""Files the requests the bridge refuses itself (its 422s) in the server's rejected record.
+
+The server owns Redis, so the bridge reports over gRPC (RejectedEvents.Record),
+in the background: the 422 never waits for it, and a report that cannot be
+sent is dropped with a log line. Requests the server refuses are recorded by
+the server itself, so each rejection is recorded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import orjson
+
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.rejected import MAX_ERRORS, MAX_IN_FLIGHT, PAYLOAD_LIMIT, tenants_of
+
+log = logging.getLogger(__name__)
+
+
+def body_tenants(body: bytes) -> list[str]:
+    """The tenants a request body names, when it parses as a JSON array of objects."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # Not JSON (or nested deeper than orjson goes): no tenant is known. When API
+        # keys exist, the key will name the tenant whatever the body holds.
+        return []
+    if not isinstance(value, list):
+        return []
+    return tenants_of(item.get("tenant") for item in value if isinstance(item, dict))
+
+
+def _field(loc: list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+class RejectedReporter:
+    """Sends rejected-request reports to the server, a bounded number at a time."""
+
+    def __init__(
+        self,
+        stub: Callable[[], events_pb2_grpc.RejectedEventsAsyncStub],
+        timeout_seconds: float,
+    ) -> None:
+        self._stub = stub
+        self._timeout = timeout_seconds
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.lost = 0
+        """Reports dropped (too many in flight) or not accepted by the server."""
+
+    def _lose(self, why: str) -> None:
+        self.lost += 1
+        if self.lost & (self.lost - 1) == 0:  # 1st, 2nd, 4th...: no log flood
+            log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
+
+    def report(self, body: bytes, detail: list[dict[str, Any]]) -> None:
+        """Report a request answered 422 with ``detail``, if it names a tenant."""
+        tenants = body_tenants(body)
+        if not tenants:
+            return
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            self._lose(f"{MAX_IN_FLIGHT} already in flight")
+            return
+        request = pb.RejectedRequest(
+            tenants=tenants,
+            errors=[
+                pb.RejectedField(
+                    field=_field(d.get("loc", [])),
+                    description=str(d.get("msg", "")),
+                    reason=str(d.get("type", "")),
+                )
+                for d in detail[:MAX_ERRORS]
+            ],
+            payload=body[:PAYLOAD_LIMIT],
+            payload_size=len(body),
+        )
+        task = asyncio.create_task(self._send(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, request: pb.RejectedRequest) -> None:
+        try:
+            await self._stub().Record(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            self._lose(f"{error.code().name}: {error.details()}")
+
+    async def drain(self) -> None:
+        """Wait for the reports in flight (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
