@@ -18,6 +18,7 @@ from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
 from rest_bridge.config import BridgeSettings
+from tests.cluster_support import ValkeyCluster
 from tests.support import LoopThread, UvicornThread, ValkeyProcess
 
 EXAMPLE_EVENT: dict[str, Any] = {
@@ -154,3 +155,12 @@ def rdb(valkey: Valkey, settings: Settings) -> Iterator[redis.Redis]:
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.unlink(key)
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A real 3-node Valkey cluster on loopback (started only by the tests that ask for it)."""
+    cluster = ValkeyCluster(Path(tmp_path_factory.mktemp("cluster")))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -9,13 +9,13 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
+from events_server.cluster import store_for
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2, events_pb2_grpc
 from events_server.service import EventsService
-from events_server.store import EventStore, connect
+from events_server.store import EventStore, RedisClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class EventsServer:
         server: grpc.aio.Server,
         health_servicer: health.aio.HealthServicer,
         store: EventStore,
-        redis: Redis,
+        redis: RedisClient,
         settings: Settings,
     ) -> None:
         self.grpc = server
@@ -86,11 +86,11 @@ class EventsServer:
 
 
 async def create_server(
-    settings: Settings, *, redis: Redis | None = None
+    settings: Settings, *, redis: RedisClient | None = None
 ) -> tuple[EventsServer, int]:
     """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
     redis = redis if redis is not None else connect(settings)
-    store = EventStore(
+    store = store_for(
         redis, KeySpace(settings.key_prefix, settings.partitions), settings.dedup_ttl_seconds
     )
     server = grpc.aio.server(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -68,6 +68,10 @@ return out
 ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest()
 
 
+RedisClient = Redis | RedisCluster
+"""Either client the service runs on: one Redis server, or a Redis Cluster (see ``connect``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one event: queued now, or already queued earlier."""
@@ -77,8 +81,20 @@ class Outcome:
     partition: int
 
 
-def connect(settings: Settings) -> Redis:
-    """A Redis client whose every command is bounded by the configured timeout."""
+def connect(settings: Settings) -> RedisClient:
+    """A Redis (or, with redis_cluster, a cluster) client bounded by the configured timeout."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            max_connections=settings.redis_max_connections,  # per node
+            # As below, no silent retries. The cluster client still follows MOVED/ASK
+            # redirects: those replies mean the command did not run.
+            retry=Retry(NoBackoff(), 0),
+            # With one node down its slots are unreachable; the others must keep serving.
+            require_full_coverage=False,
+        )
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_seconds,
