@@ -10,17 +10,26 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from events_server.codec import envelope_to_dict
-from events_server.config import Settings, add_settings_flags, settings_from_args
+from events_server.config import (
+    ConsumerSettings,
+    Settings,
+    add_settings_flags,
+    settings_from_args,
+)
+from events_server.consumer import Consumer, default_name
+from events_server.groups import group_states, replay_dead_letters, trim
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.server import create_server
-from events_server.store import connect
+from events_server.sinks import JsonlSink
+from events_server.store import RedisClient, connect
 
 log = logging.getLogger("events_server")
 
@@ -42,6 +51,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def _entries(reply: Any) -> list[tuple[bytes, bytes]]:
     """(entry id, envelope bytes) pairs of an XRANGE/XREVRANGE reply."""
     return [(entry_id, fields[ENVELOPE_FIELD]) for entry_id, fields in reply or ()]
@@ -51,7 +67,7 @@ def _partition_of(stream: str) -> int:
     return int(stream.split("{p", 1)[1].split("}", 1)[0])
 
 
-async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
+async def _streams(redis: RedisClient, keys: KeySpace) -> list[str]:
     """The configured partition streams plus any left over from another partition count."""
     found = {keys.stream(p) for p in range(keys.partitions)}
     pattern = f"{keys.prefix}:{{p*}}:events"
@@ -61,7 +77,7 @@ async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
 
 
 async def _read_all(
-    redis: Redis, streams: Sequence[str]
+    redis: RedisClient, streams: Sequence[str]
 ) -> AsyncIterator[tuple[str, bytes, bytes]]:
     """Every entry of every stream, oldest first (a k-way merge over paged XRANGEs)."""
     cursors = dict.fromkeys(streams, "-")
@@ -87,7 +103,7 @@ async def _read_all(
 
 
 async def _read_last(
-    redis: Redis, streams: Sequence[str], count: int
+    redis: RedisClient, streams: Sequence[str], count: int
 ) -> list[tuple[str, bytes, bytes]]:
     """The newest ``count`` entries across all streams, oldest first."""
     if count <= 0:
@@ -98,6 +114,18 @@ async def _read_last(
             newest.append((_entry_key(entry_id), stream, entry_id, payload))
     newest.sort()
     return [(s, i, p) for _, s, i, p in newest[-count:]]
+
+
+async def _read_new(redis: RedisClient, last_seen: dict[Any, Any]) -> list[Any]:
+    """Entries after ``last_seen`` of each stream, waiting up to FOLLOW_BLOCK_MS for some."""
+    if isinstance(redis, RedisCluster):
+        # One stream per XREAD: the partitions live in different slots.
+        replies: list[Any] = await asyncio.gather(
+            *(redis.xread({s: i}, block=FOLLOW_BLOCK_MS) for s, i in last_seen.items())
+        )
+        return [stream for reply in replies for stream in reply or ()]
+    reply: Any = await redis.xread(last_seen, block=FOLLOW_BLOCK_MS)
+    return list(reply or ())
 
 
 def _print(out: TextIO, stream: str, entry_id: bytes, payload: bytes) -> None:
@@ -124,8 +152,7 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
                 _print(out, stream, entry_id, payload)
             last_seen = dict.fromkeys(streams, "$")
         while follow:
-            reply: Any = await redis.xread(last_seen, block=FOLLOW_BLOCK_MS)
-            for raw_stream, entries in reply or ():
+            for raw_stream, entries in await _read_new(redis, last_seen):
                 stream = raw_stream.decode()
                 for entry_id, payload in _entries(entries):
                     _print(out, stream, entry_id, payload)
@@ -151,6 +178,166 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+async def consume(
+    settings: Settings, consumer_settings: ConsumerSettings, group: str, sink: JsonlSink
+) -> None:
+    """Write the group's envelopes to the sink until SIGTERM or SIGINT, then stop cleanly."""
+    # A blocking read must end before the socket timeout does.
+    timeout = max(settings.redis_timeout_seconds, consumer_settings.block_seconds + 1.0)
+    redis = connect(settings.model_copy(update={"redis_timeout_seconds": timeout}))
+    keys = KeySpace(settings.key_prefix, settings.partitions)
+    consumer = Consumer(redis, keys, group, name=sink.name, settings=consumer_settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, consumer.stop)
+    print(f"events-server consuming group {group} as {consumer.name}", flush=True)
+    try:
+        await consumer.run(sink)
+    finally:
+        sink.close()
+        await redis.aclose()
+
+
+async def show_groups(settings: Settings, as_json: bool, out: TextIO) -> None:
+    """Print every consumer group with its pending, lag and dead-letter counts."""
+    redis = connect(settings)
+    try:
+        states = await group_states(redis, KeySpace(settings.key_prefix, settings.partitions))
+    finally:
+        await redis.aclose()
+    if as_json:
+        for state in states:
+            out.write(json.dumps(state.as_dict()) + "\n")
+        return
+    if not states:
+        out.write("no consumer groups\n")
+        return
+    out.write(f"{'GROUP':<24} {'PENDING':>9} {'LAG':>9} {'DEAD':>7}  CONSUMERS\n")
+    for state in states:
+        lag = "?" if state.lag is None else str(state.lag)
+        consumers = ", ".join(state.consumers) or "-"
+        out.write(
+            f"{state.group:<24} {state.pending:>9} {lag:>9} {state.dead_letters:>7}  {consumers}\n"
+        )
+
+
+async def replay(settings: Settings, group: str, partitions: list[int] | None, out: TextIO) -> None:
+    """Move the group's dead letters back onto their partitions for another try."""
+    redis = connect(settings)
+    try:
+        keys = KeySpace(settings.key_prefix, settings.partitions)
+        moved = await replay_dead_letters(redis, keys, group, partitions)
+    finally:
+        await redis.aclose()
+    detail = ", ".join(f"partition {p}: {n}" for p, n in sorted(moved.items()))
+    out.write(f"replayed {sum(moved.values())} dead letters of group {group}")
+    out.write(f" ({detail})\n" if detail else "\n")
+
+
+async def trim_streams(settings: Settings, out: TextIO) -> None:
+    """Remove the entries every group has acknowledged."""
+    redis = connect(settings)
+    try:
+        removed = await trim(redis, KeySpace(settings.key_prefix, settings.partitions))
+    finally:
+        await redis.aclose()
+    detail = ", ".join(f"partition {p}: {n}" for p, n in sorted(removed.items()))
+    out.write(f"removed {sum(removed.values())} acknowledged entries")
+    out.write(f" ({detail})\n" if detail else "\n")
+
+
+REDIS_FLAGS = ("redis_url", "redis_cluster", "key_prefix", "partitions", "redis_timeout_seconds")
+"""The settings every queue command needs."""
+
+
+def _add_queue_commands(commands: Any) -> None:
+    """consume | groups | replay | trim: the consumer side of the queue."""
+    consume_cmd = commands.add_parser(
+        "consume", help="read a consumer group into rotating JSON Lines files"
+    )
+    consume_cmd.add_argument("--group", required=True, help="the consumer group to read as")
+    consume_cmd.add_argument(
+        "--to-jsonl", required=True, type=Path, metavar="DIR", help="where the files go"
+    )
+    consume_cmd.add_argument(
+        "--consumer", metavar="NAME", help="this consumer's name (default: host-pid)"
+    )
+    consume_cmd.add_argument(
+        "--max-file-bytes",
+        type=_positive,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="start a new file after this many bytes (default: 64 MiB)",
+    )
+    consume_cmd.add_argument(
+        "--max-file-seconds",
+        type=_positive,
+        default=3600,
+        metavar="N",
+        help="start a new file after this many seconds (default: 3600)",
+    )
+    consume_cmd.add_argument(
+        "--fsync", action="store_true", help="force every line to disk before acknowledging it"
+    )
+    add_settings_flags(consume_cmd, Settings, (*REDIS_FLAGS, "log_level"))
+    add_settings_flags(consume_cmd, ConsumerSettings, ConsumerSettings.model_fields)
+
+    groups_cmd = commands.add_parser(
+        "groups", help="list consumer groups: pending, lag, dead letters, consumers"
+    )
+    groups_cmd.add_argument("--json", action="store_true", help="one JSON object per group")
+    add_settings_flags(groups_cmd, Settings, REDIS_FLAGS)
+
+    replay_cmd = commands.add_parser(
+        "replay", help="move a group's dead letters back onto their partitions"
+    )
+    replay_cmd.add_argument(
+        "--from-dead-letter",
+        action="store_true",
+        required=True,
+        help="replay from the group's dead-letter streams (the only source there is)",
+    )
+    replay_cmd.add_argument("--group", required=True, help="whose dead letters")
+    replay_cmd.add_argument(
+        "--partition",
+        type=_non_negative,
+        action="append",
+        metavar="P",
+        help="only this partition (repeatable; default: all)",
+    )
+    add_settings_flags(replay_cmd, Settings, REDIS_FLAGS)
+
+    trim_cmd = commands.add_parser(
+        "trim", help="remove the entries every consumer group has acknowledged"
+    )
+    add_settings_flags(trim_cmd, Settings, REDIS_FLAGS)
+
+
+def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run consume | groups | replay | trim; returns the exit code."""
+    if args.command == "consume":
+        try:
+            consumer_settings = settings_from_args(ConsumerSettings, args)
+        except ValidationError as exc:
+            print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
+            return 2
+        sink = JsonlSink(
+            args.to_jsonl,
+            args.consumer or default_name(),
+            max_bytes=args.max_file_bytes,
+            max_seconds=args.max_file_seconds,
+            fsync=args.fsync,
+        )
+        asyncio.run(consume(settings, consumer_settings, args.group, sink))
+    elif args.command == "groups":
+        asyncio.run(show_groups(settings, args.json, sys.stdout))
+    elif args.command == "replay":
+        asyncio.run(replay(settings, args.group, args.partition, sys.stdout))
+    elif args.command == "trim":
+        asyncio.run(trim_streams(settings, sys.stdout))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The events-server argument parser."""
     parser = argparse.ArgumentParser(
@@ -171,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the newest N (default: all, from the start; 0 with --follow: only new ones)",
     )
     tail_cmd.add_argument("--follow", "-f", action="store_true", help="keep printing new envelopes")
-    add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))
+    add_settings_flags(
+        tail_cmd, Settings, ("redis_url", "redis_cluster", "key_prefix", "partitions")
+    )
+    _add_queue_commands(commands)
     return parser
 
 
@@ -191,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(settings))
         elif args.command == "tail":
             asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
+        else:
+            return _run_queue_command(args, settings)
     except KeyboardInterrupt:
         return 130
     return 0
