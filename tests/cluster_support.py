@@ -43,6 +43,8 @@ class ValkeyCluster:
             ValkeyProcess(workdir / f"node{i}", *_options(bus))
             for i, bus in enumerate(self.bus_ports)
         ]
+        self.replicas: list[ValkeyProcess] = []
+        self.workdir = workdir
         bounds = [SLOTS * i // size for i in range(size + 1)]
         self.ranges = [(bounds[i], bounds[i + 1] - 1) for i in range(size)]
 
@@ -91,7 +93,7 @@ class ValkeyCluster:
                 return False
             # <id> <addr> <flags> <primary> <ping> <pong> <epoch> <link-state> <slots>...
             states = [line.split() for line in nodes]
-            if len(states) != len(self.nodes):
+            if len(states) != len(self.nodes) + len(self.replicas):
                 return False
             if any("fail" in s[2] or s[7] != "connected" for s in states):
                 return False
@@ -104,6 +106,35 @@ class ValkeyCluster:
                 return index
         raise ValueError(slot)
 
+    def add_replica(self, index: int) -> ValkeyProcess:
+        """Start a replica of node ``index``, join it, and wait until it is in sync."""
+        bus_port = free_port()
+        replica = ValkeyProcess(self.workdir / f"replica{len(self.replicas)}", *_options(bus_port))
+        self.replicas.append(replica)
+        replica.start()
+        with self.client(index) as primary:
+            primary_id = primary.execute_command("CLUSTER", "MYID").decode()
+            primary.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after 5 s
+        with redis.Redis(port=replica.port, socket_timeout=5) as client:
+            client.execute_command(
+                "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0]
+            )
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    # Refused until the replica has learnt of the primary through the bus.
+                    client.execute_command("CLUSTER", "REPLICATE", primary_id)
+                    break
+                except redis.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not sync")
+                time.sleep(0.05)
+        return replica
+
     def restart(self, index: int) -> None:
         """Start a killed node again; it rejoins from its nodes.conf (same id, same slots)."""
         self.nodes[index].start()
@@ -111,5 +142,5 @@ class ValkeyCluster:
 
     def stop(self) -> None:
         """Stop every node."""
-        for node in self.nodes:
+        for node in [*self.nodes, *self.replicas]:
             node.stop()

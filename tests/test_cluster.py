@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -255,3 +256,51 @@ def test_a_dead_node_fails_only_its_partitions_and_the_server_recovers(
     )
     assert statuses(retry) == [DUPLICATE, ACCEPTED]
     assert health_of(channel) == SERVING
+
+
+@pytest.mark.slow
+def test_a_replica_that_takes_over_a_dead_primary_gets_its_partitions(
+    loop: LoopThread, settings: Settings, keys: KeySpace, tmp_path: Path
+) -> None:
+    cluster = ValkeyCluster(tmp_path / "failover")
+    cluster.start()
+    try:
+        replica = cluster.add_replica(1)
+        own = settings.model_copy(update={"redis_url": cluster.url})
+
+        async def start() -> tuple[EventsServer, int]:
+            server, port = await create_server(own)
+            await server.start()
+            return server, port
+
+        server, port = loop.run(start())
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = events_pb2_grpc.EventsServiceStub(channel)
+                users = user_per_partition(keys)
+                user = next(u for p, u in sorted(users.items()) if node_of(cluster, keys, p) == 1)
+                assert statuses(send(stub, ev(user_id=user, deduplication_id="b"))) == [ACCEPTED]
+                with cluster.client(1) as primary:
+                    assert primary.wait(1, 5000) == 1  # the replica has the dedup key too
+
+                cluster.nodes[1].kill()
+                with pytest.raises(grpc.RpcError) as caught:
+                    send(stub, ev(user_id=user))
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                with redis.Redis(port=replica.port, socket_timeout=5) as promoted:
+                    promoted.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+
+                def served() -> bool:
+                    try:
+                        return statuses(send(stub, ev(user_id=user))) == [ACCEPTED]
+                    except grpc.RpcError:
+                        return False
+
+                # No restart of the server: it re-reads the slot map after failures.
+                moved = eventually(served, within=10)
+                print(f"\npartitions served by the promoted replica {moved:.2f}s after takeover")
+                assert statuses(send(stub, ev(user_id=user, deduplication_id="b"))) == [DUPLICATE]
+        finally:
+            loop.run(server.stop(0))
+    finally:
+        cluster.stop()
