@@ -16,6 +16,7 @@ import redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
+from tests.support import free_port
 from tests.test_consumer import produce
 from tests.test_server import eventually
 
@@ -112,3 +113,23 @@ def test_consume_to_jsonl_survives_a_crash_then_groups_trim_and_replay(
     # Unread again by the group, so trim keeps it.
     assert events_server(settings, "trim") == "removed 0 acknowledged entries\n"
     assert rdb.xlen(keys.stream(0)) == 1
+
+
+@pytest.mark.parametrize(
+    "command", [["groups"], ["trim"], ["partitions"], ["groups", "--redis-cluster"]]
+)
+def test_an_unreachable_redis_is_a_clear_error_not_a_traceback(
+    settings: Settings, command: list[str]
+) -> None:
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "events_server", *command],
+        env=cli_env(down),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"events-server {command[0]}: redis: ")
+    assert "Traceback" not in done.stderr

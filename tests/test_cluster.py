@@ -6,6 +6,9 @@ the core dedup and enqueue scenarios of test_service run here again, on the clus
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -200,6 +203,26 @@ def test_ten_thousand_events_split_over_the_nodes_with_no_crossslot(
     assert sum(actual.values()) == 10_000
     assert all(actual[index] > 0 for index in range(3))
     assert crossslot_errors(valkey_cluster) == [0, 0, 0]
+
+    # What operators see: the same split, by `events-server partitions`.
+    shown = subprocess.run(
+        [sys.executable, "-m", "events_server", "partitions", "--redis-cluster"],
+        env={
+            **os.environ,
+            "REDIS_URL": valkey_cluster.url,
+            "EVENTS_KEY_PREFIX": keys.prefix,
+            "EVENTS_PARTITIONS": str(keys.partitions),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    for index, node in enumerate(valkey_cluster.nodes):
+        summary = (
+            f"127.0.0.1:{node.port}: {partitions_on[index]} partitions, {actual[index]} entries"
+        )
+        assert summary in shown
 
 
 @pytest.mark.slow

@@ -9,13 +9,16 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 from redis.asyncio import RedisCluster
+from redis.crc import key_slot
 
+from events_server.cluster import CLUSTER_ERRORS
 from events_server.codec import envelope_to_dict
 from events_server.config import (
     ConsumerSettings,
@@ -246,12 +249,36 @@ async def trim_streams(settings: Settings, out: TextIO) -> None:
     out.write(f" ({detail})\n" if detail else "\n")
 
 
+async def show_partitions(settings: Settings, out: TextIO) -> None:
+    """Print each partition's hash slot, the node serving it, and its length; then per node."""
+    keys = KeySpace(settings.key_prefix, settings.partitions)
+    redis = connect(settings)
+    try:
+        if isinstance(redis, RedisCluster):
+            await redis.initialize()
+        partitions: Counter[str] = Counter()
+        entries: Counter[str] = Counter()
+        out.write(f"{'PARTITION':>9} {'SLOT':>5}  {'NODE':<24} {'ENTRIES':>9}\n")
+        for partition in range(keys.partitions):
+            stream = keys.stream(partition)
+            served_by = redis.get_node_from_key(stream) if isinstance(redis, RedisCluster) else None
+            node = served_by.name if served_by is not None else settings.redis_url
+            length = int(await redis.xlen(stream))
+            partitions[node] += 1
+            entries[node] += length
+            out.write(f"{partition:>9} {key_slot(stream.encode()):>5}  {node:<24} {length:>9}\n")
+    finally:
+        await redis.aclose()
+    for node in sorted(partitions):
+        out.write(f"{node}: {partitions[node]} partitions, {entries[node]} entries\n")
+
+
 REDIS_FLAGS = ("redis_url", "redis_cluster", "key_prefix", "partitions", "redis_timeout_seconds")
 """The settings every queue command needs."""
 
 
 def _add_queue_commands(commands: Any) -> None:
-    """consume | groups | replay | trim: the consumer side of the queue."""
+    """consume | groups | replay | trim | partitions: the queue, as operators see it."""
     consume_cmd = commands.add_parser(
         "consume", help="read a consumer group into rotating JSON Lines files"
     )
@@ -312,29 +339,45 @@ def _add_queue_commands(commands: Any) -> None:
     )
     add_settings_flags(trim_cmd, Settings, REDIS_FLAGS)
 
+    partitions_cmd = commands.add_parser(
+        "partitions", help="which hash slot and node each partition is on, and its length"
+    )
+    add_settings_flags(partitions_cmd, Settings, REDIS_FLAGS)
+
 
 def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run consume | groups | replay | trim; returns the exit code."""
-    if args.command == "consume":
-        try:
-            consumer_settings = settings_from_args(ConsumerSettings, args)
-        except ValidationError as exc:
-            print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
-            return 2
-        sink = JsonlSink(
-            args.to_jsonl,
-            args.consumer or default_name(),
-            max_bytes=args.max_file_bytes,
-            max_seconds=args.max_file_seconds,
-            fsync=args.fsync,
-        )
-        asyncio.run(consume(settings, consumer_settings, args.group, sink))
-    elif args.command == "groups":
-        asyncio.run(show_groups(settings, args.json, sys.stdout))
-    elif args.command == "replay":
-        asyncio.run(replay(settings, args.group, args.partition, sys.stdout))
-    elif args.command == "trim":
-        asyncio.run(trim_streams(settings, sys.stdout))
+    """Run consume | groups | replay | trim | partitions; returns the exit code."""
+    try:
+        if args.command == "consume":
+            return _consume(args, settings)
+        if args.command == "groups":
+            asyncio.run(show_groups(settings, args.json, sys.stdout))
+        elif args.command == "replay":
+            asyncio.run(replay(settings, args.group, args.partition, sys.stdout))
+        elif args.command == "trim":
+            asyncio.run(trim_streams(settings, sys.stdout))
+        elif args.command == "partitions":
+            asyncio.run(show_partitions(settings, sys.stdout))
+    except CLUSTER_ERRORS as exc:
+        print(f"events-server {args.command}: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        consumer_settings = settings_from_args(ConsumerSettings, args)
+    except ValidationError as exc:
+        print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    sink = JsonlSink(
+        args.to_jsonl,
+        args.consumer or default_name(),
+        max_bytes=args.max_file_bytes,
+        max_seconds=args.max_file_seconds,
+        fsync=args.fsync,
+    )
+    asyncio.run(consume(settings, consumer_settings, args.group, sink))
     return 0
 
 
