@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
 from tests.support import free_port
-from tests.test_consumer import produce
+from tests.test_consumer import Entry, produce
 from tests.test_server import eventually
 
 
@@ -44,13 +47,27 @@ def events_server(settings: Settings, *args: str) -> str:
     return done.stdout
 
 
+def started(command: list[str], settings: Settings) -> subprocess.Popen[str]:
+    """Start ``events-server consume``; return once it has its signal handlers in place."""
+    proc = subprocess.Popen(command, env=cli_env(settings), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    assert ready, "consume did not start"
+    assert proc.stdout.readline().startswith("events-server consuming group sink as c1")
+    return proc
+
+
 def written(directory: Path) -> list[dict[str, Any]]:
     """The whole lines written so far, in complete and in open files."""
-    found = []
-    for path in sorted(directory.glob("*.jsonl*")):
-        text = path.read_text()
-        found += [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-    return found
+    while True:
+        found = []
+        try:
+            for path in sorted(directory.glob("*.jsonl*")):
+                text = path.read_text()
+                found += [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+        except FileNotFoundError:
+            continue  # an open file was completed (renamed) meanwhile: look again
+        return found
 
 
 @pytest.mark.slow
@@ -61,8 +78,15 @@ def test_consume_to_jsonl_survives_a_crash_then_groups_trim_and_replay(
     keys: KeySpace,
     tmp_path: Path,
 ) -> None:
-    queued = produce(stub, 600)
     rdb.xadd(keys.stream(0), {"e": b"\xff\xff\xff"})  # not an Envelope: a dead letter
+    queued: set[Entry] = set()
+
+    def trickle() -> None:  # events keep coming while the consumers run and crash
+        for _ in range(15):
+            queued.update(produce(stub, 100))
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=trickle)
     out = tmp_path / "out"
     consume = [
         sys.executable, "-m", "events_server", "consume",
@@ -70,17 +94,21 @@ def test_consume_to_jsonl_survives_a_crash_then_groups_trim_and_replay(
         "--max-file-bytes", "20000", "--batch-size", "50", "--block-seconds", "0.1",
         "--lease-seconds", "1", "--claim-idle-seconds", "0.5",
     ]  # fmt: skip
-    first = subprocess.Popen(consume, env=cli_env(settings), stdout=subprocess.DEVNULL)
+    first = started(consume, settings)
     try:
-        eventually(lambda: len(written(out)) >= 50, within=15)
+        producer.start()
+        eventually(lambda: len(written(out)) >= 200, within=15)
     finally:
         first.kill()
         first.wait(10)
-    assert list(out.glob("*.jsonl.open"))  # it died writing
+    left_open = list(out.glob("*.jsonl.open"))
+    assert left_open  # it died writing
 
     # The same consumer again: it completes the file it left, and takes up its entries.
-    second = subprocess.Popen(consume, env=cli_env(settings), stdout=subprocess.DEVNULL)
+    second = started(consume, settings)
     try:
+        producer.join(30)
+        assert len(queued) == 1500
         eventually(
             lambda: {(line["partition"], line["entry_id"]) for line in written(out)} >= queued,
             within=20,
@@ -89,6 +117,7 @@ def test_consume_to_jsonl_survives_a_crash_then_groups_trim_and_replay(
         second.send_signal(signal.SIGTERM)
         assert second.wait(15) == 0
     assert list(out.glob("*.jsonl.open")) == []
+    assert all(path.with_suffix("").exists() for path in left_open)  # .jsonl.open -> .jsonl
     assert len(list(out.glob("c1-*.jsonl"))) > 2
     assert {(line["partition"], line["entry_id"]) for line in written(out)} == queued
 
@@ -103,7 +132,7 @@ def test_consume_to_jsonl_survives_a_crash_then_groups_trim_and_replay(
     )
     assert "sink" in events_server(settings, "groups")
 
-    assert events_server(settings, "trim").startswith("removed 601 acknowledged entries")
+    assert events_server(settings, "trim").startswith("removed 1501 acknowledged entries")
     assert sum(rdb.xlen(stream) for stream in keys.streams()) == 0
 
     replayed = events_server(settings, "replay", "--from-dead-letter", "--group", "sink")
