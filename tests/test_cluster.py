@@ -6,14 +6,16 @@ the core dedup and enqueue scenarios of test_service run here again, on the clus
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +24,8 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from events_server.config import Settings
+from events_server.consumer import Consumer, Message
+from events_server.groups import group_states, replay_dead_letters, trim
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
@@ -29,6 +33,7 @@ from events_server.store import partition_for
 from tests import test_service as core
 from tests.cluster_support import ValkeyCluster
 from tests.support import LoopThread
+from tests.test_consumer import FAST, entries, in_order, produce, run, until
 from tests.test_server import SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
 
@@ -327,3 +332,55 @@ def test_a_replica_that_takes_over_a_dead_primary_gets_its_partitions(
             loop.run(server.stop(0))
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_consumers_trim_and_replay_work_on_the_cluster(
+    stub: events_pb2_grpc.EventsServiceStub,
+    rdb: RedisCluster,
+    settings: Settings,
+    keys: KeySpace,
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    for index in range(len(valkey_cluster.nodes)):
+        with valkey_cluster.client(index) as node:
+            node.config_resetstat()
+    queued = produce(stub, 2_000, users=200)
+
+    async def scenario(client: Any) -> tuple[list[Message], list[Message], Any, Any]:
+        got: dict[str, list[Message]] = {"a": [], "b": []}
+        consumers = {n: Consumer(client, keys, "g", name=n, settings=FAST) for n in got}
+
+        def handler(name: str) -> Callable[[Message], Awaitable[None]]:
+            async def handle(message: Message) -> None:
+                if message.envelope.event.url == "n=7":
+                    raise ValueError("poison")  # a dead letter after 3 deliveries
+                got[name].append(message)
+
+            return handle
+
+        runs = [asyncio.create_task(c.run(handler(n))) for n, c in consumers.items()]
+        await until(lambda: len(entries(got["a"] + got["b"])) == len(queued) - 1, within=30)
+        for consumer in consumers.values():
+            consumer.stop()
+        await asyncio.gather(*runs)
+        states = await group_states(client, keys)
+        removed = await trim(client, keys)
+        return got["a"], got["b"], states, removed
+
+    got_a, got_b, states, removed = run(settings, scenario)
+    assert got_a
+    assert got_b
+    assert len(entries(got_a + got_b)) == len(queued) - 1
+    assert in_order(got_a)
+    assert in_order(got_b)
+    [state] = states
+    assert (state.pending, state.lag, state.dead_letters) == (0, 0, 1)
+    assert sum(removed.values()) == len(queued)
+    assert sum(rdb.xlen(stream) for stream in keys.streams()) == 0
+
+    async def replay(client: Any) -> dict[int, int]:
+        return await replay_dead_letters(client, keys, "g")
+
+    assert sum(run(settings, replay).values()) == 1
+    assert crossslot_errors(valkey_cluster) == [0, 0, 0]
