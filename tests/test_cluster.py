@@ -7,6 +7,7 @@ the core dedup and enqueue scenarios of test_service run here again, on the clus
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -384,3 +385,30 @@ def test_consumers_trim_and_replay_work_on_the_cluster(
 
     assert sum(run(settings, replay).values()) == 1
     assert crossslot_errors(valkey_cluster) == [0, 0, 0]
+
+
+def test_tail_reads_every_partition_of_the_cluster(
+    stub: events_pb2_grpc.EventsServiceStub,
+    rdb: RedisCluster,
+    keys: KeySpace,
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    users = user_per_partition(keys)
+    sent = send(stub, *(ev(user_id=user) for user in users.values()))
+    shown = subprocess.run(
+        [sys.executable, "-m", "events_server", "tail", "--redis-cluster"],
+        env={
+            **os.environ,
+            "REDIS_URL": valkey_cluster.url,
+            "EVENTS_KEY_PREFIX": keys.prefix,
+            "EVENTS_PARTITIONS": str(keys.partitions),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    lines = [json.loads(line) for line in shown.splitlines()]
+    assert sorted((line["partition"], line["entry_id"]) for line in lines) == sorted(
+        (r.partition, r.entry_id) for r in sent.results
+    )
