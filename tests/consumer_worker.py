@@ -38,6 +38,7 @@ async def main(settings: Settings, group: str, name: str, log: TextIO) -> None:
     keys = KeySpace(settings.key_prefix, settings.partitions)
     consumer = Consumer(redis, keys, group, name=name, settings=SETTINGS)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, consumer.stop)
+    print("ready", flush=True)
     try:
 
         async def handle(message: Message) -> None:

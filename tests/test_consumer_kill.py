@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -40,7 +41,15 @@ class Worker:
                 GROUP, name, str(log),
             ],
             cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
+        # Wait until its SIGTERM handler is in place.
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        if not ready or self.proc.stdout.readline() != "ready\n":
+            self.kill()
+            raise RuntimeError(f"consumer worker {name} did not start")
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would."""
@@ -53,6 +62,47 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(15)
+
+
+class Workers:
+    """The worker processes of the test, their logs, and the current victim."""
+
+    def __init__(self, settings: Settings, rdb: redis.Redis, keys: KeySpace, logs: Path) -> None:
+        self.settings = settings
+        self.rdb = rdb
+        self.keys = keys
+        self.directory = logs
+        self.logs: list[Path] = []
+        self.victim: Worker
+
+    def start(self, name: str) -> Worker:
+        """Start a worker logging to <name>.log; the last one started is the victim."""
+        self.logs.append(self.directory / f"{name}.log")
+        self.victim = Worker(self.settings, name, self.logs[-1])
+        return self.victim
+
+    def busy(self, name: str) -> bool:
+        """It has handled messages and holds entries it has not acknowledged."""
+        log = self.directory / f"{name}.log"
+        return log.exists() and log.stat().st_size > 0 and pending_of(self.rdb, self.keys)[name] > 0
+
+    def kill_victim_mid_batch(self, times: int, rng: random.Random) -> tuple[int, int]:
+        """SIGKILL the victim inside a batch ``times`` times, restarting it as a new consumer."""
+        kills = mid_batch = 0
+        for _ in range(50):
+            if mid_batch == times:
+                break
+            time.sleep(rng.uniform(0.2, 0.6))
+            eventually(functools.partial(self.busy, self.victim.name), within=10)
+            time.sleep(rng.uniform(0.01, 0.06))  # a little while into its batch...
+            if not self.busy(self.victim.name):
+                continue  # ...unless it is between two batches just now
+            self.victim.kill()
+            kills += 1
+            # What it held as it died: given to it, not acknowledged.
+            mid_batch += pending_of(self.rdb, self.keys)[self.victim.name] > 0
+            self.start(f"victim-{kills}")
+        return kills, mid_batch
 
 
 def pending_of(rdb: redis.Redis, keys: KeySpace) -> dict[str, int]:
@@ -113,46 +163,27 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
     later: set[Entry] = set()
     # The rest arrives while the consumers work and die.
     producer = threading.Thread(target=lambda: later.update(produce(stub, 6_000, users=500)))
-    logs: list[Path] = []
-
-    def start(name: str) -> Worker:
-        logs.append(tmp_path / f"{name}.log")
-        return Worker(settings, name, logs[-1])
-
-    survivor = start("survivor")
-    victim = start("victim-0")
-    rng = random.Random(6)
-    mid_batch = 0
-
-    def busy(name: str) -> bool:
-        log = tmp_path / f"{name}.log"
-        return log.exists() and log.stat().st_size > 0 and pending_of(rdb, keys)[name] > 0
-
+    workers = Workers(settings, rdb, keys, tmp_path)
+    survivor = workers.start("survivor")
+    workers.start("victim-0")
     try:
         producer.start()
-        for kill in range(1, KILLS + 1):
-            time.sleep(rng.uniform(0.2, 0.6))
-            # Busy: it has handled messages and holds entries it has not acknowledged...
-            eventually(functools.partial(busy, victim.name), within=10)
-            time.sleep(rng.uniform(0.02, 0.1))  # ...and is somewhere inside a batch.
-            victim.kill()
-            mid_batch += pending_of(rdb, keys)[victim.name] > 0
-            victim = start(f"victim-{kill}")
+        kills, mid_batch = workers.kill_victim_mid_batch(KILLS, random.Random(6))
         producer.join(60)
         queued |= later
         assert len(queued) == EVENTS
 
         def all_done() -> bool:
-            unique = {(p, entry_id) for _, p, entry_id, _ in handled(logs)}
+            unique = {(p, entry_id) for _, p, entry_id, _ in handled(workers.logs)}
             return unique >= queued and sum(pending_of(rdb, keys).values()) == 0
 
         eventually(all_done, within=60)
     finally:
-        codes = [survivor.terminate(), victim.terminate()]
-        victim.kill()
+        codes = [survivor.terminate(), workers.victim.terminate()]
+        workers.victim.kill()
         survivor.kill()
 
-    lines = handled(logs)
+    lines = handled(workers.logs)
     unique = {(p, entry_id) for _, p, entry_id, _ in lines}
     redeliveries = len(lines) - len(unique)
     violations = out_of_order(lines, queued)
@@ -160,7 +191,7 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
     dead = sum(rdb.xlen(keys.dead_letters(p, GROUP)) for p in range(keys.partitions))
     print(
         f"\nconsumer kill test: {EVENTS} events, {keys.partitions} partitions, 2 consumers,"
-        f" {KILLS} SIGKILLs ({mid_batch} mid-batch)\n"
+        f" {kills} SIGKILLs ({mid_batch} mid-batch)\n"
         f"  handled at least once: {len(unique & queued)}/{EVENTS}\n"
         f"  handlings: {len(lines)} (redeliveries: {redeliveries},"
         f" with deliveries > 1: {sum(1 for line in lines if line[3] > 1)})\n"
@@ -169,6 +200,7 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
     )
     assert codes == [0, 0]
     assert mid_batch == KILLS
+    assert kills < 2 * KILLS  # nearly every kill lands mid-batch
     assert unique == queued
     assert pending_at_end == 0
     assert dead == 0
