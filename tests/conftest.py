@@ -18,6 +18,7 @@ from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
 from rest_bridge.config import BridgeSettings
+from tests.cluster_support import ValkeyCluster
 from tests.support import LoopThread, UvicornThread, ValkeyProcess
 
 
@@ -166,3 +167,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("figures")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A real 3-node Valkey cluster on loopback (started only by the tests that ask for it)."""
+    cluster = ValkeyCluster(Path(tmp_path_factory.mktemp("cluster")))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 import redis
+from pydantic import ValidationError
 
 from events_server.cli import main as events_server_main
 from events_server.config import Settings
@@ -134,3 +135,8 @@ def test_bridge_workers_serve_the_contract(grpc_target: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_fsync_durability_is_refused_on_a_cluster() -> None:
+    with pytest.raises(ValidationError, match="not supported with redis_cluster"):
+        Settings(durability="fsync", redis_cluster=True)

@@ -12,22 +12,34 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import uvloop
 from pydantic import ValidationError
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
 
 from events_server import rejected
+from events_server.cluster import CLUSTER_ERRORS
 from events_server.codec import envelope_to_dict
-from events_server.config import Settings, add_settings_flags, settings_from_args
+from events_server.config import (
+    ConsumerSettings,
+    Settings,
+    add_settings_flags,
+    settings_from_args,
+)
+from events_server.consumer import Consumer, default_name
 from events_server.exposition import shared_by_workers
+from events_server.groups import group_states, replay_dead_letters, trim
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.logs import setup_logging
 from events_server.pb import events_pb2 as pb
 from events_server.server import create_server
-from events_server.store import connect
+from events_server.sinks import JsonlSink
+from events_server.store import RedisClient, connect
 
 log = logging.getLogger("events_server")
 
@@ -49,6 +61,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def _entries(reply: Any) -> list[tuple[bytes, bytes]]:
     """(entry id, envelope bytes) pairs of an XRANGE/XREVRANGE reply."""
     return [(entry_id, fields[ENVELOPE_FIELD]) for entry_id, fields in reply or ()]
@@ -58,7 +77,7 @@ def _partition_of(stream: str) -> int:
     return int(stream.split("{p", 1)[1].split("}", 1)[0])
 
 
-async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
+async def _streams(redis: RedisClient, keys: KeySpace) -> list[str]:
     """The configured partition streams plus any left over from another partition count."""
     found = {keys.stream(p) for p in range(keys.partitions)}
     pattern = f"{keys.prefix}:{{p*}}:events"
@@ -68,7 +87,7 @@ async def _streams(redis: Redis, keys: KeySpace) -> list[str]:
 
 
 async def _read_all(
-    redis: Redis, streams: Sequence[str]
+    redis: RedisClient, streams: Sequence[str]
 ) -> AsyncIterator[tuple[str, bytes, bytes]]:
     """Every entry of every stream, oldest first (a k-way merge over paged XRANGEs)."""
     cursors = dict.fromkeys(streams, "-")
@@ -94,7 +113,7 @@ async def _read_all(
 
 
 async def _read_last(
-    redis: Redis, streams: Sequence[str], count: int
+    redis: RedisClient, streams: Sequence[str], count: int
 ) -> list[tuple[str, bytes, bytes]]:
     """The newest ``count`` entries across all streams, oldest first."""
     if count <= 0:
@@ -105,6 +124,18 @@ async def _read_last(
             newest.append((_entry_key(entry_id), stream, entry_id, payload))
     newest.sort()
     return [(s, i, p) for _, s, i, p in newest[-count:]]
+
+
+async def _read_new(redis: RedisClient, last_seen: dict[Any, Any]) -> list[Any]:
+    """Entries after ``last_seen`` of each stream, waiting up to FOLLOW_BLOCK_MS for some."""
+    if isinstance(redis, RedisCluster):
+        # One stream per XREAD: the partitions live in different slots.
+        replies: list[Any] = await asyncio.gather(
+            *(redis.xread({s: i}, block=FOLLOW_BLOCK_MS) for s, i in last_seen.items())
+        )
+        return [stream for reply in replies for stream in reply or ()]
+    reply: Any = await redis.xread(last_seen, block=FOLLOW_BLOCK_MS)
+    return list(reply or ())
 
 
 def _print(out: TextIO, stream: str, entry_id: bytes, payload: bytes) -> None:
@@ -131,8 +162,7 @@ async def tail(settings: Settings, count: int | None, follow: bool, out: TextIO)
                 _print(out, stream, entry_id, payload)
             last_seen = dict.fromkeys(streams, "$")
         while follow:
-            reply: Any = await redis.xread(last_seen, block=FOLLOW_BLOCK_MS)
-            for raw_stream, entries in reply or ():
+            for raw_stream, entries in await _read_new(redis, last_seen):
                 stream = raw_stream.decode()
                 for entry_id, payload in _entries(entries):
                     _print(out, stream, entry_id, payload)
@@ -236,6 +266,206 @@ def serve_workers(settings: Settings) -> int:
     return result
 
 
+async def consume(
+    settings: Settings, consumer_settings: ConsumerSettings, group: str, sink: JsonlSink
+) -> None:
+    """Write the group's envelopes to the sink until SIGTERM or SIGINT, then stop cleanly."""
+    # A blocking read must end before the socket timeout does.
+    timeout = max(settings.redis_timeout_seconds, consumer_settings.block_seconds + 1.0)
+    redis = connect(settings.model_copy(update={"redis_timeout_seconds": timeout}))
+    keys = KeySpace(settings.key_prefix, settings.partitions)
+    consumer = Consumer(redis, keys, group, name=sink.name, settings=consumer_settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, consumer.stop)
+    print(f"events-server consuming group {group} as {consumer.name}", flush=True)
+    try:
+        await consumer.run(sink)
+    finally:
+        sink.close()
+        await redis.aclose()
+
+
+async def show_groups(settings: Settings, as_json: bool, out: TextIO) -> None:
+    """Print every consumer group with its pending, lag and dead-letter counts."""
+    redis = connect(settings)
+    try:
+        states = await group_states(redis, KeySpace(settings.key_prefix, settings.partitions))
+    finally:
+        await redis.aclose()
+    if as_json:
+        for state in states:
+            out.write(json.dumps(state.as_dict()) + "\n")
+        return
+    if not states:
+        out.write("no consumer groups\n")
+        return
+    out.write(f"{'GROUP':<24} {'PENDING':>9} {'LAG':>9} {'DEAD':>7}  CONSUMERS\n")
+    for state in states:
+        lag = "?" if state.lag is None else str(state.lag)
+        consumers = ", ".join(state.consumers) or "-"
+        out.write(
+            f"{state.group:<24} {state.pending:>9} {lag:>9} {state.dead_letters:>7}  {consumers}\n"
+        )
+
+
+async def replay(settings: Settings, group: str, partitions: list[int] | None, out: TextIO) -> None:
+    """Move the group's dead letters back onto their partitions for another try."""
+    redis = connect(settings)
+    try:
+        keys = KeySpace(settings.key_prefix, settings.partitions)
+        moved = await replay_dead_letters(redis, keys, group, partitions)
+    finally:
+        await redis.aclose()
+    detail = ", ".join(f"partition {p}: {n}" for p, n in sorted(moved.items()))
+    out.write(f"replayed {sum(moved.values())} dead letters of group {group}")
+    out.write(f" ({detail})\n" if detail else "\n")
+
+
+async def trim_streams(settings: Settings, out: TextIO) -> None:
+    """Remove the entries every group has acknowledged."""
+    redis = connect(settings)
+    try:
+        removed = await trim(redis, KeySpace(settings.key_prefix, settings.partitions))
+    finally:
+        await redis.aclose()
+    detail = ", ".join(f"partition {p}: {n}" for p, n in sorted(removed.items()))
+    out.write(f"removed {sum(removed.values())} acknowledged entries")
+    out.write(f" ({detail})\n" if detail else "\n")
+
+
+async def show_partitions(settings: Settings, out: TextIO) -> None:
+    """Print each partition's hash slot, the node serving it, and its length; then per node."""
+    keys = KeySpace(settings.key_prefix, settings.partitions)
+    redis = connect(settings)
+    try:
+        if isinstance(redis, RedisCluster):
+            await redis.initialize()
+        partitions: Counter[str] = Counter()
+        entries: Counter[str] = Counter()
+        out.write(f"{'PARTITION':>9} {'SLOT':>5}  {'NODE':<24} {'ENTRIES':>9}\n")
+        for partition in range(keys.partitions):
+            stream = keys.stream(partition)
+            served_by = redis.get_node_from_key(stream) if isinstance(redis, RedisCluster) else None
+            node = served_by.name if served_by is not None else settings.redis_url
+            length = int(await redis.xlen(stream))
+            partitions[node] += 1
+            entries[node] += length
+            out.write(f"{partition:>9} {key_slot(stream.encode()):>5}  {node:<24} {length:>9}\n")
+    finally:
+        await redis.aclose()
+    for node in sorted(partitions):
+        out.write(f"{node}: {partitions[node]} partitions, {entries[node]} entries\n")
+
+
+REDIS_FLAGS = ("redis_url", "redis_cluster", "key_prefix", "partitions", "redis_timeout_seconds")
+"""The settings every queue command needs."""
+
+
+def _add_queue_commands(commands: Any) -> None:
+    """consume | groups | replay | trim | partitions: the queue, as operators see it."""
+    consume_cmd = commands.add_parser(
+        "consume", help="read a consumer group into rotating JSON Lines files"
+    )
+    consume_cmd.add_argument("--group", required=True, help="the consumer group to read as")
+    consume_cmd.add_argument(
+        "--to-jsonl", required=True, type=Path, metavar="DIR", help="where the files go"
+    )
+    consume_cmd.add_argument(
+        "--consumer", metavar="NAME", help="this consumer's name (default: host-pid)"
+    )
+    consume_cmd.add_argument(
+        "--max-file-bytes",
+        type=_positive,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="start a new file after this many bytes (default: 64 MiB)",
+    )
+    consume_cmd.add_argument(
+        "--max-file-seconds",
+        type=_positive,
+        default=3600,
+        metavar="N",
+        help="start a new file after this many seconds (default: 3600)",
+    )
+    consume_cmd.add_argument(
+        "--fsync", action="store_true", help="force every line to disk before acknowledging it"
+    )
+    add_settings_flags(consume_cmd, Settings, (*REDIS_FLAGS, "log_level"))
+    add_settings_flags(consume_cmd, ConsumerSettings, ConsumerSettings.model_fields)
+
+    groups_cmd = commands.add_parser(
+        "groups", help="list consumer groups: pending, lag, dead letters, consumers"
+    )
+    groups_cmd.add_argument("--json", action="store_true", help="one JSON object per group")
+    add_settings_flags(groups_cmd, Settings, REDIS_FLAGS)
+
+    replay_cmd = commands.add_parser(
+        "replay", help="move a group's dead letters back onto their partitions"
+    )
+    replay_cmd.add_argument(
+        "--from-dead-letter",
+        action="store_true",
+        required=True,
+        help="replay from the group's dead-letter streams (the only source there is)",
+    )
+    replay_cmd.add_argument("--group", required=True, help="whose dead letters")
+    replay_cmd.add_argument(
+        "--partition",
+        type=_non_negative,
+        action="append",
+        metavar="P",
+        help="only this partition (repeatable; default: all)",
+    )
+    add_settings_flags(replay_cmd, Settings, REDIS_FLAGS)
+
+    trim_cmd = commands.add_parser(
+        "trim", help="remove the entries every consumer group has acknowledged"
+    )
+    add_settings_flags(trim_cmd, Settings, REDIS_FLAGS)
+
+    partitions_cmd = commands.add_parser(
+        "partitions", help="which hash slot and node each partition is on, and its length"
+    )
+    add_settings_flags(partitions_cmd, Settings, REDIS_FLAGS)
+
+
+def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run consume | groups | replay | trim | partitions; returns the exit code."""
+    try:
+        if args.command == "consume":
+            return _consume(args, settings)
+        if args.command == "groups":
+            asyncio.run(show_groups(settings, args.json, sys.stdout))
+        elif args.command == "replay":
+            asyncio.run(replay(settings, args.group, args.partition, sys.stdout))
+        elif args.command == "trim":
+            asyncio.run(trim_streams(settings, sys.stdout))
+        elif args.command == "partitions":
+            asyncio.run(show_partitions(settings, sys.stdout))
+    except CLUSTER_ERRORS as exc:
+        print(f"events-server {args.command}: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        consumer_settings = settings_from_args(ConsumerSettings, args)
+    except ValidationError as exc:
+        print(f"events-server: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    sink = JsonlSink(
+        args.to_jsonl,
+        args.consumer or default_name(),
+        max_bytes=args.max_file_bytes,
+        max_seconds=args.max_file_seconds,
+        fsync=args.fsync,
+    )
+    asyncio.run(consume(settings, consumer_settings, args.group, sink))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The events-server argument parser."""
     parser = argparse.ArgumentParser(
@@ -264,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument(
         "--tenant", help="with --rejected: only this tenant's record (default: every tenant)"
     )
-    add_settings_flags(tail_cmd, Settings, ("redis_url", "key_prefix", "partitions"))
+    add_settings_flags(
+        tail_cmd, Settings, ("redis_url", "redis_cluster", "key_prefix", "partitions")
+    )
+    _add_queue_commands(commands)
     return parser
 
 
@@ -287,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(tail_rejected(settings, args.tenant, args.count, args.follow, sys.stdout))
         elif args.command == "tail":
             asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
+        else:
+            return _run_queue_command(args, settings)
     except KeyboardInterrupt:
         return 130
     return 0

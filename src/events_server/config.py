@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         "ev", min_length=1, description="Prefix of every Redis key the service writes."
     )
+    redis_cluster: bool = Field(
+        False,
+        description="REDIS_URL names one node of a Redis Cluster: use the cluster client, which"
+        " discovers the other nodes.",
+    )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Timeout of each Redis command (and of connecting), seconds."
     )
@@ -107,6 +112,13 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _fsync_needs_one_redis(self) -> Settings:
+        # The cluster write path sends no WAITAOF: it would acknowledge unsynced writes.
+        if self.durability == "fsync" and self.redis_cluster:
+            raise ValueError("durability=fsync is not supported with redis_cluster yet")
+        return self
+
+    @model_validator(mode="after")
     def _workers_need_a_shared_port(self) -> Settings:
         if self.workers > 1 and (
             self.grpc_addr.startswith("unix:") or self.grpc_addr.endswith(":0")
@@ -151,12 +163,21 @@ def add_settings_flags(
             if isinstance(aliases, AliasChoices) and isinstance(aliases.choices[0], str)
             else f"{prefix}{name}".upper()
         )
-        kind: type[object] = (
-            int if field.annotation is int else float if field.annotation is float else str
-        )
         flags = [f"--{name.replace('_', '-')}"]
         if short and name in short:
             flags.insert(0, short[name])
+        if field.annotation is bool:
+            parser.add_argument(
+                *flags,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{field.description} [env {env}; default: {field.default}]",
+            )
+            continue
+        kind: type[object] = (
+            int if field.annotation is int else float if field.annotation is float else str
+        )
         parser.add_argument(
             *flags,
             dest=name,
@@ -175,3 +196,40 @@ def settings_from_args(settings_cls: type[S], args: argparse.Namespace) -> S:
         if name in settings_cls.model_fields and value is not None
     }
     return settings_cls(**given)
+
+
+class ConsumerSettings(BaseSettings):
+    """How a consumer reads its group: batch size, ownership leases, redelivery, dead letters."""
+
+    model_config = SettingsConfigDict(env_prefix="EVENTS_CONSUMER_", extra="ignore", frozen=True)
+
+    batch_size: int = Field(
+        100, ge=1, le=10_000, description="Entries read from a partition per round trip."
+    )
+    block_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How long one read waits for new entries, seconds (keep it below the Redis"
+        " timeout).",
+    )
+    lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A consumer owns a partition for this long unless it renews; a crashed"
+        " consumer's partitions move to others after it, seconds.",
+    )
+    claim_idle_seconds: float = Field(
+        15.0,
+        ge=0,
+        description="An entry another consumer left pending is reclaimed (XAUTOCLAIM) once it"
+        " has been idle this long, seconds.",
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="After this many deliveries that did not end in an ack, an entry moves to"
+        " the dead-letter stream.",
+    )
+    retry_delay_seconds: float = Field(
+        1.0, ge=0, description="Pause before handing a failed entry to the handler again, seconds."
+    )

@@ -6,9 +6,14 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
     ev:{p7}:dedup:<len>:<tenant>:<id>   string, value = the entry id; expires (seconds)
     ev:{p7}:fsync-barrier               string, rewritten to order WAITAOF (durability=fsync)
     ev:rejected:<tenant>                stream of rejected requests, capped (MAXLEN ~)
+    ev:{p7}:dead:<group>                stream: entries <group> gave up on (dead letters)
+    ev:{p7}:owner:<group>               string: the consumer of <group> that owns the
+                                        partition; expires (milliseconds)
+    ev:members:<group>                  sorted set: live consumers of <group>, scored by
+                                        when their membership expires (unix milliseconds)
 
-The ``{p7}`` hash tag puts a partition's stream and its dedup keys in one Redis
-Cluster slot, so the dedup+enqueue script never crosses slots.
+The ``{p7}`` hash tag puts everything of one partition in one Redis Cluster slot, so
+no script (enqueue, dead-letter, replay, trim, lease) ever crosses slots.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from dataclasses import dataclass
 
 ENVELOPE_FIELD = b"e"
 """Stream entry field that holds the serialized Envelope."""
+
+TARGET_GROUP_FIELD = b"g"
+"""Field of a replayed entry: the only consumer group meant to handle it."""
+
+REPLAY_OF_FIELD = b"o"
+"""Field of a replayed entry: the id the entry first had."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +73,15 @@ class KeySpace:
     def rejected_pattern(self) -> str:
         """SCAN pattern matching every tenant's rejected stream."""
         return f"{self.prefix}:rejected:*"
+
+    def dead_letters(self, partition: int, group: str) -> str:
+        """Stream of the partition's entries that ``group`` gave up on."""
+        return f"{self.prefix}:{self.tag(partition)}:dead:{group}"
+
+    def owner(self, partition: int, group: str) -> str:
+        """Lease naming the one consumer of ``group`` that reads the partition (PX, ms)."""
+        return f"{self.prefix}:{self.tag(partition)}:owner:{group}"
+
+    def members(self, group: str) -> str:
+        """Sorted set of the group's live consumers, scored by expiry (unix ms)."""
+        return f"{self.prefix}:members:{group}"

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import grpc
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from events_server.codec import event_to_dict
@@ -91,7 +91,9 @@ def events_payload(events: Sequence[pb.Event]) -> tuple[bytes, int]:
 class RejectedLog:
     """Writes rejected-request records to the tenants' capped streams."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, maxlen: int, timeout_seconds: float) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, keys: KeySpace, maxlen: int, timeout_seconds: float
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._maxlen = maxlen
@@ -221,7 +223,9 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-async def _rejected_streams(redis: Redis, keys: KeySpace, tenant: str | None) -> list[str]:
+async def _rejected_streams(
+    redis: Redis | RedisCluster, keys: KeySpace, tenant: str | None
+) -> list[str]:
     if tenant is not None:
         return [keys.rejected(tenant)]
     found: list[str] = []
@@ -231,7 +235,7 @@ async def _rejected_streams(redis: Redis, keys: KeySpace, tenant: str | None) ->
 
 
 async def tail_rejected(
-    redis: Redis,
+    redis: Redis | RedisCluster,
     keys: KeySpace,
     *,
     tenant: str | None,

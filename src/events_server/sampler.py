@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from events_server.keys import KeySpace
 
@@ -28,11 +28,13 @@ class RedisSampler:
     reading the series disappear rather than show stale figures.
     """
 
-    def __init__(self, redis: Redis, keys: KeySpace, interval: float) -> None:
+    def __init__(self, redis: Redis | RedisCluster, keys: KeySpace, interval: float) -> None:
         self._redis = redis
         self._keys = keys
         self._interval = interval
-        self._db = str(redis.connection_pool.connection_kwargs.get("db", 0))
+        # A cluster has only db 0.
+        pool = None if isinstance(redis, RedisCluster) else redis.connection_pool
+        self._db = str(pool.connection_kwargs.get("db", 0)) if pool is not None else "0"
         self._families: list[Metric] = []
 
     def collect(self) -> Iterable[Metric]:

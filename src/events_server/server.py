@@ -9,9 +9,9 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
 from events_server.access import AccessInterceptor
+from events_server.cluster import store_for
 from events_server.config import Settings
 from events_server.exposition import MetricsEndpoint, scrape_registry
 from events_server.keys import KeySpace
@@ -21,7 +21,7 @@ from events_server.readiness import Readiness, probe
 from events_server.rejected import RejectedLog, RejectedServicer
 from events_server.sampler import RedisSampler
 from events_server.service import EventsService
-from events_server.store import EventStore, connect
+from events_server.store import EventStore, RedisClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class EventsServer:
         server: grpc.aio.Server,
         health_servicer: health.aio.HealthServicer,
         store: EventStore,
-        redis: Redis,
+        redis: RedisClient,
         settings: Settings,
         *,
         metrics: ServerMetrics,
@@ -122,13 +122,13 @@ class EventsServer:
 
 
 async def create_server(
-    settings: Settings, *, redis: Redis | None = None
+    settings: Settings, *, redis: RedisClient | None = None
 ) -> tuple[EventsServer, int]:
     """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
     redis = redis if redis is not None else connect(settings)
     metrics = ServerMetrics(settings.metrics_max_tenants)
     keys = KeySpace(settings.key_prefix, settings.partitions)
-    store = EventStore(
+    store = store_for(
         redis,
         keys,
         settings.dedup_ttl_seconds,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import hiredis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -71,6 +71,9 @@ return out
 ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest().encode()
 
 
+RedisClient = Redis | RedisCluster
+"""Either client the service runs on: one Redis server, or a Redis Cluster (see ``connect``)."""
+
 Item = tuple[int, str, str | None, bytes]
 """One event to queue: (partition, tenant, deduplication_id or None, envelope bytes)."""
 
@@ -80,8 +83,20 @@ Outcome = tuple[bool, str, int]
 NOT_RUN: Outcome = (False, "", -1)
 
 
-def connect(settings: Settings) -> Redis:
-    """A Redis client whose every command is bounded by the configured timeout."""
+def connect(settings: Settings) -> RedisClient:
+    """A Redis (or, with redis_cluster, a cluster) client bounded by the configured timeout."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            max_connections=settings.redis_max_connections,  # per node
+            # As below, no silent retries. The cluster client still follows MOVED/ASK
+            # redirects: those replies mean the command did not run.
+            retry=Retry(NoBackoff(), 0),
+            # With one node down its slots are unreachable; the others must keep serving.
+            require_full_coverage=False,
+        )
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_seconds,
