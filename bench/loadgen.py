@@ -71,6 +71,7 @@ class HttpConnection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        reused = self.writer is not None
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -80,6 +81,12 @@ class HttpConnection:
         ).encode()
         self.writer.write(head + body)
         status_line = await self.reader.readline()
+        if not status_line and reused:
+            # The server closed this idle keep-alive connection before reading the
+            # request (uvicorn's keep-alive timeout): it was never handled; resend.
+            self.writer.close()
+            self.writer = None
+            return await self.post(path, body)
         status = int(status_line.split(b" ", 2)[1])
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
