@@ -371,8 +371,8 @@ def test_consumers_trim_and_replay_work_on_the_cluster(
         return got["a"], got["b"], states, removed
 
     got_a, got_b, states, removed = run(settings, scenario)
-    assert got_a
-    assert got_b
+    # Which consumer got how much is a race on a run this short (one may finish
+    # before the other joins); sharing is test_consumer's subject.
     assert len(entries(got_a + got_b)) == len(queued) - 1
     assert in_order(got_a)
     assert in_order(got_b)
