@@ -16,10 +16,10 @@ import redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer, create_server
+from events_server.server import EventsServer
 from rest_bridge.config import BridgeSettings
 from tests.cluster_support import ValkeyCluster
-from tests.support import LoopThread, UvicornThread, ValkeyProcess
+from tests.support import LoopThread, UvicornThread, ValkeyProcess, started_server
 
 
 class Valkey:
@@ -81,12 +81,7 @@ def loop() -> Iterator[LoopThread]:
 def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, int]]:
     """The real gRPC server on a free loopback port."""
 
-    async def start() -> tuple[EventsServer, int]:
-        server, port = await create_server(settings)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.run(started_server(settings))
     yield server, port
     loop.run(server.stop(0))
 
@@ -139,6 +134,17 @@ def rdb(valkey: Valkey, settings: Settings) -> Iterator[redis.Redis]:
     _delete_prefix(client, settings.key_prefix)
     yield client
     client.close()
+
+
+@pytest.fixture
+def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
+    """The session's Valkey past its maxmemory (writes refused with OOM), restored after."""
+    valkey.killable()  # our own server: safe to reconfigure
+    rdb.config_set("maxmemory", 1)
+    try:
+        yield rdb
+    finally:
+        rdb.config_set("maxmemory", 0)
 
 
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:

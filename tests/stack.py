@@ -23,10 +23,10 @@ import redis
 from events_server.config import Settings
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
-from events_server.server import EventsServer, create_server
+from events_server.server import EventsServer
 from rest_bridge.config import BridgeSettings
 from tests.proxy import FaultProxy
-from tests.support import LoopThread, UvicornThread, ValkeyProcess, free_port
+from tests.support import LoopThread, UvicornThread, ValkeyProcess, free_port, started_server
 
 RETRYABLE_HTTP = frozenset({503, 429})
 
@@ -342,12 +342,7 @@ async def fixed_rate(  # noqa: PLR0917
 def serving(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, str]]:
     """An in-process events-server on a free port; stopped on the way out."""
 
-    async def start() -> tuple[EventsServer, int]:
-        server, port = await create_server(settings)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.run(started_server(settings))
     try:
         yield server, f"127.0.0.1:{port}"
     finally:

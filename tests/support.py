@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
 import shutil
 import signal
 import socket
@@ -16,9 +19,12 @@ from typing import Any, TypeVar
 
 import redis
 import uvicorn
+import yaml
 
+from events_server.config import Settings
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
+from events_server.server import EventsServer, create_server
 from rest_bridge.cli import server_config
 from rest_bridge.config import BridgeSettings
 
@@ -238,3 +244,33 @@ class CuttingProxy:
         except OSError:
             pass
         self._drop(dst)
+
+
+CONTRACT = Path(__file__).parent.parent / "contract" / "create-events.openapi.yaml"
+
+
+def contract_examples() -> list[list[dict[str, Any]]]:
+    """The example requests embedded in the contract's description, as JSON."""
+    description = yaml.safe_load(CONTRACT.read_text())["paths"]["/create-events"]["post"][
+        "description"
+    ]
+    blocks = re.findall(r"<pre>(.*?)</pre>", description, flags=re.DOTALL)
+    return [json.loads(re.sub(r"</?mark>", "", block)) for block in blocks]
+
+
+def events_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """This environment, pointing an events-server process at the settings' Redis and keys."""
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "EVENTS_KEY_PREFIX": settings.key_prefix,
+        "EVENTS_PARTITIONS": str(settings.partitions),
+        **extra,
+    }
+
+
+async def started_server(settings: Settings) -> tuple[EventsServer, int]:
+    """An in-process events-server, started, and its port (run it on a LoopThread)."""
+    server, port = await create_server(settings)
+    await server.start()
+    return server, port

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
 import redis
-import yaml
 
 from events_server.config import Settings
 from events_server.keys import KeySpace
@@ -22,28 +19,12 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.errors import HTTP_STATUS
 from rest_bridge.ingest import api_key
 from rest_bridge.upstream import metadata_value
-from tests.support import UvicornThread, free_port, queued
-
-CONTRACT = Path(__file__).parent.parent / "contract" / "create-events.openapi.yaml"
-
-
-def contract_examples() -> list[list[dict[str, Any]]]:
-    """The example requests embedded in the contract's description, as JSON."""
-    description = yaml.safe_load(CONTRACT.read_text())["paths"]["/create-events"]["post"][
-        "description"
-    ]
-    blocks = re.findall(r"<pre>(.*?)</pre>", description, flags=re.DOTALL)
-    return [json.loads(re.sub(r"</?mark>", "", block)) for block in blocks]
+from tests.support import UvicornThread, contract_examples, events_env, free_port, queued
 
 
 def tail(settings: Settings, *args: str) -> list[dict[str, Any]]:
     """Run `events-server tail` for real and parse its JSON lines."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-    }
+    env = events_env(settings)
     out = subprocess.run(
         [sys.executable, "-m", "events_server", "tail", *args],
         env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from events_server.cli import main as events_server_main
 from events_server.config import Settings
 from rest_bridge.cli import main as bridge_main
 from rest_bridge.config import BridgeSettings
-from tests.support import free_port
+from tests.support import events_env, free_port
 
 
 def _help(module: str, *args: str) -> str:
@@ -81,12 +80,7 @@ def test_invalid_settings_fail_at_start_up(
 def test_tail_follow_prints_new_envelopes(
     http: httpx.Client, settings: Settings, rdb: redis.Redis
 ) -> None:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-    }
+    env = events_env(settings)
     proc = subprocess.Popen(
         [sys.executable, "-m", "events_server", "tail", "--count", "0", "--follow"],
         env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import subprocess
@@ -19,19 +18,14 @@ import redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from tests.support import free_port
+from tests.support import events_env, free_port
 from tests.test_consumer import Entry, produce
 from tests.test_server import eventually
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
     """The environment that points the commands at the session's Valkey and keys."""
-    return {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-    }
+    return events_env(settings)
 
 
 def events_server(settings: Settings, *args: str) -> str:

@@ -28,7 +28,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer, create_server
 from tests.conftest import Valkey
-from tests.support import CuttingProxy, LoopThread, free_port, queued
+from tests.support import CuttingProxy, LoopThread, contract_examples, free_port, queued
 from tests.test_service import ev
 
 T = TypeVar("T")
@@ -38,17 +38,7 @@ DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 CREATE = "/events.v1.EventsService/CreateEvents"
 
 # The contract's first example.
-EXAMPLE_EVENT: dict[str, Any] = {
-    "tenant": "my_store",
-    "market": "us",
-    "type": "page_view",
-    "user_id": "GA1.2.00000000.0000000000",
-    "url": "https://my_store.com/awesome_mechanical_keyboard.html",
-    "product_id": "BLA-KEY-XXX",
-    "entity_identifiers": {"sku": "31415"},
-    "entity_price": "100$",
-    "document_width": "300",
-}
+EXAMPLE_EVENT: dict[str, Any] = contract_examples()[0][0]
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

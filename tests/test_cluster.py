@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ from events_server.consumer import Consumer, Message
 from events_server.groups import group_states, replay_dead_letters, trim
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer, create_server
+from events_server.server import EventsServer
 from events_server.store import partition_for
 from tests import test_service as core
 from tests.cluster_support import ValkeyCluster
-from tests.support import LoopThread
+from tests.support import LoopThread, events_env, started_server
 from tests.test_consumer import FAST, entries, in_order, produce, run, until
 from tests.test_server import SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
@@ -67,12 +66,7 @@ def keys(settings: Settings) -> KeySpace:
 def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, int]]:
     """A real gRPC server queuing on the cluster."""
 
-    async def start() -> tuple[EventsServer, int]:
-        server, port = await create_server(settings)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.run(started_server(settings))
     yield server, port
     loop.run(server.stop(0))
 
@@ -166,6 +160,7 @@ def test_every_key_of_a_partition_is_in_one_slot_and_partitions_cover_every_node
 def test_ten_thousand_events_split_over_the_nodes_with_no_crossslot(
     stub: events_pb2_grpc.EventsServiceStub,
     rdb: RedisCluster,
+    settings: Settings,
     keys: KeySpace,
     valkey_cluster: ValkeyCluster,
 ) -> None:
@@ -214,12 +209,7 @@ def test_ten_thousand_events_split_over_the_nodes_with_no_crossslot(
     # What operators see: the same split, by `events-server partitions`.
     shown = subprocess.run(
         [sys.executable, "-m", "events_server", "partitions", "--redis-cluster"],
-        env={
-            **os.environ,
-            "REDIS_URL": valkey_cluster.url,
-            "EVENTS_KEY_PREFIX": keys.prefix,
-            "EVENTS_PARTITIONS": str(keys.partitions),
-        },
+        env=events_env(settings),
         capture_output=True,
         text=True,
         check=True,
@@ -298,12 +288,7 @@ def test_a_replica_that_takes_over_a_dead_primary_gets_its_partitions(
         replica = cluster.add_replica(1)
         own = settings.model_copy(update={"redis_url": cluster.url})
 
-        async def start() -> tuple[EventsServer, int]:
-            server, port = await create_server(own)
-            await server.start()
-            return server, port
-
-        server, port = loop.run(start())
+        server, port = loop.run(started_server(own))
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = events_pb2_grpc.EventsServiceStub(channel)
@@ -391,6 +376,7 @@ def test_consumers_trim_and_replay_work_on_the_cluster(
 def test_tail_reads_every_partition_of_the_cluster(
     stub: events_pb2_grpc.EventsServiceStub,
     rdb: RedisCluster,
+    settings: Settings,
     keys: KeySpace,
     valkey_cluster: ValkeyCluster,
 ) -> None:
@@ -398,12 +384,7 @@ def test_tail_reads_every_partition_of_the_cluster(
     sent = send(stub, *(ev(user_id=user) for user in users.values()))
     shown = subprocess.run(
         [sys.executable, "-m", "events_server", "tail", "--redis-cluster"],
-        env={
-            **os.environ,
-            "REDIS_URL": valkey_cluster.url,
-            "EVENTS_KEY_PREFIX": keys.prefix,
-            "EVENTS_PARTITIONS": str(keys.partitions),
-        },
+        env=events_env(settings),
         capture_output=True,
         text=True,
         check=True,

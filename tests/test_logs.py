@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from events_server.logs import (
 )
 from events_server.pb import events_pb2_grpc
 from rest_bridge.access import redact_query
-from tests.support import free_port
+from tests.support import events_env, free_port
 from tests.test_server import eventually
 from tests.test_service import ev, send
 
@@ -219,14 +218,11 @@ def _wait_http(url: str) -> None:
 
 def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
     """Both real processes at DEBUG, keys sent every way they can come: none is in the output."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-        "EVENTS_METRICS_ADDR": "127.0.0.1:0",
-        "EVENTS_LOG_LEVEL": "DEBUG",
-    }
+    env = events_env(
+        settings,
+        EVENTS_METRICS_ADDR="127.0.0.1:0",
+        EVENTS_LOG_LEVEL="DEBUG",
+    )
     server_out, bridge_out = tmp_path / "server.log", tmp_path / "bridge.log"
     http_port = free_port()
     with server_out.open("w") as server_log, bridge_out.open("w") as bridge_log:

@@ -21,12 +21,12 @@ from events_server.keys import KeySpace
 from events_server.metrics import OTHER_TENANT, TenantLabels
 from events_server.pb import events_pb2_grpc
 from events_server.sampler import RedisSampler
-from events_server.server import EventsServer, create_server
+from events_server.server import EventsServer
 from events_server.store import connect
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread, free_port
+from tests.support import LoopThread, free_port, started_server
 from tests.test_server import eventually
 from tests.test_service import ev, send
 
@@ -127,12 +127,7 @@ def test_tenant_labels_are_capped_and_only_queued_events_take_a_place() -> None:
 def test_tenant_cap_applies_to_the_servers_counters(
     loop: LoopThread, settings: Settings, rdb: redis.Redis
 ) -> None:
-    async def start() -> tuple[EventsServer, int]:
-        started, port = await create_server(settings.model_copy(update={"metrics_max_tenants": 1}))
-        await started.start()
-        return started, port
-
-    capped, port = loop.run(start())
+    capped, port = loop.run(started_server(settings.model_copy(update={"metrics_max_tenants": 1})))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = events_pb2_grpc.EventsServiceStub(channel)

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -241,29 +241,18 @@ def test_append_failing_mid_request_leaves_no_orphan_and_retry_queues_each_once(
     assert orphan_dedup_keys(rdb, keys) == []
 
 
-@pytest.fixture
-def full(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
-    """The session's Valkey past its maxmemory (writes refused with OOM), restored after."""
-    valkey.killable()  # our own server: safe to reconfigure
-    rdb.config_set("maxmemory", 1)
-    try:
-        yield rdb
-    finally:
-        rdb.config_set("maxmemory", 0)
-
-
 def test_full_redis_is_backpressure_429_with_retry_after_and_nothing_queued(
-    http: httpx.Client, full: redis.Redis, keys: KeySpace
+    http: httpx.Client, full_valkey: redis.Redis, keys: KeySpace
 ) -> None:
     body = [event("oom", n) for n in range(50)]  # over several partitions
     answer = http.post("/create-events", json=body)
     assert answer.status_code == 429
     assert answer.headers["retry-after"] == "1"
     assert "maxmemory" in answer.json()["detail"]
-    assert stream_contents(full, keys) == {}
-    assert list(full.scan_iter(match=keys.dedup_pattern())) == []
+    assert stream_contents(full_valkey, keys) == {}
+    assert list(full_valkey.scan_iter(match=keys.dedup_pattern())) == []
 
-    full.config_set("maxmemory", 0)  # heal
+    full_valkey.config_set("maxmemory", 0)  # heal
     answer = http.post("/create-events", json=body)
     assert answer.status_code == 200
     assert answer.json()["accepted"] == 50

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from events_server.pb import events_pb2_grpc
 from events_server.server import SERVICE_NAME, EventsServer, create_server
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread, UvicornThread, free_port, queued
+from tests.support import LoopThread, UvicornThread, events_env, free_port, queued, started_server
 from tests.test_service import ev, send
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -127,16 +126,13 @@ def test_redis_down_means_unavailable_and_503_then_recovery(  # noqa: PLR0917
 
 
 def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-        "EVENTS_SHUTDOWN_GRACE_SECONDS": "5",
-        "EVENTS_METRICS_ADDR": "127.0.0.1:0",
+    env = events_env(
+        settings,
+        EVENTS_SHUTDOWN_GRACE_SECONDS="5",
+        EVENTS_METRICS_ADDR="127.0.0.1:0",
         # Longer than the CLIENT PAUSE below, so the held call waits instead of failing.
-        "EVENTS_REDIS_TIMEOUT_SECONDS": "6",
-    }
+        EVENTS_REDIS_TIMEOUT_SECONDS="6",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
         env=env,
@@ -197,13 +193,10 @@ def test_workers_share_one_port_and_stop_together(
     valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-        "EVENTS_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-    }
+    env = events_env(
+        settings,
+        EVENTS_METRICS_ADDR=f"127.0.0.1:{free_port()}",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "events_server", "serve", "--grpc-addr", f"127.0.0.1:{port}",
          "--workers", "2"],
@@ -242,12 +235,7 @@ def test_bridge_reaches_the_server_over_a_unix_socket(
     socket_path = tmp_path / "events.sock"
     on_socket = settings.model_copy(update={"grpc_addr": f"unix:{socket_path}"})
 
-    async def start() -> EventsServer:
-        server, _ = await create_server(on_socket)
-        await server.start()
-        return server
-
-    server = loop.run(start())
+    server, _ = loop.run(started_server(on_socket))
     bridge = UvicornThread(BridgeSettings(grpc_target=f"unix:{socket_path}"))
     bridge.start()
     try:

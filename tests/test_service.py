@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,10 +14,8 @@ from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.server import create_server
 from events_server.store import partition_for
-from tests.conftest import Valkey
-from tests.support import LoopThread, queued
+from tests.support import LoopThread, queued, started_server
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
@@ -99,12 +96,7 @@ def test_an_id_is_queued_again_after_the_ttl(
 ) -> None:
     short = settings.model_copy(update={"dedup_ttl_seconds": 1})
 
-    async def start() -> tuple[object, int]:
-        server, port = await create_server(short)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.run(started_server(short))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             short_stub = events_pb2_grpc.EventsServiceStub(channel)
@@ -116,7 +108,7 @@ def test_an_id_is_queued_again_after_the_ttl(
             time.sleep(1.2)
             assert statuses(send(short_stub, ev(deduplication_id="t"))) == [ACCEPTED]
     finally:
-        loop.run(server.stop(0))  # type: ignore[attr-defined]
+        loop.run(server.stop(0))
     assert len(queued(rdb, keys)) == 2
 
 
@@ -226,17 +218,6 @@ def test_failed_append_leaves_no_dedup_key_and_a_retry_queues_once(
     assert statuses(send(stub, *events)) == [ACCEPTED, ACCEPTED, ACCEPTED]
     assert statuses(send(stub, *events[:2])) == [DUPLICATE, DUPLICATE]
     assert sorted(e.event.deduplication_id for _, e in queued(rdb, keys)) == ["", "a", "b"]
-
-
-@pytest.fixture
-def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
-    """Valkey with maxmemory reached (writes refused with OOM), restored afterwards."""
-    valkey.killable()  # our own server: safe to reconfigure
-    rdb.config_set("maxmemory", 1)
-    try:
-        yield rdb
-    finally:
-        rdb.config_set("maxmemory", 0)
 
 
 def test_refused_write_leaves_nothing_behind(
