@@ -50,6 +50,16 @@ def validation_detail(loc: list[str | int], msg: str, kind: str) -> dict[str, An
     return {"loc": [_printable(p) for p in loc], "msg": msg, "type": kind}
 
 
+def unprocessable(detail: list[dict[str, Any]]) -> Reply:
+    """A 422 with the contract's HTTPValidationError body."""
+    return json_reply(422, {"detail": detail})
+
+
+def invalid_body(loc: list[str | int], msg: str, kind: str) -> Reply:
+    """A 422 naming one thing wrong with the body."""
+    return unprocessable([validation_detail(loc, msg, kind)])
+
+
 def _field_loc(path: str) -> list[str | int]:
     """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body."""
     match = _FIELD_PATH.match(path)
@@ -77,7 +87,8 @@ def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -
     http_status = HTTP_STATUS.get(code, 500)
     message = error.details() or code.name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        detail = _violations(error) or [validation_detail(["body"], message, "value_error")]
-        return json_reply(http_status, {"detail": detail})
+        return unprocessable(
+            _violations(error) or [validation_detail(["body"], message, "value_error")]
+        )
     headers = {"Retry-After": str(retry_after_seconds)} if code in RETRYABLE else None
     return json_reply(http_status, {"detail": message}, headers)

@@ -24,7 +24,7 @@ from events_server.codec import event_from_dict
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.config import BridgeSettings
-from rest_bridge.errors import grpc_error_response, validation_detail
+from rest_bridge.errors import grpc_error_response, invalid_body, unprocessable, validation_detail
 from rest_bridge.models import Event, unencodable_locations
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
@@ -52,48 +52,18 @@ def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except json.JSONDecodeError as error:
-        return json_reply(
-            422,
-            {
-                "detail": [
-                    validation_detail(["body", error.pos], "JSON decode error", "json_invalid")
-                ]
-            },
-        )
+        return invalid_body(["body", error.pos], "JSON decode error", "json_invalid")
     except UnicodeDecodeError as error:
         # FastAPI answers 400 "There was an error parsing the body"; JSON must be UTF-8.
-        return json_reply(
-            422,
-            {
-                "detail": [
-                    validation_detail(
-                        ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
-                    )
-                ]
-            },
+        return invalid_body(
+            ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
         )
     except RecursionError:
-        return json_reply(
-            422,
-            {
-                "detail": [
-                    validation_detail(
-                        ["body"], "JSON decode error: nested too deeply", "json_invalid"
-                    )
-                ]
-            },
-        )
+        return invalid_body(["body"], "JSON decode error: nested too deeply", "json_invalid")
     except ValueError as error:
         # Python refuses to convert integers of over 4300 digits (a guard against
         # quadratic parsing); FastAPI would answer 500.
-        return json_reply(
-            422,
-            {
-                "detail": [
-                    validation_detail(["body"], f"JSON decode error: {error}", "json_invalid")
-                ]
-            },
-        )
+        return invalid_body(["body"], f"JSON decode error: {error}", "json_invalid")
 
 
 def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
@@ -113,17 +83,16 @@ def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
         else:
             value = body  # as FastAPI: a non-JSON body is validated as raw bytes (and fails)
     if value is _UNSET:
-        return json_reply(
-            422, {"detail": [validation_detail(["body"], "Field required", "missing")]}
-        )
+        return invalid_body(["body"], "Field required", "missing")
     try:
         return EVENTS.validate_python(value, from_attributes=True)
     except ValidationError as exc:
-        detail = [
-            validation_detail(["body", *e["loc"]], e["msg"], e["type"])
-            for e in exc.errors(include_url=False, include_context=False, include_input=False)
-        ]
-        return json_reply(422, {"detail": detail})
+        return unprocessable(
+            [
+                validation_detail(["body", *e["loc"]], e["msg"], e["type"])
+                for e in exc.errors(include_url=False, include_context=False, include_input=False)
+            ]
+        )
 
 
 def api_key(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
@@ -192,13 +161,14 @@ class CreateEvents:
         try:
             call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
         except UnicodeEncodeError:
-            detail = [
-                validation_detail(
-                    loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
-                )
-                for loc in unencodable_locations(events)
-            ]
-            reply = json_reply(422, {"detail": detail})
+            reply = unprocessable(
+                [
+                    validation_detail(
+                        loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
+                    )
+                    for loc in unencodable_locations(events)
+                ]
+            )
             self._report_rejected(body, reply)
             return reply
         client = scope.get("client")
