@@ -39,3 +39,14 @@ class StoreUnavailable(IngestError):
 
 class StoreFull(IngestError):
     """Redis is out of memory and refuses writes; refused batches queued nothing. Retry later."""
+
+
+class Unauthenticated(IngestError):
+    """No API key, or one that is unknown or revoked."""
+
+
+class PermissionDenied(IngestError):
+    """The key may not do this: a tenant it does not cover, or a page origin it does not allow.
+
+    Nothing from the request was queued.
+    """

@@ -11,8 +11,11 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
                                         partition; expires (milliseconds)
     ev:members:<group>                  sorted set: live consumers of <group>, scored by
                                         when their membership expires (unix milliseconds)
+    ev:{keys}:records                   hash: API key id -> key record JSON (revoked too)
+    ev:{keys}:active                    hash: SHA-256 of a key in force -> key record JSON
 
-The ``{p7}`` hash tag puts everything of one partition in one Redis Cluster slot, so
+The ``{keys}`` tag keeps both key hashes in one slot, so creating and revoking a key
+are one MULTI. The ``{p7}`` hash tag puts everything of one partition in one Redis Cluster slot, so
 no script (enqueue, dead-letter, replay, trim, lease) ever crosses slots.
 """
 
@@ -85,3 +88,11 @@ class KeySpace:
     def members(self, group: str) -> str:
         """Sorted set of the group's live consumers, scored by expiry (unix ms)."""
         return f"{self.prefix}:members:{group}"
+
+    def api_keys(self) -> str:
+        """Hash of every API key record by id (never a secret)."""
+        return f"{self.prefix}:{{keys}}:records"
+
+    def api_key_digests(self) -> str:
+        """Hash of the keys in force, by SHA-256 digest of the secret."""
+        return f"{self.prefix}:{{keys}}:active"

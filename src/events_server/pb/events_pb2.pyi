@@ -351,7 +351,7 @@ class Envelope(_message.Message):
     referer: _builtins.str
     forwarded_host: _builtins.str
     api_key_id: _builtins.str
-    """Id (never the secret) of the API key that sent the event; empty until keys are enforced."""
+    """Id (never the secret) of the API key that sent the event."""
     @_builtins.property
     def event(self) -> Global___Event: ...
     @_builtins.property
@@ -462,3 +462,48 @@ class RecordRejectedResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordRejectedResponse: _TypeAlias = RecordRejectedResponse  # noqa: Y015
+
+@_typing.final
+class OriginCheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    """The browser's Origin header, e.g. "https://shop.example"."""
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OriginCheckRequest: _TypeAlias = OriginCheckRequest  # noqa: Y015
+
+@_typing.final
+class OriginCheckResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    credentials: _builtins.bool
+    """Allowed by name, not only by a "*": the origin may be echoed together with
+    Access-Control-Allow-Credentials: true.
+    """
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        credentials: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OriginCheckResponse: _TypeAlias = OriginCheckResponse  # noqa: Y015

@@ -182,3 +182,81 @@ class RejectedEvents:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class OriginsStub:
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Check = channel.unary_unary(
+                '/events.v1.Origins/Check',
+                request_serializer=events__server_dot_pb_dot_events__pb2.OriginCheckRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.OriginCheckResponse.FromString,
+                _registered_method=True)
+
+
+class OriginsServicer:
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    def Check(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OriginsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.OriginCheckRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.OriginCheckResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'events.v1.Origins', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('events.v1.Origins', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Origins:
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.Origins/Check',
+            events__server_dot_pb_dot_events__pb2.OriginCheckRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.OriginCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -101,3 +101,37 @@ class RejectedEventsServicer(metaclass=_abc_1.ABCMeta):
         """Appends one bounded record to each named tenant's rejected stream."""
 
 def add_RejectedEventsServicer_to_server(servicer: RejectedEventsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class OriginsStub:
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> OriginsAsyncStub: ...
+    Check: _grpc.UnaryUnaryMultiCallable[_events_pb2.OriginCheckRequest, _events_pb2.OriginCheckResponse]
+
+@_typing.type_check_only
+class OriginsAsyncStub(OriginsStub):
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Check: _aio.UnaryUnaryMultiCallable[_events_pb2.OriginCheckRequest, _events_pb2.OriginCheckResponse]  # type: ignore[assignment]
+
+class OriginsServicer(metaclass=_abc_1.ABCMeta):
+    """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
+    with the key in the x-api-key metadata (with no or an unknown key: with any key)?
+    """
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _events_pb2.OriginCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.OriginCheckResponse, _abc.Awaitable[_events_pb2.OriginCheckResponse]]: ...
+
+def add_OriginsServicer_to_server(servicer: OriginsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
