@@ -19,7 +19,15 @@ from events_server.pb import events_pb2_grpc
 from events_server.server import EventsServer
 from rest_bridge.config import BridgeSettings
 from tests.cluster_support import ValkeyCluster
-from tests.support import LoopThread, UvicornThread, ValkeyProcess, started_server
+from tests.support import (
+    TEST_TENANTS,
+    KeyMetadata,
+    LoopThread,
+    UvicornThread,
+    ValkeyProcess,
+    create_key,
+    started_server,
+)
 
 
 class Valkey:
@@ -64,6 +72,12 @@ def settings(valkey: Valkey) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def api_key(valkey: Valkey, settings: Settings) -> str:
+    """The secret of a key in force for every tenant the tests write to (see TEST_TENANTS)."""
+    return create_key(valkey.url, settings.key_prefix, TEST_TENANTS, label="tests")
+
+
+@pytest.fixture(scope="session")
 def keys(settings: Settings) -> KeySpace:
     """The session's Redis key names."""
     return KeySpace(settings.key_prefix, settings.partitions)
@@ -93,10 +107,10 @@ def grpc_target(grpc_server: tuple[EventsServer, int]) -> str:
 
 
 @pytest.fixture(scope="session")
-def channel(grpc_target: str) -> Iterator[grpc.Channel]:
-    """A plain (sync) gRPC channel to the server, as an internal service would open."""
+def channel(grpc_target: str, api_key: str) -> Iterator[grpc.Channel]:
+    """A plain (sync) gRPC channel to the server that sends the session's key on every call."""
     with grpc.insecure_channel(grpc_target) as chan:
-        yield chan
+        yield grpc.intercept_channel(chan, KeyMetadata(api_key))
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +135,9 @@ def bridge(bridge_settings: BridgeSettings) -> Iterator[str]:
 
 
 @pytest.fixture
-def http(bridge: str) -> Iterator[httpx.Client]:
-    """An HTTP client for the bridge."""
-    with httpx.Client(base_url=bridge, timeout=10) as client:
+def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
+    """An HTTP client for the bridge that sends the session's key in the X-API-KEY header."""
+    with httpx.Client(base_url=bridge, timeout=10, headers={"x-api-key": api_key}) as client:
         yield client
 
 
@@ -148,8 +162,11 @@ def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
 
 
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:
+    keep = KeySpace(prefix, 1)
+    api_keys = {keep.api_keys().encode(), keep.api_key_digests().encode()}
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.unlink(key)
+        if key not in api_keys:  # the session's API key outlives every test
+            client.unlink(key)
 
 
 # --- figures: what the fault and load tests measured, shown at the end of the run ----

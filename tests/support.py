@@ -13,14 +13,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import redis
+import redis.asyncio as aioredis
 import uvicorn
 import yaml
 
+from events_server.auth import KeyStore
 from events_server.config import Settings
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
@@ -29,6 +32,45 @@ from rest_bridge.cli import server_config
 from rest_bridge.config import BridgeSettings
 
 T = TypeVar("T")
+
+TEST_TENANTS = (
+    "t", "t0", "t1", "t2", "my_store", "shop_eu", "shop_us", "outlet", "mp", "workers",
+    "first", "second", "third", *(f"shop-{c}" for c in "abcdfgorx"), "shop-1x", "shop-dl",
+    "shop-big", "shop-hung", "shop-cap", "shop-last", "shop-r", *(f"shop-{n}" for n in range(10)),
+    *(f"shop-r{n}" for n in range(10)), *(f"shop-m{n}" for n in range(110)),
+)  # fmt: skip
+"""Every tenant the tests write to: the session's key covers them all."""
+
+
+def create_key(
+    redis_url: str,
+    prefix: str,
+    tenants: Sequence[str],
+    label: str = "",
+    origins: Sequence[str] = (),
+) -> str:
+    """Create an API key in Redis the way ``events-server keys create`` does; its secret."""
+
+    async def create() -> str:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            _, secret = await KeyStore(client, KeySpace(prefix, 1)).create(tenants, label, origins)
+            return secret
+        finally:
+            await client.aclose()
+
+    return asyncio.run(create())
+
+
+class KeyMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends an API key as x-api-key metadata on every call of a sync channel."""
+
+    def __init__(self, api_key: str) -> None:
+        self._metadata = (("x-api-key", api_key),)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = (*(details.metadata or ()), *self._metadata)
+        return continuation(details._replace(metadata=metadata), request)
 
 
 def free_port() -> int:

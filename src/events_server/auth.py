@@ -189,7 +189,9 @@ class Authenticator:
     client tried it before it existed.
     """
 
-    def __init__(self, store: KeyStore, cache_seconds: float, fallback_origins: Sequence[str]) -> None:
+    def __init__(
+        self, store: KeyStore, cache_seconds: float, fallback_origins: Sequence[str]
+    ) -> None:
         self._store = store
         self._ttl = cache_seconds
         self._fallback = tuple(fallback_origins)
