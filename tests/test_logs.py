@@ -279,7 +279,20 @@ def _send_keys_every_way(base: str, grpc_target: str) -> None:
         assert client.post(url, json=[EVENT]).is_success
         # Failures log more: a 422 from each side, a 404, a probe.
         assert client.post(url, json=[{**EVENT, "tenant": ""}]).status_code == 422
-        assert client.post(url, content=b"[{").status_code == 422
+        json_type = {"content-type": "application/json"}
+        assert client.post(url, content=b"[{", headers=json_type).status_code == 422
+        # A beacon (key in the query), the bridge's own 413 and 415 with the key in the query.
+        beacon = {"content-type": "text/plain;charset=UTF-8"}
+        query = {"api_key": SECRETS["query"]}
+        assert client.post(url, params=query, content=b"[]", headers=beacon).is_success
+        too_big = b" " * (1024 * 1024 + 1)
+        assert client.post(url, params=query, content=too_big, headers=json_type).status_code == 413
+        assert (
+            client.post(
+                url, params=query, content=b"[]", headers={"content-type": "text/html"}
+            ).status_code
+            == 415
+        )
         assert client.get(f"/nope?api_key={SECRETS['query']}").status_code == 404
         assert client.get("/readyz", headers={"X-Request-ID": LAST_REQUEST}).status_code == 200
     with grpc.insecure_channel(grpc_target) as channel:

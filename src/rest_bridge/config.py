@@ -8,6 +8,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from events_server.config import ENV_PREFIX, LogLevel
 from events_server.logs import IpMode
 
+MIN_JSON_DEPTH = 3
+"""How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""
+
+# gRPC refuses messages over 4 MiB by default (which the bridge would have to answer
+# with a misleading 429); a body's protobuf form stays well under that at 2 MiB.
+MAX_BODY_BYTES_CEILING = 2 * 1024 * 1024
+
 
 class BridgeSettings(BaseSettings):
     """Everything the bridge needs; validated once at start-up and passed in."""
@@ -33,4 +40,26 @@ class BridgeSettings(BaseSettings):
     )
     readiness_timeout_seconds: float = Field(
         1.0, gt=0, description="Deadline of the health check behind /readyz, seconds."
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        le=MAX_BODY_BYTES_CEILING,
+        description="Largest request body accepted, in bytes: as sent and, when gzipped,"
+        " once decompressed (413 past it).",
+    )
+    # At most 256: the stdlib JSON parser gives up near 1000 levels (RecursionError),
+    # which must still mean "deeper than the limit".
+    max_json_depth: int = Field(
+        16,
+        ge=MIN_JSON_DEPTH,
+        le=256,
+        description="Deepest nesting of arrays and objects in a request body (422 past it);"
+        f" a valid body nests {MIN_JSON_DEPTH} deep.",
+    )
+    cors_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long the server's answer on a browser origin (per origin and key)"
+        " is reused, seconds.",
     )

@@ -5,16 +5,15 @@ pipeline (middleware stack, dependency solving, stdlib JSON, Starlette responses
 cost more CPU than parsing, validating and forwarding the events themselves. This
 handler keeps FastAPI's observable behaviour, 422 bodies included: the same
 pydantic TypeAdapter validates the same Python values, and JSON that orjson
-refuses is parsed again by the stdlib parser that FastAPI uses.
+refuses is parsed again by the stdlib parser that FastAPI uses. Before any of
+that, rest_bridge.body takes the body: media type, gzip, size limits.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import parse_qsl
 
 import grpc
 import orjson
@@ -23,7 +22,9 @@ from pydantic import TypeAdapter, ValidationError
 from events_server.codec import event_from_dict
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
+from rest_bridge.credentials import api_key
 from rest_bridge.errors import grpc_error_response, invalid_body, unprocessable, validation_detail
 from rest_bridge.models import Event, unencodable_locations
 from rest_bridge.rejected import RejectedReporter
@@ -37,20 +38,11 @@ STATUS_NAMES = {
     pb.EventResult.STATUS_DUPLICATE: "duplicate",
 }
 
-_UNSET = object()
 
-
-def _is_json(content_type: str) -> bool:
-    """FastAPI's rule: application/json or application/*+json (parameters ignored)."""
-    mime = content_type.partition(";")[0].strip().lower()
-    kind, _, subtype = mime.partition("/")
-    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
-
-
-def _parse_json(body: bytes) -> Any:
+def _parse_json(body: bytes, max_depth: int) -> Any:
     """The body as Python values as FastAPI parses it, or a 422 Reply when it does not parse."""
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except json.JSONDecodeError as error:
         return invalid_body(["body", error.pos], "JSON decode error", "json_invalid")
     except UnicodeDecodeError as error:
@@ -59,31 +51,52 @@ def _parse_json(body: bytes) -> Any:
             ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
         )
     except RecursionError:
-        return invalid_body(["body"], "JSON decode error: nested too deeply", "json_invalid")
+        # The parser gives up near 1000 levels, far past any allowed max_depth.
+        return _too_deep(max_depth)
     except ValueError as error:
         # Python refuses to convert integers of over 4300 digits (a guard against
         # quadratic parsing); FastAPI would answer 500.
         return invalid_body(["body"], f"JSON decode error: {error}", "json_invalid")
+    if nests_deeper(value, max_depth):
+        return _too_deep(max_depth)
+    return value
 
 
-def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
-    """The request body as Events, or the contract's 422 Reply."""
-    is_json = bool(content_type) and _is_json(content_type or "")
-    if body and is_json:
+def _too_deep(max_depth: int) -> Reply:
+    return invalid_body(
+        ["body"],
+        f"JSON is nested deeper than the limit of {max_depth} levels of arrays and objects"
+        " (max_json_depth)",
+        "json_too_deep",
+    )
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep (a loop: no recursion)."""
+    stack = [(value, 1)] if isinstance(value, list | dict) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
+    return False
+
+
+def validate_body(body: bytes, max_depth: int) -> list[Event] | Reply:
+    """A JSON request body as Events, or the contract's 422 Reply."""
+    if body:
         try:
+            # Success implies a shallow body: list[Event] nests MIN_JSON_DEPTH deep at
+            # most, and max_depth is at least that. So depth is checked on failure only.
             return EVENTS.validate_json(body)
         except ValidationError:
             pass  # FastAPI's way below, for FastAPI's exact 422
-    value: Any = _UNSET
-    if body:
-        if is_json:
-            value = _parse_json(body)
-            if isinstance(value, Reply):
-                return value
-        else:
-            value = body  # as FastAPI: a non-JSON body is validated as raw bytes (and fails)
-    if value is _UNSET:
+    if not body:
         return invalid_body(["body"], "Field required", "missing")
+    value = _parse_json(body, max_depth)
+    if isinstance(value, Reply):
+        return value
     try:
         return EVENTS.validate_python(value, from_attributes=True)
     except ValidationError as exc:
@@ -93,22 +106,6 @@ def validate_body(body: bytes, content_type: str | None) -> list[Event] | Reply:
                 for e in exc.errors(include_url=False, include_context=False, include_input=False)
             ]
         )
-
-
-def api_key(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
-    """The API key: the X-API-KEY header, else the api_key query parameter, else the cookie."""
-    if key := headers.get(b"x-api-key"):
-        return key.decode("latin-1")
-    if query_string:
-        for name, value in parse_qsl(query_string.decode("latin-1")):
-            if name == "api_key" and value:
-                return value
-    if cookie := headers.get(b"cookie"):
-        jar: SimpleCookie = SimpleCookie()
-        jar.load(cookie.decode("latin-1"))
-        if (morsel := jar.get("X-API-KEY")) and morsel.value:
-            return morsel.value
-    return None
 
 
 def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
@@ -141,20 +138,25 @@ class CreateEvents:
         self._rejected = rejected
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        reply = await self.handle(scope, b"".join(chunks))
+        headers = dict(scope["headers"])
+        key, source = api_key(headers, scope.get("query_string", b""))
+        try:
+            check_media_type(headers.get(b"content-type"), source)
+            gzipped = is_gzipped(headers.get(b"content-encoding"))
+            body = await read_body(
+                receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
+            )
+        except BodyRefused as refused:
+            reply = refused.reply
+        else:
+            reply = await self.handle(scope, headers, key, body)
         await reply.send(send)
 
-    async def handle(self, scope: dict[str, Any], body: bytes) -> Reply:
-        """The reply to one request with its whole body."""
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type")
-        events = validate_body(body, content_type.decode("latin-1") if content_type else None)
+    async def handle(
+        self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
+    ) -> Reply:
+        """The reply to one request with its whole (inflated) JSON body."""
+        events = validate_body(body, self._settings.max_json_depth)
         if isinstance(events, Reply):
             self._report_rejected(body, events)
             return events
@@ -172,9 +174,7 @@ class CreateEvents:
             self._report_rejected(body, reply)
             return reply
         client = scope.get("client")
-        metadata = forwarded_metadata(
-            headers, client[0] if client else "", api_key(headers, scope.get("query_string", b""))
-        )
+        metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
             response = await self._stub().CreateEvents(
                 call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
@@ -184,6 +184,9 @@ class CreateEvents:
         return json_reply(200, response_body(response))
 
     def _report_rejected(self, body: bytes, reply: Reply) -> None:
-        """File a request the bridge refused itself in the rejected record (in the background)."""
+        """File a request the bridge refused itself in the rejected record (in the background).
+
+        ``body`` is the inflated one, so at most max_body_bytes: never a gzip bomb.
+        """
         if self._rejected is not None:
             self._rejected.report(body, orjson.loads(reply.body)["detail"])

@@ -1,0 +1,186 @@
+"""The request body before parsing: its media type, its Content-Encoding, its size.
+
+Nothing past ``max_body_bytes`` is ever held in memory: a declared Content-Length
+over it is refused before reading, a chunked body as soon as it passes it, and a
+gzipped one is inflated as it arrives, never to more than the limit (a gzip bomb
+of 10 KB that would inflate to 10 MB costs 1 MiB at most).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from rest_bridge.credentials import KeySource
+from rest_bridge.errors import invalid_body
+from rest_bridge.responses import Reply, json_reply
+
+ACCEPTED_TYPES = (
+    "application/json (or application/*+json); text/plain (navigator.sendBeacon) only with"
+    " the key in the api_key query parameter"
+)
+
+# What a 415 echoes of the client's header: enough to recognise it.
+MAX_SHOWN_CHARS = 100
+
+_GZIP = frozenset({b"gzip", b"x-gzip"})  # x-gzip: the old name (RFC 9110, 8.4.1.3)
+_GZIP_WBITS = 31  # zlib's "gzip header and trailer" mode
+INFLATE_STEP = 64 * 1024
+
+
+class BodyRefused(Exception):
+    """The body cannot be taken; ``reply`` says why."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+def _shown(value: bytes) -> str:
+    return value.decode("latin-1")[:MAX_SHOWN_CHARS]
+
+
+def _unsupported(why: str, header: tuple[str, str]) -> BodyRefused:
+    return BodyRefused(json_reply(415, {"detail": why}, dict([header])))
+
+
+def _media_refused(why: str) -> BodyRefused:
+    return _unsupported(f"{why}: send {ACCEPTED_TYPES}", ("Accept-Post", "application/json"))
+
+
+def check_media_type(content_type: bytes | None, key_source: KeySource | None) -> None:
+    """Raise BodyRefused (415) unless the body is to be read as JSON.
+
+    text/plain is what navigator.sendBeacon sends; it is also what a page of any
+    other site may send without a CORS preflight, with the victim's cookies. So it
+    is JSON only when the key is in the query (which such a page cannot take from
+    the victim's cookie jar). A body without a Content-Type is JSON, as FastAPI
+    reads it, except with a cookie key: a typeless Blob is sent cross-site without
+    a preflight too.
+    """
+    if not content_type:
+        if key_source is KeySource.COOKIE:
+            raise _media_refused(
+                "a body without Content-Type is not accepted with the key in the X-API-KEY cookie"
+            )
+        return
+    mime = content_type.partition(b";")[0].strip().lower()
+    kind, _, subtype = mime.partition(b"/")
+    if kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json")):
+        return
+    if mime == b"text/plain":
+        if key_source is KeySource.QUERY:
+            return
+        where = f"the {key_source.value}" if key_source else "no key"
+        raise _media_refused(
+            f"Content-Type text/plain is accepted only with the key in the api_key query"
+            f" parameter (navigator.sendBeacon), not with {where}"
+        )
+    raise _media_refused(f"Content-Type {_shown(content_type)!r} is not accepted")
+
+
+def is_gzipped(content_encoding: bytes | None) -> bool:
+    """Whether the body is gzipped; raise BodyRefused (415) for any other coding but identity."""
+    if not content_encoding:
+        return False
+    codings = [c.strip().lower() for c in content_encoding.split(b",")]
+    codings = [c for c in codings if c and c != b"identity"]
+    if not codings:
+        return False
+    if len(codings) == 1 and codings[0] in _GZIP:
+        return True
+    raise _unsupported(
+        f"Content-Encoding {_shown(content_encoding)!r} is not supported: send gzip,"
+        " identity or none",
+        ("Accept-Encoding", "gzip, identity"),
+    )
+
+
+def too_large(limit: int, decompressed: bool = False) -> BodyRefused:
+    """The 413 naming the limit."""
+    where = " once decompressed" if decompressed else ""
+    return BodyRefused(
+        json_reply(
+            413,
+            {
+                "detail": f"request body is larger than the limit of {limit} bytes"
+                f" (max_body_bytes){where}"
+            },
+            # The rest of the body is not read: the connection cannot be reused.
+            {"Connection": "close"},
+        )
+    )
+
+
+class Inflater:
+    """A gzip body, inflated as its chunks arrive, never to more than ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
+        self._body = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Inflate one chunk; BodyRefused when it is not gzip or inflates past the limit."""
+        while data:
+            if self._zlib.eof:
+                self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)  # RFC 1952: members follow
+            # Small steps, and at most one byte past the limit: zlib's own buffers for a
+            # step stay small, and one byte more is enough to know the limit was passed.
+            room = min(INFLATE_STEP, self._limit + 1 - len(self._body))
+            try:
+                out = self._zlib.decompress(data, room)
+            except zlib.error as error:
+                raise _corrupt(f"the body is not valid gzip ({error})") from None
+            self._body += out
+            if len(self._body) > self._limit:
+                raise too_large(self._limit, decompressed=True)
+            # Output zlib still holds when a step ends comes out with the next input; the
+            # gzip trailer cannot be taken before it, so finish() never sees it missing.
+            data = self._zlib.unused_data if self._zlib.eof else self._zlib.unconsumed_tail
+
+    def finish(self) -> bytes:
+        """The whole inflated body; BodyRefused when the gzip stream was cut short."""
+        if not self._zlib.eof:
+            raise _corrupt("the body ends before its gzip stream does (truncated or empty)")
+        return bytes(self._body)
+
+
+def _corrupt(why: str) -> BodyRefused:
+    return BodyRefused(invalid_body(["body"], f"Content-Encoding gzip: {why}", "gzip_invalid"))
+
+
+def _declared(content_length: bytes | None) -> int:
+    try:
+        return int(content_length) if content_length else 0
+    except ValueError:
+        return 0  # the server's HTTP parser refuses these anyway; counting still applies
+
+
+async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, limit: int) -> bytes:
+    """The whole body (inflated when gzipped), or BodyRefused as soon as it passes ``limit``."""
+    if _declared(content_length) > limit:
+        raise too_large(limit)
+    inflater = Inflater(limit) if gzipped else None
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
+            raise BodyRefused(
+                json_reply(499, {"detail": "the client left before sending the whole body"})
+            )
+        chunk: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        if inflater is None:
+            chunks.append(chunk)
+        else:
+            inflater.feed(chunk)
+    if inflater is not None:
+        return inflater.finish()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
