@@ -9,6 +9,7 @@ signals to a real server process. Each test reports its figures (see the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
 from events_server.store import ENQUEUE_SCRIPT, partition_for
+from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
 from tests.proxy import FaultProxy
 from tests.stack import (
@@ -256,6 +258,29 @@ def test_full_redis_is_backpressure_429_with_retry_after_and_nothing_queued(
     answer = http.post("/create-events", json=body)
     assert answer.status_code == 200
     assert answer.json()["accepted"] == 50
+
+
+def test_one_byte_over_the_body_limit_queues_nothing_and_its_halves_are_all_accepted(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    limit = BridgeSettings().max_body_bytes
+    events = [event("big", n) for n in range(200)]
+    text = json.dumps(events).encode()
+    assert len(text) < limit
+    over = text + b" " * (limit + 1 - len(text))  # real events, padded one byte past
+    answer = http.post("/create-events", content=over, headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+    assert f"limit of {limit} bytes (max_body_bytes)" in answer.json()["detail"]
+    # Nothing of it reached Redis: no entry, and no dedup key that would turn the
+    # client's retry into "duplicate".
+    assert stream_contents(rdb, keys) == {}
+    assert list(rdb.scan_iter(match=keys.dedup_pattern())) == []
+    # The client splits the batch and retries: every event is queued, once.
+    for half in (events[:100], events[100:]):
+        answer = http.post("/create-events", json=half)
+        assert answer.status_code == 200
+        assert answer.json()["accepted"] == 100
+    assert sorted(len(ids) for ids in stream_contents(rdb, keys).values()) == [1] * 200
 
 
 # --- durability and readiness -------------------------------------------------------
