@@ -21,6 +21,7 @@ from events_server.server import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
+from rest_bridge.cors import Cors, is_preflight
 from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
@@ -41,14 +42,17 @@ OptionalHeader = Annotated[str | None, WithJsonSchema({"type": "string"}), Heade
 
 
 class Bridge:
-    """The ASGI app: POST /create-events goes to the lean handler, all else to FastAPI.
+    """The ASGI app: POST /create-events and its preflight to lean handlers, the rest to FastAPI.
 
     Every request passes AccessMiddleware first (request id, access line, metrics).
     """
 
-    def __init__(self, api: FastAPI, create_events: CreateEvents, settings: BridgeSettings) -> None:
+    def __init__(
+        self, api: FastAPI, create_events: CreateEvents, cors: Cors, settings: BridgeSettings
+    ) -> None:
         self.api = api
         self.create_events = create_events
+        self.cors = cors
         self.metrics = BridgeMetrics()
         self._entry = AccessMiddleware(
             self._dispatch, self.metrics, settings.log_client_ip, routes=(CONTRACT_PATH,)
@@ -58,10 +62,14 @@ class Bridge:
         await self._entry(scope, receive, send)
 
     async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CONTRACT_PATH:
-            await self.create_events(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == CONTRACT_PATH:
+            if scope["method"] == "POST":
+                await self.create_events(scope, receive, send)
+                return
+            if scope["method"] == "OPTIONS" and is_preflight(scope):
+                await self.cors.preflight(scope, send)
+                return
+        await self.api(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI document (equal to the contract but for the title)."""
@@ -117,6 +125,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             app.state.rejected = events_pb2_grpc.RejectedEventsStub(channel)
+            app.state.origins = events_pb2_grpc.OriginsStub(channel)
             # Start-up objects live as long as the process: keep them out of the
             # cyclic GC: a full pass over them takes ~25 ms, a latency spike under load.
             gc.freeze()
@@ -144,7 +153,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
     rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
-    bridge = Bridge(api, CreateEvents(settings, lambda: api.state.events, rejected), settings)
+    cors = Cors(lambda: api.state.origins, settings)
+    create_events = CreateEvents(settings, lambda: api.state.events, cors, rejected)
+    bridge = Bridge(api, create_events, cors, settings)
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

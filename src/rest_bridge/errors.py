@@ -35,6 +35,11 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 # Codes a client should simply retry later: they get Retry-After.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
+# RFC 9110 requires a challenge with every 401. API keys have no registered scheme;
+# "APIKey" is FastAPI's (fastapi.security.APIKeyHeader), and unlike "Basic" it makes
+# no browser pop up a password dialog.
+WWW_AUTHENTICATE = "APIKey"
+
 _FIELD_PATH = re.compile(r"^events\[(\d+)\]\.(\w+)$")
 
 
@@ -90,5 +95,9 @@ def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -
         return unprocessable(
             _violations(error) or [validation_detail(["body"], message, "value_error")]
         )
-    headers = {"Retry-After": str(retry_after_seconds)} if code in RETRYABLE else None
+    headers: dict[str, str] = {}
+    if code in RETRYABLE:
+        headers["Retry-After"] = str(retry_after_seconds)
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return json_reply(http_status, {"detail": message}, headers)

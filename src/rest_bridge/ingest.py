@@ -24,6 +24,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
+from rest_bridge.cors import Cors
 from rest_bridge.credentials import api_key
 from rest_bridge.errors import grpc_error_response, invalid_body, unprocessable, validation_detail
 from rest_bridge.models import Event, unencodable_locations
@@ -131,15 +132,26 @@ class CreateEvents:
         self,
         settings: BridgeSettings,
         stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
+        cors: Cors,
         rejected: RejectedReporter | None = None,
     ) -> None:
         self._settings = settings
         self._stub = stub
+        self._cors = cors
         self._rejected = rejected
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = dict(scope["headers"])
         key, source = api_key(headers, scope.get("query_string", b""))
+        cors: list[tuple[bytes, bytes]] = []
+        if (origin := headers.get(b"origin")) is not None:  # browsers only: not the hot path
+            try:
+                decision = await self._cors.decide(origin.decode("latin-1"), key)
+            except grpc.aio.AioRpcError as error:
+                await grpc_error_response(error, self._settings.retry_after_seconds).send(send)
+                return
+            # On every answer, the bridge's own 413/415/422 too: the page can read them.
+            cors = self._cors.response_headers(origin, decision)
         try:
             check_media_type(headers.get(b"content-type"), source)
             gzipped = is_gzipped(headers.get(b"content-encoding"))
@@ -150,7 +162,7 @@ class CreateEvents:
             reply = refused.reply
         else:
             reply = await self.handle(scope, headers, key, body)
-        await reply.send(send)
+        await reply.send(send, cors)
 
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes

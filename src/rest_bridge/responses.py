@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,8 @@ class Reply:
     body: bytes
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    async def send(self, send: Any) -> None:
-        """Write it to an ASGI connection."""
+    async def send(self, send: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Write it to an ASGI connection, with ``extra`` headers (CORS) if any."""
         await send(
             {
                 "type": "http.response.start",
@@ -26,6 +27,7 @@ class Reply:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(self.body)).encode()),
                     *self.headers,
+                    *extra,
                 ],
             }
         )

@@ -13,6 +13,10 @@ from events_server.service import (
     MD_USER_AGENT,
 )
 
+# The page's Origin, for the server's own CORS check of the write (grpc-gateway's
+# prefix for forwarded headers).
+MD_ORIGIN = "grpcgateway-origin"
+
 # Forwarded header values are cut to this many characters: gRPC refuses calls
 # whose metadata passes 8 KiB, and no real user agent or referer is this long.
 MAX_FORWARDED_CHARS = 2048
@@ -42,6 +46,8 @@ def forwarded_metadata(
         metadata.append((MD_USER_AGENT, metadata_value(user_agent.decode("latin-1"))))
     if (referer := headers.get(b"referer")) is not None:
         metadata.append((MD_REFERER, metadata_value(referer.decode("latin-1"))))
+    if (origin := headers.get(b"origin")) is not None:
+        metadata.append((MD_ORIGIN, metadata_value(origin.decode("latin-1"))))
     chain = headers.get(b"x-forwarded-for", b"").decode("latin-1")
     # The peer goes last; cut from the left so that the right end, the part
     # written by proxies we trust, survives.
