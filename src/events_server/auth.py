@@ -14,13 +14,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
 from events_server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
 from events_server.keys import KeySpace
+from events_server.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
 from events_server.store import RedisClient
+
+MD_API_KEY = "x-api-key"
+"""The gRPC metadata that carries the key (the REST bridge forwards it there)."""
 
 SECRET_PREFIX = "evk_"
 ID_PREFIX = "key_"
@@ -53,55 +56,9 @@ class ApiKey:
         return cls(**data)
 
 
-@dataclass(frozen=True, slots=True)
-class OriginDecision:
-    """May a page from an origin call; and may the origin be echoed with credentials."""
-
-    allowed: bool
-    credentials: bool
-
-
-REFUSED = OriginDecision(allowed=False, credentials=False)
-
-
 def digest_of(secret: str) -> str:
     """The stored digest of a key: hex SHA-256."""
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def normalize_origin(value: str) -> str:
-    """An origin as browsers send it (``scheme://host[:port]``, lower case, no default port)."""
-    parts = urlsplit(value.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"origin {value!r} has an invalid port") from None
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.username is not None
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-    ):
-        # "null" is refused too: sandboxed iframes and file:// pages all send it, so
-        # allowing it would allow any of them.
-        raise ValueError(
-            f"origin {value!r} must look like https://shop.example or http://localhost:3000"
-        )
-    default = {"http": 80, "https": 443}[parts.scheme]
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
-
-
-def decide_origin(key: ApiKey, origin: str, fallback: Sequence[str]) -> OriginDecision:
-    """A key's own origin list rules; a key with none falls back to the global list."""
-    listed = key.origins or fallback
-    if origin in listed:
-        return OriginDecision(allowed=True, credentials=True)
-    if not key.origins and "*" in fallback and origin != "null":
-        return OriginDecision(allowed=True, credentials=False)
-    return REFUSED
 
 
 def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
@@ -111,7 +68,8 @@ def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
         if tenant not in covered:
             raise PermissionDenied(
                 f"events[{index}].tenant: key {key.id} may not write to tenant {tenant!r}"
-                f" (it covers {', '.join(repr(t) for t in covered)}); nothing was queued"
+                f" (it covers {', '.join(repr(t) for t in covered)}); nothing was queued",
+                "tenant_not_allowed",
             )
 
 
@@ -203,11 +161,12 @@ class Authenticator:
         if not secret:
             raise Unauthenticated(
                 "missing API key: send it as x-api-key metadata (HTTP: the X-API-KEY header,"
-                " the api_key query parameter or the X-API-KEY cookie)"
+                " the api_key query parameter or the X-API-KEY cookie)",
+                "missing_key",
             )
         key = await self._lookup(digest_of(secret))
         if key is None:
-            raise Unauthenticated("unknown or revoked API key")
+            raise Unauthenticated("unknown or revoked API key", "unknown_key")
         return key
 
     async def find(self, secret: str | None) -> ApiKey | None:
@@ -231,7 +190,17 @@ class Authenticator:
 
     def decide(self, key: ApiKey, origin: str) -> OriginDecision:
         """May this key be used from a page of ``origin``."""
-        return decide_origin(key, origin, self._fallback)
+        return decide_origin(key.origins, origin, self._fallback)
+
+    def check_origin(self, key: ApiKey, origin: str | None) -> None:
+        """Raise PermissionDenied when a browser page of ``origin`` may not use the key."""
+        if origin is not None and not self.decide(key, origin).allowed:
+            raise PermissionDenied(
+                f"origin {origin!r} may not use key {key.id}: it is not on the key's origins"
+                " (keys create --origin) nor, for a key without any, in EVENTS_CORS_ORIGINS;"
+                " nothing was queued",
+                "origin_not_allowed",
+            )
 
     async def decide_any(self, origin: str) -> OriginDecision:
         """Without a key (a CORS preflight): is the origin allowed for some key, or globally."""
