@@ -61,14 +61,43 @@ def digest_of(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def new_key(
+    tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
+) -> tuple[ApiKey, str]:
+    """A new key's record and its secret (ValueError: no tenants, or a malformed origin)."""
+    tenants = tuple(dict.fromkeys(tenants))
+    if not tenants or any(not t for t in tenants):
+        raise ValueError("a key needs at least one tenant, and tenants are not empty")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=ID_PREFIX + secrets.token_hex(8),
+        digest=digest_of(secret),
+        tenants=tenants,
+        label=label,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        origins=tuple(dict.fromkeys(normalize_origin(o) for o in origins)),
+    )
+    return key, secret
+
+
+def key_writes(key: ApiKey, records: str, active: str) -> list[tuple[str, str, str]]:
+    """The (hash, field, value) writes that put a key in force."""
+    stored = key.to_json()
+    return [(records, key.id, stored), (active, key.digest, stored)]
+
+
 def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
     """Raise PermissionDenied naming the first event whose tenant the key does not cover."""
     covered = key.tenants
     for index, tenant in enumerate(tenants):
         if tenant not in covered:
+            shown = ", ".join(repr(t) for t in covered[:5])
+            # Cut: a 50 KB tenant would make the status too big for gRPC's metadata.
+            named = tenant if len(tenant) <= 100 else tenant[:100] + "..."
+            more = f" and {len(covered) - 5} more" if len(covered) > 5 else ""
             raise PermissionDenied(
-                f"events[{index}].tenant: key {key.id} may not write to tenant {tenant!r}"
-                f" (it covers {', '.join(repr(t) for t in covered)}); nothing was queued",
+                f"events[{index}].tenant: key {key.id} may not write to tenant {named!r}"
+                f" (it covers {shown}{more}); nothing was queued",
                 "tenant_not_allowed",
             )
 
@@ -89,22 +118,10 @@ class KeyStore:
         self, tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
     ) -> tuple[ApiKey, str]:
         """A new key for ``tenants``: its record, and the secret (which is never stored)."""
-        tenants = tuple(dict.fromkeys(tenants))
-        if not tenants or any(not t for t in tenants):
-            raise ValueError("a key needs at least one tenant, and tenants are not empty")
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(
-            id=ID_PREFIX + secrets.token_hex(8),
-            digest=digest_of(secret),
-            tenants=tenants,
-            label=label,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            origins=tuple(dict.fromkeys(normalize_origin(o) for o in origins)),
-        )
-        stored = key.to_json()
+        key, secret = new_key(tenants, label, origins)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._records, key.id, stored)
-            pipe.hset(self._active, key.digest, stored)
+            for name, field, value in key_writes(key, self._records, self._active):
+                pipe.hset(name, field, value)
             await pipe.execute()
         return key, secret
 
@@ -196,7 +213,7 @@ class Authenticator:
         """Raise PermissionDenied when a browser page of ``origin`` may not use the key."""
         if origin is not None and not self.decide(key, origin).allowed:
             raise PermissionDenied(
-                f"origin {origin!r} may not use key {key.id}: it is not on the key's origins"
+                f"origin {origin[:200]!r} may not use key {key.id}: it is not on the key's origins"
                 " (keys create --origin) nor, for a key without any, in EVENTS_CORS_ORIGINS;"
                 " nothing was queued",
                 "origin_not_allowed",
