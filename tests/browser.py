@@ -99,7 +99,9 @@ class Page(Session):
         """The response (status, headers) the page got for its request to ``url_prefix``."""
         sent = self.wait_for(
             "Network.requestWillBeSent",
-            lambda p: p["request"]["url"].startswith(url_prefix) and p["request"]["method"] == method,
+            lambda p: (
+                p["request"]["url"].startswith(url_prefix) and p["request"]["method"] == method
+            ),
         )
         received = self.wait_for(
             "Network.responseReceived", lambda p: p["requestId"] == sent["requestId"]
@@ -163,7 +165,7 @@ class PageServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

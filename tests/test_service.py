@@ -10,12 +10,13 @@ import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from events_server.auth import ApiKey
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.store import partition_for
-from tests.support import LoopThread, queued, started_server
+from tests.support import LoopThread, keyed_channel, queued, started_server
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
@@ -92,13 +93,17 @@ def test_events_without_an_id_are_queued_every_time(
 
 
 def test_an_id_is_queued_again_after_the_ttl(
-    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    session_key: tuple[ApiKey, str],  # not api_key: the cluster tests run this one too
+    loop: LoopThread,
+    settings: Settings,
+    rdb: redis.Redis,
+    keys: KeySpace,
 ) -> None:
     short = settings.model_copy(update={"dedup_ttl_seconds": 1})
 
     server, port = loop.run(started_server(short))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with keyed_channel(f"127.0.0.1:{port}", session_key[1]) as channel:
             short_stub = events_pb2_grpc.EventsServiceStub(channel)
             assert statuses(send(short_stub, ev(deduplication_id="t"))) == [ACCEPTED]
             assert statuses(send(short_stub, ev(deduplication_id="t"))) == [DUPLICATE]

@@ -170,7 +170,7 @@ class CreateEvents:
         """The reply to one request with its whole (inflated) JSON body."""
         events = validate_body(body, self._settings.max_json_depth)
         if isinstance(events, Reply):
-            self._report_rejected(body, events)
+            self._report_rejected(body, events, key)
             return events
         try:
             call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
@@ -183,7 +183,7 @@ class CreateEvents:
                     for loc in unencodable_locations(events)
                 ]
             )
-            self._report_rejected(body, reply)
+            self._report_rejected(body, reply, key)
             return reply
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
@@ -195,10 +195,10 @@ class CreateEvents:
             return grpc_error_response(error, self._settings.retry_after_seconds)
         return json_reply(200, response_body(response))
 
-    def _report_rejected(self, body: bytes, reply: Reply) -> None:
+    def _report_rejected(self, body: bytes, reply: Reply, key: str | None) -> None:
         """File a request the bridge refused itself in the rejected record (in the background).
 
         ``body`` is the inflated one, so at most max_body_bytes: never a gzip bomb.
         """
         if self._rejected is not None:
-            self._rejected.report(body, orjson.loads(reply.body)["detail"])
+            self._rejected.report(body, orjson.loads(reply.body)["detail"], key)

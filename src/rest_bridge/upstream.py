@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from events_server.auth import MD_API_KEY
 from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from events_server.service import (
-    MD_API_KEY,
     MD_FORWARDED_FOR,
     MD_FORWARDED_HOST,
+    MD_ORIGIN,
     MD_REFERER,
     MD_USER_AGENT,
 )
-
-# The page's Origin, for the server's own CORS check of the write (grpc-gateway's
-# prefix for forwarded headers).
-MD_ORIGIN = "grpcgateway-origin"
 
 # Forwarded header values are cut to this many characters: gRPC refuses calls
 # whose metadata passes 8 KiB, and no real user agent or referer is this long.
@@ -46,7 +43,7 @@ def forwarded_metadata(
         metadata.append((MD_USER_AGENT, metadata_value(user_agent.decode("latin-1"))))
     if (referer := headers.get(b"referer")) is not None:
         metadata.append((MD_REFERER, metadata_value(referer.decode("latin-1"))))
-    if (origin := headers.get(b"origin")) is not None:
+    if (origin := headers.get(b"origin")) is not None:  # the server checks it against the key
         metadata.append((MD_ORIGIN, metadata_value(origin.decode("latin-1"))))
     chain = headers.get(b"x-forwarded-for", b"").decode("latin-1")
     # The peer goes last; cut from the left so that the right end, the part
