@@ -346,6 +346,40 @@ def test_every_grpc_code_maps_to_http_as_the_design_says() -> None:
     assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
 
 
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing API key: send it as x-api-key metadata (HTTP: the X-API-KEY header,"),
+        ({"X-API-KEY": "evk_not-a-key"}, "unknown or revoked API key"),
+        # A Cookie header Python's parser refuses holds no key; it is no crash either.
+        ({"Cookie": "s,=1; X-API-KEY=evk_x"}, "missing API key"),
+    ],
+    ids=["no-key", "unknown-key", "malformed-cookie"],
+)
+def test_a_missing_or_unknown_key_is_401_with_a_challenge(
+    bridge: str, rdb: redis.Redis, keys: KeySpace, headers: dict[str, str], detail: str
+) -> None:
+    answer = httpx.post(f"{bridge}/create-events", json=[EVENT], headers=headers, timeout=10)
+    assert answer.status_code == 401
+    # RFC 9110 wants a challenge with every 401; "APIKey" opens no browser dialog.
+    assert answer.headers["www-authenticate"] == "APIKey"
+    assert answer.json()["detail"].startswith(detail)
+    assert queued(rdb, keys) == []
+
+
+def test_a_tenant_the_key_does_not_cover_is_403_naming_it(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    answer = http.post("/create-events", json=[EVENT, {**EVENT, "tenant": "someone_else"}])
+    assert answer.status_code == 403
+    assert "www-authenticate" not in answer.headers
+    detail = answer.json()["detail"]
+    assert detail.startswith("events[1].tenant: key ")
+    assert "may not write to tenant 'someone_else'" in detail
+    assert detail.endswith("nothing was queued")
+    assert queued(rdb, keys) == []
+
+
 def test_no_grpc_server_means_503_with_retry_after_and_not_ready(
     api_key: str,
 ) -> None:
