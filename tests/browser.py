@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ class Session:
     """One DevTools websocket: commands answered by id, events kept for whoever waits."""
 
     def __init__(self, url: str) -> None:
-        self._ws: ClientConnection = connect(url, max_size=None, open_timeout=10)
+        self._stack = ExitStack()
+        self._ws: ClientConnection = self._stack.enter_context(
+            connect(url, max_size=None, open_timeout=10)
+        )
         self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
 
@@ -72,7 +76,7 @@ class Session:
 
     def close(self) -> None:
         """Close the websocket."""
-        self._ws.close()
+        self._stack.close()
 
 
 class Page(Session):
