@@ -3,7 +3,7 @@
 Nothing past ``max_body_bytes`` is ever held in memory: a declared Content-Length
 over it is refused before reading, a chunked body as soon as it passes it, and a
 gzipped one is inflated as it arrives, never to more than the limit (a gzip bomb
-of 10 KB that would inflate to 10 MB costs 1 MiB at most).
+of 10 KB that would inflate to 10 MB holds about 1 MiB at most).
 """
 
 from __future__ import annotations
