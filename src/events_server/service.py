@@ -21,7 +21,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.rejected import RejectedLog
 from events_server.store import EventStore, Item, partition_for
-from events_server.validation import validate_events
+from events_server.validation import Limits, validate_events
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,12 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         partitions: int,
         forwarded_hops: int,
         metrics: ServerMetrics,
+        limits: Limits,
         *,
         rejected: RejectedLog | None = None,
     ) -> None:
         self._store = store
+        self._limits = limits
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
@@ -102,7 +104,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         except IngestError as error:
             self._metrics.count_events(request.events, None, error)
             if isinstance(error, InvalidEvents) and self._rejected is not None:
-                self._rejected.record_invalid_events(request.events, error.violations)
+                self._rejected.record_invalid_events(request, error.violations)
             code, message, trailers = _status(error)
             if code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)
@@ -116,7 +118,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
     ) -> pb.CreateEventsResponse:
         received_at = Timestamp()
         received_at.FromNanoseconds(time.time_ns())
-        validate_events(events)
+        serialized = validate_events(events, self._limits)
         if not events:
             return pb.CreateEventsResponse()
 
@@ -134,9 +136,9 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                 partition_for(event, partitions),
                 event.tenant,
                 event.deduplication_id if event.HasField("deduplication_id") else None,
-                envelope_bytes(event.SerializeToString(), shared),
+                envelope_bytes(data, shared),
             )
-            for event in events
+            for event, data in zip(events, serialized, strict=True)
         ]
 
         outcomes = await self._store.append(items)

@@ -3,7 +3,9 @@
 The server owns Redis, so the bridge reports over gRPC (RejectedEvents.Record),
 in the background: the 422 never waits for it, and a report that cannot be
 sent is dropped with a log line. Requests the server refuses are recorded by
-the server itself, so each rejection is recorded once.
+the server itself, so each rejection is recorded once; the exception is a request
+gRPC refuses as too large before the server sees it (the bridge's 413), which the
+bridge reports too.
 """
 
 from __future__ import annotations
