@@ -62,7 +62,7 @@ def create_key(
     return asyncio.run(create())
 
 
-class KeyMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class KeyMetadata(grpc.UnaryUnaryClientInterceptor):
     """Sends an API key as x-api-key metadata on every call of a sync channel."""
 
     def __init__(self, api_key: str) -> None:
