@@ -132,9 +132,10 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(
         4_194_304,
-        ge=1_024,
-        description="Largest CreateEvents message gRPC accepts (grpc.max_receive_message_length),"
-        " in bytes; gRPC itself refuses a larger one with RESOURCE_EXHAUSTED (HTTP 413).",
+        ge=65_536,
+        description="Largest message the gRPC server accepts (grpc.max_receive_message_length),"
+        " in bytes; gRPC itself refuses a larger one with RESOURCE_EXHAUSTED (HTTP 413). At"
+        " least 64 KiB: the bridge's rejected-request reports must fit too.",
     )
 
     @model_validator(mode="after")

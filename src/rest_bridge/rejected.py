@@ -20,7 +20,13 @@ import orjson
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.rejected import MAX_ERRORS, MAX_IN_FLIGHT, PAYLOAD_LIMIT, tenants_of
+from events_server.rejected import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_IN_FLIGHT,
+    PAYLOAD_LIMIT,
+    tenants_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ class RejectedReporter:
             log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
 
     def report(self, body: bytes, detail: list[dict[str, Any]]) -> None:
-        """Report a request answered 422 with ``detail``, if it names a tenant."""
+        """Report a request refused with ``detail`` (a 422's, or a 413's), if it names a tenant."""
         tenants = body_tenants(body)
         if not tenants:
             return
@@ -72,10 +78,12 @@ class RejectedReporter:
         request = pb.RejectedRequest(
             tenants=tenants,
             errors=[
+                # Cut here as the server would: the report must stay well within the
+                # server's max_request_bytes, which applies to it too.
                 pb.RejectedField(
-                    field=_field(d.get("loc", [])),
-                    description=str(d.get("msg", "")),
-                    reason=str(d.get("type", "")),
+                    field=_field(d.get("loc", []))[:MAX_ERROR_CHARS],
+                    description=str(d.get("msg", ""))[:MAX_ERROR_CHARS],
+                    reason=str(d.get("type", ""))[:MAX_ERROR_CHARS],
                 )
                 for d in detail[:MAX_ERRORS]
             ],
