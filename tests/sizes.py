@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from events_server.codec import varint
+from events_server.config import Settings
 from events_server.pb import events_pb2 as pb
+from events_server.server import EventsServer
+from tests.support import LoopThread, started_server
 
 
 def event_of_size(size: int, longest: int, **fields: object) -> pb.Event:
@@ -29,3 +35,17 @@ def event_of_size(size: int, longest: int, **fields: object) -> pb.Event:
 def request_size(events: list[pb.Event]) -> int:
     """Bytes of the CreateEventsRequest carrying ``events``."""
     return pb.CreateEventsRequest(events=events).ByteSize()
+
+
+@contextlib.contextmanager
+def server_with(
+    loop: LoopThread, settings: Settings, **limits: int
+) -> Iterator[tuple[EventsServer, int]]:
+    """A started events-server of the session's settings but ``limits``, and its port."""
+    # Built anew, not model_copy(): the settings' validators must see the new values.
+    limited = Settings(**{**settings.model_dump(), **limits})
+    server, port = loop.run(started_server(limited))
+    try:
+        yield server, port
+    finally:
+        loop.run(server.stop(0))
