@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 
+from events_server.auth import ApiKey, new_key
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
@@ -21,12 +22,12 @@ from rest_bridge.config import BridgeSettings
 from tests.cluster_support import ValkeyCluster
 from tests.support import (
     TEST_TENANTS,
-    KeyMetadata,
     LoopThread,
     UvicornThread,
     ValkeyProcess,
-    create_key,
+    keyed_channel,
     started_server,
+    store_key,
 )
 
 
@@ -72,9 +73,16 @@ def settings(valkey: Valkey) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def api_key(valkey: Valkey, settings: Settings) -> str:
-    """The secret of a key in force for every tenant the tests write to (see TEST_TENANTS)."""
-    return create_key(valkey.url, settings.key_prefix, TEST_TENANTS, label="tests")
+def session_key() -> tuple[ApiKey, str]:
+    """A key for every tenant the tests write to (TEST_TENANTS): its record and secret."""
+    return new_key(TEST_TENANTS, label="tests")
+
+
+@pytest.fixture(scope="session")
+def api_key(valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
+    """The session key's secret; the key is in force (``rdb`` puts it back after a restart)."""
+    store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
+    return session_key[1]
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +117,8 @@ def grpc_target(grpc_server: tuple[EventsServer, int]) -> str:
 @pytest.fixture(scope="session")
 def channel(grpc_target: str, api_key: str) -> Iterator[grpc.Channel]:
     """A plain (sync) gRPC channel to the server that sends the session's key on every call."""
-    with grpc.insecure_channel(grpc_target) as chan:
-        yield grpc.intercept_channel(chan, KeyMetadata(api_key))
+    with keyed_channel(grpc_target, api_key) as chan:
+        yield chan
 
 
 @pytest.fixture(scope="session")
@@ -142,10 +150,14 @@ def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def rdb(valkey: Valkey, settings: Settings) -> Iterator[redis.Redis]:
-    """A plain Redis client; every key of the session's prefix is gone before each test."""
+def rdb(
+    valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]
+) -> Iterator[redis.Redis]:
+    """A plain Redis client; every key of the session's prefix but the session API key's
+    is gone before each test (and that key is in force, even after a Valkey restart)."""
     client = redis.Redis.from_url(valkey.url, socket_timeout=5)
     _delete_prefix(client, settings.key_prefix)
+    store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
     yield client
     client.close()
 

@@ -264,10 +264,12 @@ async def acked_at_least(tally: Tally, count: int, give_up: asyncio.Event | None
 
 
 async def retrying_clients(
-    url: str, pending: list[list[dict[str, Any]]], tally: Tally, workers: int
+    url: str, pending: list[list[dict[str, Any]]], tally: Tally, workers: int, api_key: str
 ) -> None:
     """``workers`` clients posting the pending requests until each is acknowledged."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=10, headers={"x-api-key": api_key}
+    ) as client:
 
         async def worker() -> None:
             while pending:
@@ -293,6 +295,7 @@ async def fixed_rate(  # noqa: PLR0917
     rate: float,
     size: int,
     pids: tuple[int, int],
+    api_key: str,
     sample_every: float = 5.0,
 ) -> SoakResult:
     """POST ``rate`` requests of ``size`` new events a second for ``seconds``; sample RSS."""

@@ -13,17 +13,16 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import redis
-import redis.asyncio as aioredis
 import uvicorn
 import yaml
 
-from events_server.auth import KeyStore
+from events_server.auth import ApiKey, key_writes, new_key
 from events_server.config import Settings
 from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
@@ -36,6 +35,7 @@ T = TypeVar("T")
 TEST_TENANTS = (
     "t", "t0", "t1", "t2", "my_store", "shop_eu", "shop_us", "outlet", "mp", "workers",
     "first", "second", "third", *(f"shop-{c}" for c in "abcdfgorx"), "shop-1x", "shop-dl",
+    "shop-t1", "shop-t2",
     "shop-big", "shop-hung", "shop-cap", "shop-last", "shop-r", *(f"shop-{n}" for n in range(10)),
     *(f"shop-r{n}" for n in range(10)), *(f"shop-m{n}" for n in range(110)),
 )  # fmt: skip
@@ -50,16 +50,26 @@ def create_key(
     origins: Sequence[str] = (),
 ) -> str:
     """Create an API key in Redis the way ``events-server keys create`` does; its secret."""
+    key, secret = new_key(tenants, label, origins)
+    store_key(redis.Redis.from_url(redis_url), prefix, key)
+    return secret
 
-    async def create() -> str:
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            _, secret = await KeyStore(client, KeySpace(prefix, 1)).create(tenants, label, origins)
-            return secret
-        finally:
-            await client.aclose()
 
-    return asyncio.run(create())
+def store_key(client: redis.Redis | redis.RedisCluster, prefix: str, key: ApiKey) -> None:
+    """Put a key in force (again: a restarted Valkey has lost it) and close the client."""
+    names = KeySpace(prefix, 1)
+    try:
+        for name, field, value in key_writes(key, names.api_keys(), names.api_key_digests()):
+            client.hset(name, field, value)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def keyed_channel(target: str, api_key: str) -> Iterator[grpc.Channel]:
+    """A sync gRPC channel that sends ``api_key`` as x-api-key metadata on every call."""
+    with grpc.insecure_channel(target) as channel:
+        yield grpc.intercept_channel(channel, KeyMetadata(api_key))
 
 
 class KeyMetadata(grpc.UnaryUnaryClientInterceptor):

@@ -356,13 +356,17 @@ def test_every_grpc_code_maps_to_http_as_the_design_says() -> None:
     assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
 
 
-def test_no_grpc_server_means_503_with_retry_after_and_not_ready() -> None:
+def test_no_grpc_server_means_503_with_retry_after_and_not_ready(
+    api_key: str,
+) -> None:
     lonely = UvicornThread(
         BridgeSettings(grpc_target=f"127.0.0.1:{free_port()}", grpc_timeout_seconds=1)
     )
     lonely.start()
     try:
-        with httpx.Client(base_url=lonely.url, timeout=10) as client:
+        with httpx.Client(
+            base_url=lonely.url, timeout=10, headers={"x-api-key": api_key}
+        ) as client:
             answer = client.post("/create-events", json=[EVENT])
             assert answer.status_code == 503
             assert answer.headers["retry-after"] == "1"

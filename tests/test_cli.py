@@ -107,7 +107,7 @@ def test_tail_follow_prints_new_envelopes(
         proc.wait(10)
 
 
-def test_bridge_workers_serve_the_contract(grpc_target: str) -> None:
+def test_bridge_workers_serve_the_contract(api_key: str, grpc_target: str) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rest_bridge", "--grpc-target", grpc_target, "--port", str(port),
@@ -115,7 +115,9 @@ def test_bridge_workers_serve_the_contract(grpc_target: str) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=5, headers={"x-api-key": api_key}
+        ) as client:
             deadline = time.monotonic() + 20
             while True:
                 try:

@@ -64,13 +64,13 @@ def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
 
 
 def test_dicts_and_typed_events_are_queued_with_ids_filled_in(
-    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     typed = ev()
     own_id = ev(deduplication_id="order-7")
 
     async def send() -> pb.CreateEventsResponse:
-        async with EventsClient(grpc_target) as client:
+        async with EventsClient(grpc_target, api_key=api_key) as client:
             return await client.send([EXAMPLE_EVENT, typed, own_id])
 
     reply = run(send())
@@ -87,7 +87,7 @@ def test_dicts_and_typed_events_are_queued_with_ids_filled_in(
 
 
 def test_malformed_dicts_are_refused_before_sending(
-    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     before = calls(server, "INVALID_ARGUMENT") + calls(server)
     bad: list[Any] = [
@@ -98,7 +98,7 @@ def test_malformed_dicts_are_refused_before_sending(
     ]
 
     async def send() -> None:
-        async with EventsClient(grpc_target) as client:
+        async with EventsClient(grpc_target, api_key=api_key) as client:
             await client.send([EXAMPLE_EVENT, *bad])
 
     with pytest.raises(InvalidEventsError) as caught:
@@ -119,10 +119,10 @@ def test_malformed_dicts_are_refused_before_sending(
 
 
 def test_invalid_argument_carries_the_servers_violations(
-    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def send() -> None:
-        async with EventsClient(grpc_target) as client:
+        async with EventsClient(grpc_target, api_key=api_key) as client:
             await client.send([ev(), ev(tenant="", dsid=""), ev(type=0)])
 
     with pytest.raises(InvalidEventsError) as caught:
@@ -200,10 +200,10 @@ def proxy(grpc_target: str) -> Iterator[CuttingProxy]:
 
 
 def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
-    proxy: CuttingProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+    api_key: str, proxy: CuttingProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def scenario() -> tuple[pb.CreateEventsResponse, pb.CreateEventsResponse]:
-        async with EventsClient(f"127.0.0.1:{proxy.port}") as client:
+        async with EventsClient(f"127.0.0.1:{proxy.port}", api_key=api_key) as client:
             warm = await client.send([ev(user_id="warm-up")])  # connection up, frames flowing
             proxy.cut_next_reply()
             return warm, await client.send([ev(user_id="u-lost")])  # no deduplication_id given
@@ -220,8 +220,13 @@ def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
     assert result.entry_id != warm.results[0].entry_id
 
 
-def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(
-    valkey: Valkey, server: EventsServer, rdb: redis.Redis, keys: KeySpace, grpc_target: str
+def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(  # noqa: PLR0917
+    api_key: str,
+    valkey: Valkey,
+    server: EventsServer,
+    rdb: redis.Redis,
+    keys: KeySpace,
+    grpc_target: str,
 ) -> None:
     process = valkey.killable()
     unavailable_before = calls(server, "UNAVAILABLE")
@@ -230,7 +235,7 @@ def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(
     restarter.start()
 
     async def send() -> pb.CreateEventsResponse:
-        async with EventsClient(grpc_target, deadline_seconds=15) as client:
+        async with EventsClient(grpc_target, deadline_seconds=15, api_key=api_key) as client:
             return await client.send([ev(user_id="u-outage")])
 
     try:
@@ -245,7 +250,7 @@ def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(
 
 
 def test_a_server_that_comes_up_late_is_reached(
-    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    api_key: str, loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     port = free_port()
     late: list[EventsServer] = []
@@ -260,7 +265,9 @@ def test_a_server_that_comes_up_late_is_reached(
     starter.start()
 
     async def send() -> pb.CreateEventsResponse:
-        async with EventsClient(f"127.0.0.1:{port}", deadline_seconds=15) as client:
+        async with EventsClient(
+            f"127.0.0.1:{port}", deadline_seconds=15, api_key=api_key
+        ) as client:
             return await client.send([ev(user_id="u-late")])
 
     try:
@@ -274,9 +281,13 @@ def test_a_server_that_comes_up_late_is_reached(
     assert [e.event.user_id for _, e in queued(rdb, keys)] == ["u-late"]
 
 
-def test_unavailable_past_the_deadline_raises() -> None:
+def test_unavailable_past_the_deadline_raises(
+    api_key: str,
+) -> None:
     async def send() -> None:
-        async with EventsClient(f"127.0.0.1:{free_port()}", deadline_seconds=0.5) as client:
+        async with EventsClient(
+            f"127.0.0.1:{free_port()}", deadline_seconds=0.5, api_key=api_key
+        ) as client:
             await client.send([ev()])
 
     started = time.monotonic()
@@ -290,10 +301,10 @@ def test_unavailable_past_the_deadline_raises() -> None:
 
 
 def test_batcher_flushes_when_full(
-    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def scenario() -> tuple[list[pb.EventResult], bool]:
-        async with EventsClient(grpc_target) as client:
+        async with EventsClient(grpc_target, api_key=api_key) as client:
             batcher = client.batcher(max_events=3, max_delay_seconds=60)
             futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(4)]
             # Three filled a batch and went out at once; the fourth waits for more (or 60 s).
@@ -311,10 +322,10 @@ def test_batcher_flushes_when_full(
 
 
 def test_batcher_flushes_after_the_delay(
-    grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def scenario() -> tuple[list[pb.EventResult], int]:
-        async with EventsClient(grpc_target) as client:
+        async with EventsClient(grpc_target, api_key=api_key) as client:
             batcher = client.batcher(max_events=1000, max_delay_seconds=1.0)
             futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(2)]
             queued_early = len(queued(rdb, keys))  # still held by the batcher
@@ -331,10 +342,13 @@ def test_batcher_flushes_after_the_delay(
 
 
 def test_batcher_refuses_a_bad_event_without_sinking_its_batch(
-    grpc_target: str, rdb: redis.Redis, keys: KeySpace
+    api_key: str, grpc_target: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def scenario() -> pb.EventResult:
-        async with EventsClient(grpc_target) as client, client.batcher(max_delay_seconds=0.05) as b:
+        async with (
+            EventsClient(grpc_target, api_key=api_key) as client,
+            client.batcher(max_delay_seconds=0.05) as b,
+        ):
             good = await b.add(ev(user_id="good"))
             with pytest.raises(InvalidEventsError) as caught:
                 await b.add(ev(tenant=""))
@@ -349,10 +363,12 @@ def test_batcher_refuses_a_bad_event_without_sinking_its_batch(
     assert [e.event.user_id for _, e in queued(rdb, keys)] == ["good"]
 
 
-def test_batcher_failures_reach_every_future() -> None:
+def test_batcher_failures_reach_every_future(
+    api_key: str,
+) -> None:
     async def scenario() -> list[BaseException | pb.EventResult]:
         target = f"127.0.0.1:{free_port()}"  # nobody there
-        async with EventsClient(target, deadline_seconds=0.3) as client:
+        async with EventsClient(target, deadline_seconds=0.3, api_key=api_key) as client:
             batcher = client.batcher(max_events=2)
             futures = [await batcher.add(ev()) for _ in range(2)]
             await batcher.close()
@@ -366,8 +382,10 @@ def test_batcher_failures_reach_every_future() -> None:
 # --- without an event loop ------------------------------------------------------------
 
 
-def test_sync_client_and_batcher(grpc_target: str, rdb: redis.Redis, keys: KeySpace) -> None:
-    with SyncEventsClient(grpc_target) as client:
+def test_sync_client_and_batcher(
+    api_key: str, grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    with SyncEventsClient(grpc_target, api_key=api_key) as client:
         reply = client.send([{**EXAMPLE_EVENT, "deduplication_id": "s-1"}])
         assert [r.status for r in reply.results] == [ACCEPTED]
         with client.batcher(max_events=2, max_delay_seconds=60) as batcher:

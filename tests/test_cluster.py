@@ -23,6 +23,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
+from events_server.auth import ApiKey
 from events_server.config import Settings
 from events_server.consumer import Consumer, Message
 from events_server.groups import group_states, replay_dead_letters, trim
@@ -32,7 +33,7 @@ from events_server.server import EventsServer
 from events_server.store import partition_for
 from tests import test_service as core
 from tests.cluster_support import ValkeyCluster
-from tests.support import LoopThread, events_env, started_server
+from tests.support import LoopThread, events_env, keyed_channel, started_server, store_key
 from tests.test_consumer import FAST, entries, in_order, produce, run, until
 from tests.test_server import SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
@@ -63,18 +64,22 @@ def keys(settings: Settings) -> KeySpace:
 
 
 @pytest.fixture(scope="module")
-def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsServer, int]]:
-    """A real gRPC server queuing on the cluster."""
-
+def grpc_server(
+    loop: LoopThread, settings: Settings, session_key: tuple[ApiKey, str]
+) -> Iterator[tuple[EventsServer, int]]:
+    """A real gRPC server queuing on the cluster, which holds the session's API key."""
+    store_key(redis.RedisCluster.from_url(settings.redis_url), settings.key_prefix, session_key[0])
     server, port = loop.run(started_server(settings))
     yield server, port
     loop.run(server.stop(0))
 
 
 @pytest.fixture(scope="module")
-def channel(grpc_server: tuple[EventsServer, int]) -> Iterator[grpc.Channel]:
-    """A gRPC channel to the cluster-backed server."""
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_server[1]}") as chan:
+def channel(
+    session_key: tuple[ApiKey, str], grpc_server: tuple[EventsServer, int]
+) -> Iterator[grpc.Channel]:
+    """A gRPC channel to the cluster-backed server, sending the session's key."""
+    with keyed_channel(f"127.0.0.1:{grpc_server[1]}", session_key[1]) as chan:
         yield chan
 
 
@@ -85,11 +90,15 @@ def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
 
 
 @pytest.fixture
-def rdb(valkey_cluster: ValkeyCluster, settings: Settings) -> Iterator[RedisCluster]:
-    """A cluster client; every key of the module's prefix is gone before each test."""
+def rdb(
+    valkey_cluster: ValkeyCluster, settings: Settings, session_key: tuple[ApiKey, str]
+) -> Iterator[RedisCluster]:
+    """A cluster client; every key of the module's prefix is gone before each test, but for
+    the session's API key, which is in force."""
     client = RedisCluster.from_url(valkey_cluster.url, socket_timeout=5)
     for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         client.unlink(key)
+    store_key(RedisCluster.from_url(valkey_cluster.url), settings.key_prefix, session_key[0])
     yield client
     client.close()
 
@@ -280,17 +289,21 @@ def test_a_dead_node_fails_only_its_partitions_and_the_server_recovers(
 
 @pytest.mark.slow
 def test_a_replica_that_takes_over_a_dead_primary_gets_its_partitions(
-    loop: LoopThread, settings: Settings, keys: KeySpace, tmp_path: Path
+    session_key: tuple[ApiKey, str],
+    loop: LoopThread,
+    settings: Settings,
+    keys: KeySpace,
+    tmp_path: Path,
 ) -> None:
     cluster = ValkeyCluster(tmp_path / "failover")
     cluster.start()
     try:
         replica = cluster.add_replica(1)
         own = settings.model_copy(update={"redis_url": cluster.url})
-
+        store_key(redis.RedisCluster.from_url(cluster.url), own.key_prefix, session_key[0])
         server, port = loop.run(started_server(own))
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with keyed_channel(f"127.0.0.1:{port}", session_key[1]) as channel:
                 stub = events_pb2_grpc.EventsServiceStub(channel)
                 users = user_per_partition(keys)
                 user = next(u for p, u in sorted(users.items()) if node_of(cluster, keys, p) == 1)

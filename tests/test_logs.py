@@ -26,7 +26,7 @@ from events_server.logs import (
 )
 from events_server.pb import events_pb2_grpc
 from rest_bridge.access import redact_query
-from tests.support import events_env, free_port
+from tests.support import create_key, events_env, free_port
 from tests.test_server import eventually
 from tests.test_service import ev, send
 
@@ -194,13 +194,7 @@ def test_direct_grpc_callers_get_their_request_id_logged(
 
 # --- no key material, ever: the real processes' whole output ----------------------------
 
-SECRETS = {
-    "query": "q-s3cret-1111",
-    "encoded-query": "q-s3cret-2222",
-    "header": "h-s3cret-3333",
-    "cookie": "c-s3cret-4444",
-    "metadata": "m-s3cret-5555",
-}
+KEY_WAYS = ("query", "encoded-query", "header", "cookie", "metadata")
 
 
 LAST_REQUEST = "last-request"
@@ -218,6 +212,10 @@ def _wait_http(url: str) -> None:
 
 def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
     """Both real processes at DEBUG, keys sent every way they can come: none is in the output."""
+    secrets = {
+        way: create_key(settings.redis_url, settings.key_prefix, ["my_store"], label=way)
+        for way in KEY_WAYS
+    }
     env = events_env(
         settings,
         EVENTS_METRICS_ADDR="127.0.0.1:0",
@@ -245,7 +243,7 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
             )
             base = f"http://127.0.0.1:{http_port}"
             _wait_http(f"{base}/readyz")
-            _send_keys_every_way(base, target)
+            _send_keys_every_way(secrets, base, target)
             # The bridge writes an access line after answering: wait for the last one.
             eventually(lambda: LAST_REQUEST in bridge_out.read_text())
         finally:
@@ -257,7 +255,7 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
         server_stdout = server.stdout.read()
 
     output = server_out.read_text() + server_stdout + bridge_out.read_text()
-    for where, secret in SECRETS.items():
+    for where, secret in secrets.items():
         assert secret not in output, f"the key sent in the {where} was logged"
     # The logs are there (and JSON): the absence above means something.
     lines = [json.loads(x) for x in output.splitlines() if x.startswith("{")]
@@ -268,22 +266,22 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
     assert any(x.get("query") == "api%5Fkey=[REDACTED]&x=1" for x in access)
 
 
-def _send_keys_every_way(base: str, grpc_target: str) -> None:
+def _send_keys_every_way(secrets: dict[str, str], base: str, grpc_target: str) -> None:
     with httpx.Client(base_url=base, timeout=10) as client:
         url = "/create-events"
-        assert client.post(url, params={"api_key": SECRETS["query"]}, json=[EVENT]).is_success
-        encoded = f"{url}?api%5Fkey={SECRETS['encoded-query']}&x=1"
+        assert client.post(url, params={"api_key": secrets["query"]}, json=[EVENT]).is_success
+        encoded = f"{url}?api%5Fkey={secrets['encoded-query']}&x=1"
         assert client.post(encoded, json=[EVENT]).is_success
-        assert client.post(url, headers={"X-API-KEY": SECRETS["header"]}, json=[EVENT]).is_success
-        client.cookies.set("X-API-KEY", SECRETS["cookie"])
+        assert client.post(url, headers={"X-API-KEY": secrets["header"]}, json=[EVENT]).is_success
+        client.cookies.set("X-API-KEY", secrets["cookie"])
         assert client.post(url, json=[EVENT]).is_success
         # Failures log more: a 422 from each side, a 404, a probe.
         assert client.post(url, json=[{**EVENT, "tenant": ""}]).status_code == 422
         assert client.post(url, content=b"[{").status_code == 422
-        assert client.get(f"/nope?api_key={SECRETS['query']}").status_code == 404
+        assert client.get(f"/nope?api_key={secrets['query']}").status_code == 404
         assert client.get("/readyz", headers={"X-Request-ID": LAST_REQUEST}).status_code == 200
     with grpc.insecure_channel(grpc_target) as channel:
         stub = events_pb2_grpc.EventsServiceStub(channel)
-        send(stub, ev(), metadata=(("x-api-key", SECRETS["metadata"]),))
+        send(stub, ev(tenant="my_store"), metadata=(("x-api-key", secrets["metadata"]),))
         with pytest.raises(grpc.RpcError):
-            send(stub, ev(tenant=""), metadata=(("x-api-key", SECRETS["metadata"]),))
+            send(stub, ev(tenant=""), metadata=(("x-api-key", secrets["metadata"]),))

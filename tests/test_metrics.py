@@ -28,7 +28,7 @@ from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
 from tests.sizes import event_of_size, server_with
-from tests.support import KeyMetadata, LoopThread, free_port, started_server
+from tests.support import LoopThread, free_port, keyed_channel, started_server
 from tests.test_server import eventually
 from tests.test_service import ev, send
 
@@ -127,11 +127,11 @@ def test_tenant_labels_are_capped_and_only_queued_events_take_a_place() -> None:
 
 
 def test_tenant_cap_applies_to_the_servers_counters(
-    loop: LoopThread, settings: Settings, rdb: redis.Redis
+    api_key: str, loop: LoopThread, settings: Settings, rdb: redis.Redis
 ) -> None:
     capped, port = loop.run(started_server(settings.model_copy(update={"metrics_max_tenants": 1})))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with keyed_channel(f"127.0.0.1:{port}", api_key) as channel:
             stub = events_pb2_grpc.EventsServiceStub(channel)
             send(stub, ev(tenant="first"), ev(tenant="second"), ev(tenant="third"))
         samples = scrape(server_metrics_url(capped))
@@ -235,10 +235,11 @@ def two_servers(
 
 
 def test_multiprocess_figures_add_up_across_processes(
+    api_key: str,
     two_servers: list[tuple[str, str]],
 ) -> None:
     for (target, _), calls in zip(two_servers, (2, 3), strict=True):
-        with grpc.insecure_channel(target) as channel:
+        with keyed_channel(target, api_key) as channel:
             stub = events_pb2_grpc.EventsServiceStub(channel)
             for _ in range(calls):
                 send(stub, ev(tenant="mp"))
@@ -285,7 +286,7 @@ def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
 
 
 def test_server_workers_report_the_figures_of_all_workers(
-    settings: Settings, rdb: redis.Redis
+    api_key: str, settings: Settings, rdb: redis.Redis
 ) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
@@ -299,7 +300,7 @@ def test_server_workers_report_the_figures_of_all_workers(
         for _ in range(2):  # both workers are up
             listening_on(proc)
         for _ in range(20):  # a new connection each: the kernel spreads them over both
-            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with keyed_channel(f"127.0.0.1:{grpc_port}", api_key) as channel:
                 send(events_pb2_grpc.EventsServiceStub(channel), ev(tenant="workers"))
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
@@ -309,7 +310,7 @@ def test_server_workers_report_the_figures_of_all_workers(
     assert value(samples, "events_grpc_requests_total", method=CREATE, code="OK") == 20
 
 
-def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str) -> None:
+def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str, api_key: str) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rest_bridge", "--grpc-target", grpc_target, "--port", str(port),
@@ -329,7 +330,10 @@ def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str) -> N
 
         eventually(up, within=20)
         for _ in range(10):  # a new connection each: uvicorn's workers share the socket
-            assert httpx.post(f"{base}/create-events", json=[event]).status_code == 200
+            posted = httpx.post(
+                f"{base}/create-events", json=[event], headers={"x-api-key": api_key}
+            )
+            assert posted.status_code == 200
         totals = [
             value(
                 scrape(f"{base}/metrics"),
@@ -352,11 +356,9 @@ def test_limit_violations_are_the_reasons_of_rejected_events(
     limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
     with (
         server_with(loop, settings, **limits) as (limited, port),
-        grpc.insecure_channel(f"127.0.0.1:{port}") as plain,
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
     ):
-        stub = events_pb2_grpc.EventsServiceStub(
-            grpc.intercept_channel(plain, KeyMetadata(api_key))
-        )
+        stub = events_pb2_grpc.EventsServiceStub(channel)
         with pytest.raises(grpc.RpcError):
             send(stub, *[ev(type=pb.EVENT_TYPE_PAGE_VIEW)] * 4)
         with pytest.raises(grpc.RpcError):

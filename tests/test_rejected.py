@@ -25,7 +25,7 @@ from events_server.rejected import (
 )
 from tests.conftest import Valkey
 from tests.stack import proxy_to, serving
-from tests.support import LoopThread
+from tests.support import LoopThread, create_key, keyed_channel
 from tests.test_app import tail
 from tests.test_server import eventually
 from tests.test_service import ev, send
@@ -116,14 +116,32 @@ def test_each_named_tenant_gets_the_record_up_to_a_few(
     assert found == {keys.rejected(f"shop-m{n}") for n in range(MAX_TENANTS)}
 
 
-def test_without_a_known_tenant_nothing_is_recorded(
-    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+def test_a_request_naming_none_of_its_keys_tenants_is_recorded_for_the_keys_tenant(
+    bridge: str, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    for body in (b"[{not json", b'{"tenant": "shop-o"}', b'[{"market": "us", "type": "click"}]'):
-        answer = http.post(
-            "/create-events", content=body, headers={"content-type": "application/json"}
-        )
-        assert answer.status_code == 422
+    own = create_key(settings.redis_url, settings.key_prefix, ["shop-own"])
+    with httpx.Client(base_url=bridge, timeout=10, headers={"x-api-key": own}) as client:
+        for body in (b"[{not json", b'{"tenant": "shop-o"}', b'[{"market": "us", "type": "c"}]'):
+            answer = client.post(
+                "/create-events", content=body, headers={"content-type": "application/json"}
+            )
+            assert answer.status_code == 422
+    found = wait_for_records(rdb, keys, "shop-own", 3)
+    fields = sorted(json.loads(r[b"errors"])[0]["field"] for r in found)  # sent in the background
+    assert fields == ["body", "body.0.tenant", "body.2"]
+    assert {key.decode() for key in rdb.scan_iter(match=keys.rejected_pattern())} == {
+        keys.rejected("shop-own")
+    }
+
+
+def test_a_request_without_a_valid_key_is_not_recorded(
+    bridge: str, http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    body = [{"tenant": "shop-o", "market": "us", "type": "x"}]
+    with httpx.Client(base_url=bridge, timeout=10) as anonymous:
+        assert anonymous.post("/create-events", json=body).status_code == 422
+        wrong = {"x-api-key": "evk_not-a-key"}
+        assert anonymous.post("/create-events", json=body, headers=wrong).status_code == 422
     # A recorded rejection sent last: once it is there, the others had their chance.
     http.post("/create-events", json=[{"tenant": "shop-last", "market": "us", "type": "x"}])
     wait_for_records(rdb, keys, "shop-last")
@@ -156,13 +174,14 @@ def test_streams_are_capped_approximately(
 
 
 def test_a_rejection_is_not_delayed_by_a_hung_redis(
-    loop: LoopThread, valkey: Valkey, settings: Settings
+    api_key: str, loop: LoopThread, valkey: Valkey, settings: Settings
 ) -> None:
     with (
         proxy_to(valkey.url) as proxy,
         serving(loop, settings.model_copy(update={"redis_url": proxy.url})) as (_, target),
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, api_key) as channel,
     ):
+        send(events_pb2_grpc.EventsServiceStub(channel), ev())  # the key's lookup is cached
         proxy.set_mode("blackhole")  # the record cannot be written: it must not hold the answer
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:

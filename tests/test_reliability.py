@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from events_server.auth import ApiKey
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
@@ -45,7 +46,7 @@ from tests.stack import (
     stream_contents,
     valkey_process,
 )
-from tests.support import LoopThread, free_port
+from tests.support import LoopThread, free_port, keyed_channel, store_key
 from tests.test_server import NOT_SERVING, SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
 
@@ -81,7 +82,7 @@ def own_settings(url: str, prefix: str, **overrides: Any) -> Settings:
 
 @pytest.mark.slow
 def test_crash_loop_loses_no_acknowledged_event_and_queues_each_once(
-    loop: LoopThread, tmp_path: Path, figures: Figures
+    session_key: tuple[ApiKey, str], loop: LoopThread, tmp_path: Path, figures: Figures
 ) -> None:
     total, size, workers, kills_wanted = 5000, 5, 8, 3
     with (
@@ -89,6 +90,8 @@ def test_crash_loop_loses_no_acknowledged_event_and_queues_each_once(
         serving(loop, own_settings(vk.url, "crash", durability="fsync")) as (_, target),
         bridged(target) as url,
     ):
+        # In the AOF (appendfsync always) like everything else: it survives the kills.
+        store_key(redis.Redis.from_url(vk.url), "crash", session_key[0])
         tally = Tally()
         kills = 0
         started = time.monotonic()
@@ -107,7 +110,9 @@ def test_crash_loop_loses_no_acknowledged_event_and_queues_each_once(
         async def run() -> None:
             done = asyncio.Event()
             crasher = asyncio.create_task(crash_three_times(done))
-            await retrying_clients(url, list(batches("crash", total, size)), tally, workers)
+            await retrying_clients(
+                url, list(batches("crash", total, size)), tally, workers, session_key[1]
+            )
             done.set()
             await crasher
 
@@ -147,6 +152,7 @@ def test_crash_loop_loses_no_acknowledged_event_and_queues_each_once(
 
 
 def test_reply_lost_after_the_write_retry_is_a_duplicate(  # noqa: PLR0917
+    api_key: str,
     loop: LoopThread,
     valkey: Valkey,
     settings: Settings,
@@ -163,7 +169,7 @@ def test_reply_lost_after_the_write_retry_is_a_duplicate(  # noqa: PLR0917
     with (
         proxy_to(valkey.url) as proxy,
         serving(loop, settings.model_copy(update={"redis_url": proxy.url})) as (_, target),
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, api_key) as channel,
     ):
         stub = events_pb2_grpc.EventsServiceStub(channel)
         proxy.set_mode("cut_reply")
@@ -261,7 +267,8 @@ def test_full_redis_is_backpressure_429_with_retry_after_and_nothing_queued(
 # --- durability and readiness -------------------------------------------------------
 
 
-def test_fsync_without_aof_is_not_serving_says_why_and_refuses_writes(
+def test_fsync_without_aof_is_not_serving_says_why_and_refuses_writes(  # noqa: PLR0917
+    api_key: str,
     loop: LoopThread,
     settings: Settings,
     rdb: redis.Redis,
@@ -273,7 +280,7 @@ def test_fsync_without_aof_is_not_serving_says_why_and_refuses_writes(
     with (
         caplog.at_level(logging.WARNING, logger="events_server"),
         serving(loop, fsync) as (_, target),
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, api_key) as channel,
     ):
         assert health_of(channel) == NOT_SERVING
         with pytest.raises(grpc.RpcError) as caught:
@@ -289,16 +296,18 @@ def test_fsync_without_aof_is_not_serving_says_why_and_refuses_writes(
 
 
 def test_fsync_pipelines_one_waitaof_after_the_scripts_of_each_request(
-    loop: LoopThread, tmp_path: Path
+    session_key: tuple[ApiKey, str], loop: LoopThread, tmp_path: Path
 ) -> None:
     with valkey_process(tmp_path / "valkey", "--appendonly", "yes") as vk:
         client = redis.Redis.from_url(vk.url, socket_timeout=5)
+        store_key(redis.Redis.from_url(vk.url), "fsync", session_key[0])
+        api_key = session_key[1]
         try:
             client.script_load(ENQUEUE_SCRIPT)  # no NOSCRIPT round: exact command counts
             client.config_resetstat()
             with (
                 serving(loop, own_settings(vk.url, "fsync", durability="fsync")) as (_, target),
-                grpc.insecure_channel(target) as channel,
+                keyed_channel(target, api_key) as channel,
             ):
                 assert health_of(channel) == SERVING
                 stub = events_pb2_grpc.EventsServiceStub(channel)
@@ -347,10 +356,12 @@ def test_eviction_policy_other_than_noeviction_is_warned_about(
 
 
 async def blackhole_run(
-    url: str, proxy: FaultProxy, rate: float, fault_seconds: float
+    url: str, proxy: FaultProxy, rate: float, fault_seconds: float, api_key: str
 ) -> tuple[list[tuple[int, float, bool]], float]:
     """Warm up, blackhole Redis under an open-loop load, heal; (answers during, recovery s)."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=10, headers={"x-api-key": api_key}
+    ) as client:
 
         async def one(n: int) -> tuple[int, float, bool]:
             started = time.monotonic()
@@ -382,6 +393,7 @@ async def blackhole_run(
 
 @pytest.mark.slow
 def test_blackholed_redis_is_refused_within_the_timeout_and_recovers(  # noqa: PLR0917
+    api_key: str,
     valkey: Valkey,
     settings: Settings,
     rdb: redis.Redis,
@@ -404,7 +416,9 @@ def test_blackholed_redis_is_refused_within_the_timeout_and_recovers(  # noqa: P
         try:
             bridge = BridgeProcess(server.start(), tmp_path / "bridge.log")
             bridge.start()
-            during, recovery = asyncio.run(blackhole_run(bridge.url, proxy, rate, fault_seconds))
+            during, recovery = asyncio.run(
+                blackhole_run(bridge.url, proxy, rate, fault_seconds, api_key)
+            )
             peak = proxy.peak_connections
         finally:
             if bridge is not None:
@@ -432,8 +446,13 @@ def test_blackholed_redis_is_refused_within_the_timeout_and_recovers(  # noqa: P
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_loses_no_acknowledged_event(
-    settings: Settings, rdb: redis.Redis, keys: KeySpace, tmp_path: Path, figures: Figures
+def test_sigterm_under_load_loses_no_acknowledged_event(  # noqa: PLR0917
+    api_key: str,
+    settings: Settings,
+    rdb: redis.Redis,
+    keys: KeySpace,
+    tmp_path: Path,
+    figures: Figures,
 ) -> None:
     total, size, workers = 4000, 5, 8
     port = free_port()
@@ -460,7 +479,7 @@ def test_sigterm_under_load_loses_no_acknowledged_event(
     async def run(url: str) -> None:
         pending = list(batches("term", total, size))
         await asyncio.gather(
-            terminate_then_restart(), retrying_clients(url, pending, tally, workers)
+            terminate_then_restart(), retrying_clients(url, pending, tally, workers, api_key)
         )
 
     try:
@@ -500,8 +519,13 @@ def test_sigterm_under_load_loses_no_acknowledged_event(
 
 
 @pytest.mark.slow
-def test_soak_at_a_fixed_rate_without_errors_or_memory_growth(
-    settings: Settings, rdb: redis.Redis, keys: KeySpace, tmp_path: Path, figures: Figures
+def test_soak_at_a_fixed_rate_without_errors_or_memory_growth(  # noqa: PLR0917
+    api_key: str,
+    settings: Settings,
+    rdb: redis.Redis,
+    keys: KeySpace,
+    tmp_path: Path,
+    figures: Figures,
 ) -> None:
     seconds = float(os.environ.get("SOAK_SECONDS", "120"))
     warmup, rate, size = min(20.0, seconds / 6), 100, 10
@@ -511,7 +535,9 @@ def test_soak_at_a_fixed_rate_without_errors_or_memory_growth(
         bridge = BridgeProcess(server.start(), tmp_path / "bridge.log")
         bridge.start()
         soak = asyncio.run(
-            fixed_rate(bridge.url, seconds, rate, size, pids=(server.pid, bridge.pid))
+            fixed_rate(
+                bridge.url, seconds, rate, size, pids=(server.pid, bridge.pid), api_key=api_key
+            )
         )
     finally:
         if bridge is not None:

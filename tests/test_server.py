@@ -29,7 +29,15 @@ from events_server.pb import events_pb2_grpc
 from events_server.server import SERVICE_NAME, EventsServer, create_server
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
-from tests.support import LoopThread, UvicornThread, events_env, free_port, queued, started_server
+from tests.support import (
+    LoopThread,
+    UvicornThread,
+    events_env,
+    free_port,
+    keyed_channel,
+    queued,
+    started_server,
+)
 from tests.test_service import ev, send
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -148,12 +156,12 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
-    valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    api_key: str, valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     valkey.killable()
     proc, target = _start_cli_server(settings)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with keyed_channel(target, api_key) as channel:
             stub = events_pb2_grpc.EventsServiceStub(channel)
             assert health_of(channel) == SERVING
             # Hold every write in Redis so the call is still in flight at SIGTERM.
@@ -190,7 +198,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
 
 
 def test_workers_share_one_port_and_stop_together(
-    valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    api_key: str, valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     port = free_port()
     env = events_env(
@@ -208,7 +216,7 @@ def test_workers_share_one_port_and_stop_together(
         pids = {int(m[1]) for line in lines if (m := re.search(r"\(pid (\d+)\)", line))}
         assert len(pids) == 2, lines
         for n in range(20):  # a new channel, a new connection: the kernel spreads them
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with keyed_channel(f"127.0.0.1:{port}", api_key) as channel:
                 send(events_pb2_grpc.EventsServiceStub(channel), ev(deduplication_id=f"w{n}"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -229,8 +237,13 @@ def test_workers_need_a_fixed_tcp_port() -> None:
         Settings(grpc_addr="unix:/tmp/events.sock", workers=2)
 
 
-def test_bridge_reaches_the_server_over_a_unix_socket(
-    loop: LoopThread, settings: Settings, tmp_path: Path, rdb: redis.Redis, keys: KeySpace
+def test_bridge_reaches_the_server_over_a_unix_socket(  # noqa: PLR0917
+    api_key: str,
+    loop: LoopThread,
+    settings: Settings,
+    tmp_path: Path,
+    rdb: redis.Redis,
+    keys: KeySpace,
 ) -> None:
     socket_path = tmp_path / "events.sock"
     on_socket = settings.model_copy(update={"grpc_addr": f"unix:{socket_path}"})
@@ -239,7 +252,9 @@ def test_bridge_reaches_the_server_over_a_unix_socket(
     bridge = UvicornThread(BridgeSettings(grpc_target=f"unix:{socket_path}"))
     bridge.start()
     try:
-        with httpx.Client(base_url=bridge.url, timeout=10) as client:
+        with httpx.Client(
+            base_url=bridge.url, timeout=10, headers={"x-api-key": api_key}
+        ) as client:
             event = {"tenant": "t", "market": "m", "type": "page_view", "user_id": "u"}
             answer = client.post("/create-events", json=[event])
         assert answer.status_code == 200, answer.text

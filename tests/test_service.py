@@ -11,13 +11,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
+from events_server.auth import ApiKey
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.store import partition_for
 from tests.sizes import event_of_size, request_size, server_with
-from tests.support import KeyMetadata, LoopThread, queued, started_server
+from tests.support import LoopThread, keyed_channel, queued, started_server
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
@@ -94,13 +95,17 @@ def test_events_without_an_id_are_queued_every_time(
 
 
 def test_an_id_is_queued_again_after_the_ttl(
-    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    session_key: tuple[ApiKey, str],  # not api_key: the cluster tests run this one too
+    loop: LoopThread,
+    settings: Settings,
+    rdb: redis.Redis,
+    keys: KeySpace,
 ) -> None:
     short = settings.model_copy(update={"dedup_ttl_seconds": 1})
 
     server, port = loop.run(started_server(short))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with keyed_channel(f"127.0.0.1:{port}", session_key[1]) as channel:
             short_stub = events_pb2_grpc.EventsServiceStub(channel)
             assert statuses(send(short_stub, ev(deduplication_id="t"))) == [ACCEPTED]
             assert statuses(send(short_stub, ev(deduplication_id="t"))) == [DUPLICATE]
@@ -317,11 +322,9 @@ def test_small_limits_apply_as_configured(
     limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
     with (
         server_with(loop, settings, **limits) as (_, port),
-        grpc.insecure_channel(f"127.0.0.1:{port}") as plain,
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
     ):
-        small = events_pb2_grpc.EventsServiceStub(
-            grpc.intercept_channel(plain, KeyMetadata(api_key))
-        )
+        small = events_pb2_grpc.EventsServiceStub(channel)
         fitting = [event_of_size(200, 50, tenant="shop-a"), ev(url="x" * 50), ev()]
         assert statuses(send(small, *fitting)) == [ACCEPTED] * 3
         with pytest.raises(grpc.RpcError) as caught:
@@ -341,11 +344,9 @@ def test_a_message_over_max_request_bytes_is_refused_by_grpc_itself(
 ) -> None:
     with (
         server_with(loop, settings, max_request_bytes=65_536) as (_, port),
-        grpc.insecure_channel(f"127.0.0.1:{port}") as plain,
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
     ):
-        small = events_pb2_grpc.EventsServiceStub(
-            grpc.intercept_channel(plain, KeyMetadata(api_key))
-        )
+        small = events_pb2_grpc.EventsServiceStub(channel)
         # Two events of 32764 bytes, each framed by 4 (a tag, a 3-byte length): 65536.
         fitting = [event_of_size(32_764, 8_192, tenant="shop-a")] * 2
         assert request_size(fitting) == 65_536

@@ -14,13 +14,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
 from events_server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
 from events_server.keys import KeySpace
+from events_server.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
 from events_server.store import RedisClient
+
+MD_API_KEY = "x-api-key"
+"""The gRPC metadata that carries the key (the REST bridge forwards it there)."""
 
 SECRET_PREFIX = "evk_"
 ID_PREFIX = "key_"
@@ -53,55 +56,34 @@ class ApiKey:
         return cls(**data)
 
 
-@dataclass(frozen=True, slots=True)
-class OriginDecision:
-    """May a page from an origin call; and may the origin be echoed with credentials."""
-
-    allowed: bool
-    credentials: bool
-
-
-REFUSED = OriginDecision(allowed=False, credentials=False)
-
-
 def digest_of(secret: str) -> str:
     """The stored digest of a key: hex SHA-256."""
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def normalize_origin(value: str) -> str:
-    """An origin as browsers send it (``scheme://host[:port]``, lower case, no default port)."""
-    parts = urlsplit(value.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"origin {value!r} has an invalid port") from None
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.username is not None
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-    ):
-        # "null" is refused too: sandboxed iframes and file:// pages all send it, so
-        # allowing it would allow any of them.
-        raise ValueError(
-            f"origin {value!r} must look like https://shop.example or http://localhost:3000"
-        )
-    default = {"http": 80, "https": 443}[parts.scheme]
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+def new_key(
+    tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
+) -> tuple[ApiKey, str]:
+    """A new key's record and its secret (ValueError: no tenants, or a malformed origin)."""
+    tenants = tuple(dict.fromkeys(tenants))
+    if not tenants or any(not t for t in tenants):
+        raise ValueError("a key needs at least one tenant, and tenants are not empty")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=ID_PREFIX + secrets.token_hex(8),
+        digest=digest_of(secret),
+        tenants=tenants,
+        label=label,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        origins=tuple(dict.fromkeys(normalize_origin(o) for o in origins)),
+    )
+    return key, secret
 
 
-def decide_origin(key: ApiKey, origin: str, fallback: Sequence[str]) -> OriginDecision:
-    """A key's own origin list rules; a key with none falls back to the global list."""
-    listed = key.origins or fallback
-    if origin in listed:
-        return OriginDecision(allowed=True, credentials=True)
-    if not key.origins and "*" in fallback and origin != "null":
-        return OriginDecision(allowed=True, credentials=False)
-    return REFUSED
+def key_writes(key: ApiKey, records: str, active: str) -> list[tuple[str, str, str]]:
+    """The (hash, field, value) writes that put a key in force."""
+    stored = key.to_json()
+    return [(records, key.id, stored), (active, key.digest, stored)]
 
 
 def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
@@ -109,9 +91,14 @@ def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
     covered = key.tenants
     for index, tenant in enumerate(tenants):
         if tenant not in covered:
+            shown = ", ".join(repr(t) for t in covered[:5])
+            # Cut: a 50 KB tenant would make the status too big for gRPC's metadata.
+            named = tenant if len(tenant) <= 100 else tenant[:100] + "..."
+            more = f" and {len(covered) - 5} more" if len(covered) > 5 else ""
             raise PermissionDenied(
-                f"events[{index}].tenant: key {key.id} may not write to tenant {tenant!r}"
-                f" (it covers {', '.join(repr(t) for t in covered)}); nothing was queued"
+                f"events[{index}].tenant: key {key.id} may not write to tenant {named!r}"
+                f" (it covers {shown}{more}); nothing was queued",
+                "tenant_not_allowed",
             )
 
 
@@ -131,22 +118,10 @@ class KeyStore:
         self, tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
     ) -> tuple[ApiKey, str]:
         """A new key for ``tenants``: its record, and the secret (which is never stored)."""
-        tenants = tuple(dict.fromkeys(tenants))
-        if not tenants or any(not t for t in tenants):
-            raise ValueError("a key needs at least one tenant, and tenants are not empty")
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(
-            id=ID_PREFIX + secrets.token_hex(8),
-            digest=digest_of(secret),
-            tenants=tenants,
-            label=label,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            origins=tuple(dict.fromkeys(normalize_origin(o) for o in origins)),
-        )
-        stored = key.to_json()
+        key, secret = new_key(tenants, label, origins)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._records, key.id, stored)
-            pipe.hset(self._active, key.digest, stored)
+            for name, field, value in key_writes(key, self._records, self._active):
+                pipe.hset(name, field, value)
             await pipe.execute()
         return key, secret
 
@@ -203,11 +178,12 @@ class Authenticator:
         if not secret:
             raise Unauthenticated(
                 "missing API key: send it as x-api-key metadata (HTTP: the X-API-KEY header,"
-                " the api_key query parameter or the X-API-KEY cookie)"
+                " the api_key query parameter or the X-API-KEY cookie)",
+                "missing_key",
             )
         key = await self._lookup(digest_of(secret))
         if key is None:
-            raise Unauthenticated("unknown or revoked API key")
+            raise Unauthenticated("unknown or revoked API key", "unknown_key")
         return key
 
     async def find(self, secret: str | None) -> ApiKey | None:
@@ -231,7 +207,17 @@ class Authenticator:
 
     def decide(self, key: ApiKey, origin: str) -> OriginDecision:
         """May this key be used from a page of ``origin``."""
-        return decide_origin(key, origin, self._fallback)
+        return decide_origin(key.origins, origin, self._fallback)
+
+    def check_origin(self, key: ApiKey, origin: str | None) -> None:
+        """Raise PermissionDenied when a browser page of ``origin`` may not use the key."""
+        if origin is not None and not self.decide(key, origin).allowed:
+            raise PermissionDenied(
+                f"origin {origin[:200]!r} may not use key {key.id}: it is not on the key's origins"
+                " (keys create --origin) nor, for a key without any, in EVENTS_CORS_ORIGINS;"
+                " nothing was queued",
+                "origin_not_allowed",
+            )
 
     async def decide_any(self, origin: str) -> OriginDecision:
         """Without a key (a CORS preflight): is the origin allowed for some key, or globally."""

@@ -1,4 +1,4 @@
-"""``events-server``: run the gRPC server, or look at what is queued."""
+"""``events-server``: run the gRPC server, look at what is queued, manage API keys."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from events_server.consumer import Consumer, default_name
 from events_server.exposition import shared_by_workers
 from events_server.groups import group_states, replay_dead_letters, trim
 from events_server.keys import ENVELOPE_FIELD, KeySpace
+from events_server.keys_cli import add_key_commands, run_key_command
 from events_server.logs import setup_logging
 from events_server.pb import events_pb2 as pb
 from events_server.server import create_server
@@ -498,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         tail_cmd, Settings, ("redis_url", "redis_cluster", "key_prefix", "partitions")
     )
     _add_queue_commands(commands)
+    add_key_commands(commands)
     return parser
 
 
@@ -520,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(tail_rejected(settings, args.tenant, args.count, args.follow, sys.stdout))
         elif args.command == "tail":
             asyncio.run(tail(settings, args.count, args.follow, sys.stdout))
+        elif args.command == "keys":
+            return run_key_command(args, settings, sys.stdout)
         else:
             return _run_queue_command(args, settings)
     except KeyboardInterrupt:

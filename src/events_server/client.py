@@ -30,12 +30,12 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from events_server.auth import MD_API_KEY
 from events_server.codec import OPTIONAL_STRING_FIELDS, TYPE_NAMES, TYPE_VALUES
 from events_server.errors import FieldViolation
 from events_server.logs import REQUEST_ID_HEADER, new_request_id
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.service import MD_API_KEY
 from events_server.validation import event_violations
 
 log = logging.getLogger(__name__)

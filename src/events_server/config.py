@@ -7,10 +7,11 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from events_server.codec import varint
 from events_server.logs import IpMode
+from events_server.origins import normalize_origin
 
 ENV_PREFIX = "EVENTS_"
 
@@ -105,6 +106,18 @@ class Settings(BaseSettings):
         description="When to acknowledge: 'none' once Redis has the events in memory; 'fsync'"
         " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes).",
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a process reuses an API key lookup, seconds: a revoked key stops"
+        " working, and a new key starts working, within this time (0: look up every call).",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated page origins (https://shop.example) allowed to call with a"
+        " key that lists no origins of its own; '*' allows any origin, but never with"
+        " credentials. Empty: such keys cannot be used from browsers.",
+    )
     rejected_maxlen: int = Field(
         10_000,
         ge=1,
@@ -174,6 +187,15 @@ class Settings(BaseSettings):
         host, colon, port = value.rpartition(":")
         if value and not (colon and host and port.isdigit() and int(port) <= 65535):
             raise ValueError("must be host:port (or empty, for no metrics port)")
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple("*" if o.strip() == "*" else normalize_origin(o) for o in value)
         return value
 
     @field_validator("key_prefix")

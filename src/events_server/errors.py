@@ -41,11 +41,19 @@ class StoreFull(IngestError):
     """Redis is out of memory and refuses writes; refused batches queued nothing. Retry later."""
 
 
-class Unauthenticated(IngestError):
+class AuthError(IngestError):
+    """A refused API key; ``kind`` is its metrics label (metrics.AUTH_FAILURE_KINDS)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Unauthenticated(AuthError):
     """No API key, or one that is unknown or revoked."""
 
 
-class PermissionDenied(IngestError):
+class PermissionDenied(AuthError):
     """The key may not do this: a tenant it does not cover, or a page origin it does not allow.
 
     Nothing from the request was queued.

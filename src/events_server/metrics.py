@@ -30,9 +30,9 @@ ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
 BATCH_REJECTED = "batch_rejected"
 """Reason of a valid event refused because another event of its request was invalid."""
 
-AUTH_FAILURE_KINDS = ("missing_key", "unknown_key", "tenant_not_allowed")
-"""Kinds of ``events_auth_failures_total``: no key, a key we do not know, a key not for the
-tenant. Counted once API keys are enforced (``ServerMetrics.auth_failure``)."""
+AUTH_FAILURE_KINDS = ("missing_key", "unknown_key", "tenant_not_allowed", "origin_not_allowed")
+"""Kinds of ``events_auth_failures_total``: no key, a key unknown or revoked, a key not for
+the tenant, a key used from a page origin it does not allow."""
 
 SCRIPT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -23,11 +23,13 @@ import grpc
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
+from events_server.auth import MD_API_KEY, ApiKey, Authenticator
 from events_server.codec import event_to_dict
-from events_server.errors import FieldViolation
+from events_server.errors import FieldViolation, IngestError
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.status import grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,13 @@ def tenants_of(names: Iterable[object]) -> list[str]:
             if len(found) == MAX_TENANTS:
                 break
     return found
+
+
+def tenants_for(named: Iterable[object], key: ApiKey) -> list[str]:
+    """The tenants a key's rejected request is recorded for: those it names and the key covers,
+    else the key's own (a request missing its tenant is still its store's business)."""
+    covered = [tenant for tenant in tenants_of(named) if tenant in key.tenants]
+    return covered or list(key.tenants[:MAX_TENANTS])
 
 
 def events_payload(request: pb.CreateEventsRequest) -> tuple[bytes, int]:
@@ -157,12 +166,10 @@ class RejectedLog:
             log.warning("rejected-request record not written: %s: %s", type(exc).__name__, exc)
 
     def record_invalid_events(
-        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation]
+        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], key: ApiKey
     ) -> None:
         """Record a CreateEvents call refused as invalid (in the background)."""
-        tenants = tenants_of(event.tenant for event in request.events)
-        if not tenants:
-            return
+        tenants = tenants_for((event.tenant for event in request.events), key)
         payload, size = events_payload(request)
         self.record_soon(
             pb.RejectedRequest(
@@ -184,14 +191,29 @@ class RejectedLog:
 
 
 class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
-    """RejectedEvents.Record: how the REST bridge files the requests it refused itself."""
+    """RejectedEvents.Record: how the REST bridge files the requests it refused itself.
 
-    def __init__(self, rejected: RejectedLog) -> None:
+    The bridge forwards the request's API key: only a key's own tenants get records, so no
+    one can fill another store's record with junk.
+    """
+
+    def __init__(self, rejected: RejectedLog, auth: Authenticator) -> None:
         self._rejected = rejected
+        self._auth = auth
 
     async def Record(
         self, request: pb.RejectedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.RecordRejectedResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        try:
+            key = await self._auth.authenticate(metadata.get(MD_API_KEY))
+        except IngestError as error:
+            code, message, _ = grpc_status(error)
+            await context.abort(code, message)
+            raise
+        tenants = tenants_for(request.tenants, key)
+        del request.tenants[:]
+        request.tenants.extend(tenants)
         try:
             await self._rejected.record(request, "http")
         except (RedisError, TimeoutError) as exc:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from events_server.access import AccessInterceptor
+from events_server.auth import Authenticator, KeyStore
 from events_server.cluster import store_for
 from events_server.config import Settings
 from events_server.exposition import MetricsEndpoint, scrape_registry
@@ -20,7 +21,7 @@ from events_server.pb import events_pb2, events_pb2_grpc
 from events_server.readiness import Readiness, probe
 from events_server.rejected import RejectedLog, RejectedServicer
 from events_server.sampler import RedisSampler
-from events_server.service import EventsService
+from events_server.service import EventsService, OriginsService
 from events_server.store import EventStore, RedisClient, connect
 from events_server.validation import Limits
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 REJECTED_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["RejectedEvents"].full_name
+ORIGINS_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["Origins"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -138,6 +140,7 @@ async def create_server(
         observe_script=metrics.observe_script,
     )
     rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
+    auth = Authenticator(KeyStore(redis, keys), settings.key_cache_seconds, settings.cors_origins)
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
@@ -151,10 +154,11 @@ async def create_server(
     events_pb2_grpc.add_EventsServiceServicer_to_server(
         EventsService(
             store,
+            auth,
             settings.partitions,
             settings.forwarded_hops,
             metrics,
-            Limits(
+            limits=Limits(
                 settings.max_events_per_request,
                 settings.max_event_bytes,
                 settings.max_string_length,
@@ -163,11 +167,18 @@ async def create_server(
         ),
         server,
     )
-    events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected), server)
+    events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected, auth), server)
+    events_pb2_grpc.add_OriginsServicer_to_server(OriginsService(auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, REJECTED_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            REJECTED_SERVICE_NAME,
+            ORIGINS_SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(settings.grpc_addr)

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from events_server.auth import MD_API_KEY, Authenticator, check_tenants
 from events_server.codec import envelope_bytes
-from events_server.errors import IngestError, InvalidEvents, StoreFull, StoreUnavailable
+from events_server.errors import (
+    AuthError,
+    IngestError,
+    InvalidEvents,
+    StoreUnavailable,
+)
 from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.rejected import RejectedLog
+from events_server.status import QUIET_CODES, grpc_status
 from events_server.store import EventStore, Item, partition_for
 from events_server.validation import Limits, validate_events
 
@@ -34,7 +38,7 @@ MD_USER_AGENT = "grpcgateway-user-agent"
 MD_REFERER = "grpcgateway-referer"
 MD_FORWARDED_FOR = "x-forwarded-for"
 MD_FORWARDED_HOST = "x-forwarded-host"
-MD_API_KEY = "x-api-key"
+MD_ORIGIN = "grpcgateway-origin"  # the browser page's Origin, forwarded by the bridge
 
 
 def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
@@ -53,43 +57,22 @@ def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
     return rest or peer
 
 
-def _status(error: IngestError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes | str], ...]]:
-    """(code, message, trailing metadata) for an error: the single error-to-code mapping."""
-    if isinstance(error, InvalidEvents):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description, reason=v.reason
-                )
-                for v in error.violations
-            ]
-        )
-        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
-        status.details.add().Pack(bad_request)
-        rich = rpc_status.to_status(status)
-        return rich.code, rich.details, tuple(rich.trailing_metadata)
-    if isinstance(error, StoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(error), ()
-    if isinstance(error, StoreFull):
-        # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
-    return grpc.StatusCode.INTERNAL, str(error), ()
-
-
 class EventsService(events_pb2_grpc.EventsServiceServicer):
     """Serves CreateEvents on top of an EventStore."""
 
     def __init__(
         self,
         store: EventStore,
+        auth: Authenticator,
         partitions: int,
         forwarded_hops: int,
         metrics: ServerMetrics,
-        limits: Limits,
         *,
+        limits: Limits,
         rejected: RejectedLog | None = None,
     ) -> None:
         self._store = store
+        self._auth = auth
         self._limits = limits
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
@@ -100,13 +83,13 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         try:
-            reply = await self._create_events(request.events, context)
+            reply = await self._create_events(request, context)
         except IngestError as error:
             self._metrics.count_events(request.events, None, error)
-            if isinstance(error, InvalidEvents) and self._rejected is not None:
-                self._rejected.record_invalid_events(request, error.violations)
-            code, message, trailers = _status(error)
-            if code != grpc.StatusCode.INVALID_ARGUMENT:
+            if isinstance(error, AuthError):
+                self._metrics.auth_failure(error.kind)
+            code, message, trailers = grpc_status(error)
+            if code not in QUIET_CODES:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)
             await context.abort(code, message, trailers)
             raise  # abort() always raises; this keeps type checkers honest
@@ -114,21 +97,33 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         return reply
 
     async def _create_events(
-        self, events: Sequence[pb.Event], context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         received_at = Timestamp()
         received_at.FromNanoseconds(time.time_ns())
-        serialized = validate_events(events, self._limits)
+        events = request.events
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        # Who first: an unauthenticated caller learns nothing, not even what is invalid.
+        key = await self._auth.authenticate(metadata.get(MD_API_KEY))
+        self._auth.check_origin(key, metadata.get(MD_ORIGIN))
+        try:
+            serialized = validate_events(events, self._limits)
+        except InvalidEvents as error:
+            if self._rejected is not None:
+                self._rejected.record_invalid_events(request, error.violations, key)
+            raise
+        # After validation, so an empty or missing tenant reads as invalid, not as foreign.
+        check_tenants(key, (event.tenant for event in events))
         if not events:
             return pb.CreateEventsResponse()
 
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         shared = pb.Envelope(
             received_at=received_at,
             client_ip=client_ip(metadata, context.peer(), self._forwarded_hops),
             user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
             referer=metadata.get(MD_REFERER),
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
+            api_key_id=key.id,
         ).SerializeToString()
         partitions = self._partitions
         items: list[Item] = [
@@ -152,3 +147,26 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
             accepted=accepted,
             duplicates=len(outcomes) - accepted,
         )
+
+
+class OriginsService(events_pb2_grpc.OriginsServicer):
+    """Origins.Check: the CORS answer the REST bridge gives a browser."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    async def Check(
+        self, request: pb.OriginCheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.OriginCheckResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        try:
+            key = await self._auth.find(metadata.get(MD_API_KEY))
+            if key is not None:
+                decision = self._auth.decide(key, request.origin)
+            else:
+                decision = await self._auth.decide_any(request.origin)
+        except StoreUnavailable as error:
+            code, message, _ = grpc_status(error)
+            await context.abort(code, message)
+            raise
+        return pb.OriginCheckResponse(allowed=decision.allowed, credentials=decision.credentials)

@@ -159,10 +159,11 @@ class CreateEvents:
     async def handle(self, scope: dict[str, Any], body: bytes) -> Reply:
         """The reply to one request with its whole body."""
         headers = dict(scope["headers"])
+        key = api_key(headers, scope.get("query_string", b""))
         content_type = headers.get(b"content-type")
         events = validate_body(body, content_type.decode("latin-1") if content_type else None)
         if isinstance(events, Reply):
-            self._report_rejected(body, events)
+            self._report_rejected(body, events, key)
             return events
         try:
             call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
@@ -175,12 +176,10 @@ class CreateEvents:
                     for loc in unencodable_locations(events)
                 ]
             )
-            self._report_rejected(body, reply)
+            self._report_rejected(body, reply, key)
             return reply
         client = scope.get("client")
-        metadata = forwarded_metadata(
-            headers, client[0] if client else "", api_key(headers, scope.get("query_string", b""))
-        )
+        metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
             response = await self._stub().CreateEvents(
                 call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
@@ -190,14 +189,15 @@ class CreateEvents:
             if reply.status == REQUEST_TOO_LARGE:
                 # gRPC refused it before the server could record it: the bridge does.
                 message = orjson.loads(reply.body)["detail"]
-                self._report(body, [validation_detail(["body"], message, "request_too_large")])
+                detail = [validation_detail(["body"], message, "request_too_large")]
+                self._report(body, detail, key)
             return reply
         return json_reply(200, response_body(response))
 
-    def _report_rejected(self, body: bytes, reply: Reply) -> None:
+    def _report_rejected(self, body: bytes, reply: Reply, key: str | None) -> None:
         """File a request the bridge refused itself in the rejected record (in the background)."""
-        self._report(body, orjson.loads(reply.body)["detail"])
+        self._report(body, orjson.loads(reply.body)["detail"], key)
 
-    def _report(self, body: bytes, detail: list[dict[str, Any]]) -> None:
+    def _report(self, body: bytes, detail: list[dict[str, Any]], key: str | None) -> None:
         if self._rejected is not None:
-            self._rejected.report(body, detail)
+            self._rejected.report(body, detail, key)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import orjson
 
+from events_server.auth import MD_API_KEY
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.rejected import (
@@ -27,6 +28,7 @@ from events_server.rejected import (
     PAYLOAD_LIMIT,
     tenants_of,
 )
+from rest_bridge.upstream import metadata_value
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ def body_tenants(body: bytes) -> list[str]:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        # Not JSON (or nested deeper than orjson goes): no tenant is known. When API
-        # keys exist, the key will name the tenant whatever the body holds.
+        # Not JSON (or nested deeper than orjson goes): the server records it for the
+        # key's tenants.
         return []
     if not isinstance(value, list):
         return []
@@ -67,16 +69,19 @@ class RejectedReporter:
         if self.lost & (self.lost - 1) == 0:  # 1st, 2nd, 4th...: no log flood
             log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
 
-    def report(self, body: bytes, detail: list[dict[str, Any]]) -> None:
-        """Report a request refused with ``detail`` (a 422's, or a 413's), if it names a tenant."""
-        tenants = body_tenants(body)
-        if not tenants:
+    def report(self, body: bytes, detail: list[dict[str, Any]], api_key: str | None) -> None:
+        """Report a request refused with ``detail`` (a 422's, or a 413's), if it came with a key.
+
+        The server records it for the tenants it names that the key covers, else for
+        the key's own: a request without a key is nobody's, and is not recorded.
+        """
+        if not api_key:
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self._lose(f"{MAX_IN_FLIGHT} already in flight")
             return
         request = pb.RejectedRequest(
-            tenants=tenants,
+            tenants=body_tenants(body),
             errors=[
                 # Cut here as the server would: the report must stay well within the
                 # server's max_request_bytes, which applies to it too.
@@ -90,13 +95,15 @@ class RejectedReporter:
             payload=body[:PAYLOAD_LIMIT],
             payload_size=len(body),
         )
-        task = asyncio.create_task(self._send(request))
+        task = asyncio.create_task(self._send(request, api_key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, request: pb.RejectedRequest) -> None:
+    async def _send(self, request: pb.RejectedRequest, api_key: str) -> None:
         try:
-            await self._stub().Record(request, timeout=self._timeout)
+            await self._stub().Record(
+                request, timeout=self._timeout, metadata=((MD_API_KEY, metadata_value(api_key)),)
+            )
         except grpc.aio.AioRpcError as error:
             self._lose(f"{error.code().name}: {error.details()}")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from events_server.auth import MD_API_KEY
 from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from events_server.service import (
-    MD_API_KEY,
     MD_FORWARDED_FOR,
     MD_FORWARDED_HOST,
     MD_REFERER,

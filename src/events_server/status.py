@@ -1,0 +1,55 @@
+"""IngestError -> gRPC status code, message and trailing metadata: the one mapping."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from events_server.errors import (
+    IngestError,
+    InvalidEvents,
+    PermissionDenied,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+)
+
+# Refusals that are the client's business, not the operator's: not logged as warnings.
+QUIET_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+Trailers = tuple[tuple[str, bytes | str], ...]
+
+
+def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
+    """(code, message, trailing metadata) for an error: the single error-to-code mapping."""
+    if isinstance(error, InvalidEvents):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description, reason=v.reason
+                )
+                for v in error.violations
+            ]
+        )
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
+        status.details.add().Pack(bad_request)
+        rich = rpc_status.to_status(status)
+        return rich.code, rich.details, tuple(rich.trailing_metadata)
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(error), ()
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(error), ()
+    if isinstance(error, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    if isinstance(error, StoreFull):
+        # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    return grpc.StatusCode.INTERNAL, str(error), ()
