@@ -40,6 +40,7 @@ class Job:
     rate: float | None = None  # requests/s for open-loop latency runs
     partitions: int = 16
     key_prefix: str = "ev"
+    api_key: str = ""
 
 
 @dataclass
@@ -65,8 +66,8 @@ class HttpError(Exception):
 class HttpConnection:
     """A minimal HTTP/1.1 keep-alive client: the lightest Python client we can write."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, api_key: str) -> None:
+        self.host, self.port, self.api_key = host, port, api_key
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -77,6 +78,7 @@ class HttpConnection:
         assert self.reader is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"X-API-KEY: {self.api_key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -128,8 +130,10 @@ async def _grpc_sender(job: Job) -> Any:
         METHOD, response_deserializer=pb.CreateEventsResponse.FromString
     )
 
+    metadata = (("x-api-key", job.api_key),)
+
     async def send(batches: Batches) -> int:
-        reply = await call(batches.grpc_body(job.batch), timeout=REQUEST_TIMEOUT)
+        reply = await call(batches.grpc_body(job.batch), timeout=REQUEST_TIMEOUT, metadata=metadata)
         return int(reply.accepted + reply.duplicates)
 
     return send, channel.close
@@ -140,7 +144,7 @@ async def _http_sender(job: Job) -> Any:
     idle: list[HttpConnection] = []
 
     async def send(batches: Batches) -> int:
-        conn = idle.pop() if idle else HttpConnection(host, int(port))
+        conn = idle.pop() if idle else HttpConnection(host, int(port), job.api_key)
         status, body = await asyncio.wait_for(
             conn.post("/create-events", batches.json_body(job.batch)), REQUEST_TIMEOUT
         )

