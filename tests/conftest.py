@@ -81,8 +81,15 @@ def session_key() -> tuple[ApiKey, str]:
 
 @pytest.fixture(scope="session")
 def api_key(valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
-    """The session key's secret; the key is in force (``rdb`` puts it back after a restart)."""
-    store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
+    """The session key's secret; the key is in force, also after a test restarted Valkey
+    (the tests' Valkey keeps no data, where a real one would have kept its keys)."""
+
+    def restore() -> None:
+        store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
+
+    restore()
+    if valkey.process is not None:
+        valkey.process.after_start = restore
     return session_key[1]
 
 

@@ -199,7 +199,9 @@ class Authenticator:
             key = await self._store.find(digest)
         except RedisError as error:
             # Not a 401: the key may well be good, and the client should retry.
-            raise StoreUnavailable(f"cannot check the API key: Redis: {error}") from error
+            raise StoreUnavailable(
+                f"redis: {type(error).__name__}: {error} (checking the API key)"
+            ) from error
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
         self._cache[digest] = (now + self._ttl, key)
@@ -229,7 +231,9 @@ class Authenticator:
             try:
                 listed = frozenset(await self._store.active_origins())
             except RedisError as error:
-                raise StoreUnavailable(f"cannot read key origins: Redis: {error}") from error
+                raise StoreUnavailable(
+                    f"redis: {type(error).__name__}: {error} (reading key origins)"
+                ) from error
             self._origins = (now + self._ttl, listed)
         if origin in listed:
             return OriginDecision(allowed=True, credentials=True)
