@@ -305,7 +305,8 @@ async def fixed_rate(  # noqa: PLR0917
     def sample(at: float) -> None:
         result.samples.append((at, rss_kib(pids[0]), rss_kib(pids[1])))
 
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    headers = {"x-api-key": api_key}
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=headers) as client:
 
         async def one(n: int) -> None:
             body = [event("soak", n * size + i) for i in range(size)]

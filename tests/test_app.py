@@ -13,13 +13,23 @@ import httpx
 import pytest
 import redis
 
+from events_server.codec import event_to_dict
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from rest_bridge.config import BridgeSettings
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import HTTP_STATUS
 from rest_bridge.upstream import metadata_value
-from tests.support import UvicornThread, contract_examples, events_env, free_port, queued
+from tests.sizes import event_of_size, server_with
+from tests.support import (
+    LoopThread,
+    UvicornThread,
+    contract_examples,
+    events_env,
+    free_port,
+    queued,
+)
+from tests.test_server import eventually
 
 
 def tail(settings: Settings, *args: str) -> list[dict[str, Any]]:
@@ -405,3 +415,99 @@ def test_health_endpoints(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert (ready.status_code, ready.json()) == (200, {"status": "SERVING"})
+
+
+# --- limits --------------------------------------------------------------------------
+
+
+def only_detail(answer: httpx.Response) -> dict[str, Any]:
+    """The one item of a 422's detail."""
+    assert answer.status_code == 422, answer.text
+    [item] = answer.json()["detail"]
+    assert set(item) == {"loc", "msg", "type"}  # the contract's ValidationError, no more
+    return dict(item)
+
+
+def test_over_max_events_per_request_is_a_422_for_the_whole_body(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    most = settings.max_events_per_request
+    assert http.post("/create-events", json=[EVENT] * most).status_code == 200
+    item = only_detail(http.post("/create-events", json=[EVENT] * (most + 1)))
+    assert item["loc"] == ["body"]
+    assert item["type"] == "too_many_events"
+    assert "501 events; at most 500" in item["msg"]
+    assert "max_events_per_request" in item["msg"]
+    assert len(queued(rdb, keys)) == most
+
+
+def test_an_event_over_max_event_bytes_is_a_422_at_its_index(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    size, longest = settings.max_event_bytes, settings.max_string_length
+    largest = event_to_dict(event_of_size(size, longest))
+    assert http.post("/create-events", json=[largest]).status_code == 200
+    too_large = event_to_dict(event_of_size(size + 1, longest))
+    item = only_detail(http.post("/create-events", json=[EVENT, too_large]))
+    assert item["loc"] == ["body", 1]
+    assert item["type"] == "event_too_large"
+    assert "32769 bytes" in item["msg"]
+    assert "at most 32768" in item["msg"]
+    assert "max_event_bytes" in item["msg"]
+    assert [e.event.variant_ids for _, e in queued(rdb, keys)] == [largest["variant_ids"]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"url": "x" * 8193}, ["body", 0, "url"]),
+        ({"variant_ids": ["a", "x" * 8193]}, ["body", 0, "variant_ids", 1]),
+        ({"entity_identifiers": {"sku": "x" * 8193}}, ["body", 0, "entity_identifiers"]),
+        ({"entity_identifiers": {"x" * 8193: "1"}}, ["body", 0, "entity_identifiers"]),
+    ],
+)
+def test_a_string_over_max_string_length_is_a_422_at_its_field(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace, fields: dict[str, Any], loc: list[Any]
+) -> None:
+    # One character less in the same place is fine.
+    fitting = json.loads(json.dumps(fields).replace("x" * 8193, "x" * 8192))
+    assert http.post("/create-events", json=[{**EVENT, **fitting}]).status_code == 200
+    item = only_detail(http.post("/create-events", json=[{**EVENT, **fields}]))
+    assert item["loc"] == loc
+    assert item["type"] == "string_too_long"
+    assert "8193 characters long; at most 8192" in item["msg"]
+    assert "max_string_length" in item["msg"]
+    assert len(queued(rdb, keys)) == 1
+
+
+def test_a_body_over_max_request_bytes_is_a_413_not_a_429_and_is_recorded(
+    loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    # Two events of 32764 bytes, each framed by 4: a 65536-byte request.
+    fitting = [event_to_dict(event_of_size(32_764, 8_192, tenant="shop-big"))] * 2
+    over = [fitting[0], event_to_dict(event_of_size(32_765, 8_192, tenant="shop-big"))]
+    with server_with(loop, settings, max_request_bytes=65_536) as (_, port):
+        bridge = UvicornThread(BridgeSettings(grpc_target=f"127.0.0.1:{port}", log_level="WARNING"))
+        bridge.start()
+        try:
+            with httpx.Client(
+                base_url=bridge.url, timeout=10, headers={"x-api-key": api_key}
+            ) as client:
+                assert client.post("/create-events", json=fitting).status_code == 200
+                answer = client.post("/create-events", json=over)
+        finally:
+            bridge.stop()
+    # Retrying never helps: not the 429 + Retry-After of backpressure.
+    assert answer.status_code == 413
+    assert "retry-after" not in answer.headers
+    detail = answer.json()["detail"]
+    assert "65537 vs. 65536" in detail
+    assert "max_request_bytes" in detail
+    assert len(queued(rdb, keys)) == 2
+    # gRPC refused it before the server's code saw it: the bridge files the record.
+    eventually(lambda: rdb.xlen(keys.rejected("shop-big")) == 1)
+    entries: Any = rdb.xrange(keys.rejected("shop-big"))
+    [(_, record)] = entries
+    assert record[b"source"] == b"http"
+    [error] = json.loads(record[b"errors"])
+    assert (error["field"], error["reason"]) == ("body", "request_too_large")

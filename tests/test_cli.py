@@ -66,6 +66,10 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         (events_server_main, ["serve", "--partitions", "0"]),
         (events_server_main, ["serve", "--key-prefix", "a{b}"]),
         (events_server_main, ["serve", "--metrics-addr", "9464"]),
+        (
+            events_server_main,
+            ["serve", "--max-event-bytes", "65536", "--max-request-bytes", "65536"],
+        ),
         (bridge_main, ["--port", "70000"]),
     ],
 )

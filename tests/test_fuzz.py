@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from events_server.codec import TYPE_NAMES
+from events_server.config import Settings
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from tests.support import TEST_TENANTS
@@ -103,7 +104,8 @@ def _mostly_our_tenant(case: schemathesis.Case[Any]) -> schemathesis.Case[Any]:
 
 # --- arbitrary protobuf Events, straight to gRPC -------------------------------------
 
-# Big, but a request of a few events stays under gRPC's 4 MiB message limit.
+# Big (over the string and event limits), but a request of a few events stays under
+# max_request_bytes (4 MiB).
 HUGE = st.integers(1_000, 50_000).map(lambda n: "x" * n)
 TEXT = st.one_of(st.text(max_size=30), HUGE)
 KEYS = st.one_of(st.just(""), st.text(max_size=10))
@@ -142,18 +144,38 @@ def any_event(draw: st.DrawFn) -> pb.Event:
     return event
 
 
-def _valid(event: pb.Event) -> bool:
+def _strings(event: pb.Event) -> Iterator[str]:
+    """Every string the event holds: fields, list items, map keys and values."""
+    for field, value in event.ListFields():
+        if field.message_type is not None:
+            yield from value.keys()
+            yield from value.values()
+        elif field.is_repeated:
+            yield from value
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            yield value
+
+
+def _valid(event: pb.Event, limits: Settings) -> bool:
     return bool(
         event.tenant
         and event.market
         and event.type in TYPE_NAMES
         and (event.dsid or not event.HasField("dsid"))
+        and event.ByteSize() <= limits.max_event_bytes
+        and all(len(text) <= limits.max_string_length for text in _strings(event))
     )
+
+
+@pytest.fixture
+def limits(settings: Settings) -> Settings:
+    """The session server's settings (``settings`` is hypothesis' in this module)."""
+    return settings
 
 
 @pytest.mark.usefixtures("rdb")
 def test_arbitrary_protobuf_events_get_ok_invalid_argument_or_permission_denied(
-    stub: events_pb2_grpc.EventsServiceStub, figures: Figures
+    stub: events_pb2_grpc.EventsServiceStub, figures: Figures, limits: Settings
 ) -> None:
     seen: Counter[str] = Counter()
 
@@ -171,18 +193,18 @@ def test_arbitrary_protobuf_events_get_ok_invalid_argument_or_permission_denied(
         ours = all(e.tenant in TEST_TENANTS for e in events)
         if failed is None:
             seen["OK"] += 1
-            assert all(_valid(e) for e in events)
+            assert all(_valid(e, limits) for e in events)
             assert ours
             assert len(reply.results) == len(events)
             return
         code = failed.code()
         seen[code.name] += 1
         if code == grpc.StatusCode.PERMISSION_DENIED:  # valid, but another store's
-            assert all(_valid(e) for e in events)
+            assert all(_valid(e, limits) for e in events)
             assert not ours
             return
         assert code == grpc.StatusCode.INVALID_ARGUMENT, failed
-        assert not all(_valid(e) for e in events)
+        assert not all(_valid(e, limits) for e in events)
         status = rpc_status.from_call(failed)
         assert status is not None
         bad_request = error_details_pb2.BadRequest()

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import redis
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.metrics import OTHER_TENANT, TenantLabels
+from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.sampler import RedisSampler
 from events_server.server import EventsServer
@@ -25,6 +27,7 @@ from events_server.store import connect
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
+from tests.sizes import event_of_size, server_with
 from tests.support import LoopThread, free_port, keyed_channel, started_server
 from tests.test_server import eventually
 from tests.test_service import ev, send
@@ -345,3 +348,35 @@ def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str, api_
         proc.terminate()
         proc.wait(15)
     assert totals == [10, 10, 10, 10]
+
+
+def test_limit_violations_are_the_reasons_of_rejected_events(
+    loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis
+) -> None:
+    limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
+    with (
+        server_with(loop, settings, **limits) as (limited, port),
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+    ):
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+        with pytest.raises(grpc.RpcError):
+            send(stub, *[ev(type=pb.EVENT_TYPE_PAGE_VIEW)] * 4)
+        with pytest.raises(grpc.RpcError):
+            send(
+                stub,
+                event_of_size(201, 50, type=pb.EVENT_TYPE_CLICK),
+                ev(type=pb.EVENT_TYPE_PURCHASE, url="x" * 51),
+                ev(type=pb.EVENT_TYPE_ADD_TO_CART),
+            )
+        samples = scrape(server_metrics_url(limited))
+
+    def rejected(kind: str, reason: str) -> float:
+        labels = {"tenant": OTHER_TENANT, "type": kind, "outcome": "rejected", "reason": reason}
+        return value(samples, "events_total", **labels)
+
+    # Too many: each event of the request carries the request's reason.
+    assert rejected("page_view", "too_many_events") == 4
+    assert rejected("click", "event_too_large") == 1
+    assert rejected("purchase", "string_too_long") == 1
+    assert rejected("add_to_cart", "batch_rejected") == 1
+    assert value(samples, "events_grpc_requests_total", method=CREATE, code="INVALID_ARGUMENT") == 2

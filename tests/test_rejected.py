@@ -234,3 +234,19 @@ def test_record_rpc_keeps_every_record_bounded(
     assert len(errors[0]["field"]) == MAX_ERROR_CHARS
     assert len(record[b"payload"]) == PAYLOAD_LIMIT
     assert int(record[b"payload_size"]) == 100_000
+
+
+def test_a_request_over_a_limit_is_recorded_with_the_limit(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    events = [ev(tenant="shop-cap")] * (settings.max_events_per_request + 1)
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, *events)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [record] = wait_for_records(rdb, keys, "shop-cap")
+    assert record[b"source"] == b"grpc"
+    [error] = json.loads(record[b"errors"])
+    assert (error["field"], error["reason"]) == ("events", "too_many_events")
+    assert "max_events_per_request" in error["description"]
+    assert int(record[b"payload_size"]) == pb.CreateEventsRequest(events=events).ByteSize()
+    assert len(record[b"payload"]) == PAYLOAD_LIMIT

@@ -9,6 +9,7 @@ import pytest
 import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from pydantic import ValidationError
 
 from events_server.auth import ApiKey
 from events_server.config import Settings
@@ -16,6 +17,7 @@ from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.store import partition_for
+from tests.sizes import event_of_size, request_size, server_with
 from tests.support import LoopThread, keyed_channel, queued, started_server
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
@@ -247,3 +249,120 @@ def test_script_is_reloaded_when_redis_lost_it(
     rdb.script_flush()  # as after a restart without persistence
     assert statuses(send(stub, ev(deduplication_id="s"), ev())) == [ACCEPTED, ACCEPTED]
     assert len(queued(rdb, keys)) == 2
+
+
+# --- limits ------------------------------------------------------------------------
+
+
+def violation_details(error: grpc.RpcError) -> list[tuple[str, str, str]]:
+    """(field, reason, description) of each field violation of an INVALID_ARGUMENT."""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    return [(v.field, v.reason, v.description) for v in bad_request.field_violations]
+
+
+def test_max_events_per_request_are_queued_and_one_more_refuses_the_request(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    most = settings.max_events_per_request
+    assert most == 500  # the documented default
+    assert send(stub, *[ev(user_id=f"u-{i}") for i in range(most)]).accepted == most
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, *[ev()] * (most + 1))
+    [(field, reason, description)] = violation_details(caught.value)
+    assert (field, reason) == ("events", "too_many_events")
+    assert "501 events" in description
+    assert "at most 500" in description
+    assert "max_events_per_request" in description
+    assert len(queued(rdb, keys)) == most
+
+
+def test_an_event_of_max_event_bytes_is_queued_and_one_byte_more_is_refused(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    size, longest = settings.max_event_bytes, settings.max_string_length
+    assert size == 32_768  # the documented default
+    largest = event_of_size(size, longest, tenant="shop-a")
+    assert statuses(send(stub, largest)) == [ACCEPTED]
+    [(_, envelope)] = queued(rdb, keys)
+    assert envelope.event == largest
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(), event_of_size(size + 1, longest, tenant="shop-a"))
+    [(field, reason, description)] = violation_details(caught.value)
+    assert (field, reason) == ("events[1]", "event_too_large")
+    assert "32769 bytes" in description
+    assert "at most 32768" in description
+    assert "max_event_bytes" in description
+    assert len(queued(rdb, keys)) == 1
+
+
+def test_a_string_of_max_string_length_is_queued_and_one_character_more_is_refused(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    longest = settings.max_string_length
+    assert longest == 8_192  # the documented default
+    # Multi-byte characters: the limit counts characters, the event is 3x as many bytes.
+    assert statuses(send(stub, ev(url="€" * longest))) == [ACCEPTED]
+    with pytest.raises(grpc.RpcError) as caught:
+        send(stub, ev(variant_ids=["a", "x" * (longest + 1)]))
+    [(field, reason, description)] = violation_details(caught.value)
+    assert (field, reason) == ("events[0].variant_ids[1]", "string_too_long")
+    assert "8193 characters" in description
+    assert "at most 8192" in description
+    assert "max_string_length" in description
+    assert len(queued(rdb, keys)) == 1
+
+
+def test_small_limits_apply_as_configured(
+    loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
+    with (
+        server_with(loop, settings, **limits) as (_, port),
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+    ):
+        small = events_pb2_grpc.EventsServiceStub(channel)
+        fitting = [event_of_size(200, 50, tenant="shop-a"), ev(url="x" * 50), ev()]
+        assert statuses(send(small, *fitting)) == [ACCEPTED] * 3
+        with pytest.raises(grpc.RpcError) as caught:
+            send(small, *fitting, ev())
+        assert [v[:2] for v in violation_details(caught.value)] == [("events", "too_many_events")]
+        with pytest.raises(grpc.RpcError) as caught:
+            send(small, event_of_size(201, 50, tenant="shop-a"), ev(url="x" * 51))
+        assert [v[:2] for v in violation_details(caught.value)] == [
+            ("events[0]", "event_too_large"),
+            ("events[1].url", "string_too_long"),
+        ]
+    assert len(queued(rdb, keys)) == 3
+
+
+def test_a_message_over_max_request_bytes_is_refused_by_grpc_itself(
+    loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    with (
+        server_with(loop, settings, max_request_bytes=65_536) as (_, port),
+        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+    ):
+        small = events_pb2_grpc.EventsServiceStub(channel)
+        # Two events of 32764 bytes, each framed by 4 (a tag, a 3-byte length): 65536.
+        fitting = [event_of_size(32_764, 8_192, tenant="shop-a")] * 2
+        assert request_size(fitting) == 65_536
+        assert statuses(send(small, *fitting)) == [ACCEPTED, ACCEPTED]
+        over = [fitting[0], event_of_size(32_765, 8_192, tenant="shop-a")]
+        assert request_size(over) == 65_537
+        with pytest.raises(grpc.RpcError) as caught:
+            send(small, *over)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max (65537 vs. 65536)" in (caught.value.details() or "")
+    assert len(queued(rdb, keys)) == 2
+
+
+def test_max_request_bytes_must_hold_one_event_of_max_event_bytes(settings: Settings) -> None:
+    # One event of 65533 bytes is a 65537-byte request (a tag byte, a 3-byte length).
+    base = {**settings.model_dump(), "max_event_bytes": 65_533}
+    assert Settings(**{**base, "max_request_bytes": 65_537}).max_request_bytes == 65_537
+    with pytest.raises(ValidationError, match="at least 65537"):
+        Settings(**{**base, "max_request_bytes": 65_536})

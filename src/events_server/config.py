@@ -9,6 +9,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from events_server.codec import varint
 from events_server.logs import IpMode
 from events_server.origins import normalize_origin
 
@@ -123,6 +124,44 @@ class Settings(BaseSettings):
         description="Records kept per tenant in its rejected-requests stream (XADD MAXLEN ~,"
         " approximate); older ones are trimmed.",
     )
+
+    max_events_per_request: int = Field(
+        500,
+        ge=1,
+        description="Events one CreateEvents call may carry; a request with more is refused"
+        " whole (INVALID_ARGUMENT, HTTP 422).",
+    )
+    max_event_bytes: int = Field(
+        32_768,
+        ge=64,
+        description="Largest event, in bytes of its serialized protobuf (Event.ByteSize()); a"
+        " request with a larger one is refused whole.",
+    )
+    max_string_length: int = Field(
+        8_192,
+        ge=1,
+        description="Longest string an event may hold, in characters: any field, list item,"
+        " map key or map value.",
+    )
+    max_request_bytes: int = Field(
+        4_194_304,
+        ge=65_536,
+        description="Largest message the gRPC server accepts (grpc.max_receive_message_length),"
+        " in bytes; gRPC itself refuses a larger one with RESOURCE_EXHAUSTED (HTTP 413). At"
+        " least 64 KiB: the bridge's rejected-request reports must fit too.",
+    )
+
+    @model_validator(mode="after")
+    def _one_event_fits_a_request(self) -> Settings:
+        # Past this, an event within max_event_bytes could still never arrive: gRPC
+        # would refuse its request before the clear event_too_large could be given.
+        largest = self.max_event_bytes + 1 + len(varint(self.max_event_bytes))
+        if self.max_request_bytes < largest:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must hold one event of"
+                f" max_event_bytes ({self.max_event_bytes}): at least {largest}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fsync_needs_one_redis(self) -> Settings:

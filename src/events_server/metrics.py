@@ -64,7 +64,12 @@ class TenantLabels:
 def _reasons(count: int, error: IngestError) -> list[str]:
     """Why each of ``count`` events of a failed request was refused."""
     if isinstance(error, InvalidEvents):
-        reasons = [BATCH_REJECTED] * count
+        # A violation of the request as a whole (too many events) is every event's reason.
+        whole = next(
+            (v.reason or "invalid" for v in error.violations if not _FIELD_INDEX.match(v.field)),
+            BATCH_REJECTED,
+        )
+        reasons = [whole] * count
         seen: set[int] = set()
         for violation in error.violations:
             match = _FIELD_INDEX.match(violation.field)

@@ -23,6 +23,7 @@ from events_server.rejected import RejectedLog, RejectedServicer
 from events_server.sampler import RedisSampler
 from events_server.service import EventsService, OriginsService
 from events_server.store import EventStore, RedisClient, connect
+from events_server.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,25 @@ async def create_server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
         # port would silently take half the traffic. Only our own workers share one.
-        options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
+        options=[
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            # gRPC's own refusal (RESOURCE_EXHAUSTED) of a message too big to parse at all.
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ],
     )
     events_pb2_grpc.add_EventsServiceServicer_to_server(
         EventsService(
-            store, auth, settings.partitions, settings.forwarded_hops, metrics, rejected=rejected
+            store,
+            auth,
+            settings.partitions,
+            settings.forwarded_hops,
+            metrics,
+            limits=Limits(
+                settings.max_events_per_request,
+                settings.max_event_bytes,
+                settings.max_string_length,
+            ),
+            rejected=rejected,
         ),
         server,
     )

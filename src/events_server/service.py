@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,7 +25,7 @@ from events_server.pb import events_pb2_grpc
 from events_server.rejected import RejectedLog
 from events_server.status import QUIET_CODES, grpc_status
 from events_server.store import EventStore, Item, partition_for
-from events_server.validation import validate_events
+from events_server.validation import Limits, validate_events
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +68,12 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         forwarded_hops: int,
         metrics: ServerMetrics,
         *,
+        limits: Limits,
         rejected: RejectedLog | None = None,
     ) -> None:
         self._store = store
         self._auth = auth
+        self._limits = limits
         self._partitions = partitions
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
@@ -82,7 +83,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         try:
-            reply = await self._create_events(request.events, context)
+            reply = await self._create_events(request, context)
         except IngestError as error:
             self._metrics.count_events(request.events, None, error)
             if isinstance(error, AuthError):
@@ -96,19 +97,20 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         return reply
 
     async def _create_events(
-        self, events: Sequence[pb.Event], context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         received_at = Timestamp()
         received_at.FromNanoseconds(time.time_ns())
+        events = request.events
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         # Who first: an unauthenticated caller learns nothing, not even what is invalid.
         key = await self._auth.authenticate(metadata.get(MD_API_KEY))
         self._auth.check_origin(key, metadata.get(MD_ORIGIN))
         try:
-            validate_events(events)
+            serialized = validate_events(events, self._limits)
         except InvalidEvents as error:
             if self._rejected is not None:
-                self._rejected.record_invalid_events(events, error.violations, key)
+                self._rejected.record_invalid_events(request, error.violations, key)
             raise
         # After validation, so an empty or missing tenant reads as invalid, not as foreign.
         check_tenants(key, (event.tenant for event in events))
@@ -129,9 +131,9 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                 partition_for(event, partitions),
                 event.tenant,
                 event.deduplication_id if event.HasField("deduplication_id") else None,
-                envelope_bytes(event.SerializeToString(), shared),
+                envelope_bytes(data, shared),
             )
-            for event in events
+            for event, data in zip(events, serialized, strict=True)
         ]
 
         outcomes = await self._store.append(items)

@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from events_server.codec import TYPE_NAMES
 from events_server.errors import FieldViolation, InvalidEvents
 from events_server.pb import events_pb2 as pb
 
 
-def event_violations(index: int, event: pb.Event) -> list[FieldViolation]:
-    """What is wrong with one event (empty when it is valid)."""
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How big a request and its events may be (the server's ``max_*`` settings)."""
+
+    max_events_per_request: int
+    max_event_bytes: int
+    max_string_length: int
+
+
+def _is_string(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_STRING
+
+
+def _is_string_map(field: FieldDescriptor) -> bool:
+    entry = field.message_type
+    return (
+        entry is not None
+        and entry.GetOptions().map_entry
+        and all(_is_string(f) for f in entry.fields)
+    )
+
+
+# Read from the descriptor, so a string field added to Event is limited too.
+_FIELDS = pb.Event.DESCRIPTOR.fields
+_SCALARS = tuple(f.name for f in _FIELDS if _is_string(f) and not f.is_repeated)
+_LISTS = tuple(f.name for f in _FIELDS if _is_string(f) and f.is_repeated)
+_MAPS = tuple(f.name for f in _FIELDS if _is_string_map(f))
+
+_KEY_SHOWN = 40
+"""Characters of a map key quoted in a description (the key may be the long string)."""
+
+
+def _shown(key: str) -> str:
+    return repr(key if len(key) <= _KEY_SHOWN else key[:_KEY_SHOWN] + "...")
+
+
+def _long_strings(event: pb.Event, limit: int) -> Iterator[tuple[str, str]]:
+    """(field path, what is too long) for each string of the event longer than ``limit``."""
+    for name in _SCALARS:
+        if len(value := getattr(event, name)) > limit:
+            yield name, f"{name} is {len(value)} characters long"
+    for name in _LISTS:
+        for i, item in enumerate(getattr(event, name)):
+            if len(item) > limit:
+                yield f"{name}[{i}]", f"{name}[{i}] is {len(item)} characters long"
+    for name in _MAPS:
+        for key, value in getattr(event, name).items():
+            if len(key) > limit:
+                yield name, f"a key of {name} ({_shown(key)}) is {len(key)} characters long"
+            if len(value) > limit:
+                yield name, f"{name}[{_shown(key)}] is {len(value)} characters long"
+
+
+def event_violations(
+    index: int, event: pb.Event, limits: Limits | None = None, size: int | None = None
+) -> list[FieldViolation]:
+    """What is wrong with one event (empty when it is valid); ``limits`` adds the size rules.
+
+    ``size`` is the event's serialized size when the caller has it (else it is computed).
+    """
     found: list[FieldViolation] = []
 
     def bad(field: str, description: str, reason: str) -> None:
@@ -26,21 +87,68 @@ def event_violations(index: int, event: pb.Event) -> list[FieldViolation]:
         bad("type", f"type {event.type} is not a known EventType", "enum")
     if event.HasField("dsid") and not event.dsid:
         bad("dsid", "dsid must not be empty when set", "string_too_short")
+    if limits is None:
+        return found
+    size = event.ByteSize() if size is None else size
+    if size > limits.max_event_bytes:
+        found.append(
+            FieldViolation(
+                f"events[{index}]",
+                f"the event is {size} bytes as protobuf; at most {limits.max_event_bytes} are"
+                " allowed (max_event_bytes)",
+                "event_too_large",
+            )
+        )
+    # A string of n characters takes at least n UTF-8 bytes: a small event has no long one.
+    if size > limits.max_string_length:
+        for field, what in _long_strings(event, limits.max_string_length):
+            bad(
+                field,
+                f"{what}; at most {limits.max_string_length} are allowed (max_string_length)",
+                "string_too_long",
+            )
     return found
 
 
-def validate_events(events: Sequence[pb.Event]) -> None:
-    """Raise InvalidEvents naming every violation in the request, if there is any."""
-    # The same rules as event_violations, as one cheap test per event: valid
-    # requests (nearly all of them) never pay for building violation reports.
-    for event in events:
-        if (
-            not event.tenant
-            or not event.market
-            or event.type not in TYPE_NAMES
-            or (not event.dsid and event.HasField("dsid"))
-        ):
-            break
-    else:
-        return
-    raise InvalidEvents([v for i, event in enumerate(events) for v in event_violations(i, event)])
+def validate_events(events: Sequence[pb.Event], limits: Limits) -> list[bytes]:
+    """Each event serialized, once all pass; else raise InvalidEvents naming every violation.
+
+    The size rules need each event's serialized length, and the caller needs the
+    serialized events for the queue: serializing once serves both.
+    """
+    if len(events) > limits.max_events_per_request:
+        # Refused before looking at any event: their number is the request's fault.
+        raise InvalidEvents(
+            [
+                FieldViolation(
+                    "events",
+                    f"the request has {len(events)} events; at most"
+                    f" {limits.max_events_per_request} are allowed (max_events_per_request)",
+                    "too_many_events",
+                )
+            ]
+        )
+    serialized = [event.SerializeToString() for event in events]
+    # The same rules as event_violations, as one cheap test per event (and one for
+    # all the sizes): valid requests never pay for building violation reports, nor
+    # for scanning strings when no event is large enough to hold a long one.
+    unchecked = min(limits.max_event_bytes, limits.max_string_length)
+    if not serialized or max(map(len, serialized)) <= unchecked:
+        for event in events:
+            if (
+                not event.tenant
+                or not event.market
+                or event.type not in TYPE_NAMES
+                or (not event.dsid and event.HasField("dsid"))
+            ):
+                break
+        else:
+            return serialized
+    found = [
+        violation
+        for i, (event, data) in enumerate(zip(events, serialized, strict=True))
+        for violation in event_violations(i, event, limits, len(data))
+    ]
+    if found:
+        raise InvalidEvents(found)
+    return serialized

@@ -11,8 +11,8 @@ from events_server.logs import IpMode
 MIN_JSON_DEPTH = 3
 """How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""
 
-# gRPC refuses messages over 4 MiB by default (which the bridge would have to answer
-# with a misleading 429); a body's protobuf form stays well under that at 2 MiB.
+# The bridge parses a body whole on its event loop, and past 2 MiB of JSON a request's
+# protobuf nears the server's default max_request_bytes (4 MiB), which gRPC refuses.
 MAX_BODY_BYTES_CEILING = 2 * 1024 * 1024
 
 

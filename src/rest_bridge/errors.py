@@ -40,7 +40,14 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 # no browser pop up a password dialog.
 WWW_AUTHENTICATE = "APIKey"
 
-_FIELD_PATH = re.compile(r"^events\[(\d+)\]\.(\w+)$")
+# gRPC's own RESOURCE_EXHAUSTED for a message over the server's max_request_bytes
+# ("SERVER: Received message larger than max (N vs. M)"): not backpressure, so not a
+# 429 to retry, but grpc-gateway's 413.
+_TOO_LARGE = re.compile(r"message larger than max", re.IGNORECASE)
+REQUEST_TOO_LARGE = 413
+
+# events (the request), events[3] (an event), events[3].url, events[3].variant_ids[1]
+_FIELD_PATH = re.compile(r"^events(?:\[(\d+)\](?:\.(\w+)(?:\[(\d+)\])?)?)?$")
 
 
 def _printable(part: str | int) -> str | int:
@@ -70,7 +77,15 @@ def _field_loc(path: str) -> list[str | int]:
     match = _FIELD_PATH.match(path)
     if match is None:
         return ["body", path]
-    return ["body", int(match[1]), match[2]]
+    event, field, item = match.groups()
+    loc: list[str | int] = ["body"]  # the body is the request's events array
+    if event is not None:
+        loc.append(int(event))
+    if field is not None:
+        loc.append(field)
+    if item is not None:
+        loc.append(int(item))
+    return loc
 
 
 def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
@@ -86,6 +101,14 @@ def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
     return details
 
 
+def too_large_detail(message: str) -> str:
+    """The 413's detail: what gRPC said, and what to do about it."""
+    return (
+        f"request too large for the events server ({message}); it accepts at most"
+        " max_request_bytes of protobuf per request: send fewer or smaller events"
+    )
+
+
 def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> Reply:
     """The HTTP response for a failed CreateEvents call."""
     code = error.code()
@@ -95,6 +118,8 @@ def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -
         return unprocessable(
             _violations(error) or [validation_detail(["body"], message, "value_error")]
         )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(message):
+        return json_reply(REQUEST_TOO_LARGE, {"detail": too_large_detail(message)})
     headers: dict[str, str] = {}
     if code in RETRYABLE:
         headers["Retry-After"] = str(retry_after_seconds)

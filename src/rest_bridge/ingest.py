@@ -26,7 +26,13 @@ from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_bod
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
 from rest_bridge.credentials import api_key
-from rest_bridge.errors import grpc_error_response, invalid_body, unprocessable, validation_detail
+from rest_bridge.errors import (
+    REQUEST_TOO_LARGE,
+    grpc_error_response,
+    invalid_body,
+    unprocessable,
+    validation_detail,
+)
 from rest_bridge.models import Event, unencodable_locations
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
@@ -192,13 +198,20 @@ class CreateEvents:
                 call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
             )
         except grpc.aio.AioRpcError as error:
-            return grpc_error_response(error, self._settings.retry_after_seconds)
+            reply = grpc_error_response(error, self._settings.retry_after_seconds)
+            if reply.status == REQUEST_TOO_LARGE:
+                # gRPC refused it before the server could record it: the bridge does.
+                message = orjson.loads(reply.body)["detail"]
+                detail = [validation_detail(["body"], message, "request_too_large")]
+                self._report(body, detail, key)
+            return reply
         return json_reply(200, response_body(response))
 
     def _report_rejected(self, body: bytes, reply: Reply, key: str | None) -> None:
-        """File a request the bridge refused itself in the rejected record (in the background).
+        """File a request the bridge refused itself in the rejected record (in the background)."""
+        self._report(body, orjson.loads(reply.body)["detail"], key)
 
-        ``body`` is the inflated one, so at most max_body_bytes: never a gzip bomb.
-        """
+    def _report(self, body: bytes, detail: list[dict[str, Any]], key: str | None) -> None:
+        """Report ``body``: the inflated one, at most max_body_bytes, never a gzip bomb."""
         if self._rejected is not None:
-            self._rejected.report(body, orjson.loads(reply.body)["detail"], key)
+            self._rejected.report(body, detail, key)

@@ -3,7 +3,9 @@
 The server owns Redis, so the bridge reports over gRPC (RejectedEvents.Record),
 in the background: the 422 never waits for it, and a report that cannot be
 sent is dropped with a log line. Requests the server refuses are recorded by
-the server itself, so each rejection is recorded once.
+the server itself, so each rejection is recorded once; the exception is a request
+gRPC refuses as too large before the server sees it (the bridge's 413), which the
+bridge reports too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import orjson
 from events_server.auth import MD_API_KEY
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.rejected import MAX_ERRORS, MAX_IN_FLIGHT, PAYLOAD_LIMIT, tenants_of
+from events_server.rejected import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_IN_FLIGHT,
+    PAYLOAD_LIMIT,
+    tenants_of,
+)
 from rest_bridge.upstream import metadata_value
 
 log = logging.getLogger(__name__)
@@ -62,7 +70,7 @@ class RejectedReporter:
             log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
 
     def report(self, body: bytes, detail: list[dict[str, Any]], api_key: str | None) -> None:
-        """Report a request answered 422 with ``detail``, if it came with a key.
+        """Report a request refused with ``detail`` (a 422's, or a 413's), if it came with a key.
 
         The server records it for the tenants it names that the key covers, else for
         the key's own: a request without a key is nobody's, and is not recorded.
@@ -75,10 +83,12 @@ class RejectedReporter:
         request = pb.RejectedRequest(
             tenants=body_tenants(body),
             errors=[
+                # Cut here as the server would: the report must stay well within the
+                # server's max_request_bytes, which applies to it too.
                 pb.RejectedField(
-                    field=_field(d.get("loc", [])),
-                    description=str(d.get("msg", "")),
-                    reason=str(d.get("type", "")),
+                    field=_field(d.get("loc", []))[:MAX_ERROR_CHARS],
+                    description=str(d.get("msg", ""))[:MAX_ERROR_CHARS],
+                    reason=str(d.get("type", ""))[:MAX_ERROR_CHARS],
                 )
                 for d in detail[:MAX_ERRORS]
             ],
