@@ -81,16 +81,25 @@ def session_key() -> tuple[ApiKey, str]:
 
 @pytest.fixture(scope="session")
 def api_key(valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
-    """The session key's secret; the key is in force, also after a test restarted Valkey
-    (the tests' Valkey keeps no data, where a real one would have kept its keys)."""
-
-    def restore() -> None:
-        store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
-
-    restore()
-    if valkey.process is not None:
-        valkey.process.after_start = restore
+    """The session key's secret; the key is in force (see ``rdb``)."""
+    _keep_key(valkey, settings, session_key[0])
     return session_key[1]
+
+
+def _keep_key(valkey: Valkey, settings: Settings, key: ApiKey) -> None:
+    """Put the session key in force, and into the snapshot a restarted Valkey loads.
+
+    The tests' Valkey persists nothing by itself; a real one would keep its keys. Loaded
+    from the snapshot, the key is there before the restarted server answers anyone (a
+    key written after it answers would race the first retried calls).
+    """
+    client = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    try:
+        store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, key)
+        if valkey.process is not None:
+            client.save()
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -162,10 +171,10 @@ def rdb(
     valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]
 ) -> Iterator[redis.Redis]:
     """A plain Redis client; every key of the session's prefix but the session API key's
-    is gone before each test (and that key is in force, even after a Valkey restart)."""
+    is gone before each test (a Valkey restarted by the test comes back in that state)."""
     client = redis.Redis.from_url(valkey.url, socket_timeout=5)
     _delete_prefix(client, settings.key_prefix)
-    store_key(redis.Redis.from_url(valkey.url), settings.key_prefix, session_key[0])
+    _keep_key(valkey, settings, session_key[0])
     yield client
     client.close()
 

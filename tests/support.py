@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,8 +113,6 @@ class ValkeyProcess:
         self.extra = extra
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.after_start: Callable[[], None] | None = None
-        """Run after every (re)start: what a persistent Redis would have kept."""
 
     def start(self) -> None:
         """Start (or restart) the server and wait until it answers PING."""
@@ -145,8 +143,6 @@ class ValkeyProcess:
                 time.sleep(0.02)
             finally:
                 client.close()
-        if self.after_start is not None:
-            self.after_start()
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
