@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from events_server.auth import MD_API_KEY
 from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
+from events_server.origins import REFUSED, OriginDecision
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.config import BridgeSettings
@@ -41,24 +41,13 @@ EXPOSE_HEADERS = b"Retry-After, X-Request-Id"
 MAX_AGE = b"600"  # seconds a browser may reuse a preflight's answer
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """May a page of the origin call; may it do so with credentials (cookies)."""
-
-    allowed: bool
-    credentials: bool
-
-
-REFUSED = Decision(allowed=False, credentials=False)
-
-
 def is_preflight(scope: dict[str, Any]) -> bool:
     """An OPTIONS request a browser sends before a cross-origin POST."""
     names = {name for name, _ in scope["headers"]}
     return b"origin" in names and b"access-control-request-method" in names
 
 
-def _allow_origin(origin: bytes, decision: Decision) -> Headers:
+def _allow_origin(origin: bytes, decision: OriginDecision) -> Headers:
     if decision.credentials:
         return [
             (b"access-control-allow-origin", origin),
@@ -78,9 +67,9 @@ class Cors:
     ) -> None:
         self._stub = stub
         self._settings = settings
-        self._cache: dict[tuple[str, str | None], tuple[float, Decision]] = {}
+        self._cache: dict[tuple[str, str | None], tuple[float, OriginDecision]] = {}
 
-    async def decide(self, origin: str, key: str | None) -> Decision:
+    async def decide(self, origin: str, key: str | None) -> OriginDecision:
         """The server's answer for this origin and key; AioRpcError when it cannot be asked."""
         if origin == "null" or len(origin) > MAX_ORIGIN_CHARS:
             return REFUSED  # "null": sandboxed frames and file:// pages, anyone's
@@ -96,14 +85,14 @@ class Cors:
             timeout=self._settings.grpc_timeout_seconds,
             metadata=tuple(metadata),
         )
-        decision = Decision(reply.allowed, reply.allowed and reply.credentials)
+        decision = OriginDecision(reply.allowed, reply.allowed and reply.credentials)
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
         self._cache[(origin, key)] = (now + self._settings.cors_cache_seconds, decision)
         return decision
 
     @staticmethod
-    def response_headers(origin: bytes, decision: Decision) -> Headers:
+    def response_headers(origin: bytes, decision: OriginDecision) -> Headers:
         """What an actual response carries for a page of this origin (nothing when refused)."""
         if not decision.allowed:
             return []
