@@ -363,6 +363,31 @@ def test_batcher_refuses_a_bad_event_without_sinking_its_batch(
     assert [e.event.user_id for _, e in queued(rdb, keys)] == ["good"]
 
 
+def test_an_event_only_the_server_can_refuse_fails_alone_and_the_rest_is_queued(
+    api_key: str, grpc_target: str, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    too_long = "x" * (settings.max_string_length + 1)  # a server limit add() cannot know
+
+    async def scenario() -> list[BaseException | pb.EventResult]:
+        async with (
+            EventsClient(grpc_target, api_key=api_key) as client,
+            client.batcher(max_events=4, max_delay_seconds=5) as b,
+        ):
+            futures = [
+                await b.add(ev(user_id="first")),
+                await b.add(ev(user_id="long", url=too_long)),
+                await b.add(ev(user_id="third")),
+                await b.add(ev(user_id="fourth")),
+            ]
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    first, long, third, fourth = run(scenario())
+    assert isinstance(long, InvalidEventsError)
+    assert [(v.field, v.reason) for v in long.violations] == [("event.url", "string_too_long")]
+    assert [r.status for r in (first, third, fourth)] == [ACCEPTED] * 3  # type: ignore[union-attr]
+    assert sorted(e.event.user_id for _, e in queued(rdb, keys)) == ["first", "fourth", "third"]
+
+
 def test_batcher_failures_reach_every_future(
     api_key: str,
 ) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -280,12 +281,18 @@ class EventsClient:
         )
 
 
+Batch = list[tuple[pb.Event, "asyncio.Future[pb.EventResult]"]]
+"""Events of one batch, each with the future of its result."""
+
+
 class Batcher:
     """Sends events in batches: once ``max_events`` wait, or ``max_delay_seconds`` after the first.
 
     ``add`` checks an event at once (a bad one raises there, and never sinks the
-    batch it would have joined) and returns a future of its result. A batch that
-    fails sets the error on each of its futures and is logged. ``close`` sends
+    batch it would have joined) and returns a future of its result. Events the
+    server refuses for its own limits (sizes ``add`` cannot know) fail alone and
+    the rest of their batch is sent again. A batch that fails otherwise sets the
+    error on each of its futures and is logged. ``close`` sends
     what is left and waits for every batch.
     """
 
@@ -298,7 +305,7 @@ class Batcher:
         self._max_events = max_events
         self._max_delay = max_delay_seconds
         self._max_in_flight = max_in_flight
-        self._pending: list[tuple[pb.Event, asyncio.Future[pb.EventResult]]] = []
+        self._pending: Batch = []
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -358,21 +365,65 @@ class Batcher:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _send(self, batch: list[tuple[pb.Event, asyncio.Future[pb.EventResult]]]) -> None:
+    async def _send(self, batch: Batch) -> None:
         request = pb.CreateEventsRequest(events=[event for event, _ in batch])
         try:
             reply = await self._client.send_request(request)
+        except InvalidEventsError as error:
+            if (rest := _without_refused(batch, error)) is None:
+                self._fail(batch, error)
+            else:
+                # Only the server knows its size limits (add() cannot check them): the
+                # events it named fail alone, and the rest of the batch goes again.
+                await self._send(rest)
+            return
         except Exception as error:
-            log.error("batch of %d events failed: %s", len(batch), error)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-                    # Logged above: asyncio need not warn again about unawaited futures.
-                    future.add_done_callback(lambda f: f.exception())
+            self._fail(batch, error)
             return
         for (_, future), result in zip(batch, reply.results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    @staticmethod
+    def _fail(
+        batch: list[tuple[pb.Event, asyncio.Future[pb.EventResult]]], error: Exception
+    ) -> None:
+        log.error("batch of %d events failed: %s", len(batch), error)
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+                # Logged above: asyncio need not warn again about unawaited futures.
+                future.add_done_callback(lambda f: f.exception())
+
+
+_EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+
+
+def _without_refused(batch: Batch, error: InvalidEventsError) -> Batch | None:
+    """Fail the events the server named; the others, to send again (None: cannot split)."""
+    named: dict[int, list[FieldViolation]] = {}
+    for violation in error.violations:
+        match = _EVENT_INDEX.match(violation.field)
+        if match is None or int(match[1]) >= len(batch):
+            return None  # about the whole request (too many events): nothing to split
+        named.setdefault(int(match[1]), []).append(violation)
+    if not named or len(named) == len(batch):
+        return None
+    for index, violations in named.items():
+        own = [
+            FieldViolation(_EVENT_INDEX.sub("event", v.field, 1), v.description, v.reason)
+            for v in violations
+        ]
+        future = batch[index][1]
+        if not future.done():
+            future.set_exception(
+                InvalidEventsError(f"invalid event: {own[0].field}", own, error.request_id)
+            )
+            future.add_done_callback(lambda f: f.exception())
+    log.warning(
+        "batch of %d events: %d refused by the server, sending the rest", len(batch), len(named)
+    )
+    return [item for index, item in enumerate(batch) if index not in named]
 
 
 class SyncEventsClient:
