@@ -386,6 +386,35 @@ def test_consumers_trim_and_replay_work_on_the_cluster(
     assert crossslot_errors(valkey_cluster) == [0, 0, 0]
 
 
+def test_keys_are_created_used_and_revoked_on_the_cluster(
+    settings: Settings, grpc_server: tuple[EventsServer, int], rdb: RedisCluster
+) -> None:
+    def keys_cmd(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "events_server", "keys", *args],
+            capture_output=True, text=True, timeout=30, check=True,
+            env=events_env(settings, EVENTS_REDIS_CLUSTER="true"),
+        )  # fmt: skip
+        return done.stdout
+
+    secret = keys_cmd("create", "--tenant", "shop-a", "--label", "cluster").splitlines()[-1]
+    with keyed_channel(f"127.0.0.1:{grpc_server[1]}", secret) as channel:
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+        assert send(stub, ev()).accepted == 1
+        [line] = [x for x in keys_cmd("list").splitlines() if "label='cluster'" in x]
+        keys_cmd("revoke", line.split()[0])  # one MULTI on the {keys} slot
+        deadline = time.monotonic() + settings.key_cache_seconds + 1
+        refused: grpc.RpcError | None = None
+        while refused is None:
+            try:
+                send(stub, ev())
+            except grpc.RpcError as error:
+                refused = error
+            assert time.monotonic() < deadline, "a revoked key kept working"
+            time.sleep(0.1)
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_tail_reads_every_partition_of_the_cluster(
     stub: events_pb2_grpc.EventsServiceStub,
     rdb: RedisCluster,
