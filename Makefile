@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python scripts/dev.py
 
-# The fast suite (about a minute); the slow fault and load tests are test-reliability's.
+# The fast suite (about two minutes); the slow fault and load tests are test-reliability's.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
