@@ -17,6 +17,7 @@ from events_server.logs import REQUEST_ID_HEADER, IpMode, accept_request_id, cli
 from events_server.logs import request_id as current_request_id
 from events_server.metrics import ServerMetrics
 from events_server.service import client_ip
+from events_server.status import call_metadata
 
 log = logging.getLogger("events_server.access")
 
@@ -49,7 +50,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            metadata = call_metadata(context)
             token = current_request_id.set(accept_request_id(metadata.get(REQUEST_ID_HEADER)))
             response = None
             code = grpc.StatusCode.OK

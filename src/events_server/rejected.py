@@ -29,7 +29,7 @@ from events_server.errors import FieldViolation, IngestError
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.status import grpc_status
+from events_server.status import call_metadata, grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
     async def Record(
         self, request: pb.RejectedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.RecordRejectedResponse:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        metadata = call_metadata(context)
         try:
             key = await self._auth.authenticate(metadata.get(MD_API_KEY))
         except IngestError as error:

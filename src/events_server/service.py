@@ -23,7 +23,7 @@ from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.rejected import RejectedLog
-from events_server.status import QUIET_CODES, grpc_status
+from events_server.status import QUIET_CODES, call_metadata, grpc_status
 from events_server.store import EventStore, Item, partition_for
 from events_server.validation import Limits, validate_events
 
@@ -102,7 +102,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         received_at = Timestamp()
         received_at.FromNanoseconds(time.time_ns())
         events = request.events
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        metadata = call_metadata(context)
         # Who first: an unauthenticated caller learns nothing, not even what is invalid.
         key = await self._auth.authenticate(metadata.get(MD_API_KEY))
         self._auth.check_origin(key, metadata.get(MD_ORIGIN))
@@ -158,7 +158,7 @@ class OriginsService(events_pb2_grpc.OriginsServicer):
     async def Check(
         self, request: pb.OriginCheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.OriginCheckResponse:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        metadata = call_metadata(context)
         try:
             key = await self._auth.find(metadata.get(MD_API_KEY))
             if key is not None:

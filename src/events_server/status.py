@@ -1,6 +1,8 @@
-"""IngestError -> gRPC status code, message and trailing metadata: the one mapping."""
+"""The gRPC side of every call: its text metadata, and IngestError -> status (the one mapping)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -26,6 +28,11 @@ QUIET_CODES = frozenset(
 
 
 Trailers = tuple[tuple[str, bytes | str], ...]
+
+
+def call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The call's text metadata (binary ``-bin`` entries left out)."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
 def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
