@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator, Sequence
@@ -319,6 +320,20 @@ def events_env(settings: Settings, **extra: str) -> dict[str, str]:
         "EVENTS_PARTITIONS": str(settings.partitions),
         **extra,
     }
+
+
+def run_events_server(
+    settings: Settings, *args: str, check: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run an ``events-server`` command to completion against the settings' Redis and keys."""
+    return subprocess.run(
+        [sys.executable, "-m", "events_server", *args],
+        env=events_env(settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=check,
+    )
 
 
 async def started_server(settings: Settings) -> tuple[EventsServer, int]:

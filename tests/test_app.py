@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from typing import Any
 
 import grpc
@@ -25,24 +23,16 @@ from tests.support import (
     LoopThread,
     UvicornThread,
     contract_examples,
-    events_env,
     free_port,
     queued,
+    run_events_server,
 )
 from tests.test_server import eventually
 
 
 def tail(settings: Settings, *args: str) -> list[dict[str, Any]]:
     """Run `events-server tail` for real and parse its JSON lines."""
-    env = events_env(settings)
-    out = subprocess.run(
-        [sys.executable, "-m", "events_server", "tail", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    out = run_events_server(settings, "tail", *args).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 

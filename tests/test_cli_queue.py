@@ -18,7 +18,7 @@ import redis
 from events_server.config import Settings
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from tests.support import events_env, free_port
+from tests.support import events_env, free_port, run_events_server
 from tests.test_consumer import Entry, produce
 from tests.test_server import eventually
 
@@ -30,15 +30,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 def events_server(settings: Settings, *args: str) -> str:
     """Run an events-server command to completion; its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-m", "events_server", *args],
-        env=cli_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return done.stdout
+    return run_events_server(settings, *args).stdout
 
 
 def started(command: list[str], settings: Settings) -> subprocess.Popen[str]:
@@ -145,14 +137,7 @@ def test_an_unreachable_redis_is_a_clear_error_not_a_traceback(
     settings: Settings, command: list[str]
 ) -> None:
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    done = subprocess.run(
-        [sys.executable, "-m", "events_server", *command],
-        env=cli_env(down),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_events_server(down, *command, check=False)
     assert done.returncode == 1
     assert done.stderr.startswith(f"events-server {command[0]}: redis: ")
     assert "Traceback" not in done.stderr

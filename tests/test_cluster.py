@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -33,7 +31,13 @@ from events_server.server import EventsServer
 from events_server.store import partition_for
 from tests import test_service as core
 from tests.cluster_support import ValkeyCluster
-from tests.support import LoopThread, events_env, keyed_channel, started_server, store_key
+from tests.support import (
+    LoopThread,
+    keyed_channel,
+    run_events_server,
+    started_server,
+    store_key,
+)
 from tests.test_consumer import FAST, entries, in_order, produce, run, until
 from tests.test_server import SERVING, eventually, health_of
 from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
@@ -216,14 +220,7 @@ def test_ten_thousand_events_split_over_the_nodes_with_no_crossslot(
     assert crossslot_errors(valkey_cluster) == [0, 0, 0]
 
     # What operators see: the same split, by `events-server partitions`.
-    shown = subprocess.run(
-        [sys.executable, "-m", "events_server", "partitions", "--redis-cluster"],
-        env=events_env(settings),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    shown = run_events_server(settings, "partitions", "--redis-cluster").stdout
     for index, node in enumerate(valkey_cluster.nodes):
         summary = (
             f"127.0.0.1:{node.port}: {partitions_on[index]} partitions, {actual[index]} entries"
@@ -390,12 +387,7 @@ def test_keys_are_created_used_and_revoked_on_the_cluster(
     settings: Settings, grpc_server: tuple[EventsServer, int], rdb: RedisCluster
 ) -> None:
     def keys_cmd(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "events_server", "keys", *args],
-            capture_output=True, text=True, timeout=30, check=True,
-            env=events_env(settings, EVENTS_REDIS_CLUSTER="true"),
-        )  # fmt: skip
-        return done.stdout
+        return run_events_server(settings, "keys", *args, EVENTS_REDIS_CLUSTER="true").stdout
 
     secret = keys_cmd("create", "--tenant", "shop-a", "--label", "cluster").splitlines()[-1]
     with keyed_channel(f"127.0.0.1:{grpc_server[1]}", secret) as channel:
@@ -424,14 +416,7 @@ def test_tail_reads_every_partition_of_the_cluster(
 ) -> None:
     users = user_per_partition(keys)
     sent = send(stub, *(ev(user_id=user) for user in users.values()))
-    shown = subprocess.run(
-        [sys.executable, "-m", "events_server", "tail", "--redis-cluster"],
-        env=events_env(settings),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    shown = run_events_server(settings, "tail", "--redis-cluster").stdout
     lines = [json.loads(line) for line in shown.splitlines()]
     assert sorted((line["partition"], line["entry_id"]) for line in lines) == sorted(
         (r.partition, r.entry_id) for r in sent.results

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import httpx
 import redis
 
 from events_server.auth import SECRET_PREFIX, digest_of
 from events_server.config import Settings
-from tests.support import events_env
+from tests.support import run_events_server
 from tests.test_server import eventually
 
 
 def keys_cmd(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``events-server keys ...`` against the session's Redis and prefix."""
-    return subprocess.run(
-        [sys.executable, "-m", "events_server", "keys", *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=30,
-        env=events_env(settings),
-    )
+    return run_events_server(settings, "keys", *args, check=False)
 
 
 def test_create_prints_the_key_once_on_the_last_line_and_it_works(
