@@ -29,7 +29,7 @@ from events_server.errors import FieldViolation, IngestError
 from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.status import call_metadata, grpc_status
+from events_server.status import abort, call_metadata
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,7 @@ class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
         try:
             key = await self._auth.authenticate(metadata.get(MD_API_KEY))
         except IngestError as error:
-            code, message, _ = grpc_status(error)
-            await context.abort(code, message)
-            raise
+            await abort(context, error)
         tenants = tenants_for(request.tenants, key)
         del request.tenants[:]
         request.tenants.extend(tenants)

@@ -23,7 +23,7 @@ from events_server.metrics import ServerMetrics
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.rejected import RejectedLog
-from events_server.status import QUIET_CODES, call_metadata, grpc_status
+from events_server.status import QUIET_CODES, abort, call_metadata, grpc_status
 from events_server.store import EventStore, Item, partition_for
 from events_server.validation import Limits, validate_events
 
@@ -166,7 +166,5 @@ class OriginsService(events_pb2_grpc.OriginsServicer):
             else:
                 decision = await self._auth.decide_any(request.origin)
         except StoreUnavailable as error:
-            code, message, _ = grpc_status(error)
-            await context.abort(code, message)
-            raise
+            await abort(context, error)
         return pb.OriginCheckResponse(allowed=decision.allowed, credentials=decision.credentials)

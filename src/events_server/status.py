@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -60,3 +60,10 @@ def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
         # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
     return grpc.StatusCode.INTERNAL, str(error), ()
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: IngestError) -> NoReturn:
+    """End the call with the error's status, message and trailers."""
+    code, message, trailers = grpc_status(error)
+    await context.abort(code, message, trailers)
+    raise error  # not reached (abort() raises); this keeps type checkers honest
