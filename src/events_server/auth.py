@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
@@ -138,7 +138,7 @@ class KeyStore:
         key = ApiKey.from_json(raw)
         if key.revoked is None:
             revoked = datetime.now(UTC).isoformat(timespec="seconds")
-            key = ApiKey(**{**asdict(key), "revoked": revoked})
+            key = replace(key, revoked=revoked)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hdel(self._active, key.digest)
                 pipe.hset(self._records, key.id, key.to_json())
