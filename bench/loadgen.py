@@ -16,10 +16,11 @@ import grpc
 from redis.asyncio import Redis
 
 from bench.workload import DEDUP_FIELD, Batches
-from events_server.codec import envelope_bytes, length_delimited
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
-from events_server.store import EventStore, Item, partition_for
+from events_server.queue.keys import KeySpace
+from events_server.server.routing import partition_for
+from events_server.server.store import Item, store_for
+from events_server.wire.codec import envelope_bytes, length_delimited
 
 METHOD = "/events.v1.EventsService/CreateEvents"
 REQUEST_TIMEOUT = 30.0
@@ -101,7 +102,7 @@ class HttpConnection:
 async def _script_sender(job: Job) -> Any:
     """Drives our dedup+enqueue script directly through EventStore: envelopes prebuilt."""
     redis = Redis.from_url(job.target)
-    store = EventStore(redis, KeySpace(job.key_prefix, job.partitions), 86_400)
+    store = store_for(redis, KeySpace(job.key_prefix, job.partitions), 86_400)
     context = pb.Envelope(client_ip="127.0.0.1", user_agent="bench").SerializeToString()
 
     async def send(batches: Batches) -> int:

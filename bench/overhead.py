@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from events_server.access import AccessInterceptor
-from events_server.logs import JsonFormatter
-from events_server.metrics import ServerMetrics
+from events_server.ops.logs import JsonFormatter
 from events_server.pb import events_pb2 as pb
+from events_server.server.access import AccessInterceptor
+from events_server.server.metrics import ServerMetrics
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.metrics import BridgeMetrics
 

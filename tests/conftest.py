@@ -13,11 +13,11 @@ import httpx
 import pytest
 import redis
 
-from events_server.auth import ApiKey, new_key
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.auth import ApiKey, new_key
+from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
 from tests.cluster_support import ValkeyCluster
 from tests.support import (

@@ -16,10 +16,10 @@ import sys
 import time
 from typing import TextIO
 
-from events_server.config import ConsumerSettings, Settings
-from events_server.consumer import Consumer, Message
-from events_server.keys import KeySpace
-from events_server.store import connect
+from events_server.consumer import Consumer, ConsumerSettings, Message
+from events_server.queue.connection import connect
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
 
 SETTINGS = ConsumerSettings(
     batch_size=50,
@@ -34,7 +34,7 @@ HANDLE_SECONDS = 0.002
 
 async def main(settings: Settings, group: str, name: str, log: TextIO) -> None:
     """Consume until SIGTERM."""
-    redis = connect(settings)
+    redis = connect(settings.redis)
     keys = KeySpace(settings.key_prefix, settings.partitions)
     consumer = Consumer(redis, keys, group, name=name, settings=SETTINGS)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, consumer.stop)

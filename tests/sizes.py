@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from events_server.codec import varint
-from events_server.config import Settings
 from events_server.pb import events_pb2 as pb
-from events_server.server import EventsServer
+from events_server.server.app import EventsServer
+from events_server.server.settings import Settings
+from events_server.wire.codec import varint
 from tests.support import LoopThread, started_server
 
 

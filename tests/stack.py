@@ -20,10 +20,10 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-from events_server.config import Settings
-from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
-from events_server.server import EventsServer
+from events_server.queue.keys import ENVELOPE_FIELD, KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
 from tests.proxy import FaultProxy
 from tests.support import LoopThread, UvicornThread, ValkeyProcess, free_port, started_server

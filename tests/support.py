@@ -23,11 +23,11 @@ import redis
 import uvicorn
 import yaml
 
-from events_server.auth import ApiKey, key_writes, new_key
-from events_server.config import Settings
-from events_server.keys import ENVELOPE_FIELD, KeySpace
 from events_server.pb import events_pb2 as pb
-from events_server.server import EventsServer, create_server
+from events_server.queue.keys import ENVELOPE_FIELD, KeySpace
+from events_server.server.app import EventsServer, create_server
+from events_server.server.auth import ApiKey, key_writes, new_key
+from events_server.server.settings import Settings
 from rest_bridge.cli import server_config
 from rest_bridge.config import BridgeSettings
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import redis
 
-from events_server.codec import event_to_dict
-from events_server.config import Settings
-from events_server.keys import KeySpace
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
+from events_server.wire.codec import event_to_dict
 from rest_bridge.config import BridgeSettings
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import HTTP_STATUS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -11,15 +12,22 @@ import httpx
 import pytest
 import redis
 
-from events_server.auth import ID_PREFIX, SECRET_PREFIX, ApiKey, Authenticator, KeyStore, digest_of
-from events_server.config import Settings
-from events_server.errors import StoreUnavailable
-from events_server.keys import KeySpace
-from events_server.metrics import AUTH_FAILURE_KINDS
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer
-from events_server.store import connect
+from events_server.queue.connection import connect
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.auth import (
+    ID_PREFIX,
+    SECRET_PREFIX,
+    ApiKey,
+    Authenticator,
+    KeyStore,
+    digest_of,
+)
+from events_server.server.errors import StoreUnavailable
+from events_server.server.metrics import AUTH_FAILURE_KINDS
+from events_server.server.settings import Settings
 from tests.support import LoopThread, create_key, queued
 from tests.test_metrics import scrape, server_metrics_url, value
 from tests.test_server import eventually
@@ -113,7 +121,7 @@ def test_the_envelope_records_the_key_id_never_the_key(
 
 
 async def _list(settings: Settings) -> list[ApiKey]:
-    client = connect(settings)
+    client = connect(settings.redis)
     try:
         return list(await KeyStore(client, KeySpace(settings.key_prefix, 1)).list())
     finally:
@@ -156,7 +164,7 @@ def test_a_revoked_key_stops_working_within_the_cache_time(
     assert post(bridge, [EVENT], **{"x-api-key": key}).status_code == 200
 
     async def revoke() -> None:
-        client = connect(settings)
+        client = connect(settings.redis)
         try:
             store = KeyStore(client, KeySpace(settings.key_prefix, 1))
             [record] = [k for k in await store.list() if k.label == "revoke-me"]
@@ -178,7 +186,7 @@ def test_lookups_are_cached_and_redis_trouble_is_unavailable_not_401(
     secret = create_key(settings.redis_url, settings.key_prefix, ["shop-a"])
 
     async def scenario() -> tuple[str, type[BaseException]]:
-        client = connect(settings)
+        client = connect(settings.redis)
         auth = Authenticator(KeyStore(client, KeySpace(settings.key_prefix, 1)), 60, ())
         try:
             first = await auth.authenticate(secret)
@@ -187,7 +195,7 @@ def test_lookups_are_cached_and_redis_trouble_is_unavailable_not_401(
         # The connection is closed: only the cache can answer now.
         again = await auth.authenticate(secret)
         assert again == first
-        broken = connect(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+        broken = connect(replace(settings.redis, url="redis://127.0.0.1:1/0"))
         cold = Authenticator(KeyStore(broken, KeySpace(settings.key_prefix, 1)), 60, ())
         try:
             await cold.authenticate(secret)
@@ -261,7 +269,7 @@ def test_refused_keys_are_counted_by_kind_and_not_logged_as_warnings(
     )
     url = server_metrics_url(grpc_server[0])
     before = scrape(url)
-    with caplog.at_level(logging.WARNING, logger="events_server.service"):
+    with caplog.at_level(logging.WARNING, logger="events_server.server.service"):
         assert post(bridge, [EVENT]).status_code == 401
         assert post(bridge, [EVENT], **{"x-api-key": "evk_x"}).status_code == 401
         assert post(bridge, [EVENT], **{"x-api-key": "evk_y"}).status_code == 401

@@ -14,7 +14,7 @@ import pydantic
 import pytest
 import redis
 
-from events_server.keys import KeySpace
+from events_server.queue.keys import KeySpace
 from rest_bridge.body import BodyRefused, Inflater
 from rest_bridge.config import MIN_JSON_DEPTH, BridgeSettings
 from rest_bridge.models import Event

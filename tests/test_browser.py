@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
 from tests.browser import Chromium, Page, PageServer
 from tests.stack import serving
 from tests.support import LoopThread, create_key, queued

@@ -14,7 +14,7 @@ import redis
 from pydantic import ValidationError
 
 from events_server.cli import main as events_server_main
-from events_server.config import Settings
+from events_server.server.settings import Settings
 from rest_bridge.cli import main as bridge_main
 from rest_bridge.config import BridgeSettings
 from tests.support import events_env, free_port
@@ -50,8 +50,8 @@ def test_bridge_help_lists_every_setting_with_env_and_default() -> None:
 
 
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from events_server.cli import build_parser  # noqa: PLC0415
-    from events_server.config import settings_from_args  # noqa: PLC0415
+    from events_server.cli.main import build_parser  # noqa: PLC0415
+    from events_server.ops.settings import settings_from_args  # noqa: PLC0415
 
     monkeypatch.setenv("EVENTS_PARTITIONS", "4")
     monkeypatch.setenv("REDIS_URL", "redis://env-host:1/0")

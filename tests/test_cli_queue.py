@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
 from tests.support import events_env, free_port, run_events_server
 from tests.test_consumer import Entry, produce
 from tests.test_server import eventually

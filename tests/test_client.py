@@ -21,12 +21,12 @@ from events_server.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from events_server.config import Settings
-from events_server.errors import FieldViolation
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer, create_server
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer, create_server
+from events_server.server.settings import Settings
+from events_server.wire.violations import FieldViolation
 from tests.conftest import Valkey
 from tests.support import CuttingProxy, LoopThread, contract_examples, free_port, queued
 from tests.test_service import ev

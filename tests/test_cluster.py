@@ -21,14 +21,14 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from events_server.auth import ApiKey
-from events_server.config import Settings
 from events_server.consumer import Consumer, Message
-from events_server.groups import group_states, replay_dead_letters, trim
-from events_server.keys import KeySpace
+from events_server.consumer.groups import group_states, replay_dead_letters, trim
 from events_server.pb import events_pb2_grpc
-from events_server.server import EventsServer
-from events_server.store import partition_for
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.auth import ApiKey
+from events_server.server.routing import partition_for
+from events_server.server.settings import Settings
 from tests import test_service as core
 from tests.cluster_support import ValkeyCluster
 from tests.support import (

@@ -7,13 +7,13 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from events_server.codec import (
+from events_server.pb import events_pb2 as pb
+from events_server.wire.codec import (
     OPTIONAL_STRING_FIELDS,
     TYPE_NAMES,
     envelope_to_dict,
     event_from_dict,
 )
-from events_server.pb import events_pb2 as pb
 from rest_bridge.models import EEventType, Event
 
 # Valid UTF-8 only: lone surrogates are rejected by the bridge (see test_app).

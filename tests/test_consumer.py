@@ -11,12 +11,12 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from events_server.config import ConsumerSettings, Settings
-from events_server.consumer import Consumer, Message
-from events_server.groups import group_states, replay_dead_letters
-from events_server.keys import KeySpace
+from events_server.consumer import Consumer, ConsumerSettings, Message
+from events_server.consumer.groups import group_states, replay_dead_letters
 from events_server.pb import events_pb2_grpc
-from events_server.store import connect
+from events_server.queue.connection import connect
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
 from tests.test_service import ev, send
 
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def run(settings: Settings, scenario: Callable[[Any], Awaitable[T]]) -> T:
     """Run an async scenario with its own event loop and Redis client."""
 
     async def main() -> T:
-        client = connect(settings)
+        client = connect(settings.redis)
         try:
             return await asyncio.wait_for(scenario(client), 30)
         finally:

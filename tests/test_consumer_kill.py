@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import redis
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
+from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
 from tests.test_consumer import Entry, entry_key, produce
 from tests.test_server import eventually
 

@@ -14,11 +14,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from events_server.auth import KeyStore, digest_of
-from events_server.config import Settings
-from events_server.keys import KeySpace
-from events_server.logs import request_id
+from events_server.ops.logs import request_id
 from events_server.pb import events_pb2_grpc
+from events_server.queue.keys import KeySpace
+from events_server.server.auth import KeyStore, digest_of
+from events_server.server.settings import Settings
 from rest_bridge import cors as cors_module
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors

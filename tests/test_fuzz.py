@@ -30,10 +30,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from events_server.codec import TYPE_NAMES
-from events_server.config import Settings
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.server.settings import Settings
+from events_server.wire.codec import TYPE_NAMES
 from tests.support import TEST_TENANTS
 
 Figures = Callable[[str], None]

@@ -9,8 +9,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events_server.groups import TRIM
-from events_server.keys import KeySpace
+from events_server.consumer.groups import TRIM
+from events_server.queue.keys import KeySpace
 
 _streams = itertools.count()
 

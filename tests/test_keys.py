@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from events_server.keys import KeySpace
+from events_server.queue.keys import KeySpace
 
 
 def test_a_partitions_stream_and_dedup_keys_share_one_slot() -> None:

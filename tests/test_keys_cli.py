@@ -8,8 +8,8 @@ import subprocess
 import httpx
 import redis
 
-from events_server.auth import SECRET_PREFIX, digest_of
-from events_server.config import Settings
+from events_server.server.auth import SECRET_PREFIX, digest_of
+from events_server.server.settings import Settings
 from tests.support import run_events_server
 from tests.test_server import eventually
 

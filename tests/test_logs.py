@@ -16,8 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from events_server.config import Settings
-from events_server.logs import (
+from events_server.ops.logs import (
     JsonFormatter,
     accept_request_id,
     client_ip_for_log,
@@ -25,6 +24,7 @@ from events_server.logs import (
     setup_logging,
 )
 from events_server.pb import events_pb2_grpc
+from events_server.server.settings import Settings
 from rest_bridge.access import redact_query
 from tests.support import create_key, events_env, free_port
 from tests.test_server import eventually

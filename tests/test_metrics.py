@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -16,14 +17,14 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
-from events_server.metrics import OTHER_TENANT, TenantLabels
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.sampler import RedisSampler
-from events_server.server import EventsServer
-from events_server.store import connect
+from events_server.queue.connection import connect
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.metrics import OTHER_TENANT, TenantLabels
+from events_server.server.sampler import RedisSampler
+from events_server.server.settings import Settings
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
@@ -261,7 +262,7 @@ def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
     loop: LoopThread, valkey: Valkey, settings: Settings, keys: KeySpace, rdb: redis.Redis
 ) -> None:
     process = valkey.killable()
-    client = connect(settings.model_copy(update={"redis_timeout_seconds": 0.5}))
+    client = connect(replace(settings.redis, timeout_seconds=0.5))
     sampler = RedisSampler(client, keys, interval=0.05)
 
     async def start() -> asyncio.Task[None]:

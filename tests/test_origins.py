@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from events_server.config import Settings
-from events_server.origins import decide_origin, normalize_origin
+from events_server.server.settings import Settings
+from events_server.wire.origins import decide_origin, normalize_origin
 
 
 @pytest.mark.parametrize(

@@ -12,17 +12,12 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.rejected import (
-    MAX_ERROR_CHARS,
-    MAX_ERRORS,
-    MAX_TENANTS,
-    PAYLOAD_LIMIT,
-    RejectedLog,
-)
+from events_server.queue.keys import KeySpace
+from events_server.server.rejected import RejectedLog
+from events_server.server.settings import Settings
+from events_server.wire.rejected import MAX_ERROR_CHARS, MAX_ERRORS, MAX_TENANTS, PAYLOAD_LIMIT
 from tests.conftest import Valkey
 from tests.stack import proxy_to, serving
 from tests.support import LoopThread, create_key, keyed_channel

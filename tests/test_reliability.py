@@ -23,11 +23,12 @@ import httpx
 import pytest
 import redis
 
-from events_server.auth import ApiKey
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2_grpc
-from events_server.store import ENQUEUE_SCRIPT, partition_for
+from events_server.queue.keys import KeySpace
+from events_server.server.auth import ApiKey
+from events_server.server.routing import partition_for
+from events_server.server.script import ENQUEUE_SCRIPT
+from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
 from tests.proxy import FaultProxy

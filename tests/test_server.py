@@ -22,11 +22,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from pydantic import ValidationError
 
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.server import SERVICE_NAME, EventsServer, create_server
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer, create_server
+from events_server.server.settings import Settings
+from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.config import BridgeSettings
 from tests.conftest import Valkey
 from tests.support import (

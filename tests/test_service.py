@@ -11,12 +11,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
-from events_server.auth import ApiKey
-from events_server.config import Settings
-from events_server.keys import KeySpace
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.store import partition_for
+from events_server.queue.keys import KeySpace
+from events_server.server.auth import ApiKey
+from events_server.server.routing import partition_for
+from events_server.server.settings import Settings
 from tests.sizes import event_of_size, request_size, server_with
 from tests.support import LoopThread, keyed_channel, queued, started_server
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from events_server.codec import envelope_to_dict
-from events_server.consumer import Message
+from events_server.consumer import JsonlSink, Message
 from events_server.pb import events_pb2 as pb
-from events_server.sinks import JsonlSink
+from events_server.wire.codec import envelope_to_dict
 from tests.test_service import ev
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from events_server.errors import FieldViolation, InvalidEvents
 from events_server.pb import events_pb2 as pb
-from events_server.validation import Limits, event_violations, validate_events
+from events_server.server.errors import InvalidEvents
+from events_server.server.validation import validate_events
+from events_server.wire.validation import Limits, event_violations
+from events_server.wire.violations import FieldViolation
 from tests.sizes import event_of_size
 
 

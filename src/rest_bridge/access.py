@@ -15,8 +15,9 @@ from urllib.parse import unquote_plus
 
 from starlette.types import Message, Receive, Scope, Send
 
-from events_server.logs import REQUEST_ID_HEADER, IpMode, accept_request_id, client_ip_for_log
-from events_server.logs import request_id as current_request_id
+from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
+from events_server.ops.logs import request_id as current_request_id
+from events_server.wire.metadata import REQUEST_ID_HEADER
 from rest_bridge.metrics import UNMATCHED_ROUTE, BridgeMetrics
 
 log = logging.getLogger("rest_bridge.access")

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import WithJsonSchema
 
 from events_server.pb import events_pb2_grpc
-from events_server.server import SERVICE_NAME
+from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem

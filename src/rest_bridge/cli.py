@@ -11,9 +11,9 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from events_server.config import ENV_PREFIX, add_settings_flags, settings_from_args
-from events_server.exposition import shared_by_workers
-from events_server.logs import setup_logging
+from events_server.ops.exposition import shared_by_workers
+from events_server.ops.logs import setup_logging
+from events_server.ops.settings import ENV_PREFIX, add_settings_flags, settings_from_args
 from rest_bridge.app import Bridge, create_app
 from rest_bridge.config import BridgeSettings
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from events_server.config import ENV_PREFIX, LogLevel
-from events_server.logs import IpMode
+from events_server.ops.logs import IpMode
+from events_server.ops.settings import ENV_PREFIX, LogLevel
 
 MIN_JSON_DEPTH = 3
 """How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""

@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 
-from events_server.auth import MD_API_KEY
-from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
-from events_server.origins import REFUSED, OriginDecision
+from events_server.ops.logs import request_id
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.wire.metadata import MD_API_KEY, REQUEST_ID_HEADER, new_request_id
+from events_server.wire.origins import REFUSED, OriginDecision
 from rest_bridge.config import BridgeSettings
 from rest_bridge.credentials import api_key
 from rest_bridge.errors import grpc_error_response

@@ -6,9 +6,8 @@ import re
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from events_server.wire.violations import unpack_violations
 from rest_bridge.responses import Reply, json_reply
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -89,16 +88,10 @@ def _field_loc(path: str) -> list[str | int]:
 
 
 def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    details: list[dict[str, Any]] = []
-    for any_detail in status.details if status is not None else ():
-        bad_request = error_details_pb2.BadRequest()
-        if any_detail.Unpack(bad_request):
-            details.extend(
-                validation_detail(_field_loc(v.field), v.description, v.reason or "value_error")
-                for v in bad_request.field_violations
-            )
-    return details
+    return [
+        validation_detail(_field_loc(v.field), v.description, v.reason or "value_error")
+        for v in unpack_violations(error.trailing_metadata())  # type: ignore[arg-type]
+    ]
 
 
 def too_large_detail(message: str) -> str:

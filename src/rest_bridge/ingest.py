@@ -19,9 +19,9 @@ import grpc
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from events_server.codec import event_from_dict
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.wire.codec import event_from_dict
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors

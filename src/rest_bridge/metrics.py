@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from events_server.exposition import LATENCY_BUCKETS, LabelCache, scrape_registry
+from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, scrape_registry
 
 # Anything else a client puts in the request line is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import orjson
 
-from events_server.auth import MD_API_KEY
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.rejected import (
+from events_server.wire.metadata import MD_API_KEY
+from events_server.wire.rejected import (
     MAX_ERROR_CHARS,
     MAX_ERRORS,
     MAX_IN_FLIGHT,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from events_server.auth import MD_API_KEY
-from events_server.logs import REQUEST_ID_HEADER, new_request_id, request_id
-from events_server.service import (
+from events_server.ops.logs import request_id
+from events_server.wire.metadata import (
+    MD_API_KEY,
     MD_FORWARDED_FOR,
     MD_FORWARDED_HOST,
     MD_ORIGIN,
     MD_REFERER,
     MD_USER_AGENT,
+    REQUEST_ID_HEADER,
+    new_request_id,
 )
 
 # Forwarded header values are cut to this many characters: gRPC refuses calls

@@ -1,0 +1,114 @@
+"""``EventsClient``: CreateEvents with retries of UNAVAILABLE within one deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, Unpack
+
+import grpc
+
+from events_server.client.errors import error_from_rpc
+from events_server.client.options import ClientOptions, EventLike, Options, build_request
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.wire.metadata import MD_API_KEY, REQUEST_ID_HEADER, new_request_id
+
+if TYPE_CHECKING:
+    from events_server.client.batcher import Batcher
+
+log = logging.getLogger("events_server.client")
+
+
+class EventsClient:
+    """Async CreateEvents client. Create it inside the event loop that will use it."""
+
+    def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
+        self._options = opts = Options(**options)
+        reconnect_ms = max(int(opts.initial_backoff_seconds * 1000), 1)
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                # gRPC's own reconnect backoff (1 s, growing to 2 min) would leave our
+                # retries failing fast against a server that is back already.
+                ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+                ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+                ("grpc.max_reconnect_backoff_ms", max(int(opts.max_backoff_seconds * 1000), 1)),
+            ],
+        )
+        self._stub = events_pb2_grpc.EventsServiceStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        await self._channel.close()
+
+    async def send(
+        self, events: Iterable[EventLike], *, deadline_seconds: float | None = None
+    ) -> pb.CreateEventsResponse:
+        """Queue ``events``: one result per event, in order (accepted, or duplicate)."""
+        return await self.send_request(build_request(events), deadline_seconds=deadline_seconds)
+
+    async def send_request(
+        self, request: pb.CreateEventsRequest, *, deadline_seconds: float | None = None
+    ) -> pb.CreateEventsResponse:
+        """Send a built request as it is, retrying UNAVAILABLE until the deadline."""
+        request_id = new_request_id()
+        metadata: list[tuple[str, str]] = [(REQUEST_ID_HEADER, request_id)]
+        opts = self._options
+        if opts.api_key:
+            metadata.append((MD_API_KEY, opts.api_key))
+        seconds = opts.deadline_seconds if deadline_seconds is None else deadline_seconds
+        deadline = time.monotonic() + seconds
+        attempt = 0
+        while True:
+            try:
+                reply: pb.CreateEventsResponse = await self._stub.CreateEvents(
+                    request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
+                )
+                return reply
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(error, request_id) from error
+                # Full jitter: clients that failed together do not retry together.
+                ceiling = min(
+                    opts.max_backoff_seconds,
+                    opts.initial_backoff_seconds * opts.backoff_multiplier**attempt,
+                )
+                pause = random.uniform(0, ceiling)
+                if time.monotonic() + pause >= deadline:
+                    raise error_from_rpc(error, request_id) from error
+                attempt += 1
+                log.info(
+                    "CreateEvents unavailable (%s), retry %d in %.3fs",
+                    error.details(),
+                    attempt,
+                    pause,
+                    extra={"request_id": request_id},
+                )
+                await asyncio.sleep(pause)
+
+    def batcher(
+        self, *, max_events: int = 500, max_delay_seconds: float = 0.2, max_in_flight: int = 4
+    ) -> Batcher:
+        """A Batcher sending through this client."""
+        # batcher imports this module (a Batcher sends through an EventsClient).
+        from events_server.client.batcher import Batcher  # noqa: PLC0415
+
+        return Batcher(
+            self,
+            max_events=max_events,
+            max_delay_seconds=max_delay_seconds,
+            max_in_flight=max_in_flight,
+        )

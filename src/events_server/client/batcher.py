@@ -1,0 +1,164 @@
+"""``Batcher``: single events gathered into calls, each with a future of its result."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from types import TracebackType
+from typing import Self
+
+from events_server.client.aio import EventsClient
+from events_server.client.errors import InvalidEventsError
+from events_server.client.options import EventLike, with_dedup_id
+from events_server.pb import events_pb2 as pb
+from events_server.wire.codec import fill_event
+from events_server.wire.validation import event_violations
+from events_server.wire.violations import FieldViolation
+
+log = logging.getLogger("events_server.client")
+
+
+Batch = list[tuple[pb.Event, "asyncio.Future[pb.EventResult]"]]
+"""Events of one batch, each with the future of its result."""
+
+
+class Batcher:
+    """Sends events in batches: once ``max_events`` wait, or ``max_delay_seconds`` after the first.
+
+    ``add`` checks an event at once (a bad one raises there, and never sinks the
+    batch it would have joined) and returns a future of its result. Events the
+    server refuses for its own limits (sizes ``add`` cannot know) fail alone and
+    the rest of their batch is sent again. A batch that fails otherwise sets the
+    error on each of its futures and is logged. ``close`` sends
+    what is left and waits for every batch.
+    """
+
+    def __init__(
+        self, client: EventsClient, *, max_events: int, max_delay_seconds: float, max_in_flight: int
+    ) -> None:
+        if max_events < 1 or max_delay_seconds < 0 or max_in_flight < 1:
+            raise ValueError("need max_events >= 1, max_delay_seconds >= 0, max_in_flight >= 1")
+        self._client = client
+        self._max_events = max_events
+        self._max_delay = max_delay_seconds
+        self._max_in_flight = max_in_flight
+        self._pending: Batch = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def add(self, event: EventLike) -> asyncio.Future[pb.EventResult]:
+        """Queue one event for the next batch; waits while ``max_in_flight`` batches are sending."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        message = pb.Event()
+        if isinstance(event, pb.Event):
+            message.CopyFrom(event)
+            found = [
+                FieldViolation(v.field.replace("events[0]", "event", 1), v.description, v.reason)
+                for v in event_violations(0, message)
+            ]
+        else:
+            found = fill_event(message, "event", event)
+        if found:
+            raise InvalidEventsError(f"invalid event: {found[0].field}", found, None)
+        while len(self._in_flight) >= self._max_in_flight:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        future: asyncio.Future[pb.EventResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((with_dedup_id(message), future))
+        if len(self._pending) >= self._max_events:
+            self._send_pending()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._max_delay, self._send_pending)
+        return future
+
+    async def flush(self) -> None:
+        """Send what is waiting now, and wait until every batch has been answered."""
+        self._send_pending()
+        while self._in_flight:
+            await asyncio.wait(self._in_flight)
+
+    async def close(self) -> None:
+        """Refuse new events, send the rest, wait for every batch."""
+        self._closed = True
+        await self.flush()
+
+    def _send_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send(self, batch: Batch) -> None:
+        request = pb.CreateEventsRequest(events=[event for event, _ in batch])
+        try:
+            reply = await self._client.send_request(request)
+        except InvalidEventsError as error:
+            if (rest := _without_refused(batch, error)) is None:
+                self._fail(batch, error)
+            else:
+                # Only the server knows its size limits (add() cannot check them): the
+                # events it named fail alone, and the rest of the batch goes again.
+                await self._send(rest)
+            return
+        except Exception as error:
+            self._fail(batch, error)
+            return
+        for (_, future), result in zip(batch, reply.results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(
+        batch: list[tuple[pb.Event, asyncio.Future[pb.EventResult]]], error: Exception
+    ) -> None:
+        log.error("batch of %d events failed: %s", len(batch), error)
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+                # Logged above: asyncio need not warn again about unawaited futures.
+                future.add_done_callback(lambda f: f.exception())
+
+
+_EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+
+
+def _without_refused(batch: Batch, error: InvalidEventsError) -> Batch | None:
+    """Fail the events the server named; the others, to send again (None: cannot split)."""
+    named: dict[int, list[FieldViolation]] = {}
+    for violation in error.violations:
+        match = _EVENT_INDEX.match(violation.field)
+        if match is None or int(match[1]) >= len(batch):
+            return None  # about the whole request (too many events): nothing to split
+        named.setdefault(int(match[1]), []).append(violation)
+    if not named or len(named) == len(batch):
+        return None
+    for index, violations in named.items():
+        own = [
+            FieldViolation(_EVENT_INDEX.sub("event", v.field, 1), v.description, v.reason)
+            for v in violations
+        ]
+        future = batch[index][1]
+        if not future.done():
+            future.set_exception(
+                InvalidEventsError(f"invalid event: {own[0].field}", own, error.request_id)
+            )
+            future.add_done_callback(lambda f: f.exception())
+    log.warning(
+        "batch of %d events: %d refused by the server, sending the rest", len(batch), len(named)
+    )
+    return [item for index, item in enumerate(batch) if index not in named]

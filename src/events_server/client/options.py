@@ -1,0 +1,62 @@
+"""The parameters both clients take, declared once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from events_server.client.errors import InvalidEventsError
+from events_server.pb import events_pb2 as pb
+from events_server.wire.codec import fill_event
+from events_server.wire.violations import FieldViolation
+
+EventLike = pb.Event | Mapping[str, Any]
+"""What the client takes: a typed Event, or a dict in the contract's JSON form."""
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword arguments of ``EventsClient`` and ``SyncEventsClient`` (see ``Options``)."""
+
+    api_key: str | None
+    deadline_seconds: float
+    initial_backoff_seconds: float
+    max_backoff_seconds: float
+    backoff_multiplier: float
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """How a client calls: its key, and how long and how often it retries UNAVAILABLE."""
+
+    api_key: str | None = None
+    deadline_seconds: float = 10.0
+    """The whole call, retries included."""
+    initial_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 2.0
+    backoff_multiplier: float = 2.0
+
+
+def with_dedup_id(event: pb.Event) -> pb.Event:
+    # Fixed before the first attempt: every retry then carries the same id.
+    if not event.HasField("deduplication_id"):
+        event.deduplication_id = str(uuid.uuid4())
+    return event
+
+
+def build_request(events: Iterable[EventLike]) -> pb.CreateEventsRequest:
+    """The request for ``events`` (copies, ids filled in); InvalidEventsError for a bad dict."""
+    request = pb.CreateEventsRequest()
+    found: list[FieldViolation] = []
+    for index, item in enumerate(events):
+        event = request.events.add()
+        if isinstance(item, pb.Event):
+            event.CopyFrom(item)
+        else:
+            found.extend(fill_event(event, f"events[{index}]", item))
+        with_dedup_id(event)
+    if found:
+        message = f"{len(found)} invalid field(s), first: {found[0].field}"
+        raise InvalidEventsError(message, found, None)
+    return request

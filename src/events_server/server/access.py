@@ -1,0 +1,115 @@
+"""The gRPC server's edge: request id, one access line and the call metrics for every unary call.
+
+Metadata is never logged whole: it carries ``x-api-key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+
+from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
+from events_server.ops.logs import request_id as current_request_id
+from events_server.server.metrics import ServerMetrics
+from events_server.server.service import client_ip
+from events_server.server.status import call_metadata
+from events_server.wire.metadata import REQUEST_ID_HEADER
+
+log = logging.getLogger("events_server.access")
+
+# Probes and reflection are frequent and dull: their lines are DEBUG.
+QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary-unary handler; streaming ones (reflection, Watch) pass untouched."""
+
+    def __init__(self, metrics: ServerMetrics, ip_mode: IpMode, forwarded_hops: int) -> None:
+        self._metrics = metrics
+        self._ip_mode = ip_mode
+        self._hops = forwarded_hops
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method: str = handler_call_details.method
+        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = (
+            handler.unary_unary  # type: ignore[assignment]
+        )
+        level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            metadata = call_metadata(context)
+            token = current_request_id.set(accept_request_id(metadata.get(REQUEST_ID_HEADER)))
+            response = None
+            code = grpc.StatusCode.OK
+            try:
+                response = await inner(request, context)
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                code = context.code() or code  # set by abort(), or by the handler
+                seconds = time.perf_counter() - started
+                self._metrics.observe_rpc(method, code.name, seconds)
+                if log.isEnabledFor(level):
+                    self._log(
+                        level,
+                        method,
+                        code,
+                        seconds=seconds,
+                        request=request,
+                        response=response,
+                        metadata=metadata,
+                        context=context,
+                    )
+                current_request_id.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _log(
+        self,
+        level: int,
+        method: str,
+        code: grpc.StatusCode,
+        *,
+        seconds: float,
+        request: Any,
+        response: Any,
+        metadata: dict[str, str],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        fields: dict[str, Any] = {
+            "method": method,
+            "code": code.name,
+            "duration_ms": round(seconds * 1000, 3),
+            "client_ip": client_ip_for_log(
+                client_ip(metadata, context.peer(), self._hops), self._ip_mode
+            ),
+        }
+        if (events := getattr(request, "events", None)) is not None:
+            fields["events"] = len(events)
+        if response is not None and hasattr(response, "accepted"):
+            fields["accepted"] = response.accepted
+            fields["duplicates"] = response.duplicates
+        log.log(level, "%s %s", method, code.name, extra=fields)

@@ -1,0 +1,186 @@
+"""Assembles the grpc.aio server: EventsService, health checking, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from events_server.ops.exposition import MetricsEndpoint, scrape_registry
+from events_server.pb import events_pb2_grpc
+from events_server.queue.connection import RedisClient, connect
+from events_server.queue.keys import KeySpace
+from events_server.server.access import AccessInterceptor
+from events_server.server.auth import Authenticator, KeyStore
+from events_server.server.metrics import ServerMetrics
+from events_server.server.readiness import Readiness, probe
+from events_server.server.rejected import RejectedLog, RejectedServicer
+from events_server.server.sampler import RedisSampler
+from events_server.server.service import EventsService, OriginsService
+from events_server.server.settings import Settings
+from events_server.server.store import EventStore, store_for
+from events_server.wire.metadata import ORIGINS_SERVICE_NAME, REJECTED_SERVICE_NAME, SERVICE_NAME
+from events_server.wire.validation import Limits
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class EventsServer:
+    """A started-or-not gRPC server plus what it owns: Redis client, readiness probe, metrics."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        store: EventStore,
+        redis: RedisClient,
+        settings: Settings,
+        *,
+        metrics: ServerMetrics,
+        rejected: RejectedLog | None = None,
+    ) -> None:
+        self.grpc = server
+        self.metrics = metrics
+        self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
+        self.scrape = scrape_registry(metrics.registry, self.sampler)
+        self.metrics_endpoint = (
+            MetricsEndpoint(settings.metrics_addr, self.scrape) if settings.metrics_addr else None
+        )
+        self._health = health_servicer
+        self._store = store
+        self._redis = redis
+        self._settings = settings
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rejected = rejected
+        self._stopping = False
+        self._readiness: Readiness | None = None
+
+    async def start(self) -> None:
+        """Start serving (and /metrics); readiness and metrics follow Redis from here on."""
+        await self._apply(await probe(self._store, self._settings.durability))
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
+        await self.grpc.start()
+        self._tasks = [asyncio.create_task(self._watch_redis(), name="redis-readiness")]
+        if self.metrics_endpoint is not None:  # nobody else would see its readings
+            self._tasks.append(asyncio.create_task(self.sampler.run(), name="metrics-sampler"))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.grpc.stop(self._settings.shutdown_grace_seconds if grace is None else grace)
+        if self.metrics_endpoint is not None:
+            # Its shutdown waits for the serving thread's next poll: not on the loop.
+            await asyncio.to_thread(self.metrics_endpoint.stop)
+        if self._rejected is not None:
+            await self._rejected.close()
+        await self._redis.aclose()
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server has stopped."""
+        await self.grpc.wait_for_termination()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _apply(self, now: Readiness) -> None:
+        """Report a probe's result: health, the store's refusal, a log line for each change."""
+        was = self._readiness
+        self._readiness = now
+        # A Redis set up against our promise gets no writes at all: with fsync asked and
+        # AOF off, a write would be queued but never acknowledged, and retried forever.
+        self._store.refusal = now.reason if now.misconfigured else None
+        if was is None or now.serving != was.serving or now.reason != was.reason:
+            if now.serving:
+                log.info("redis answers: SERVING")
+            else:
+                log.warning("NOT_SERVING: %s", now.reason)
+            await self._set_health(now.serving)
+        for warning in now.warnings:
+            if was is None or warning not in was.warnings:
+                log.warning("%s", warning)
+
+    async def _watch_redis(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.health_interval_seconds)
+            await self._apply(await probe(self._store, self._settings.durability))
+
+
+async def create_server(
+    settings: Settings, *, redis: RedisClient | None = None
+) -> tuple[EventsServer, int]:
+    """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
+    redis = redis if redis is not None else connect(settings.redis)
+    metrics = ServerMetrics(settings.metrics_max_tenants)
+    keys = KeySpace(settings.key_prefix, settings.partitions)
+    store = store_for(
+        redis,
+        keys,
+        settings.dedup_ttl_seconds,
+        timeout_seconds=settings.redis_timeout_seconds,
+        durability=settings.durability,
+        observe_script=metrics.observe_script,
+    )
+    rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
+    auth = Authenticator(KeyStore(redis, keys), settings.key_cache_seconds, settings.cors_origins)
+    server = grpc.aio.server(
+        interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
+        # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
+        # port would silently take half the traffic. Only our own workers share one.
+        options=[
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            # gRPC's own refusal (RESOURCE_EXHAUSTED) of a message too big to parse at all.
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ],
+    )
+    events_pb2_grpc.add_EventsServiceServicer_to_server(
+        EventsService(
+            store,
+            auth,
+            settings.partitions,
+            settings.forwarded_hops,
+            metrics,
+            limits=Limits(
+                settings.max_events_per_request,
+                settings.max_event_bytes,
+                settings.max_string_length,
+            ),
+            rejected=rejected,
+        ),
+        server,
+    )
+    events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected, auth), server)
+    events_pb2_grpc.add_OriginsServicer_to_server(OriginsService(auth), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            REJECTED_SERVICE_NAME,
+            ORIGINS_SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(settings.grpc_addr)
+    built = EventsServer(
+        server, health_servicer, store, redis, settings, metrics=metrics, rejected=rejected
+    )
+    return built, port

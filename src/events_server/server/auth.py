@@ -1,0 +1,239 @@
+"""API keys: creation, listing, revocation, and the cached lookup every call makes.
+
+A key is ``evk_`` + 43 url-safe characters (256 random bits). Redis only ever holds
+its SHA-256 digest: a plain hash is enough for secrets this long (nothing to brute
+force), and it needs no server-side pepper that would have to be shared and rotated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+
+from events_server.queue.connection import RedisClient
+from events_server.queue.keys import KeySpace
+from events_server.server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
+from events_server.wire.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
+
+SECRET_PREFIX = "evk_"
+ID_PREFIX = "key_"
+CACHE_LIMIT = 10_000
+"""Cached lookups per process; past it the cache starts over (a flood of made-up keys)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What Redis holds of a key: never the secret, only its digest."""
+
+    id: str
+    digest: str
+    tenants: tuple[str, ...]
+    label: str
+    created: str
+    origins: tuple[str, ...]
+    revoked: str | None = None
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ApiKey:
+        """Read the stored form back."""
+        data = json.loads(raw)
+        data["tenants"] = tuple(data["tenants"])
+        data["origins"] = tuple(data["origins"])
+        return cls(**data)
+
+
+def digest_of(secret: str) -> str:
+    """The stored digest of a key: hex SHA-256."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_key(
+    tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
+) -> tuple[ApiKey, str]:
+    """A new key's record and its secret (ValueError: no tenants, or a malformed origin)."""
+    tenants = tuple(dict.fromkeys(tenants))
+    if not tenants or any(not t for t in tenants):
+        raise ValueError("a key needs at least one tenant, and tenants are not empty")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=ID_PREFIX + secrets.token_hex(8),
+        digest=digest_of(secret),
+        tenants=tenants,
+        label=label,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        origins=tuple(dict.fromkeys(normalize_origin(o) for o in origins)),
+    )
+    return key, secret
+
+
+def key_writes(key: ApiKey, records: str, active: str) -> list[tuple[str, str, str]]:
+    """The (hash, field, value) writes that put a key in force."""
+    stored = key.to_json()
+    return [(records, key.id, stored), (active, key.digest, stored)]
+
+
+def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
+    """Raise PermissionDenied naming the first event whose tenant the key does not cover."""
+    covered = key.tenants
+    for index, tenant in enumerate(tenants):
+        if tenant not in covered:
+            shown = ", ".join(repr(t) for t in covered[:5])
+            # Cut: a 50 KB tenant would make the status too big for gRPC's metadata.
+            named = tenant if len(tenant) <= 100 else tenant[:100] + "..."
+            more = f" and {len(covered) - 5} more" if len(covered) > 5 else ""
+            raise PermissionDenied(
+                f"events[{index}].tenant: key {key.id} may not write to tenant {named!r}"
+                f" (it covers {shown}{more}); nothing was queued",
+                "tenant_not_allowed",
+            )
+
+
+class KeyStore:
+    """The keys in Redis: two hashes under one hash tag, so a cluster sees one slot.
+
+    ``records`` maps id -> ApiKey JSON (revoked keys stay, for ``keys list``);
+    ``active`` maps digest -> ApiKey JSON of keys in force, so a lookup is one HGET.
+    """
+
+    def __init__(self, redis: RedisClient, keys: KeySpace) -> None:
+        self._redis = redis
+        self._records = keys.api_keys()
+        self._active = keys.api_key_digests()
+
+    async def create(
+        self, tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
+    ) -> tuple[ApiKey, str]:
+        """A new key for ``tenants``: its record, and the secret (which is never stored)."""
+        key, secret = new_key(tenants, label, origins)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name, field, value in key_writes(key, self._records, self._active):
+                pipe.hset(name, field, value)
+            await pipe.execute()
+        return key, secret
+
+    async def list(self) -> list[ApiKey]:
+        """Every key ever created, revoked ones included, oldest first."""
+        raw = await self._redis.hvals(self._records)
+        return sorted((ApiKey.from_json(r) for r in raw), key=lambda k: (k.created, k.id))
+
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        """Revoke a key (None: no such key). Its record stays, marked revoked."""
+        raw = await self._redis.hget(self._records, key_id)
+        if raw is None:
+            return None
+        key = ApiKey.from_json(raw)
+        if key.revoked is None:
+            revoked = datetime.now(UTC).isoformat(timespec="seconds")
+            key = replace(key, revoked=revoked)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._active, key.digest)
+                pipe.hset(self._records, key.id, key.to_json())
+                await pipe.execute()
+        return key
+
+    async def find(self, digest: str) -> ApiKey | None:
+        """The key in force with this digest, if any."""
+        raw = await self._redis.hget(self._active, digest)
+        return None if raw is None else ApiKey.from_json(raw)
+
+    async def active_origins(self) -> set[str]:
+        """Every origin any key in force lists."""
+        raw = await self._redis.hvals(self._active)
+        return {origin for r in raw for origin in ApiKey.from_json(r).origins}
+
+
+class Authenticator:
+    """Cached key lookups for the server.
+
+    A lookup (found or not) is reused for ``cache_seconds``: that bounds how long a
+    revoked key keeps working, and how long a new key may be refused after a
+    client tried it before it existed.
+    """
+
+    def __init__(
+        self, store: KeyStore, cache_seconds: float, fallback_origins: Sequence[str]
+    ) -> None:
+        self._store = store
+        self._ttl = cache_seconds
+        self._fallback = tuple(fallback_origins)
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._origins: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+    async def authenticate(self, secret: str | None) -> ApiKey:
+        """The key in force for this secret, or Unauthenticated."""
+        if not secret:
+            raise Unauthenticated(
+                "missing API key: send it as x-api-key metadata (HTTP: the X-API-KEY header,"
+                " the api_key query parameter or the X-API-KEY cookie)",
+                "missing_key",
+            )
+        key = await self._lookup(digest_of(secret))
+        if key is None:
+            raise Unauthenticated("unknown or revoked API key", "unknown_key")
+        return key
+
+    async def find(self, secret: str | None) -> ApiKey | None:
+        """The key in force for this secret, or None (no error either way)."""
+        return await self._lookup(digest_of(secret)) if secret else None
+
+    async def _lookup(self, digest: str) -> ApiKey | None:
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            key = await self._store.find(digest)
+        except RedisError as error:
+            # Not a 401: the key may well be good, and the client should retry.
+            raise StoreUnavailable(
+                f"redis: {type(error).__name__}: {error} (checking the API key)"
+            ) from error
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[digest] = (now + self._ttl, key)
+        return key
+
+    def decide(self, key: ApiKey, origin: str) -> OriginDecision:
+        """May this key be used from a page of ``origin``."""
+        return decide_origin(key.origins, origin, self._fallback)
+
+    def check_origin(self, key: ApiKey, origin: str | None) -> None:
+        """Raise PermissionDenied when a browser page of ``origin`` may not use the key."""
+        if origin is not None and not self.decide(key, origin).allowed:
+            raise PermissionDenied(
+                f"origin {origin[:200]!r} may not use key {key.id}: it is not on the key's origins"
+                " (keys create --origin) nor, for a key without any, in EVENTS_CORS_ORIGINS;"
+                " nothing was queued",
+                "origin_not_allowed",
+            )
+
+    async def decide_any(self, origin: str) -> OriginDecision:
+        """Without a key (a CORS preflight): is the origin allowed for some key, or globally."""
+        if origin in self._fallback:
+            return OriginDecision(allowed=True, credentials=True)
+        expires, listed = self._origins
+        now = time.monotonic()
+        if expires <= now:
+            try:
+                listed = frozenset(await self._store.active_origins())
+            except RedisError as error:
+                raise StoreUnavailable(
+                    f"redis: {type(error).__name__}: {error} (reading key origins)"
+                ) from error
+            self._origins = (now + self._ttl, listed)
+        if origin in listed:
+            return OriginDecision(allowed=True, credentials=True)
+        if "*" in self._fallback and origin != "null":
+            return OriginDecision(allowed=True, credentials=False)
+        return REFUSED

@@ -1,0 +1,169 @@
+"""The gRPC server's counters and histograms: events by outcome, calls, script latency, auth.
+
+Label values are bounded: event types, outcomes, reasons, methods and codes
+come from fixed sets, and tenants are capped (``TenantLabels``). Updates are
+cheap enough for every call: one increment per distinct label set of a request,
+never one per event.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+import re
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache
+from events_server.pb import events_pb2 as pb
+from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.wire.codec import TYPE_NAMES
+
+OTHER_TENANT = "_other"
+"""Tenant label of every tenant past the cap (and of all of them when the cap is 0)."""
+
+MAX_TENANT_LABEL_CHARS = 64
+
+ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
+
+BATCH_REJECTED = "batch_rejected"
+"""Reason of a valid event refused because another event of its request was invalid."""
+
+AUTH_FAILURE_KINDS = ("missing_key", "unknown_key", "tenant_not_allowed", "origin_not_allowed")
+"""Kinds of ``events_auth_failures_total``: no key, a key unknown or revoked, a key not for
+the tenant, a key used from a page origin it does not allow."""
+
+SCRIPT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_STATUS_OUTCOME = {
+    pb.EventResult.STATUS_ACCEPTED: ACCEPTED,
+    pb.EventResult.STATUS_DUPLICATE: DUPLICATE,
+}
+_TENANT_TYPE = operator.attrgetter("tenant", "type")
+_FIELD_INDEX = re.compile(r"^events\[(\d+)\]")
+
+
+class TenantLabels:
+    """Bounded tenant label values: the first ``limit`` tenants seen keep their name."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def __call__(self, tenant: str, admit: bool = True) -> str:
+        """The label for ``tenant``; only ``admit`` may take one of the free places."""
+        if tenant in self._known:
+            return tenant
+        if admit and len(self._known) < self._limit and 0 < len(tenant) <= MAX_TENANT_LABEL_CHARS:
+            self._known.add(tenant)
+            return tenant
+        return OTHER_TENANT
+
+
+def _reasons(count: int, error: IngestError) -> list[str]:
+    """Why each of ``count`` events of a failed request was refused."""
+    if isinstance(error, InvalidEvents):
+        # A violation of the request as a whole (too many events) is every event's reason.
+        whole = next(
+            (v.reason or "invalid" for v in error.violations if not _FIELD_INDEX.match(v.field)),
+            BATCH_REJECTED,
+        )
+        reasons = [whole] * count
+        seen: set[int] = set()
+        for violation in error.violations:
+            match = _FIELD_INDEX.match(violation.field)
+            if match is not None and (index := int(match[1])) < count and index not in seen:
+                seen.add(index)  # an event's first violation names it
+                reasons[index] = violation.reason or "invalid"
+        return reasons
+    if isinstance(error, StoreUnavailable):
+        return ["unavailable"] * count
+    return ["error"] * count
+
+
+class ServerMetrics:
+    """The gRPC server's counters and histograms; cheap enough to update on every call."""
+
+    def __init__(self, max_tenants: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.tenant_label = TenantLabels(max_tenants)
+        self._children = LabelCache()
+        self.events = Counter(
+            "events",
+            "Events by tenant, type and outcome (accepted, duplicate, rejected); reason says why"
+            " one was rejected.",
+            ["tenant", "type", "outcome", "reason"],
+            registry=self.registry,
+        )
+        self.rpc_requests = Counter(
+            "events_grpc_requests",
+            "gRPC calls by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "events_grpc_request_duration_seconds",
+            "Time to answer a gRPC call, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.script_seconds = Histogram(
+            "events_redis_script_duration_seconds",
+            "Round trip of one pipeline of dedup+enqueue script calls to Redis.",
+            buckets=SCRIPT_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "events_auth_failures",
+            "Refused API keys by kind: " + ", ".join(AUTH_FAILURE_KINDS) + ".",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in AUTH_FAILURE_KINDS:  # present at 0 from the start, so rates work
+            self.auth_failures.labels(kind)
+
+    def count_events(
+        self,
+        events: Sequence[pb.Event],
+        reply: pb.CreateEventsResponse | None,
+        error: IngestError | None = None,
+    ) -> None:
+        """Count a call's events by outcome: from its reply, or from the error that ended it."""
+        counts: dict[tuple[str, int, str, str], int] = {}
+        if reply is not None and (reply.duplicates == 0 or reply.accepted == 0):
+            # One outcome for all (the usual case): no need to walk the results.
+            outcome = ACCEPTED if reply.duplicates == 0 else DUPLICATE
+            for (tenant, kind), n in collections.Counter(map(_TENANT_TYPE, events)).items():
+                counts[tenant, kind, outcome, ""] = n
+        elif reply is not None:
+            for event, result in zip(events, reply.results, strict=False):
+                key = (event.tenant, event.type, _STATUS_OUTCOME.get(result.status, "unknown"), "")
+                counts[key] = counts.get(key, 0) + 1
+        elif error is not None:
+            for event, reason in zip(events, _reasons(len(events), error), strict=True):
+                key = (event.tenant, event.type, REJECTED, reason)
+                counts[key] = counts.get(key, 0) + 1
+        # One increment per distinct key, not per event.
+        for (tenant, kind, outcome, reason), n in counts.items():
+            labels = (
+                self.tenant_label(tenant, admit=outcome != REJECTED),
+                TYPE_NAMES.get(kind, "unknown"),
+                outcome,
+                reason,
+            )
+            self._children.get(self.events, labels).inc(n)
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished gRPC call and its duration."""
+        self._children.get(self.rpc_requests, (method, code)).inc()
+        self._children.get(self.rpc_seconds, (method,)).observe(seconds)
+
+    def observe_script(self, seconds: float) -> None:
+        """Record one round trip of script calls to Redis."""
+        self.script_seconds.observe(seconds)
+
+    def auth_failure(self, kind: str) -> None:
+        """Count one refused API key (``kind`` from AUTH_FAILURE_KINDS)."""
+        self.auth_failures.labels(kind).inc()

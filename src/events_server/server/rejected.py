@@ -1,0 +1,187 @@
+"""The rejected-requests record: a bounded dead-letter stream per tenant.
+
+Beacon clients (``navigator.sendBeacon``) never read a 422, so a store whose
+integration sends broken events would never know. Each request rejected as
+invalid leaves one record per tenant it names (the first few) in that tenant's
+stream: the time, where it came from, the errors, and the start of the payload.
+Every stream is capped with ``XADD MAXLEN ~``: this record is the one place
+where trimming is right, as it holds diagnostics, not events anyone consumes.
+
+Recording is best effort and never delays or changes the rejection itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError
+
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.queue.keys import F_AT, F_ERRORS, F_PAYLOAD, F_SIZE, F_SOURCE, F_TENANT, KeySpace
+from events_server.server.auth import ApiKey, Authenticator
+from events_server.server.errors import IngestError
+from events_server.server.status import abort, call_metadata
+from events_server.wire.codec import event_to_dict
+from events_server.wire.metadata import MD_API_KEY
+from events_server.wire.rejected import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_IN_FLIGHT,
+    MAX_TENANTS,
+    PAYLOAD_LIMIT,
+    tenants_of,
+)
+from events_server.wire.violations import FieldViolation
+
+log = logging.getLogger(__name__)
+
+
+def tenants_for(named: Iterable[object], key: ApiKey) -> list[str]:
+    """The tenants a key's rejected request is recorded for: those it names and the key covers,
+    else the key's own (a request missing its tenant is still its store's business)."""
+    covered = [tenant for tenant in tenants_of(named) if tenant in key.tenants]
+    return covered or list(key.tenants[:MAX_TENANTS])
+
+
+def events_payload(request: pb.CreateEventsRequest) -> tuple[bytes, int]:
+    """The start of a gRPC request's events as contract JSON, and the request's size."""
+    # The request's own size: a copy of its events to measure would cost more than
+    # the parse (seconds for a request of a million tiny events).
+    size = request.ByteSize()
+    parts: list[bytes] = []
+    length = 0
+    for event in request.events:
+        part = json.dumps(event_to_dict(event), ensure_ascii=False).encode()
+        parts.append(part)
+        length += len(part) + 1
+        if length > PAYLOAD_LIMIT:
+            break  # only the start is kept: no need to render the rest
+    return (b"[" + b",".join(parts) + b"]")[:PAYLOAD_LIMIT], size
+
+
+class RejectedLog:
+    """Writes rejected-request records to the tenants' capped streams."""
+
+    def __init__(
+        self, redis: Redis | RedisCluster, keys: KeySpace, maxlen: int, timeout_seconds: float
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._maxlen = maxlen
+        self._timeout = timeout_seconds
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        """Records not written because too many were in flight."""
+
+    async def record(self, request: pb.RejectedRequest, source: str) -> None:
+        """Append the record to each named tenant's stream (raises RedisError, TimeoutError)."""
+        tenants = tenants_of(request.tenants)
+        if not tenants:
+            return
+        errors = [
+            {
+                "field": e.field[:MAX_ERROR_CHARS],
+                "description": e.description[:MAX_ERROR_CHARS],
+                "reason": e.reason[:MAX_ERROR_CHARS],
+            }
+            for e in request.errors[:MAX_ERRORS]
+        ]
+        fields: dict[Any, Any] = {
+            F_AT: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            F_SOURCE: source,
+            F_ERRORS: json.dumps(errors, ensure_ascii=False),
+            F_PAYLOAD: request.payload[:PAYLOAD_LIMIT],
+            F_SIZE: request.payload_size,
+        }
+        async with asyncio.timeout(self._timeout):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.xadd(
+                        self._keys.rejected(tenant),
+                        {F_TENANT: tenant, **fields},
+                        maxlen=self._maxlen,
+                        approximate=True,
+                    )
+                await pipe.execute()
+
+    def record_soon(self, request: pb.RejectedRequest, source: str) -> None:
+        """Write the record in the background; drop it if too many are in flight."""
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th...: no log flood
+                log.warning(
+                    "rejected-request records dropped (%d so far): %d already being written",
+                    self.dropped,
+                    MAX_IN_FLIGHT,
+                )
+            return
+        task = asyncio.create_task(self._record_logged(request, source))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_logged(self, request: pb.RejectedRequest, source: str) -> None:
+        try:
+            await self.record(request, source)
+        except (RedisError, TimeoutError) as exc:
+            log.warning("rejected-request record not written: %s: %s", type(exc).__name__, exc)
+
+    def record_invalid_events(
+        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], key: ApiKey
+    ) -> None:
+        """Record a CreateEvents call refused as invalid (in the background)."""
+        tenants = tenants_for((event.tenant for event in request.events), key)
+        payload, size = events_payload(request)
+        self.record_soon(
+            pb.RejectedRequest(
+                tenants=tenants,
+                errors=[
+                    pb.RejectedField(field=v.field, description=v.description, reason=v.reason)
+                    for v in violations[:MAX_ERRORS]
+                ],
+                payload=payload,
+                payload_size=size,
+            ),
+            "grpc",
+        )
+
+    async def close(self) -> None:
+        """Wait for the records being written."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
+    """RejectedEvents.Record: how the REST bridge files the requests it refused itself.
+
+    The bridge forwards the request's API key: only a key's own tenants get records, so no
+    one can fill another store's record with junk.
+    """
+
+    def __init__(self, rejected: RejectedLog, auth: Authenticator) -> None:
+        self._rejected = rejected
+        self._auth = auth
+
+    async def Record(
+        self, request: pb.RejectedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RecordRejectedResponse:
+        metadata = call_metadata(context)
+        try:
+            key = await self._auth.authenticate(metadata.get(MD_API_KEY))
+        except IngestError as error:
+            await abort(context, error)
+        tenants = tenants_for(request.tenants, key)
+        del request.tenants[:]
+        request.tenants.extend(tenants)
+        try:
+            await self._rejected.record(request, "http")
+        except (RedisError, TimeoutError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis: {type(exc).__name__}: {exc}")
+        return pb.RecordRejectedResponse()

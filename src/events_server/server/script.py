@@ -1,0 +1,51 @@
+"""The enqueue script: dedup check, append, then the dedup key, per event of a partition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from events_server.queue.scripts import LuaScript
+
+# KEYS[1]   partition stream
+# KEYS[2..] dedup keys of the events that carry a deduplication_id
+# ARGV[1]   dedup TTL, seconds
+# ARGV[2..] per event: index into KEYS of its dedup key ("0": none), envelope bytes
+# Returns a flat array: per event 1|0 (accepted|duplicate), then the entry id
+# (the new one, or the one stored in the dedup key).
+# Entries hold one field, 'e' (keys.ENVELOPE_FIELD): the Envelope bytes.
+ENQUEUE_SCRIPT = """#!lua
+-- The shebang makes Redis check memory before the script starts (flagless
+-- scripts are checked at their first write): a full Redis refuses the whole batch.
+local stream = KEYS[1]
+-- Checked before any write: a script is not rolled back when a command fails,
+-- so failing here keeps a batch all-or-nothing.
+local kind = redis.call('TYPE', stream)['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. stream .. ' holds a ' .. kind .. ', not a stream')
+end
+local ttl = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 2 do
+  local k = tonumber(ARGV[i])
+  local seen = false
+  if k > 0 then
+    seen = redis.call('GET', KEYS[k])
+  end
+  if seen then
+    out[#out + 1] = 0
+    out[#out + 1] = seen
+  else
+    local id = redis.call('XADD', stream, '*', 'e', ARGV[i + 1])
+    if k > 0 then
+      redis.call('SET', KEYS[k], id, 'EX', ttl)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+ENQUEUE = LuaScript(ENQUEUE_SCRIPT)
+
+Call = tuple[int, list[Any]]
+"""One script call: (partition, EVALSHA arguments after the SHA)."""

@@ -1,0 +1,167 @@
+"""The EventsService servicer: validate, build envelopes, dedup + enqueue, report.
+
+This is the one place where IngestErrors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.server.auth import Authenticator, check_tenants
+from events_server.server.errors import AuthError, IngestError, InvalidEvents, StoreUnavailable
+from events_server.server.metrics import ServerMetrics
+from events_server.server.rejected import RejectedLog
+from events_server.server.routing import partition_for
+from events_server.server.status import QUIET_CODES, abort, call_metadata, grpc_status
+from events_server.server.store import EventStore, Item
+from events_server.server.validation import validate_events
+from events_server.wire.codec import envelope_bytes
+from events_server.wire.metadata import (
+    MD_API_KEY,
+    MD_FORWARDED_FOR,
+    MD_FORWARDED_HOST,
+    MD_ORIGIN,
+    MD_REFERER,
+    MD_USER_AGENT,
+)
+from events_server.wire.validation import Limits
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = pb.EventResult.STATUS_ACCEPTED
+DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+
+
+def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
+    """The client address: from x-forwarded-for, skipping trusted proxies, else the peer."""
+    chain = [hop.strip() for hop in metadata.get(MD_FORWARDED_FOR, "").split(",") if hop.strip()]
+    if chain:
+        # Only the right end of the chain was written by proxies we trust; anything
+        # further left came from the client and could be forged.
+        return chain[max(len(chain) - 1 - forwarded_hops, 0)]
+    # grpc peers look like "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path".
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return rest or peer
+
+
+class EventsService(events_pb2_grpc.EventsServiceServicer):
+    """Serves CreateEvents on top of an EventStore."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        auth: Authenticator,
+        partitions: int,
+        forwarded_hops: int,
+        metrics: ServerMetrics,
+        *,
+        limits: Limits,
+        rejected: RejectedLog | None = None,
+    ) -> None:
+        self._store = store
+        self._auth = auth
+        self._limits = limits
+        self._partitions = partitions
+        self._forwarded_hops = forwarded_hops
+        self._metrics = metrics
+        self._rejected = rejected
+
+    async def CreateEvents(
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        try:
+            reply = await self._create_events(request, context)
+        except IngestError as error:
+            self._metrics.count_events(request.events, None, error)
+            if isinstance(error, AuthError):
+                self._metrics.auth_failure(error.kind)
+            code, message, trailers = grpc_status(error)
+            if code not in QUIET_CODES:
+                log.warning("CreateEvents failed: %s: %s", code.name, message)
+            await context.abort(code, message, trailers)
+            raise  # abort() always raises; this keeps type checkers honest
+        self._metrics.count_events(request.events, reply)
+        return reply
+
+    async def _create_events(
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        received_at = Timestamp()
+        received_at.FromNanoseconds(time.time_ns())
+        events = request.events
+        metadata = call_metadata(context)
+        # Who first: an unauthenticated caller learns nothing, not even what is invalid.
+        key = await self._auth.authenticate(metadata.get(MD_API_KEY))
+        self._auth.check_origin(key, metadata.get(MD_ORIGIN))
+        try:
+            serialized = validate_events(events, self._limits)
+        except InvalidEvents as error:
+            if self._rejected is not None:
+                self._rejected.record_invalid_events(request, error.violations, key)
+            raise
+        # After validation, so an empty or missing tenant reads as invalid, not as foreign.
+        check_tenants(key, (event.tenant for event in events))
+        if not events:
+            return pb.CreateEventsResponse()
+
+        shared = pb.Envelope(
+            received_at=received_at,
+            client_ip=client_ip(metadata, context.peer(), self._forwarded_hops),
+            user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
+            referer=metadata.get(MD_REFERER),
+            forwarded_host=metadata.get(MD_FORWARDED_HOST),
+            api_key_id=key.id,
+        ).SerializeToString()
+        partitions = self._partitions
+        items: list[Item] = [
+            (
+                partition_for(event, partitions),
+                event.tenant,
+                event.deduplication_id if event.HasField("deduplication_id") else None,
+                envelope_bytes(data, shared),
+            )
+            for event, data in zip(events, serialized, strict=True)
+        ]
+
+        outcomes = await self._store.append(items)
+        accepted = sum(o[0] for o in outcomes)
+        return pb.CreateEventsResponse(
+            # Dicts, not EventResult objects: upb builds them in C, twice as fast.
+            results=[
+                {"status": ACCEPTED if ok else DUPLICATE, "entry_id": entry, "partition": part}  # type: ignore[misc]
+                for ok, entry, part in outcomes
+            ],
+            accepted=accepted,
+            duplicates=len(outcomes) - accepted,
+        )
+
+
+class OriginsService(events_pb2_grpc.OriginsServicer):
+    """Origins.Check: the CORS answer the REST bridge gives a browser."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    async def Check(
+        self, request: pb.OriginCheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.OriginCheckResponse:
+        metadata = call_metadata(context)
+        try:
+            key = await self._auth.find(metadata.get(MD_API_KEY))
+            if key is not None:
+                decision = self._auth.decide(key, request.origin)
+            else:
+                decision = await self._auth.decide_any(request.origin)
+        except StoreUnavailable as error:
+            await abort(context, error)
+        return pb.OriginCheckResponse(allowed=decision.allowed, credentials=decision.credentials)

@@ -1,0 +1,208 @@
+"""Settings of the gRPC server, read from the environment (``EVENTS_*``, ``REDIS_URL``) or flags."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from events_server.ops.logs import IpMode
+from events_server.ops.settings import ENV_PREFIX, LogLevel
+from events_server.queue.connection import RedisConfig
+from events_server.wire.codec import varint
+from events_server.wire.origins import normalize_origin
+
+Durability = Annotated[
+    Literal["none", "fsync"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
+]
+
+
+class Settings(BaseSettings):
+    """Everything the server needs; validated once at start-up and passed in."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "EVENTS_REDIS_URL", "redis_url"),
+        description="Redis/Valkey to queue on (env REDIS_URL).",
+    )
+    grpc_addr: str = Field(
+        "127.0.0.1:50051", description="host:port the gRPC server listens on (port 0: any free)."
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (SO_REUSEPORT); more than 1 needs a"
+        " fixed TCP port.",
+    )
+    partitions: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Number of partition streams. Changing it moves users (and retries in flight)"
+        " to other partitions.",
+    )
+    dedup_ttl_seconds: int = Field(
+        86_400, ge=1, description="How long a deduplication_id is remembered per tenant, seconds."
+    )
+    key_prefix: str = Field(
+        "ev", min_length=1, description="Prefix of every Redis key the service writes."
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="REDIS_URL names one node of a Redis Cluster: use the cluster client, which"
+        " discovers the other nodes.",
+    )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="Timeout of each Redis command (and of connecting), seconds."
+    )
+    redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size.")
+    health_interval_seconds: float = Field(
+        1.0, gt=0, description="How often readiness pings Redis, seconds."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish, seconds."
+    )
+    forwarded_hops: int = Field(
+        0,
+        ge=0,
+        description="Trusted proxies in front of the REST bridge: the client IP is taken this many"
+        " entries left of the last one in x-forwarded-for.",
+    )
+    log_level: LogLevel = Field("INFO", description="Python logging level.")
+    log_client_ip: IpMode = Field(
+        "truncated",
+        description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none."
+        " Queued envelopes always keep the full address.",
+    )
+    metrics_addr: str = Field(
+        "127.0.0.1:9464",
+        description="host:port serving Prometheus /metrics (port 0: any free; empty: off).",
+    )
+    metrics_max_tenants: int = Field(
+        100,
+        ge=0,
+        description="Distinct tenant label values in metrics; later tenants are counted as"
+        ' tenant="_other" (0: no tenant names at all).',
+    )
+    metrics_sample_interval_seconds: float = Field(
+        15.0, gt=0, description="How often queue sizes are read from Redis for metrics, seconds."
+    )
+    durability: Durability = Field(
+        "none",
+        description="When to acknowledge: 'none' once Redis has the events in memory; 'fsync'"
+        " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes).",
+    )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a process reuses an API key lookup, seconds: a revoked key stops"
+        " working, and a new key starts working, within this time (0: look up every call).",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated page origins (https://shop.example) allowed to call with a"
+        " key that lists no origins of its own; '*' allows any origin, but never with"
+        " credentials. Empty: such keys cannot be used from browsers.",
+    )
+    rejected_maxlen: int = Field(
+        10_000,
+        ge=1,
+        description="Records kept per tenant in its rejected-requests stream (XADD MAXLEN ~,"
+        " approximate); older ones are trimmed.",
+    )
+
+    max_events_per_request: int = Field(
+        500,
+        ge=1,
+        description="Events one CreateEvents call may carry; a request with more is refused"
+        " whole (INVALID_ARGUMENT, HTTP 422).",
+    )
+    max_event_bytes: int = Field(
+        32_768,
+        ge=64,
+        description="Largest event, in bytes of its serialized protobuf (Event.ByteSize()); a"
+        " request with a larger one is refused whole.",
+    )
+    max_string_length: int = Field(
+        8_192,
+        ge=1,
+        description="Longest string an event may hold, in characters: any field, list item,"
+        " map key or map value.",
+    )
+    max_request_bytes: int = Field(
+        4_194_304,
+        ge=65_536,
+        description="Largest message the gRPC server accepts (grpc.max_receive_message_length),"
+        " in bytes; gRPC itself refuses a larger one with RESOURCE_EXHAUSTED (HTTP 413). At"
+        " least 64 KiB: the bridge's rejected-request reports must fit too.",
+    )
+
+    @property
+    def redis(self) -> RedisConfig:
+        """How to connect to Redis."""
+        return RedisConfig(
+            url=self.redis_url,
+            cluster=self.redis_cluster,
+            timeout_seconds=self.redis_timeout_seconds,
+            max_connections=self.redis_max_connections,
+        )
+
+    @model_validator(mode="after")
+    def _one_event_fits_a_request(self) -> Settings:
+        # Past this, an event within max_event_bytes could still never arrive: gRPC
+        # would refuse its request before the clear event_too_large could be given.
+        largest = self.max_event_bytes + 1 + len(varint(self.max_event_bytes))
+        if self.max_request_bytes < largest:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must hold one event of"
+                f" max_event_bytes ({self.max_event_bytes}): at least {largest}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsync_needs_one_redis(self) -> Settings:
+        # The cluster write path sends no WAITAOF: it would acknowledge unsynced writes.
+        if self.durability == "fsync" and self.redis_cluster:
+            raise ValueError("durability=fsync is not supported with redis_cluster yet")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_port(self) -> Settings:
+        if self.workers > 1 and (
+            self.grpc_addr.startswith("unix:") or self.grpc_addr.endswith(":0")
+        ):
+            raise ValueError(
+                "workers > 1 needs a fixed TCP port in grpc_addr (a Unix socket or port 0"
+                " cannot be shared)"
+            )
+        return self
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, colon, port = value.rpartition(":")
+        if value and not (colon and host and port.isdigit() and int(port) <= 65535):
+            raise ValueError("must be host:port (or empty, for no metrics port)")
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple("*" if o.strip() == "*" else normalize_origin(o) for o in value)
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        # The partition's {hash tag} must be the first braces in every key, or
+        # Redis Cluster would hash on the prefix and put all partitions in one slot.
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain '{' or '}'")
+        return value

@@ -1,0 +1,58 @@
+"""The gRPC side of every call: its text metadata, and IngestError -> status (the one mapping)."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import grpc
+
+from events_server.server.errors import (
+    IngestError,
+    InvalidEvents,
+    PermissionDenied,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from events_server.wire.violations import STATUS_DETAILS_KEY, pack_invalid_argument
+
+# Refusals that are the client's business, not the operator's: not logged as warnings.
+QUIET_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+Trailers = tuple[tuple[str, bytes | str], ...]
+
+
+def call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The call's text metadata (binary ``-bin`` entries left out)."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
+    """(code, message, trailing metadata) for an error: the single error-to-code mapping."""
+    if isinstance(error, InvalidEvents):
+        details = pack_invalid_argument(str(error), error.violations)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ((STATUS_DETAILS_KEY, details),)
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(error), ()
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(error), ()
+    if isinstance(error, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    if isinstance(error, StoreFull):
+        # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    return grpc.StatusCode.INTERNAL, str(error), ()
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: IngestError) -> NoReturn:
+    """End the call with the error's status, message and trailers."""
+    code, message, trailers = grpc_status(error)
+    await context.abort(code, message, trailers)
+    raise error  # not reached (abort() raises); this keeps type checkers honest

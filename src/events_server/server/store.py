@@ -1,0 +1,146 @@
+"""Dedup + enqueue on Redis Streams: one Lua script call per partition batch.
+
+The script is the only writer of events. Per event it checks the tenant-scoped
+dedup key, appends the envelope to the partition stream, and only then sets the
+key, so an append that fails never leaves a key behind and the client's retry is
+not mistaken for a duplicate.
+
+``EventStore`` turns events into script calls and replies into outcomes; how the
+calls reach Redis (one server, or a cluster's nodes) is its transport's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+from redis.asyncio import RedisCluster
+
+from events_server.queue.connection import RedisClient
+from events_server.queue.keys import KeySpace
+from events_server.server.cluster import ClusterTransport
+from events_server.server.errors import StoreUnavailable
+from events_server.server.node import NodeTransport
+from events_server.server.script import Call
+
+Item = tuple[int, str, str | None, bytes]
+"""One event to queue: (partition, tenant, deduplication_id or None, envelope bytes)."""
+
+Outcome = tuple[bool, str, int]
+"""What happened to one event: (accepted now? else a duplicate, entry id, partition)."""
+
+NOT_RUN: Outcome = (False, "", -1)
+
+
+class Transport(Protocol):
+    """How script calls reach Redis; raises StoreUnavailable or StoreFull, never RedisError."""
+
+    async def run(self, calls: Sequence[Call]) -> list[Any]:
+        """Each call's reply, in order; every call ran, or an error is raised."""
+
+    async def ping(self) -> bool:
+        """True when Redis (on a cluster: any primary) answers."""
+
+    async def info(self, *sections: str) -> dict[str, Any] | None:
+        """INFO fields, or None where they cannot be had (ACLs, a cluster)."""
+
+    async def forget_idle_connections(self) -> None:
+        """Drop pooled sockets that may be dead (after a restart or a timeout)."""
+
+
+class EventStore:
+    """Appends envelopes to partition streams, dropping retried duplicates atomically."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        keys: KeySpace,
+        dedup_ttl_seconds: int,
+        *,
+        timeout_seconds: float,
+    ) -> None:
+        self.transport = transport
+        self._keys = keys
+        self._ttl = str(dedup_ttl_seconds).encode()
+        self._timeout = timeout_seconds
+        self.refusal: str | None = None
+        """Why writes are refused before reaching Redis (set by the readiness probe), or None."""
+
+    @property
+    def keys(self) -> KeySpace:
+        """The key names this store writes."""
+        return self._keys
+
+    async def append(self, items: Sequence[Item]) -> list[Outcome]:
+        """Queue items, in order per partition; one script call per partition, pipelined."""
+        groups: dict[int, tuple[list[int], list[Any], list[Any]]] = {}
+        for index, (partition, tenant, dedup_id, payload) in enumerate(items):
+            group = groups.get(partition)
+            if group is None:
+                group = groups[partition] = ([], [self._keys.stream(partition)], [self._ttl])
+            indexes, keys, args = group
+            indexes.append(index)
+            if dedup_id is None:
+                args.append(0)
+            else:
+                keys.append(self._keys.dedup(partition, tenant, dedup_id))
+                args.append(len(keys))
+            args.append(payload)
+
+        calls: list[Call] = [
+            (partition, [len(keys), *keys, *args]) for partition, (_, keys, args) in groups.items()
+        ]
+        if self.refusal is not None:
+            raise StoreUnavailable(self.refusal)
+        try:
+            # One bound for the whole write (connect, scripts, reload, WAITAOF): socket
+            # timeouts apply per read, so a hung Redis could otherwise cost several.
+            async with asyncio.timeout(self._timeout):
+                replies = await self.transport.run(calls)
+        except TimeoutError as exc:
+            await self.transport.forget_idle_connections()
+            raise StoreUnavailable(
+                f"redis: no answer within {self._timeout:g}s (the write may or may not have"
+                " happened; retrying with the same deduplication_ids is safe)"
+            ) from exc
+        outcomes: list[Outcome] = [NOT_RUN] * len(items)
+        for (partition, (indexes, _, _)), reply in zip(groups.items(), replies, strict=True):
+            for n, index in enumerate(indexes):
+                outcomes[index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
+        return outcomes
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        return await self.transport.ping()
+
+    async def info(self, *sections: str) -> dict[str, Any] | None:
+        """Redis INFO fields of the given sections, or None when they cannot be had.
+
+        Raises RedisError or TimeoutError when Redis does not answer.
+        """
+        return await self.transport.info(*sections)
+
+
+def store_for(
+    redis: RedisClient,
+    keys: KeySpace,
+    dedup_ttl_seconds: int,
+    *,
+    timeout_seconds: float = 2.0,
+    observe_script: Callable[[float], None] | None = None,
+    durability: Literal["none", "fsync"] = "none",
+) -> EventStore:
+    """The EventStore that fits the client: per-node pipelines for a RedisCluster."""
+    transport: Transport
+    if isinstance(redis, RedisCluster):
+        transport = ClusterTransport(redis)
+    else:
+        transport = NodeTransport(
+            redis,
+            keys,
+            observe_script=observe_script,
+            timeout_seconds=timeout_seconds,
+            durability=durability,
+        )
+    return EventStore(transport, keys, dedup_ttl_seconds, timeout_seconds=timeout_seconds)

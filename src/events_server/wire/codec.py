@@ -1,0 +1,168 @@
+"""Translation between the contract's JSON form of an event and the protobuf types.
+
+Protobuf messages are built by direct construction: ``json_format`` is several
+times slower and knows nothing of the contract's lower-case type names.
+
+"No value" is one state: JSON ``null`` and an absent field both become an unset
+proto3 ``optional`` (and an empty ``variant_ids`` / ``entity_identifiers``), and
+come back out as an absent field. ``""`` is a value and stays ``""``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC
+from typing import Any
+
+from events_server.pb import events_pb2 as pb
+from events_server.wire.violations import FieldViolation
+
+TYPE_NAMES: dict[int, str] = {
+    pb.EVENT_TYPE_PAGE_VIEW: "page_view",
+    pb.EVENT_TYPE_CLICK: "click",
+    pb.EVENT_TYPE_ADD_TO_CART: "add_to_cart",
+    pb.EVENT_TYPE_PURCHASE: "purchase",
+    pb.EVENT_TYPE_ELEMENT_VISIBLE: "element_visible",
+    pb.EVENT_TYPE_WS_CLICK: "ws_click",
+    pb.EVENT_TYPE_RECOMMENDATIONS_INSERTED: "recommendations_inserted",
+}
+"""Contract name of every valid EventType (UNSPECIFIED is deliberately absent)."""
+
+TYPE_VALUES: dict[str, pb.EventType.ValueType] = {
+    name: pb.EventType.ValueType(number) for number, name in TYPE_NAMES.items()
+}
+
+ENVELOPE_EVENT_FIELD = pb.Envelope.DESCRIPTOR.fields_by_name["event"].number
+
+OPTIONAL_STRING_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for f in pb.Event.DESCRIPTOR.fields
+    if f.has_presence and f.type == f.TYPE_STRING and f.name not in ("tenant", "market")
+)
+"""The contract's nullable string fields, in proto field order."""
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a string, bytes or sub-message)."""
+    return varint(field_number << 3 | 2) + varint(len(payload)) + payload
+
+
+def envelope_bytes(event: bytes, context: bytes) -> bytes:
+    """A serialized Envelope from a serialized Event and the serialized rest of the Envelope.
+
+    Protobuf parses fields in any order, so the request's shared context is
+    serialized once and each event is prefixed to it: no per-event copies.
+    """
+    return length_delimited(ENVELOPE_EVENT_FIELD, event) + context
+
+
+def event_from_dict(data: Mapping[str, Any]) -> pb.Event:
+    """Build an Event from an already-validated contract dict (None = no value)."""
+    event = pb.Event(tenant=data["tenant"], market=data["market"], type=TYPE_VALUES[data["type"]])
+    for name in OPTIONAL_STRING_FIELDS:
+        value = data.get(name)
+        if value is not None:
+            setattr(event, name, value)
+    if variant_ids := data.get("variant_ids"):
+        event.variant_ids.extend(variant_ids)
+    if entity_identifiers := data.get("entity_identifiers"):
+        event.entity_identifiers.update(entity_identifiers)
+    return event
+
+
+def event_to_dict(event: pb.Event) -> dict[str, Any]:
+    """The contract's JSON form of an Event: fields with no value are left out."""
+    out: dict[str, Any] = {
+        "tenant": event.tenant,
+        "market": event.market,
+        "type": TYPE_NAMES.get(event.type, event.type),
+    }
+    for name in OPTIONAL_STRING_FIELDS:
+        if event.HasField(name):  # type: ignore[arg-type]
+            out[name] = getattr(event, name)
+    if event.variant_ids:
+        out["variant_ids"] = list(event.variant_ids)
+    if event.entity_identifiers:
+        out["entity_identifiers"] = dict(event.entity_identifiers)
+    return out
+
+
+def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
+    """JSON form of a queued envelope, for people and for JSONL sinks."""
+    received = envelope.received_at.ToDatetime(tzinfo=UTC)
+    out: dict[str, Any] = {
+        "received_at": received.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "client_ip": envelope.client_ip,
+    }
+    for name in ("user_agent", "referer", "forwarded_host"):
+        if envelope.HasField(name):
+            out[name] = getattr(envelope, name)
+    out["api_key_id"] = envelope.api_key_id
+    out["event"] = event_to_dict(envelope.event)
+    return out
+
+
+_DICT_STRING_FIELDS = frozenset({"tenant", "market", *OPTIONAL_STRING_FIELDS})
+_DICT_REQUIRED = ("tenant", "market", "type")
+
+
+def fill_event(event: pb.Event, path: str, data: Any) -> list[FieldViolation]:
+    """Set ``event`` from an unchecked contract dict; what is wrong with it (``path`` names it).
+
+    Where anything is wrong the message is left half set: use it only when the list is empty.
+    """
+    if not isinstance(data, Mapping):
+        got = type(data).__name__
+        return [FieldViolation(path, f"an event is a pb.Event or a dict, not {got}", "type")]
+    found: list[FieldViolation] = []
+
+    def bad(name: str, description: str, reason: str) -> None:
+        found.append(FieldViolation(f"{path}.{name}", description, reason))
+
+    for name, value in data.items():
+        if value is None:
+            continue  # the contract's null: no value
+        try:
+            if name == "type":
+                number = TYPE_VALUES.get(value) if isinstance(value, str) else None
+                if isinstance(value, int) and not isinstance(value, bool) and value in TYPE_NAMES:
+                    number = pb.EventType.ValueType(value)
+                if number is None:
+                    bad(name, f"unknown event type {value!r}", "enum")
+                else:
+                    event.type = number
+            elif name in _DICT_STRING_FIELDS:
+                if isinstance(value, str):
+                    setattr(event, name, value)
+                else:
+                    bad(name, f"must be a string, not {type(value).__name__}", "string_type")
+            elif name == "variant_ids":
+                if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    event.variant_ids.extend(value)
+                else:
+                    bad(name, "must be a list of strings", "list_type")
+            elif name == "entity_identifiers":
+                if isinstance(value, Mapping) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+                ):
+                    event.entity_identifiers.update(value)
+                else:
+                    bad(name, "must map strings to strings", "dict_type")
+            else:
+                bad(name, "not a field of Event", "extra_forbidden")
+        except ValueError:  # protobuf refuses strings that are not valid UTF-8 (lone surrogates)
+            bad(name, "must be valid UTF-8 (no lone surrogates)", "string_unicode")
+    for name in _DICT_REQUIRED:
+        if data.get(name) is None:
+            bad(name, "required", "missing")
+    return found

@@ -1,0 +1,34 @@
+"""Every gRPC metadata key and service name that the processes agree on.
+
+The REST bridge forwards what it knows of the browser's request grpc-gateway style.
+gRPC overwrites a forwarded ``user-agent`` with its own, hence the prefixed names.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from events_server.pb import events_pb2
+
+MD_API_KEY = "x-api-key"
+"""The gRPC metadata that carries the key (the REST bridge forwards it there)."""
+
+REQUEST_ID_HEADER = "x-request-id"
+"""HTTP header and gRPC metadata key of the request id."""
+
+MD_USER_AGENT = "grpcgateway-user-agent"
+MD_REFERER = "grpcgateway-referer"
+MD_FORWARDED_FOR = "x-forwarded-for"
+MD_FORWARDED_HOST = "x-forwarded-host"
+MD_ORIGIN = "grpcgateway-origin"
+"""The browser page's Origin, forwarded by the bridge."""
+
+_SERVICES = events_pb2.DESCRIPTOR.services_by_name
+SERVICE_NAME = _SERVICES["EventsService"].full_name
+REJECTED_SERVICE_NAME = _SERVICES["RejectedEvents"].full_name
+ORIGINS_SERVICE_NAME = _SERVICES["Origins"].full_name
+
+
+def new_request_id() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
