@@ -345,13 +345,21 @@ class Envelope(_message.Message):
     REFERER_FIELD_NUMBER: _builtins.int
     FORWARDED_HOST_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
+    STOREFRONT_ORIGIN_FIELD_NUMBER: _builtins.int
+    WS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     client_ip: _builtins.str
     """Best-known client address (see the forwarded_hops setting)."""
     user_agent: _builtins.str
     referer: _builtins.str
     forwarded_host: _builtins.str
     api_key_id: _builtins.str
-    """Id (never the secret) of the API key that sent the event."""
+    """Id (never the secret) of the API key that sent the event; empty for keyless
+    storefront intake, which storefront_origin then names.
+    """
+    storefront_origin: _builtins.str
+    """The registered storefront origin that let a keyless event in."""
+    ws_message_id: _builtins.str
+    """The WebSocket frame id the event arrived with (its retry identity)."""
     @_builtins.property
     def event(self) -> Global___Event: ...
     @_builtins.property
@@ -366,23 +374,33 @@ class Envelope(_message.Message):
         referer: _builtins.str | None = ...,
         forwarded_host: _builtins.str | None = ...,
         api_key_id: _builtins.str = ...,
+        storefront_origin: _builtins.str | None = ...,
+        ws_message_id: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_user_agent", b"_user_agent", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "user_agent", b"user_agent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_user_agent", b"_user_agent", "api_key_id", b"api_key_id", "client_ip", b"client_ip", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "user_agent", b"user_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "api_key_id", b"api_key_id", "client_ip", b"client_ip", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__forwarded_host: _TypeAlias = _typing.Literal["forwarded_host"]  # noqa: Y015
     _WhichOneofArgType__forwarded_host: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host"]  # noqa: Y015
     _WhichOneofReturnType__referer: _TypeAlias = _typing.Literal["referer"]  # noqa: Y015
     _WhichOneofArgType__referer: _TypeAlias = _typing.Literal["_referer", b"_referer"]  # noqa: Y015
+    _WhichOneofReturnType__storefront_origin: _TypeAlias = _typing.Literal["storefront_origin"]  # noqa: Y015
+    _WhichOneofArgType__storefront_origin: _TypeAlias = _typing.Literal["_storefront_origin", b"_storefront_origin"]  # noqa: Y015
     _WhichOneofReturnType__user_agent: _TypeAlias = _typing.Literal["user_agent"]  # noqa: Y015
     _WhichOneofArgType__user_agent: _TypeAlias = _typing.Literal["_user_agent", b"_user_agent"]  # noqa: Y015
+    _WhichOneofReturnType__ws_message_id: _TypeAlias = _typing.Literal["ws_message_id"]  # noqa: Y015
+    _WhichOneofArgType__ws_message_id: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__forwarded_host) -> _WhichOneofReturnType__forwarded_host | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__referer) -> _WhichOneofReturnType__referer | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__storefront_origin) -> _WhichOneofReturnType__storefront_origin | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__user_agent) -> _WhichOneofReturnType__user_agent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ws_message_id) -> _WhichOneofReturnType__ws_message_id | None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
 

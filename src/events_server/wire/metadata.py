@@ -23,6 +23,11 @@ MD_FORWARDED_HOST = "x-forwarded-host"
 MD_ORIGIN = "grpcgateway-origin"
 """The browser page's Origin, forwarded by the bridge."""
 
+MD_WS_MESSAGE_ID = "x-ws-message-id"
+"""The id of the WebSocket frame a one-event call carries: an event without a
+deduplication_id is deduplicated on it (per tenant), so the client's resends of that
+frame are queued once."""
+
 _SERVICES = events_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["EventsService"].full_name
 REJECTED_SERVICE_NAME = _SERVICES["RejectedEvents"].full_name
