@@ -108,6 +108,9 @@ def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
         if envelope.HasField(name):
             out[name] = getattr(envelope, name)
     out["api_key_id"] = envelope.api_key_id
+    for name in ("storefront_origin", "ws_message_id"):
+        if envelope.HasField(name):
+            out[name] = getattr(envelope, name)
     out["event"] = event_to_dict(envelope.event)
     return out
 
