@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
@@ -21,13 +21,12 @@ from redis.exceptions import RedisError
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
-from events_server.server.storefronts import Storefront, StorefrontLookup
+from events_server.server.lookups import CachedLookup
+from events_server.server.storefronts import Storefront
 from events_server.wire.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
 
 SECRET_PREFIX = "evk_"
 ID_PREFIX = "key_"
-CACHE_LIMIT = 10_000
-"""Cached lookups per process; past it the cache starts over (a flood of made-up keys)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,13 +201,13 @@ class Authenticator:
         store: KeyStore,
         cache_seconds: float,
         fallback_origins: Sequence[str],
-        storefronts: StorefrontLookup | None = None,
+        storefronts: Callable[[str], Awaitable[Storefront | None]] | None = None,
     ) -> None:
         self._store = store
         self._storefronts = storefronts
         self._ttl = cache_seconds
         self._fallback = tuple(fallback_origins)
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._lookup = CachedLookup(store.find, cache_seconds, "API key")
         self._origins: tuple[float, frozenset[str]] = (0.0, frozenset())
 
     async def admit(self, secret: str | None, origin: str | None) -> Caller:
@@ -221,7 +220,7 @@ class Authenticator:
             key = await self.authenticate(secret)
             self.check_origin(key, origin)
             return Caller(key.tenants, key=key)
-        front = await self._storefronts.find(origin)
+        front = await self._storefronts(origin)
         if front is None:
             raise PermissionDenied(
                 f"origin {origin[:200]!r} is not a registered storefront (events-server"
@@ -249,23 +248,6 @@ class Authenticator:
         """The key in force for this secret, or None (no error either way)."""
         return await self._lookup(digest_of(secret)) if secret else None
 
-    async def _lookup(self, digest: str) -> ApiKey | None:
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            key = await self._store.find(digest)
-        except RedisError as error:
-            # Not a 401: the key may well be good, and the client should retry.
-            raise StoreUnavailable(
-                f"redis: {type(error).__name__}: {error} (checking the API key)"
-            ) from error
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[digest] = (now + self._ttl, key)
-        return key
-
     def decide(self, key: ApiKey, origin: str) -> OriginDecision:
         """May this key be used from a page of ``origin``."""
         return decide_origin(key.origins, origin, self._fallback)
@@ -285,7 +267,7 @@ class Authenticator:
         storefront, allowed for some key, or allowed globally."""
         if origin in self._fallback:
             return OriginDecision(allowed=True, credentials=True)
-        if self._storefronts is not None and await self._storefronts.find(origin) is not None:
+        if self._storefronts is not None and await self._storefronts(origin) is not None:
             return OriginDecision(allowed=True, credentials=True)
         expires, listed = self._origins
         now = time.monotonic()

@@ -11,21 +11,14 @@ rate limits bound it and keys stay for writes that must be attributable.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from redis.exceptions import RedisError
-
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.queue.scripts import LuaScript
-from events_server.server.errors import StoreUnavailable
 from events_server.wire.origins import normalize_origin
-
-CACHE_LIMIT = 10_000
-"""Cached lookups per process; past it the cache starts over (a flood of made-up origins)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,29 +131,3 @@ class StorefrontStore:
         """The registration of exactly this origin, if any."""
         raw = await self._redis.hget(self._hash, origin)
         return None if raw is None else Storefront.from_json(raw)
-
-
-class StorefrontLookup:
-    """Cached registration lookups, as key lookups are cached: found or not, per origin."""
-
-    def __init__(self, store: StorefrontStore, cache_seconds: float) -> None:
-        self._store = store
-        self._ttl = cache_seconds
-        self._cache: dict[str, tuple[float, Storefront | None]] = {}
-
-    async def find(self, origin: str) -> Storefront | None:
-        """The registration for a page's Origin header, or None."""
-        now = time.monotonic()
-        cached = self._cache.get(origin)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            front = await self._store.find(origin)
-        except RedisError as error:
-            raise StoreUnavailable(
-                f"redis: {type(error).__name__}: {error} (checking the storefront origin)"
-            ) from error
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[origin] = (now + self._ttl, front)
-        return front
