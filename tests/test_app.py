@@ -204,7 +204,7 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
         ),
         pytest.param(
             json.dumps(
-                [{**EVENT, "tenant": 5, "variant_ids": "v1", "entity_identifiers": {"a": 1}}]
+                [{**EVENT, "tenant": True, "variant_ids": "v1", "entity_identifiers": {"a": True}}]
             ),
             [
                 {
