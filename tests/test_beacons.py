@@ -189,7 +189,7 @@ def test_a_keyless_beacon_from_a_registered_origin_is_queued(
     assert envelope.api_key_id == ""
 
 
-def test_a_keyless_beacon_from_an_unregistered_origin_is_403_naming_it(
+def test_a_keyless_beacon_from_an_unregistered_origin_is_403_naming_event_and_tenant(
     keyless: httpx.Client, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     origin = f"https://{uuid.uuid4().hex[:12]}.elsewhere.example"
@@ -199,7 +199,8 @@ def test_a_keyless_beacon_from_an_unregistered_origin_is_403_naming_it(
     assert answer.status_code == 403
     detail = answer.json()["detail"]
     assert repr(origin) in detail
-    assert "not a registered storefront" in detail
+    assert detail.startswith("events[0].tenant: storefront origin")
+    assert f"not registered for tenant {TENANT!r}" in detail
     assert detail.endswith("nothing was queued")
     assert cors_headers(answer) == {}  # a refused page reads nothing
     assert queued(rdb, keys) == []
