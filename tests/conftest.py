@@ -19,46 +19,26 @@ from events_server.server.app import EventsServer
 from events_server.server.auth import ApiKey, new_key
 from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
-from tests.cluster_support import ValkeyCluster
-from tests.support import (
-    TEST_TENANTS,
-    LoopThread,
-    UvicornThread,
-    ValkeyProcess,
-    keyed_channel,
-    started_server,
-    store_key,
-)
-
-
-class Valkey:
-    """The Redis the session uses; ``process`` is None when REDIS_URL names an outside one."""
-
-    def __init__(self, url: str, process: ValkeyProcess | None) -> None:
-        self.url = url
-        self.process = process
-
-    def killable(self) -> ValkeyProcess:
-        """Our own server process, for fault tests (skips the test against an outside Redis)."""
-        if self.process is None:
-            pytest.skip("fault tests need the embedded Valkey (REDIS_URL is set)")
-        return self.process
+from tests.harness.cluster import ValkeyCluster
+from tests.harness.data import TEST_TENANTS
+from tests.harness.keys import store_key
+from tests.harness.rpc import keyed_channel
+from tests.harness.servers import LoopThread, UvicornThread, started_server
+from tests.harness.valkey import SessionValkey, valkey_process
 
 
 @pytest.fixture(scope="session")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionValkey]:
     """A real Redis-compatible server: REDIS_URL if given, else our own valkey-server."""
     if url := os.environ.get("REDIS_URL"):
-        yield Valkey(url, None)
+        yield SessionValkey(url, None)
         return
-    process = ValkeyProcess(Path(tmp_path_factory.mktemp("valkey")))
-    process.start()
-    yield Valkey(process.url, process)
-    process.stop()
+    with valkey_process(Path(tmp_path_factory.mktemp("valkey"))) as process:
+        yield SessionValkey(process.url, process)
 
 
 @pytest.fixture(scope="session")
-def settings(valkey: Valkey) -> Settings:
+def settings(valkey: SessionValkey) -> Settings:
     """Server settings for the session: a key prefix of its own, fast health probes."""
     return Settings(
         redis_url=valkey.url,
@@ -80,13 +60,13 @@ def session_key() -> tuple[ApiKey, str]:
 
 
 @pytest.fixture(scope="session")
-def api_key(valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
+def api_key(valkey: SessionValkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
     """The session key's secret; the key is in force (see ``rdb``)."""
     _keep_key(valkey, settings, session_key[0])
     return session_key[1]
 
 
-def _keep_key(valkey: Valkey, settings: Settings, key: ApiKey) -> None:
+def _keep_key(valkey: SessionValkey, settings: Settings, key: ApiKey) -> None:
     """Put the session key in force, and into the snapshot a restarted Valkey loads.
 
     The tests' Valkey persists nothing by itself; a real one would keep its keys. Loaded
@@ -168,7 +148,7 @@ def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def rdb(
-    valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]
+    valkey: SessionValkey, settings: Settings, session_key: tuple[ApiKey, str]
 ) -> Iterator[redis.Redis]:
     """A plain Redis client; every key of the session's prefix but the session API key's
     is gone before each test (a Valkey restarted by the test comes back in that state)."""
@@ -180,7 +160,7 @@ def rdb(
 
 
 @pytest.fixture
-def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
+def full_valkey(valkey: SessionValkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
     """The session's Valkey past its maxmemory (writes refused with OOM), restored after."""
     valkey.killable()  # our own server: safe to reconfigure
     rdb.config_set("maxmemory", 1)

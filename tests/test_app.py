@@ -18,22 +18,12 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import HTTP_STATUS
 from rest_bridge.upstream import metadata_value
-from tests.sizes import event_of_size, server_with
-from tests.support import (
-    LoopThread,
-    UvicornThread,
-    contract_examples,
-    free_port,
-    queued,
-    run_events_server,
-)
-from tests.test_server import eventually
-
-
-def tail(settings: Settings, *args: str) -> list[dict[str, Any]]:
-    """Run `events-server tail` for real and parse its JSON lines."""
-    out = run_events_server(settings, "tail", *args).stdout
-    return [json.loads(line) for line in out.splitlines()]
+from tests.harness.data import contract_examples, event_of_size
+from tests.harness.processes import tail
+from tests.harness.servers import LoopThread, UvicornThread, bridged, serving
+from tests.harness.streams import queued
+from tests.harness.valkey import free_port
+from tests.harness.waiting import eventually
 
 
 def test_contract_has_an_example_per_documented_type() -> None:
@@ -476,17 +466,13 @@ def test_a_body_over_max_request_bytes_is_a_413_not_a_429_and_is_recorded(
     # Two events of 32764 bytes, each framed by 4: a 65536-byte request.
     fitting = [event_to_dict(event_of_size(32_764, 8_192, tenant="shop-big"))] * 2
     over = [fitting[0], event_to_dict(event_of_size(32_765, 8_192, tenant="shop-big"))]
-    with server_with(loop, settings, max_request_bytes=65_536) as (_, port):
-        bridge = UvicornThread(BridgeSettings(grpc_target=f"127.0.0.1:{port}", log_level="WARNING"))
-        bridge.start()
-        try:
-            with httpx.Client(
-                base_url=bridge.url, timeout=10, headers={"x-api-key": api_key}
-            ) as client:
-                assert client.post("/create-events", json=fitting).status_code == 200
-                answer = client.post("/create-events", json=over)
-        finally:
-            bridge.stop()
+    with (
+        serving(loop, settings, max_request_bytes=65_536) as (_, target),
+        bridged(target) as url,
+        httpx.Client(base_url=url, timeout=10, headers={"x-api-key": api_key}) as client,
+    ):
+        assert client.post("/create-events", json=fitting).status_code == 200
+        answer = client.post("/create-events", json=over)
     # Retrying never helps: not the 429 + Retry-After of backpressure.
     assert answer.status_code == 413
     assert "retry-after" not in answer.headers

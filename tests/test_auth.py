@@ -28,10 +28,13 @@ from events_server.server.auth import (
 from events_server.server.errors import StoreUnavailable
 from events_server.server.metrics import AUTH_FAILURE_KINDS
 from events_server.server.settings import Settings
-from tests.support import LoopThread, create_key, queued
-from tests.test_metrics import scrape, server_metrics_url, value
-from tests.test_server import eventually
-from tests.test_service import ev, send
+from tests.harness.data import ev
+from tests.harness.keys import create_key
+from tests.harness.metrics import scrape, server_metrics_url, value
+from tests.harness.rpc import send
+from tests.harness.servers import LoopThread
+from tests.harness.streams import queued
+from tests.harness.waiting import eventually
 
 EVENT = {"tenant": "shop-a", "market": "us", "type": "click"}
 

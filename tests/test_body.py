@@ -18,8 +18,8 @@ from events_server.queue.keys import KeySpace
 from rest_bridge.body import BodyRefused, Inflater
 from rest_bridge.config import MIN_JSON_DEPTH, BridgeSettings
 from rest_bridge.models import Event
-from tests.support import UvicornThread, queued
-from tests.test_rejected import wait_for_records
+from tests.harness.servers import UvicornThread
+from tests.harness.streams import queued, wait_for_records
 
 URL = "/create-events"
 EVENT = {"tenant": "shop-b", "market": "us", "type": "click", "user_id": "u-1"}

@@ -19,10 +19,10 @@ import redis
 
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.browser import Chromium, Page, PageServer
-from tests.stack import serving
-from tests.support import LoopThread, create_key, queued
-from tests.test_cors import started_bridge
+from tests.harness.browser import Chromium, Page, PageServer
+from tests.harness.keys import create_key
+from tests.harness.servers import LoopThread, serving, started_bridge
+from tests.harness.streams import queued
 
 PAGE = """<!doctype html>
 <meta charset="utf-8">

@@ -17,7 +17,8 @@ from events_server.cli import main as events_server_main
 from events_server.server.settings import Settings
 from rest_bridge.cli import main as bridge_main
 from rest_bridge.config import BridgeSettings
-from tests.support import events_env, free_port
+from tests.harness.processes import events_env
+from tests.harness.valkey import free_port
 
 
 def _help(module: str, *args: str) -> str:

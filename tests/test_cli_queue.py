@@ -18,9 +18,10 @@ import redis
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.support import events_env, free_port, run_events_server
-from tests.test_consumer import Entry, produce
-from tests.test_server import eventually
+from tests.harness.consumers import Entry, produce
+from tests.harness.processes import events_env, run_events_server
+from tests.harness.valkey import free_port
+from tests.harness.waiting import eventually
 
 
 def cli_env(settings: Settings) -> dict[str, str]:

@@ -27,15 +27,16 @@ from events_server.queue.keys import KeySpace
 from events_server.server.app import EventsServer, create_server
 from events_server.server.settings import Settings
 from events_server.wire.violations import FieldViolation
-from tests.conftest import Valkey
-from tests.support import CuttingProxy, LoopThread, contract_examples, free_port, queued
-from tests.test_service import ev
+from tests.harness.data import contract_examples, ev
+from tests.harness.metrics import CREATE
+from tests.harness.proxy import FaultProxy
+from tests.harness.rpc import ACCEPTED, DUPLICATE
+from tests.harness.servers import LoopThread
+from tests.harness.streams import queued
+from tests.harness.valkey import SessionValkey, free_port
 
 T = TypeVar("T")
 
-ACCEPTED = pb.EventResult.STATUS_ACCEPTED
-DUPLICATE = pb.EventResult.STATUS_DUPLICATE
-CREATE = "/events.v1.EventsService/CreateEvents"
 
 # The contract's first example.
 EXAMPLE_EVENT: dict[str, Any] = contract_examples()[0][0]
@@ -192,18 +193,18 @@ def test_auth_refusals_are_their_own_exceptions_and_not_retried(
 
 
 @pytest.fixture
-def proxy(grpc_target: str) -> Iterator[CuttingProxy]:
+def proxy(grpc_target: str) -> Iterator[FaultProxy]:
     """A proxy in front of the session's server that can lose a reply."""
-    cutting = CuttingProxy(int(grpc_target.rsplit(":", 1)[1]))
+    cutting = FaultProxy("127.0.0.1", int(grpc_target.rsplit(":", 1)[1]), protocol="http2")
     yield cutting
     cutting.close()
 
 
 def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
-    api_key: str, proxy: CuttingProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
+    api_key: str, proxy: FaultProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     async def scenario() -> tuple[pb.CreateEventsResponse, pb.CreateEventsResponse]:
-        async with EventsClient(f"127.0.0.1:{proxy.port}", api_key=api_key) as client:
+        async with EventsClient(proxy.address, api_key=api_key) as client:
             warm = await client.send([ev(user_id="warm-up")])  # connection up, frames flowing
             proxy.cut_next_reply()
             return warm, await client.send([ev(user_id="u-lost")])  # no deduplication_id given
@@ -222,7 +223,7 @@ def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
 
 def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(  # noqa: PLR0917
     api_key: str,
-    valkey: Valkey,
+    valkey: SessionValkey,
     server: EventsServer,
     rdb: redis.Redis,
     keys: KeySpace,

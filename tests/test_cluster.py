@@ -30,17 +30,14 @@ from events_server.server.auth import ApiKey
 from events_server.server.routing import partition_for
 from events_server.server.settings import Settings
 from tests import test_service as core
-from tests.cluster_support import ValkeyCluster
-from tests.support import (
-    LoopThread,
-    keyed_channel,
-    run_events_server,
-    started_server,
-    store_key,
-)
-from tests.test_consumer import FAST, entries, in_order, produce, run, until
-from tests.test_server import SERVING, eventually, health_of
-from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
+from tests.harness.cluster import ValkeyCluster
+from tests.harness.consumers import FAST, entries, in_order, produce, run
+from tests.harness.data import ev
+from tests.harness.keys import store_key
+from tests.harness.processes import run_events_server
+from tests.harness.rpc import ACCEPTED, DUPLICATE, SERVING, health_of, keyed_channel, send, statuses
+from tests.harness.servers import LoopThread, started_server
+from tests.harness.waiting import eventually, until
 
 # --- the cluster in place of the single Valkey ---------------------------------------
 

@@ -5,101 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis
 
-from events_server.consumer import Consumer, ConsumerSettings, Message
+from events_server.consumer import Consumer, Message
 from events_server.consumer.groups import group_states, replay_dead_letters
 from events_server.pb import events_pb2_grpc
-from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.test_service import ev, send
-
-T = TypeVar("T")
-
-FAST = ConsumerSettings(
-    batch_size=20,
-    block_seconds=0.1,
-    lease_seconds=1.0,
-    claim_idle_seconds=0.3,
-    max_deliveries=3,
-    retry_delay_seconds=0.01,
-)
-
-
-Entry = tuple[int, str]
-"""(partition, entry id): entry ids are unique within a partition only."""
-
-
-def produce(stub: events_pb2_grpc.EventsServiceStub, count: int, users: int = 20) -> set[Entry]:
-    """Queue ``count`` events of ``users`` users through the real server."""
-    queued: set[Entry] = set()
-    for start in range(0, count, 100):
-        events = [ev(user_id=f"user-{n % users}", url=f"n={n}") for n in range(start, start + 100)]
-        queued |= {(r.partition, r.entry_id) for r in send(stub, *events[: count - start]).results}
-    return queued
-
-
-def entries(messages: Iterable[Message]) -> set[Entry]:
-    """The distinct entries among the messages."""
-    return {(m.partition, m.entry_id) for m in messages}
-
-
-def entry_key(entry_id: str) -> tuple[int, int]:
-    """An entry id as a sortable (ms, seq)."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
-
-
-def in_order(messages: Iterable[Message]) -> bool:
-    """True when each partition's messages come in increasing entry-id order."""
-    last: dict[int, tuple[int, int]] = {}
-    for message in messages:
-        key = entry_key(message.entry_id)
-        if key <= last.get(message.partition, (-1, -1)):
-            return False
-        last[message.partition] = key
-    return True
-
-
-def run(settings: Settings, scenario: Callable[[Any], Awaitable[T]]) -> T:
-    """Run an async scenario with its own event loop and Redis client."""
-
-    async def main() -> T:
-        client = connect(settings.redis)
-        try:
-            return await asyncio.wait_for(scenario(client), 30)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
-
-
-async def take(consumer: Consumer, count: int) -> list[Message]:
-    """Iterate until ``count`` messages were handled (each acknowledged), then stop."""
-    got: list[Message] = []
-    async for message in consumer:
-        got.append(message)
-        if len(got) == count:
-            consumer.stop()
-    return got
-
-
-async def until(check: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait until check() holds, or give up after ``within`` seconds (the asserts then fail)."""
-    for _ in range(int(within / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-
-
-def pending(rdb: redis.Redis, keys: KeySpace, group: str) -> int:
-    """Entries delivered to the group's consumers and not acknowledged, over all partitions."""
-    return sum(int(rdb.xpending(stream, group)["pending"]) for stream in keys.streams())
+from tests.harness.consumers import FAST, entries, in_order, pending, produce, run, take
+from tests.harness.waiting import until
 
 
 def test_a_consumer_creates_its_group_and_handles_every_partition_in_order(

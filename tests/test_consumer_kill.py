@@ -20,8 +20,8 @@ import redis
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.test_consumer import Entry, entry_key, produce
-from tests.test_server import eventually
+from tests.harness.consumers import Entry, handled, out_of_order, produce
+from tests.harness.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP = "kill-test"
@@ -30,13 +30,13 @@ KILLS = 5
 
 
 class Worker:
-    """One tests.consumer_worker process."""
+    """One tests.harness.consumer_worker process."""
 
     def __init__(self, settings: Settings, name: str, log: Path) -> None:
         self.name = name
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "tests.consumer_worker",
+                sys.executable, "-m", "tests.harness.consumer_worker",
                 settings.redis_url, settings.key_prefix, str(settings.partitions),
                 GROUP, name, str(log),
             ],
@@ -116,39 +116,6 @@ def pending_of(rdb: redis.Redis, keys: KeySpace) -> dict[str, int]:
         for consumer in summary["consumers"]:
             found[consumer["name"].decode()] += int(consumer["pending"])
     return found
-
-
-def handled(logs: list[Path]) -> list[tuple[int, int, str, int]]:
-    """Every handling in every log, in time order: (ns, partition, entry id, deliveries)."""
-    lines = []
-    for log in logs:
-        if log.exists():
-            for line in log.read_text().splitlines():
-                ns, partition, entry_id, deliveries = line.split()
-                lines.append((int(ns), int(partition), entry_id, int(deliveries)))
-    return sorted(lines)
-
-
-def out_of_order(lines: list[tuple[int, int, str, int]], queued: set[Entry]) -> int:
-    """Handlings of an entry while an older entry of its partition was not handled yet."""
-    order: dict[int, list[str]] = defaultdict(list)
-    for partition, entry_id in queued:
-        order[partition].append(entry_id)
-    position = {}
-    for partition, ids in order.items():
-        ids.sort(key=entry_key)
-        position.update({(partition, entry_id): i for i, entry_id in enumerate(ids)})
-    seen: dict[int, set[int]] = defaultdict(set)
-    done: dict[int, int] = defaultdict(int)  # how many of the oldest are all handled
-    violations = 0
-    for _, partition, entry_id, _ in lines:
-        index = position[(partition, entry_id)]
-        if index > done[partition]:
-            violations += 1
-        seen[partition].add(index)
-        while done[partition] in seen[partition]:
-            done[partition] += 1
-    return violations
 
 
 @pytest.mark.slow

@@ -22,9 +22,11 @@ from events_server.server.settings import Settings
 from rest_bridge import cors as cors_module
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
-from tests.stack import serving
-from tests.support import LoopThread, UvicornThread, create_key, free_port, queued
-from tests.test_server import eventually
+from tests.harness.keys import create_key
+from tests.harness.servers import LoopThread, serving, started_bridge
+from tests.harness.streams import queued
+from tests.harness.valkey import free_port
+from tests.harness.waiting import eventually
 
 URL = "/create-events"
 ALLOWED = "https://allowed.example"
@@ -49,15 +51,6 @@ def cors_keys(valkey: Any, settings: Settings) -> Keys:
         listed=create_key(valkey.url, settings.key_prefix, ["shop-o"], origins=[ALLOWED]),
         plain=create_key(valkey.url, settings.key_prefix, ["shop-o"]),
     )
-
-
-def started_bridge(target: str, **overrides: Any) -> UvicornThread:
-    """A bridge of its own in front of ``target``, started."""
-    bridge = UvicornThread(
-        BridgeSettings.model_validate({"grpc_target": target, "log_level": "WARNING", **overrides})
-    )
-    bridge.start()
-    return bridge
 
 
 @pytest.fixture(scope="module")

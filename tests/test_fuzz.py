@@ -34,7 +34,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server.settings import Settings
 from events_server.wire.codec import TYPE_NAMES
-from tests.support import TEST_TENANTS
+from tests.harness.data import TEST_TENANTS
 
 Figures = Callable[[str], None]
 

@@ -10,8 +10,8 @@ import redis
 
 from events_server.server.auth import SECRET_PREFIX, digest_of
 from events_server.server.settings import Settings
-from tests.support import run_events_server
-from tests.test_server import eventually
+from tests.harness.processes import run_events_server
+from tests.harness.waiting import eventually
 
 
 def keys_cmd(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

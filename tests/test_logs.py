@@ -26,9 +26,12 @@ from events_server.ops.logs import (
 from events_server.pb import events_pb2_grpc
 from events_server.server.settings import Settings
 from rest_bridge.access import redact_query
-from tests.support import create_key, events_env, free_port
-from tests.test_server import eventually
-from tests.test_service import ev, send
+from tests.harness.data import ev
+from tests.harness.keys import create_key
+from tests.harness.processes import events_env
+from tests.harness.rpc import send
+from tests.harness.valkey import free_port
+from tests.harness.waiting import eventually
 
 ACCESS_LOGGERS = ("events_server.access", "rest_bridge.access")
 EVENT = {"tenant": "my_store", "market": "us", "type": "click"}

@@ -15,7 +15,6 @@ import grpc
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -27,36 +26,12 @@ from events_server.server.sampler import RedisSampler
 from events_server.server.settings import Settings
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
-from tests.conftest import Valkey
-from tests.sizes import event_of_size, server_with
-from tests.support import LoopThread, free_port, keyed_channel, started_server
-from tests.test_server import eventually
-from tests.test_service import ev, send
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-CREATE = "/events.v1.EventsService/CreateEvents"
-
-
-def scrape(url: str) -> Samples:
-    """Every sample at a /metrics URL, by name and labels."""
-    answer = httpx.get(url, timeout=10)
-    assert answer.status_code == 200
-    assert answer.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(answer.text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value (0 when the series does not exist yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def server_metrics_url(server: EventsServer) -> str:
-    assert server.metrics_endpoint is not None
-    return f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+from tests.harness.data import ev, event_of_size
+from tests.harness.metrics import CREATE, scrape, server_metrics_url, value
+from tests.harness.rpc import keyed_channel, send
+from tests.harness.servers import LoopThread, serving, started_server
+from tests.harness.valkey import SessionValkey, free_port
+from tests.harness.waiting import eventually
 
 
 @pytest.fixture
@@ -150,7 +125,7 @@ def test_queue_gauges_follow_redis(  # noqa: PLR0917
     loop: LoopThread,
     server: EventsServer,
     stub: events_pb2_grpc.EventsServiceStub,
-    valkey: Valkey,
+    valkey: SessionValkey,
     rdb: redis.Redis,
     keys: KeySpace,
 ) -> None:
@@ -259,7 +234,7 @@ def test_multiprocess_figures_add_up_across_processes(
 
 
 def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
-    loop: LoopThread, valkey: Valkey, settings: Settings, keys: KeySpace, rdb: redis.Redis
+    loop: LoopThread, valkey: SessionValkey, settings: Settings, keys: KeySpace, rdb: redis.Redis
 ) -> None:
     process = valkey.killable()
     client = connect(replace(settings.redis, timeout_seconds=0.5))
@@ -356,8 +331,8 @@ def test_limit_violations_are_the_reasons_of_rejected_events(
 ) -> None:
     limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
     with (
-        server_with(loop, settings, **limits) as (limited, port),
-        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+        serving(loop, settings, **limits) as (limited, target),
+        keyed_channel(target, api_key) as channel,
     ):
         stub = events_pb2_grpc.EventsServiceStub(channel)
         with pytest.raises(grpc.RpcError):

@@ -18,26 +18,14 @@ from events_server.queue.keys import KeySpace
 from events_server.server.rejected import RejectedLog
 from events_server.server.settings import Settings
 from events_server.wire.rejected import MAX_ERROR_CHARS, MAX_ERRORS, MAX_TENANTS, PAYLOAD_LIMIT
-from tests.conftest import Valkey
-from tests.stack import proxy_to, serving
-from tests.support import LoopThread, create_key, keyed_channel
-from tests.test_app import tail
-from tests.test_server import eventually
-from tests.test_service import ev, send
-
-
-def records(client: redis.Redis, keys: KeySpace, tenant: str) -> list[dict[bytes, bytes]]:
-    """The tenant's records, oldest first."""
-    entries: Any = client.xrange(keys.rejected(tenant))
-    return [fields for _, fields in entries]
-
-
-def wait_for_records(
-    client: redis.Redis, keys: KeySpace, tenant: str, count: int = 1
-) -> list[dict[bytes, bytes]]:
-    """The tenant's records once there are ``count`` (they are written in the background)."""
-    eventually(lambda: int(client.xlen(keys.rejected(tenant))) >= count)
-    return records(client, keys, tenant)
+from tests.harness.data import ev
+from tests.harness.keys import create_key
+from tests.harness.processes import tail
+from tests.harness.proxy import proxy_to
+from tests.harness.rpc import keyed_channel, send
+from tests.harness.servers import LoopThread, serving
+from tests.harness.streams import records, wait_for_records
+from tests.harness.valkey import SessionValkey
 
 
 def test_a_bridge_422_leaves_a_record_for_the_tenant(
@@ -169,7 +157,7 @@ def test_streams_are_capped_approximately(
 
 
 def test_a_rejection_is_not_delayed_by_a_hung_redis(
-    api_key: str, loop: LoopThread, valkey: Valkey, settings: Settings
+    api_key: str, loop: LoopThread, valkey: SessionValkey, settings: Settings
 ) -> None:
     with (
         proxy_to(valkey.url) as proxy,

@@ -30,28 +30,25 @@ from events_server.server.routing import partition_for
 from events_server.server.script import ENQUEUE_SCRIPT
 from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
-from tests.conftest import Valkey
-from tests.proxy import FaultProxy
-from tests.stack import (
-    BridgeProcess,
-    ServerProcess,
-    Tally,
-    acked_at_least,
-    batches,
-    bridged,
-    event,
-    fixed_rate,
-    orphan_dedup_keys,
-    percentile,
-    proxy_to,
-    retrying_clients,
-    serving,
-    stream_contents,
-    valkey_process,
+from tests.harness.data import batches, ev, event
+from tests.harness.keys import store_key
+from tests.harness.load import Tally, acked_at_least, fixed_rate, percentile, retrying_clients
+from tests.harness.processes import BridgeProcess, ServerProcess
+from tests.harness.proxy import FaultProxy, proxy_to
+from tests.harness.rpc import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_SERVING,
+    SERVING,
+    health_of,
+    keyed_channel,
+    send,
+    statuses,
 )
-from tests.support import LoopThread, free_port, keyed_channel, store_key
-from tests.test_server import NOT_SERVING, SERVING, eventually, health_of
-from tests.test_service import ACCEPTED, DUPLICATE, ev, send, statuses
+from tests.harness.servers import LoopThread, bridged, serving
+from tests.harness.streams import orphan_dedup_keys, stream_contents
+from tests.harness.valkey import SessionValkey, free_port, valkey_process
+from tests.harness.waiting import eventually
 
 Figures = Callable[[str], None]
 
@@ -157,7 +154,7 @@ def test_crash_loop_loses_no_acknowledged_event_and_queues_each_once(
 def test_reply_lost_after_the_write_retry_is_a_duplicate(  # noqa: PLR0917
     api_key: str,
     loop: LoopThread,
-    valkey: Valkey,
+    valkey: SessionValkey,
     settings: Settings,
     rdb: redis.Redis,
     keys: KeySpace,
@@ -362,7 +359,7 @@ def test_fsync_pipelines_one_waitaof_after_the_scripts_of_each_request(
 
 
 def test_eviction_policy_other_than_noeviction_is_warned_about(
-    valkey: Valkey, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+    valkey: SessionValkey, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     valkey.killable()  # our own server: safe to reconfigure
     with caplog.at_level(logging.WARNING, logger="events_server"):
@@ -420,7 +417,7 @@ async def blackhole_run(
 @pytest.mark.slow
 def test_blackholed_redis_is_refused_within_the_timeout_and_recovers(  # noqa: PLR0917
     api_key: str,
-    valkey: Valkey,
+    valkey: SessionValkey,
     settings: Settings,
     rdb: redis.Redis,
     keys: KeySpace,

@@ -10,13 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -29,37 +27,13 @@ from events_server.server.app import EventsServer, create_server
 from events_server.server.settings import Settings
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.config import BridgeSettings
-from tests.conftest import Valkey
-from tests.support import (
-    LoopThread,
-    UvicornThread,
-    events_env,
-    free_port,
-    keyed_channel,
-    queued,
-    started_server,
-)
-from tests.test_service import ev, send
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def health_of(channel: grpc.Channel, service: str = SERVICE_NAME) -> int:
-    health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs package omits its methods
-    reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-    status: int = reply.status
-    return status
-
-
-def eventually(check: Callable[[], bool], within: float = 5.0) -> float:
-    """Seconds until check() held; fails the test if it never did."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > within:
-            pytest.fail(f"condition not met within {within}s")
-        time.sleep(0.05)
-    return time.monotonic() - start
+from tests.harness.data import ev
+from tests.harness.processes import events_env
+from tests.harness.rpc import NOT_SERVING, SERVING, health_of, keyed_channel, send
+from tests.harness.servers import LoopThread, UvicornThread, started_server
+from tests.harness.streams import queued
+from tests.harness.valkey import SessionValkey, free_port
+from tests.harness.waiting import eventually
 
 
 def test_health_is_serving_for_the_server_and_the_service(channel: grpc.Channel) -> None:
@@ -89,7 +63,7 @@ def test_a_second_server_cannot_share_the_port(
 
 
 @pytest.fixture
-def outage(valkey: Valkey, rdb: redis.Redis) -> Iterator[Callable[[], None]]:
+def outage(valkey: SessionValkey, rdb: redis.Redis) -> Iterator[Callable[[], None]]:
     """Kills the session's Valkey for real (after rdb cleaned it); yields its restart."""
     process = valkey.killable()
     process.kill()
@@ -157,7 +131,7 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
-    api_key: str, valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    api_key: str, valkey: SessionValkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     valkey.killable()
     proc, target = _start_cli_server(settings)
@@ -199,7 +173,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
 
 
 def test_workers_share_one_port_and_stop_together(
-    api_key: str, valkey: Valkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+    api_key: str, valkey: SessionValkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     port = free_port()
     env = events_env(

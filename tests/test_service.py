@@ -7,49 +7,25 @@ import time
 import grpc
 import pytest
 import redis
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from pydantic import ValidationError
 
-from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.auth import ApiKey
 from events_server.server.routing import partition_for
 from events_server.server.settings import Settings
-from tests.sizes import event_of_size, request_size, server_with
-from tests.support import LoopThread, keyed_channel, queued, started_server
-
-ACCEPTED = pb.EventResult.STATUS_ACCEPTED
-DUPLICATE = pb.EventResult.STATUS_DUPLICATE
-
-
-def ev(**fields: object) -> pb.Event:
-    """A valid event; keyword arguments override its fields."""
-    base: dict[str, object] = {
-        "tenant": "shop-a",
-        "market": "us",
-        "type": pb.EVENT_TYPE_ADD_TO_CART,
-        "user_id": "user-1",
-    }
-    base.update(fields)
-    return pb.Event(**base)  # type: ignore[arg-type]
-
-
-def send(
-    stub: events_pb2_grpc.EventsServiceStub,
-    *events: pb.Event,
-    metadata: tuple[tuple[str, str], ...] = (),
-) -> pb.CreateEventsResponse:
-    reply: pb.CreateEventsResponse = stub.CreateEvents(
-        pb.CreateEventsRequest(events=events), metadata=metadata, timeout=5
-    )
-    return reply
-
-
-def statuses(reply: pb.CreateEventsResponse) -> list[int]:
-    return [r.status for r in reply.results]
-
+from tests.harness.data import ev, event_of_size, request_size
+from tests.harness.rpc import (
+    ACCEPTED,
+    DUPLICATE,
+    keyed_channel,
+    send,
+    statuses,
+    violation_details,
+    violations,
+)
+from tests.harness.servers import LoopThread, serving, started_server
+from tests.harness.streams import queued
 
 # --- dedup -------------------------------------------------------------------------
 
@@ -130,14 +106,6 @@ def test_retries_land_in_the_partition_of_the_first_attempt(
 
 
 # --- validation --------------------------------------------------------------------
-
-
-def violations(error: grpc.RpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
-    return [(v.field, v.reason) for v in bad_request.field_violations]
 
 
 def test_one_invalid_event_rejects_the_whole_request(
@@ -254,16 +222,6 @@ def test_script_is_reloaded_when_redis_lost_it(
 # --- limits ------------------------------------------------------------------------
 
 
-def violation_details(error: grpc.RpcError) -> list[tuple[str, str, str]]:
-    """(field, reason, description) of each field violation of an INVALID_ARGUMENT."""
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
-    return [(v.field, v.reason, v.description) for v in bad_request.field_violations]
-
-
 def test_max_events_per_request_are_queued_and_one_more_refuses_the_request(
     stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace, settings: Settings
 ) -> None:
@@ -321,8 +279,8 @@ def test_small_limits_apply_as_configured(
 ) -> None:
     limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
     with (
-        server_with(loop, settings, **limits) as (_, port),
-        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+        serving(loop, settings, **limits) as (_, target),
+        keyed_channel(target, api_key) as channel,
     ):
         small = events_pb2_grpc.EventsServiceStub(channel)
         fitting = [event_of_size(200, 50, tenant="shop-a"), ev(url="x" * 50), ev()]
@@ -343,8 +301,8 @@ def test_a_message_over_max_request_bytes_is_refused_by_grpc_itself(
     loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     with (
-        server_with(loop, settings, max_request_bytes=65_536) as (_, port),
-        keyed_channel(f"127.0.0.1:{port}", api_key) as channel,
+        serving(loop, settings, max_request_bytes=65_536) as (_, target),
+        keyed_channel(target, api_key) as channel,
     ):
         small = events_pb2_grpc.EventsServiceStub(channel)
         # Two events of 32764 bytes, each framed by 4 (a tag, a 3-byte length): 65536.

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from events_server.consumer import JsonlSink, Message
 from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import envelope_to_dict
-from tests.test_service import ev
+from tests.harness.data import ev
 
 
 def message(n: int) -> Message:

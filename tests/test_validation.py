@@ -9,7 +9,7 @@ from events_server.server.errors import InvalidEvents
 from events_server.server.validation import validate_events
 from events_server.wire.validation import Limits, event_violations
 from events_server.wire.violations import FieldViolation
-from tests.sizes import event_of_size
+from tests.harness.data import event_of_size
 
 
 def valid(**fields: object) -> pb.Event:

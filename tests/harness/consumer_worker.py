@@ -1,6 +1,6 @@
 """A consumer process for the kill test: it handles each message by logging it, slowly.
 
-    python -m tests.consumer_worker REDIS_URL PREFIX PARTITIONS GROUP NAME LOG_FILE
+    python -m tests.harness.consumer_worker REDIS_URL PREFIX PARTITIONS GROUP NAME LOG_FILE
 
 Each handled message appends ``<monotonic ns> <partition> <entry id> <deliveries>`` to
 LOG_FILE (line-buffered: a line is written whole before the message is acknowledged).

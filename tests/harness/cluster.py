@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support import ValkeyProcess, free_port
+from tests.harness.valkey import ValkeyProcess, free_port
 
 SLOTS = 16384
 
