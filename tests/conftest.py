@@ -23,8 +23,16 @@ from tests.harness.cluster import ValkeyCluster
 from tests.harness.data import TEST_TENANTS
 from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
-from tests.harness.servers import LoopThread, UvicornThread, started_server
+from tests.harness.servers import (
+    LoopThread,
+    bridge_settings_for,
+    own_settings,
+    serving_bridge,
+    started_server,
+)
+from tests.harness.streams import Queue
 from tests.harness.valkey import SessionValkey, valkey_process
+from tests.harness.web import keyed_client
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +48,9 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionValkey]:
 @pytest.fixture(scope="session")
 def settings(valkey: SessionValkey) -> Settings:
     """Server settings for the session: a key prefix of its own, fast health probes."""
-    return Settings(
-        redis_url=valkey.url,
-        grpc_addr="127.0.0.1:0",
-        key_prefix=f"test-{uuid.uuid4().hex[:8]}",
-        partitions=8,
-        redis_timeout_seconds=1.0,
-        health_interval_seconds=0.1,
+    return own_settings(
+        valkey.url,
+        f"test-{uuid.uuid4().hex[:8]}",
         shutdown_grace_seconds=1.0,
         metrics_addr="127.0.0.1:0",
         key_cache_seconds=1.0,  # the revocation test waits this long
@@ -105,6 +109,12 @@ def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsSe
     loop.run(server.stop(0))
 
 
+@pytest.fixture
+def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
+    """The session's gRPC server."""
+    return grpc_server[0]
+
+
 @pytest.fixture(scope="session")
 def grpc_target(grpc_server: tuple[EventsServer, int]) -> str:
     """host:port of the session's gRPC server."""
@@ -127,22 +137,20 @@ def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
 @pytest.fixture(scope="session")
 def bridge_settings(grpc_target: str) -> BridgeSettings:
     """Bridge settings pointing at the session's gRPC server."""
-    return BridgeSettings(grpc_target=grpc_target, grpc_timeout_seconds=3.0, log_level="WARNING")
+    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0)
 
 
 @pytest.fixture(scope="session")
 def bridge(bridge_settings: BridgeSettings) -> Iterator[str]:
     """Base URL of the real bridge app served by uvicorn over loopback HTTP."""
-    server = UvicornThread(bridge_settings)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving_bridge(bridge_settings) as url:
+        yield url
 
 
 @pytest.fixture
 def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
     """An HTTP client for the bridge that sends the session's key in the X-API-KEY header."""
-    with httpx.Client(base_url=bridge, timeout=10, headers={"x-api-key": api_key}) as client:
+    with keyed_client(bridge, api_key) as client:
         yield client
 
 
@@ -157,6 +165,12 @@ def rdb(
     _keep_key(valkey, settings, session_key[0])
     yield client
     client.close()
+
+
+@pytest.fixture
+def queue(settings: Settings, keys: KeySpace, rdb: redis.Redis, api_key: str) -> Queue:
+    """The session's settings, key names, clean Redis and key, together."""
+    return Queue(settings, keys, rdb, api_key)
 
 
 @pytest.fixture

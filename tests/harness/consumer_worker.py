@@ -20,14 +20,19 @@ from events_server.consumer import Consumer, ConsumerSettings, Message
 from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
+from tests.harness.consumers import FAST
 
-SETTINGS = ConsumerSettings(
-    batch_size=50,
-    block_seconds=0.2,
-    lease_seconds=1.0,
-    claim_idle_seconds=0.5,
-    retry_delay_seconds=0.05,
+SETTINGS = FAST.model_copy(
+    update={
+        "batch_size": 50,
+        "block_seconds": 0.2,
+        "claim_idle_seconds": 0.5,
+        "retry_delay_seconds": 0.05,
+        # Redeliveries after a kill are expected here: none may end up a dead letter.
+        "max_deliveries": ConsumerSettings.model_fields["max_deliveries"].default,
+    }
 )
+"""The tests' FAST settings, with bigger batches and the default max_deliveries."""
 HANDLE_SECONDS = 0.002
 """Time each message takes, so that a kill lands in the middle of a batch."""
 

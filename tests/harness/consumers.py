@@ -91,6 +91,34 @@ async def take(consumer: Consumer, count: int) -> list[Message]:
     return got
 
 
+Handled = tuple[str, int]
+"""(the event's url, deliveries) of one call of a handler."""
+
+
+def handle(
+    settings: Settings, keys: KeySpace, group: str, react: Callable[[Message, list[Handled]], bool]
+) -> list[Handled]:
+    """Run a consumer of ``group`` whose handler records each message, then calls ``react``.
+
+    ``react`` fails the handling by raising, and stops the consumer by returning True.
+    Every (url, deliveries) handled, in order.
+    """
+    seen: list[Handled] = []
+
+    async def scenario(client: Any) -> None:
+        consumer = Consumer(client, keys, group, settings=FAST)
+
+        async def handler(message: Message) -> None:
+            seen.append((message.envelope.event.url, message.deliveries))
+            if react(message, seen):
+                consumer.stop()
+
+        await consumer.run(handler)
+
+    run(settings, scenario)
+    return seen
+
+
 def pending(rdb: redis.Redis, keys: KeySpace, group: str) -> int:
     """Entries delivered to the group's consumers and not acknowledged, over all partitions."""
     return sum(int(rdb.xpending(stream, group)["pending"]) for stream in keys.streams())

@@ -32,3 +32,11 @@ def server_metrics_url(server: EventsServer) -> str:
     """The /metrics URL of an in-process server."""
     assert server.metrics_endpoint is not None
     return f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+
+
+def calls(server: EventsServer, code: str = "OK") -> float:
+    """CreateEvents calls an in-process server has answered with ``code`` so far."""
+    value = server.metrics.registry.get_sample_value(
+        "events_grpc_requests_total", {"method": CREATE, "code": code}
+    )
+    return value or 0.0

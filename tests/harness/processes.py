@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -139,7 +140,7 @@ class ServerProcess(Child):
             listening = LISTENING.match(line)
             if listening is None:
                 self.kill()
-                raise RuntimeError(f"events-server did not start: {line!r}; see {self.log_path}")
+            assert listening, f"events-server did not start: {line!r}; see {self.log_path}"
             self.target = listening[1]
             self.pids.append(int(listening[2]))
         return self.target
@@ -171,20 +172,29 @@ class BridgeProcess(Child):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = ["--port", str(self.port), "--grpc-target", grpc_target, *extra]
-        if "--log-level" not in extra:
-            self.argv += ["--log-level", "WARNING"]
         self.env = env
 
-    def start(self, path: str = "/healthz", within: float = 15.0) -> None:
-        """Start it and wait until ``path`` answers 200."""
+    def spawn(self) -> None:
+        """Start it, without waiting for it to answer."""
         self._spawn([sys.executable, "-m", "rest_bridge", *self.argv], self.env, None)
+
+    def ready(self, path: str = "/healthz", within: float = 15.0) -> bool:
+        """Whether ``path`` answers 200 within ``within`` seconds (False once it has exited)."""
         assert self.proc is not None
         deadline = time.monotonic() + within
         while not http_ok(f"{self.url}{path}"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"rest-bridge did not start; see {self.log_path}")
+                return False
             time.sleep(0.05)
+        return True
+
+    def start(self, path: str = "/healthz", within: float = 15.0) -> None:
+        """Start it and wait until ``path`` answers 200."""
+        self.spawn()
+        ready = self.ready(path, within)
+        if not ready:
+            self.stop()
+        assert ready, f"rest-bridge did not start; see {self.log_path}"
 
 
 def http_ok(url: str) -> bool:
@@ -201,3 +211,18 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@contextlib.contextmanager
+def deployed(env: dict[str, str], logs: Path) -> Iterator[tuple[ServerProcess, BridgeProcess]]:
+    """Server and bridge in processes of their own, as deployed, logging into ``logs``."""
+    server = ServerProcess(env, logs / "server.log")
+    bridge: BridgeProcess | None = None
+    try:
+        bridge = BridgeProcess(server.start(), logs / "bridge.log", "--log-level", "WARNING")
+        bridge.start()
+        yield server, bridge
+    finally:
+        if bridge is not None:
+            bridge.stop()
+        server.stop()

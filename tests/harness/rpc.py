@@ -56,6 +56,14 @@ def statuses(reply: pb.CreateEventsResponse) -> list[int]:
     return [r.status for r in reply.results]
 
 
+def accepted_now(stub: events_pb2_grpc.EventsServiceStub, event: pb.Event) -> bool:
+    """Whether sending ``event`` queues it now (False on any RPC error), for eventually()."""
+    try:
+        return statuses(send(stub, event)) == [ACCEPTED]
+    except grpc.RpcError:
+        return False
+
+
 def health_of(channel: grpc.Channel, service: str = SERVICE_NAME) -> int:
     """The health check's answer for ``service``."""
     health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs package omits its methods

@@ -10,12 +10,16 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import grpc
 import uvicorn
 
+from events_server.pb import events_pb2_grpc
 from events_server.server.app import EventsServer, create_server
 from events_server.server.settings import Settings
 from rest_bridge.cli import server_config
 from rest_bridge.config import BridgeSettings
+from tests.harness.rpc import keyed_channel
+from tests.harness.valkey import free_port
 
 T = TypeVar("T")
 
@@ -46,6 +50,20 @@ async def started_server(settings: Settings) -> tuple[EventsServer, int]:
     return server, port
 
 
+def own_settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    """Server settings for a test's own Redis."""
+    base: dict[str, Any] = {
+        "redis_url": url,
+        "grpc_addr": "127.0.0.1:0",
+        "key_prefix": prefix,
+        "partitions": 8,
+        "redis_timeout_seconds": 1.0,
+        "health_interval_seconds": 0.1,
+        "shutdown_grace_seconds": 5.0,
+    }
+    return Settings(**{**base, **overrides})
+
+
 @contextmanager
 def serving(
     loop: LoopThread, settings: Settings, **limits: int
@@ -62,6 +80,18 @@ def serving(
         yield server, f"127.0.0.1:{port}"
     finally:
         loop.run(server.stop(0))
+
+
+@contextmanager
+def serving_stub(
+    loop: LoopThread, settings: Settings, api_key: str, **limits: int
+) -> Iterator[tuple[EventsServer, grpc.Channel, events_pb2_grpc.EventsServiceStub]]:
+    """An in-process events-server (see serving), a channel to it sending ``api_key``, a stub."""
+    with (
+        serving(loop, settings, **limits) as (server, target),
+        keyed_channel(target, api_key) as channel,
+    ):
+        yield server, channel, events_pb2_grpc.EventsServiceStub(channel)
 
 
 class UvicornThread:
@@ -93,20 +123,33 @@ class UvicornThread:
         self.sock.close()
 
 
-def started_bridge(target: str, **overrides: Any) -> UvicornThread:
-    """A bridge of its own in front of ``target`` (logging warnings only), started."""
-    bridge = UvicornThread(
-        BridgeSettings.model_validate({"grpc_target": target, "log_level": "WARNING", **overrides})
+def bridge_settings_for(target: str, **overrides: Any) -> BridgeSettings:
+    """Settings of a bridge of its own in front of ``target``, logging warnings only."""
+    return BridgeSettings.model_validate(
+        {"grpc_target": target, "log_level": "WARNING", **overrides}
     )
-    bridge.start()
-    return bridge
 
 
 @contextmanager
-def bridged(target: str, **overrides: Any) -> Iterator[str]:
-    """The real bridge over HTTP in front of ``target``, stopped on the way out; its base URL."""
-    bridge = started_bridge(target, **{"grpc_timeout_seconds": 3.0, **overrides})
+def serving_bridge(settings: BridgeSettings) -> Iterator[str]:
+    """The real bridge over HTTP with these settings, stopped on the way out; its base URL."""
+    bridge = UvicornThread(settings)
+    bridge.start()
     try:
         yield bridge.url
     finally:
         bridge.stop()
+
+
+@contextmanager
+def bridged(target: str, **overrides: Any) -> Iterator[str]:
+    """A bridge of its own in front of ``target`` (see bridge_settings_for); its base URL."""
+    with serving_bridge(bridge_settings_for(target, **overrides)) as url:
+        yield url
+
+
+@contextmanager
+def lonely_bridge() -> Iterator[str]:
+    """A bridge in front of a port nobody listens on (gRPC timeout 1 s); its base URL."""
+    with bridged(f"127.0.0.1:{free_port()}", grpc_timeout_seconds=1) as url:
+        yield url

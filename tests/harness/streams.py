@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from events_server.pb import events_pb2 as pb
 from events_server.queue.keys import ENVELOPE_FIELD, KeySpace
+from events_server.server.settings import Settings
 from tests.harness.waiting import eventually
 
 Client = redis.Redis | redis.RedisCluster
@@ -65,3 +67,13 @@ def wait_for_records(
     """The tenant's records once there are ``count`` (they are written in the background)."""
     eventually(lambda: int(client.xlen(keys.rejected(tenant))) >= count)
     return records(client, keys, tenant)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """The session's queue as a test sees it: settings, key names, a clean client, a key."""
+
+    settings: Settings
+    keys: KeySpace
+    rdb: redis.Redis
+    api_key: str

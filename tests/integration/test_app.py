@@ -6,7 +6,6 @@ import json
 import re
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 import redis
@@ -14,27 +13,12 @@ import redis
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from events_server.wire.codec import event_to_dict
-from rest_bridge.config import BridgeSettings
-from rest_bridge.credentials import KeySource, api_key
-from rest_bridge.errors import HTTP_STATUS
-from rest_bridge.upstream import metadata_value
 from tests.harness.data import contract_examples, event_of_size
 from tests.harness.processes import tail
-from tests.harness.servers import LoopThread, UvicornThread, bridged, serving
+from tests.harness.servers import LoopThread, bridged, lonely_bridge, serving
 from tests.harness.streams import queued
-from tests.harness.valkey import free_port
 from tests.harness.waiting import eventually
-
-
-def test_contract_has_an_example_per_documented_type() -> None:
-    examples = contract_examples()
-    assert [e[0]["type"] for e in examples] == [
-        "page_view",
-        "click",
-        "add_to_cart",
-        "purchase",
-        "element_visible",
-    ]
+from tests.harness.web import keyed_client, post
 
 
 @pytest.mark.usefixtures("rdb")
@@ -96,54 +80,30 @@ def test_headers_are_forwarded_and_the_peer_is_the_client(
     assert envelope.forwarded_host == "shop.example"
 
 
-def test_header_values_gRPC_cannot_carry_are_escaped_not_fatal() -> None:
-    assert metadata_value("Mozilla/5.0") == "Mozilla/5.0"
-    assert metadata_value("caf\xc3\xa9 100%") == "caf%C3%A9 100%25"
-    assert metadata_value("x" * 5000) == "x" * 2048
-
-
 # --- 422: the contract's HTTPValidationError, whole bodies ---------------------------
+
 
 EVENT = {"tenant": "t", "market": "m", "type": "click"}
 
 
-def _post_raw(
-    http: httpx.Client, content: bytes | str, content_type: str = "application/json"
-) -> httpx.Response:
-    return http.post("/create-events", content=content, headers={"Content-Type": content_type})
-
-
 def test_json_content_types_with_parameters_are_json(http: httpx.Client) -> None:
-    answer = _post_raw(http, json.dumps([EVENT]), "application/json; charset=utf-8")
+    answer = post(http, json.dumps([EVENT]), content_type="application/json; charset=utf-8")
     assert answer.status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("headers", "query", "expected"),
-    [
-        (
-            {b"x-api-key": b"from-header", b"cookie": b"X-API-KEY=from-cookie"},
-            b"api_key=q",
-            ("from-header", KeySource.HEADER),
-        ),
-        (
-            {b"cookie": b"X-API-KEY=from-cookie"},
-            b"x=1&api_key=from-query",
-            ("from-query", KeySource.QUERY),
-        ),
-        (
-            {b"cookie": b"theme=dark; X-API-KEY=from-cookie"},
-            b"",
-            ("from-cookie", KeySource.COOKIE),
-        ),
-        ({}, b"api_key=", (None, None)),
-        ({b"cookie": b"s,=1; X-API-KEY=k"}, b"", (None, None)),  # CookieError inside
-    ],
+TYPES = (
+    "'page_view', 'click', 'add_to_cart', 'purchase', 'element_visible', 'ws_click'"
+    " or 'recommendations_inserted'"
 )
-def test_api_key_precedence_is_header_then_query_then_cookie(
-    headers: dict[bytes, bytes], query: bytes, expected: tuple[str | None, KeySource | None]
-) -> None:
-    assert api_key(headers, query) == expected
+
+
+ONE_CHARACTER = "String should have at least 1 character"
+UTF8 = "String should be valid UTF-8 (no lone surrogates)"
+
+
+def error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
+    """One item of a 422's detail, as the contract's ValidationError has it."""
+    return {"loc": loc, "msg": msg, "type": kind}
 
 
 @pytest.mark.parametrize(
@@ -151,45 +111,37 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
     [
         pytest.param(
             "[{",
-            [{"loc": ["body", 2], "msg": "JSON decode error", "type": "json_invalid"}],
+            [error(["body", 2], "JSON decode error", "json_invalid")],
             id="invalid-json",
         ),
-        pytest.param(
-            "", [{"loc": ["body"], "msg": "Field required", "type": "missing"}], id="empty-body"
-        ),
+        pytest.param("", [error(["body"], "Field required", "missing")], id="empty-body"),
         pytest.param(
             json.dumps(EVENT),
-            [{"loc": ["body"], "msg": "Input should be a valid list", "type": "list_type"}],
+            [error(["body"], "Input should be a valid list", "list_type")],
             id="not-an-array",
         ),
         pytest.param(
             "[1]",
             [
-                {
-                    "loc": ["body", 0],
-                    "msg": "Input should be a valid dictionary or object to extract fields from",
-                    "type": "model_attributes_type",
-                }
+                error(
+                    ["body", 0],
+                    "Input should be a valid dictionary or object to extract fields from",
+                    "model_attributes_type",
+                )
             ],
             id="not-an-object",
         ),
         pytest.param(
             json.dumps([{"tenant": "t"}]),
             [
-                {"loc": ["body", 0, "market"], "msg": "Field required", "type": "missing"},
-                {"loc": ["body", 0, "type"], "msg": "Field required", "type": "missing"},
+                error(["body", 0, "market"], "Field required", "missing"),
+                error(["body", 0, "type"], "Field required", "missing"),
             ],
             id="missing-fields",
         ),
         pytest.param(
             json.dumps([EVENT, {**EVENT, "colour": "red"}]),
-            [
-                {
-                    "loc": ["body", 1, "colour"],
-                    "msg": "Extra inputs are not permitted",
-                    "type": "extra_forbidden",
-                }
-            ],
+            [error(["body", 1, "colour"], "Extra inputs are not permitted", "extra_forbidden")],
             id="extra-field",
         ),
         pytest.param(
@@ -197,118 +149,71 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                 [{**EVENT, "tenant": 5, "variant_ids": "v1", "entity_identifiers": {"a": 1}}]
             ),
             [
-                {
-                    "loc": ["body", 0, "tenant"],
-                    "msg": "Input should be a valid string",
-                    "type": "string_type",
-                },
-                {
-                    "loc": ["body", 0, "variant_ids"],
-                    "msg": "Input should be a valid list",
-                    "type": "list_type",
-                },
-                {
-                    "loc": ["body", 0, "entity_identifiers", "a"],
-                    "msg": "Input should be a valid string",
-                    "type": "string_type",
-                },
+                error(["body", 0, "tenant"], "Input should be a valid string", "string_type"),
+                error(["body", 0, "variant_ids"], "Input should be a valid list", "list_type"),
+                error(
+                    ["body", 0, "entity_identifiers", "a"],
+                    "Input should be a valid string",
+                    "string_type",
+                ),
             ],
             id="mistyped-fields",
         ),
         pytest.param(
             json.dumps([{**EVENT, "type": "refund"}]),
-            [
-                {
-                    "loc": ["body", 0, "type"],
-                    "msg": "Input should be 'page_view', 'click', 'add_to_cart', 'purchase',"
-                    " 'element_visible', 'ws_click' or 'recommendations_inserted'",
-                    "type": "enum",
-                }
-            ],
+            [error(["body", 0, "type"], f"Input should be {TYPES}", "enum")],
             id="unknown-type",
         ),
         pytest.param(
             json.dumps([{**EVENT, "dsid": ""}]),
-            [
-                {
-                    "loc": ["body", 0, "dsid"],
-                    "msg": "String should have at least 1 character",
-                    "type": "string_too_short",
-                }
-            ],
+            [error(["body", 0, "dsid"], ONE_CHARACTER, "string_too_short")],
             id="empty-dsid",
         ),
         pytest.param(
             json.dumps([EVENT, {**EVENT, "tenant": ""}]),
-            [
-                {
-                    "loc": ["body", 1, "tenant"],
-                    "msg": "tenant must not be empty",
-                    "type": "string_too_short",
-                }
-            ],
+            [error(["body", 1, "tenant"], "tenant must not be empty", "string_too_short")],
             id="empty-tenant-server-rule",
         ),
         pytest.param(
             '[{"tenant": "t", "market": "m", "type": "click", "user_id": "\\ud800",'
             ' "variant_ids": ["ok", "\\udfff"]}]',
             [
-                {
-                    "loc": ["body", 0, "user_id"],
-                    "msg": "String should be valid UTF-8 (no lone surrogates)",
-                    "type": "string_unicode",
-                },
-                {
-                    "loc": ["body", 0, "variant_ids", 1],
-                    "msg": "String should be valid UTF-8 (no lone surrogates)",
-                    "type": "string_unicode",
-                },
+                error(["body", 0, "user_id"], UTF8, "string_unicode"),
+                error(["body", 0, "variant_ids", 1], UTF8, "string_unicode"),
             ],
             id="lone-surrogates",
         ),
         pytest.param(
             b'[{"tenant": "caf\xe9"}]',
-            [
-                {
-                    "loc": ["body", 16],  # the byte offset of \xe9
-                    "msg": "JSON decode error: invalid UTF-8",
-                    "type": "json_invalid",
-                }
-            ],
+            # At the byte offset of \xe9.
+            [error(["body", 16], "JSON decode error: invalid UTF-8", "json_invalid")],
             id="invalid-utf8",
         ),
         pytest.param(
             "[" * 100_000,
             [
-                {
-                    "loc": ["body"],
-                    "msg": "JSON is nested deeper than the limit of 16 levels of arrays and"
+                error(
+                    ["body"],
+                    "JSON is nested deeper than the limit of 16 levels of arrays and"
                     " objects (max_json_depth)",
-                    "type": "json_too_deep",
-                }
+                    "json_too_deep",
+                )
             ],
             id="nested-too-deeply",
         ),
         pytest.param(
             '[{"tenant": "t", "market": "m", "type": "click", "user_id": NaN}]',
-            [
-                {
-                    "loc": ["body", 0, "user_id"],
-                    "msg": "Input should be a valid string",
-                    "type": "string_type",
-                }
-            ],
+            [error(["body", 0, "user_id"], "Input should be a valid string", "string_type")],
             id="nan",
         ),
         pytest.param(
             '[{"tenant": "t", "market": "m", "type": "click", "\\ud800": 1}]',
             [
-                {
-                    "loc": ["body", 0],
-                    "msg": "Input should be a valid string, unable to parse raw data as a unicode"
-                    " string",
-                    "type": "string_unicode",
-                }
+                error(
+                    ["body", 0],
+                    "Input should be a valid string, unable to parse raw data as a unicode string",
+                    "string_unicode",
+                )
             ],
             id="lone-surrogate-key",
         ),
@@ -317,7 +222,7 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
 def test_bad_bodies_get_the_contracts_422(
     http: httpx.Client, rdb: redis.Redis, keys: KeySpace, content: str, detail: list[dict[str, Any]]
 ) -> None:
-    answer = _post_raw(http, content)
+    answer = post(http, content, content_type="application/json")
     assert answer.status_code == 422
     assert answer.headers["content-type"] == "application/json"
     assert answer.json() == {"detail": detail}
@@ -325,15 +230,6 @@ def test_bad_bodies_get_the_contracts_422(
 
 
 # --- errors from the gRPC side -------------------------------------------------------
-
-
-def test_every_grpc_code_maps_to_http_as_the_design_says() -> None:
-    assert set(HTTP_STATUS) == set(grpc.StatusCode)
-    assert HTTP_STATUS[grpc.StatusCode.INVALID_ARGUMENT] == 422
-    assert HTTP_STATUS[grpc.StatusCode.UNAVAILABLE] == 503
-    assert HTTP_STATUS[grpc.StatusCode.UNAUTHENTICATED] == 401
-    assert HTTP_STATUS[grpc.StatusCode.PERMISSION_DENIED] == 403
-    assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
 
 
 @pytest.mark.parametrize(
@@ -373,22 +269,13 @@ def test_a_tenant_the_key_does_not_cover_is_403_naming_it(
 def test_no_grpc_server_means_503_with_retry_after_and_not_ready(
     api_key: str,
 ) -> None:
-    lonely = UvicornThread(
-        BridgeSettings(grpc_target=f"127.0.0.1:{free_port()}", grpc_timeout_seconds=1)
-    )
-    lonely.start()
-    try:
-        with httpx.Client(
-            base_url=lonely.url, timeout=10, headers={"x-api-key": api_key}
-        ) as client:
-            answer = client.post("/create-events", json=[EVENT])
-            assert answer.status_code == 503
-            assert answer.headers["retry-after"] == "1"
-            assert answer.json()["detail"]
-            assert client.get("/healthz").status_code == 200
-            assert client.get("/readyz").status_code == 503
-    finally:
-        lonely.stop()
+    with lonely_bridge() as url, keyed_client(url, api_key) as client:
+        answer = client.post("/create-events", json=[EVENT])
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
 
 
 def test_health_endpoints(http: httpx.Client) -> None:
@@ -469,7 +356,7 @@ def test_a_body_over_max_request_bytes_is_a_413_not_a_429_and_is_recorded(
     with (
         serving(loop, settings, max_request_bytes=65_536) as (_, target),
         bridged(target) as url,
-        httpx.Client(base_url=url, timeout=10, headers={"x-api-key": api_key}) as client,
+        keyed_client(url, api_key) as client,
     ):
         assert client.post("/create-events", json=fitting).status_code == 200
         answer = client.post("/create-events", json=over)

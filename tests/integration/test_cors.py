@@ -23,9 +23,8 @@ from rest_bridge import cors as cors_module
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
 from tests.harness.keys import create_key
-from tests.harness.servers import LoopThread, serving, started_bridge
+from tests.harness.servers import LoopThread, bridged, lonely_bridge, serving
 from tests.harness.streams import queued
-from tests.harness.valkey import free_port
 from tests.harness.waiting import eventually
 
 URL = "/create-events"
@@ -64,19 +63,16 @@ def cors_server(loop: LoopThread, settings: Settings, cors_keys: Keys) -> Iterat
 @pytest.fixture(scope="module")
 def cors_bridge(cors_server: str) -> Iterator[str]:
     """A bridge that asks the server every time (no CORS cache): answers follow the keys."""
-    bridge = started_bridge(cors_server, cors_cache_seconds=0)
-    yield bridge.url
-    bridge.stop()
+    with bridged(cors_server, cors_cache_seconds=0) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def wildcard_bridge(loop: LoopThread, settings: Settings, cors_keys: Keys) -> Iterator[str]:
     """A bridge in front of a server with EVENTS_CORS_ORIGINS=*."""
     own = settings.model_copy(update={"key_cache_seconds": 0.0, "cors_origins": ("*",)})
-    with serving(loop, own) as (_, target):
-        bridge = started_bridge(target, cors_cache_seconds=0)
-        yield bridge.url
-        bridge.stop()
+    with serving(loop, own) as (_, target), bridged(target, cors_cache_seconds=0) as url:
+        yield url
 
 
 @pytest.fixture
@@ -316,32 +312,29 @@ def test_answers_are_cached_per_origin_and_key_for_cors_cache_seconds(
 ) -> None:
     origin = "https://cached.example"
     secret = create_key(valkey.url, settings.key_prefix, ["shop-o"], origins=[origin])
-    caching = started_bridge(cors_server, cors_cache_seconds=3600)
-    try:
-        with (
-            httpx.Client(base_url=caching.url, timeout=10) as cached,
-            httpx.Client(base_url=cors_bridge, timeout=10) as uncached,
-        ):
-            for rid in ("first", "second"):
-                answer = cached.options(
-                    URL,
-                    params={"api_key": secret},
-                    headers={
-                        "Origin": origin,
-                        "Access-Control-Request-Method": "POST",
-                        "X-Request-ID": rid,
-                    },
-                )
-                assert answer.status_code == 204
-            assert [rid for method, rid in grpc_calls.calls if method == CHECK] == ["first"]
-            revoke(valkey.url, settings.key_prefix, secret)
-            # The server now refuses (it caches nothing here); the caching bridge keeps its answer.
-            assert preflight(uncached, origin, api_key=secret).status_code == 403
-            assert preflight(cached, origin, api_key=secret).status_code == 204
-            # Another key (here none) is another entry: asked afresh.
-            assert preflight(cached, origin).status_code == 403
-    finally:
-        caching.stop()
+    with (
+        bridged(cors_server, cors_cache_seconds=3600) as caching,
+        httpx.Client(base_url=caching, timeout=10) as cached,
+        httpx.Client(base_url=cors_bridge, timeout=10) as uncached,
+    ):
+        for rid in ("first", "second"):
+            answer = cached.options(
+                URL,
+                params={"api_key": secret},
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "X-Request-ID": rid,
+                },
+            )
+            assert answer.status_code == 204
+        assert [rid for method, rid in grpc_calls.calls if method == CHECK] == ["first"]
+        revoke(valkey.url, settings.key_prefix, secret)
+        # The server now refuses (it caches nothing here); the caching bridge keeps its answer.
+        assert preflight(uncached, origin, api_key=secret).status_code == 403
+        assert preflight(cached, origin, api_key=secret).status_code == 204
+        # Another key (here none) is another entry: asked afresh.
+        assert preflight(cached, origin).status_code == 403
 
 
 def revoke(redis_url: str, prefix: str, secret: str) -> None:
@@ -377,16 +370,12 @@ def test_the_cache_is_bounded(
 
 
 def test_a_server_that_cannot_be_asked_is_a_503_with_retry_after() -> None:
-    lonely = started_bridge(f"127.0.0.1:{free_port()}", grpc_timeout_seconds=1)
-    try:
-        with httpx.Client(base_url=lonely.url, timeout=10) as client:
-            for answer in (
-                preflight(client, ALLOWED),
-                client.post(URL, json=[EVENT], headers={"Origin": ALLOWED, "X-API-KEY": "k"}),
-            ):
-                assert answer.status_code == 503
-                assert answer.headers["retry-after"] == "1"
-                assert answer.json()["detail"]
-                assert cors_headers(answer) == {}
-    finally:
-        lonely.stop()
+    with lonely_bridge() as url, httpx.Client(base_url=url, timeout=10) as client:
+        for answer in (
+            preflight(client, ALLOWED),
+            client.post(URL, json=[EVENT], headers={"Origin": ALLOWED, "X-API-KEY": "k"}),
+        ):
+            assert answer.status_code == 503
+            assert answer.headers["retry-after"] == "1"
+            assert answer.json()["detail"]
+            assert cors_headers(answer) == {}

@@ -26,6 +26,7 @@ from tests.harness.rpc import keyed_channel, send
 from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import records, wait_for_records
 from tests.harness.valkey import SessionValkey
+from tests.harness.web import keyed_client
 
 
 def test_a_bridge_422_leaves_a_record_for_the_tenant(
@@ -103,7 +104,7 @@ def test_a_request_naming_none_of_its_keys_tenants_is_recorded_for_the_keys_tena
     bridge: str, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     own = create_key(settings.redis_url, settings.key_prefix, ["shop-own"])
-    with httpx.Client(base_url=bridge, timeout=10, headers={"x-api-key": own}) as client:
+    with keyed_client(bridge, own) as client:
         for body in (b"[{not json", b'{"tenant": "shop-o"}', b'[{"market": "us", "type": "c"}]'):
             answer = client.post(
                 "/create-events", content=body, headers={"content-type": "application/json"}

@@ -21,11 +21,18 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from tests.harness.consumers import Entry, handled, out_of_order, produce
+from tests.harness.streams import Queue
 from tests.harness.waiting import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
 GROUP = "kill-test"
+
+
 EVENTS = 10_000
+
+
 KILLS = 5
 
 
@@ -120,17 +127,13 @@ def pending_of(rdb: redis.Redis, keys: KeySpace) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
-    stub: events_pb2_grpc.EventsServiceStub,
-    rdb: redis.Redis,
-    settings: Settings,
-    keys: KeySpace,
-    tmp_path: Path,
+    stub: events_pb2_grpc.EventsServiceStub, queue: Queue, tmp_path: Path
 ) -> None:
     queued = produce(stub, 4_000, users=500)
     later: set[Entry] = set()
     # The rest arrives while the consumers work and die.
     producer = threading.Thread(target=lambda: later.update(produce(stub, 6_000, users=500)))
-    workers = Workers(settings, rdb, keys, tmp_path)
+    workers = Workers(queue.settings, queue.rdb, queue.keys, tmp_path)
     survivor = workers.start("survivor")
     workers.start("victim-0")
     try:
@@ -142,7 +145,7 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
 
         def all_done() -> bool:
             unique = {(p, entry_id) for _, p, entry_id, _ in handled(workers.logs)}
-            return unique >= queued and sum(pending_of(rdb, keys).values()) == 0
+            return unique >= queued and sum(pending_of(queue.rdb, queue.keys).values()) == 0
 
         eventually(all_done, within=60)
     finally:
@@ -154,10 +157,12 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
     unique = {(p, entry_id) for _, p, entry_id, _ in lines}
     redeliveries = len(lines) - len(unique)
     violations = out_of_order(lines, queued)
-    pending_at_end = sum(pending_of(rdb, keys).values())
-    dead = sum(rdb.xlen(keys.dead_letters(p, GROUP)) for p in range(keys.partitions))
+    pending_at_end = sum(pending_of(queue.rdb, queue.keys).values())
+    dead = sum(
+        queue.rdb.xlen(queue.keys.dead_letters(p, GROUP)) for p in range(queue.keys.partitions)
+    )
     print(
-        f"\nconsumer kill test: {EVENTS} events, {keys.partitions} partitions, 2 consumers,"
+        f"\nconsumer kill test: {EVENTS} events, {queue.keys.partitions} partitions, 2 consumers,"
         f" {kills} SIGKILLs ({mid_batch} mid-batch)\n"
         f"  handled at least once: {len(unique & queued)}/{EVENTS}\n"
         f"  handlings: {len(lines)} (redeliveries: {redeliveries},"
@@ -173,11 +178,3 @@ def test_every_event_is_handled_in_order_while_a_consumer_is_killed_mid_batch(
     assert dead == 0
     assert violations == 0
     assert redeliveries > 0  # the kills did interrupt batches
-
-
-def test_the_order_check_counts_a_skip_but_not_a_replay() -> None:
-    queued = {(0, "1-0"), (0, "2-0"), (0, "3-0"), (1, "1-0")}
-    replay = [(1, 0, "1-0", 1), (2, 0, "2-0", 1), (3, 0, "1-0", 2), (4, 0, "2-0", 2)]
-    assert out_of_order([*replay, (5, 1, "1-0", 1), (6, 0, "3-0", 1)], queued) == 0
-    skip = [(1, 0, "1-0", 1), (2, 0, "3-0", 1), (3, 0, "2-0", 1)]
-    assert out_of_order(skip, queued) == 1

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +15,6 @@ import redis
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from pydantic import ValidationError
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -26,14 +22,14 @@ from events_server.queue.keys import KeySpace
 from events_server.server.app import EventsServer, create_server
 from events_server.server.settings import Settings
 from events_server.wire.metadata import SERVICE_NAME
-from rest_bridge.config import BridgeSettings
 from tests.harness.data import ev
-from tests.harness.processes import events_env
+from tests.harness.processes import ServerProcess, events_env
 from tests.harness.rpc import NOT_SERVING, SERVING, health_of, keyed_channel, send
-from tests.harness.servers import LoopThread, UvicornThread, started_server
+from tests.harness.servers import LoopThread, bridged, serving
 from tests.harness.streams import queued
 from tests.harness.valkey import SessionValkey, free_port
 from tests.harness.waiting import eventually
+from tests.harness.web import keyed_client
 
 
 def test_health_is_serving_for_the_server_and_the_service(channel: grpc.Channel) -> None:
@@ -70,7 +66,7 @@ def outage(valkey: SessionValkey, rdb: redis.Redis) -> Iterator[Callable[[], Non
     try:
         yield process.start
     finally:
-        if process.proc is None or process.proc.poll() is not None:
+        if not process.running():
             process.start()
 
 
@@ -108,7 +104,10 @@ def test_redis_down_means_unavailable_and_503_then_recovery(  # noqa: PLR0917
     assert [e.event.deduplication_id for _, e in queued(rdb, keys)] == ["down"]
 
 
-def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
+    api_key: str, valkey: SessionValkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    valkey.killable()
     env = events_env(
         settings,
         EVENTS_SHUTDOWN_GRACE_SECONDS="5",
@@ -116,25 +115,8 @@ def _start_cli_server(settings: Settings) -> tuple[subprocess.Popen[str], str]:
         # Longer than the CLIENT PAUSE below, so the held call waits instead of failing.
         EVENTS_REDIS_TIMEOUT_SECONDS="6",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    listening = re.match(r"events-server listening on (\S+) \(pid \d+\)$", line)
-    assert listening, line
-    return proc, listening[1]
-
-
-def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
-    api_key: str, valkey: SessionValkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    valkey.killable()
-    proc, target = _start_cli_server(settings)
+    server = ServerProcess(env)
+    target = server.start()
     try:
         with keyed_channel(target, api_key) as channel:
             stub = events_pb2_grpc.EventsServiceStub(channel)
@@ -154,17 +136,16 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
             caller = threading.Thread(target=call)
             caller.start()
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            server.signal(signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as refused:
                 send(stub, ev())
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             caller.join(10)
-        assert proc.wait(10) == 0
+        assert server.wait(10) == 0
     finally:
         rdb.client_unpause()
-        if proc.poll() is None:
-            proc.kill()
+        server.kill()
     reply = result.get("reply")
     assert isinstance(reply, pb.CreateEventsResponse), result
     assert reply.accepted == 1
@@ -176,40 +157,24 @@ def test_workers_share_one_port_and_stop_together(
     api_key: str, valkey: SessionValkey, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     port = free_port()
-    env = events_env(
-        settings,
-        EVENTS_METRICS_ADDR=f"127.0.0.1:{free_port()}",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "events_server", "serve", "--grpc-addr", f"127.0.0.1:{port}",
-         "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    env = events_env(settings, EVENTS_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    server = ServerProcess(env, None, f"127.0.0.1:{port}", workers=2)
+    server.start()
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(2)]
-        pids = {int(m[1]) for line in lines if (m := re.search(r"\(pid (\d+)\)", line))}
-        assert len(pids) == 2, lines
+        pids = set(server.pids)
+        assert len(pids) == 2, server.pids
         for n in range(20):  # a new channel, a new connection: the kernel spreads them
             with keyed_channel(f"127.0.0.1:{port}", api_key) as channel:
                 send(events_pb2_grpc.EventsServiceStub(channel), ev(deduplication_id=f"w{n}"))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        server.signal(signal.SIGTERM)
+        assert server.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.kill()
     for pid in pids:
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
     assert len(queued(rdb, keys)) == 20
-
-
-def test_workers_need_a_fixed_tcp_port() -> None:
-    with pytest.raises(ValidationError, match="fixed TCP port"):
-        Settings(grpc_addr="127.0.0.1:0", workers=2)
-    with pytest.raises(ValidationError, match="fixed TCP port"):
-        Settings(grpc_addr="unix:/tmp/events.sock", workers=2)
 
 
 def test_bridge_reaches_the_server_over_a_unix_socket(  # noqa: PLR0917
@@ -223,18 +188,13 @@ def test_bridge_reaches_the_server_over_a_unix_socket(  # noqa: PLR0917
     socket_path = tmp_path / "events.sock"
     on_socket = settings.model_copy(update={"grpc_addr": f"unix:{socket_path}"})
 
-    server, _ = loop.run(started_server(on_socket))
-    bridge = UvicornThread(BridgeSettings(grpc_target=f"unix:{socket_path}"))
-    bridge.start()
-    try:
-        with httpx.Client(
-            base_url=bridge.url, timeout=10, headers={"x-api-key": api_key}
-        ) as client:
-            event = {"tenant": "t", "market": "m", "type": "page_view", "user_id": "u"}
-            answer = client.post("/create-events", json=[event])
-        assert answer.status_code == 200, answer.text
-    finally:
-        bridge.stop()
-        loop.run(server.stop(0))
+    with (
+        serving(loop, on_socket),
+        bridged(f"unix:{socket_path}") as url,
+        keyed_client(url, api_key) as client,
+    ):
+        event = {"tenant": "t", "market": "m", "type": "page_view", "user_id": "u"}
+        answer = client.post("/create-events", json=[event])
+    assert answer.status_code == 200, answer.text
     [(_, envelope)] = queued(rdb, keys)
     assert envelope.event.user_id == "u"

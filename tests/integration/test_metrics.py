@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,23 +17,16 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
 from events_server.server.app import EventsServer
-from events_server.server.metrics import OTHER_TENANT, TenantLabels
+from events_server.server.metrics import OTHER_TENANT
 from events_server.server.sampler import RedisSampler
 from events_server.server.settings import Settings
-from rest_bridge.app import create_app
-from rest_bridge.config import BridgeSettings
 from tests.harness.data import ev, event_of_size
 from tests.harness.metrics import CREATE, scrape, server_metrics_url, value
+from tests.harness.processes import BridgeProcess, ServerProcess, events_env, http_ok
 from tests.harness.rpc import keyed_channel, send
-from tests.harness.servers import LoopThread, serving, started_server
+from tests.harness.servers import LoopThread, serving_stub
 from tests.harness.valkey import SessionValkey, free_port
 from tests.harness.waiting import eventually
-
-
-@pytest.fixture
-def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
-    """The session's gRPC server."""
-    return grpc_server[0]
 
 
 def test_counters_move_after_requests(
@@ -86,33 +75,13 @@ def test_counters_move_after_requests(
     assert grew_http("events_http_requests_total", route="unmatched", method="GET", status="404")
 
 
-def test_metrics_are_not_part_of_the_api_document() -> None:
-    paths = create_app(BridgeSettings()).openapi()["paths"]
-    assert "/metrics" not in paths
-
-
-def test_tenant_labels_are_capped_and_only_queued_events_take_a_place() -> None:
-    labels = TenantLabels(2)
-    assert labels("junk", admit=False) == OTHER_TENANT  # a rejected event takes no place
-    assert labels("a") == "a"
-    assert labels("x" * 65) == OTHER_TENANT  # too long to be a label
-    assert labels("b") == "b"
-    assert labels("c") == OTHER_TENANT
-    assert labels("a", admit=False) == "a"
-    assert TenantLabels(0)("a") == OTHER_TENANT
-
-
 def test_tenant_cap_applies_to_the_servers_counters(
     api_key: str, loop: LoopThread, settings: Settings, rdb: redis.Redis
 ) -> None:
-    capped, port = loop.run(started_server(settings.model_copy(update={"metrics_max_tenants": 1})))
-    try:
-        with keyed_channel(f"127.0.0.1:{port}", api_key) as channel:
-            stub = events_pb2_grpc.EventsServiceStub(channel)
-            send(stub, ev(tenant="first"), ev(tenant="second"), ev(tenant="third"))
+    capped_settings = settings.model_copy(update={"metrics_max_tenants": 1})
+    with serving_stub(loop, capped_settings, api_key) as (capped, _, stub):
+        send(stub, ev(tenant="first"), ev(tenant="second"), ev(tenant="third"))
         samples = scrape(server_metrics_url(capped))
-    finally:
-        loop.run(capped.stop(0))
     accepted = {
         dict(labels)["tenant"]: v
         for (name, labels), v in samples.items()
@@ -159,24 +128,12 @@ def test_queue_gauges_follow_redis(  # noqa: PLR0917
 
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a real events-server process on the session's Redis and keys."""
-    return {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "EVENTS_KEY_PREFIX": settings.key_prefix,
-        "EVENTS_PARTITIONS": str(settings.partitions),
-        "EVENTS_LOG_LEVEL": "WARNING",
-        "EVENTS_METRICS_SAMPLE_INTERVAL_SECONDS": "0.1",
+    return events_env(
+        settings,
+        EVENTS_LOG_LEVEL="WARNING",
+        EVENTS_METRICS_SAMPLE_INTERVAL_SECONDS="0.1",
         **extra,
-    }
-
-
-def listening_on(proc: subprocess.Popen[str]) -> str:
-    """The gRPC address a starting events-server announces on stdout."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    listening = re.match(r"events-server listening on (\S+) \(pid \d+\)$", line)
-    assert listening, line
-    return listening[1]
+    )
 
 
 @pytest.fixture
@@ -185,29 +142,24 @@ def two_servers(
 ) -> Iterator[list[tuple[str, str]]]:
     """Two real events-server processes sharing one PROMETHEUS_MULTIPROC_DIR: (gRPC, metrics)."""
     metrics_ports = [free_port(), free_port()]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
-            env=server_env(
+    servers = [
+        ServerProcess(
+            server_env(
                 settings,
                 PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
                 EVENTS_METRICS_ADDR=f"127.0.0.1:{port}",
-            ),
-            stdout=subprocess.PIPE,
-            text=True,
+            )
         )
         for port in metrics_ports
     ]
     try:
         yield [
-            (listening_on(proc), f"http://127.0.0.1:{port}/metrics")
-            for proc, port in zip(procs, metrics_ports, strict=True)
+            (server.start(), f"http://127.0.0.1:{port}/metrics")
+            for server, port in zip(servers, metrics_ports, strict=True)
         ]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(15)
+        for server in servers:
+            server.stop()
 
 
 def test_multiprocess_figures_add_up_across_processes(
@@ -255,7 +207,7 @@ def test_gauges_disappear_while_redis_is_away_and_come_back_with_it(
         eventually(lambda: "events_stream_length" in names())
         assert not task.done()  # the outage did not end the sampler
     finally:
-        if process.proc is None or process.proc.poll() is not None:
+        if not process.running():
             process.start()
         loop.loop.call_soon_threadsafe(task.cancel)
         loop.run(client.aclose())
@@ -265,46 +217,27 @@ def test_server_workers_report_the_figures_of_all_workers(
     api_key: str, settings: Settings, rdb: redis.Redis
 ) -> None:
     grpc_port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "events_server", "serve", "--workers", "2",
-         "--grpc-addr", f"127.0.0.1:{grpc_port}"],
-        env=server_env(settings, EVENTS_METRICS_ADDR=f"127.0.0.1:{metrics_port}"),
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    env = server_env(settings, EVENTS_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
+    server = ServerProcess(env, None, f"127.0.0.1:{grpc_port}", workers=2)
     try:
-        for _ in range(2):  # both workers are up
-            listening_on(proc)
+        server.start()  # once both workers are up
         for _ in range(20):  # a new connection each: the kernel spreads them over both
             with keyed_channel(f"127.0.0.1:{grpc_port}", api_key) as channel:
                 send(events_pb2_grpc.EventsServiceStub(channel), ev(tenant="workers"))
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
-        proc.terminate()
-        proc.wait(15)
+        server.stop()
     # One worker listens for metrics, and counts what the other served too.
     assert value(samples, "events_grpc_requests_total", method=CREATE, code="OK") == 20
 
 
 def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str, api_key: str) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rest_bridge", "--grpc-target", grpc_target, "--port", str(port),
-         "--workers", "2", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    bridge = BridgeProcess(grpc_target, None, "--workers", "2", "--log-level", "warning")
+    base = bridge.url
     event = {"tenant": "t", "market": "m", "type": "click"}
+    bridge.spawn()
     try:
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        eventually(up, within=20)
+        eventually(lambda: http_ok(f"{base}/healthz"), within=20)
         for _ in range(10):  # a new connection each: uvicorn's workers share the socket
             posted = httpx.post(
                 f"{base}/create-events", json=[event], headers={"x-api-key": api_key}
@@ -321,8 +254,7 @@ def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str, api_
             for _ in range(4)  # whichever worker answers the scrape
         ]
     finally:
-        proc.terminate()
-        proc.wait(15)
+        bridge.stop()
     assert totals == [10, 10, 10, 10]
 
 
@@ -330,11 +262,7 @@ def test_limit_violations_are_the_reasons_of_rejected_events(
     loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis
 ) -> None:
     limits = {"max_events_per_request": 3, "max_event_bytes": 200, "max_string_length": 50}
-    with (
-        serving(loop, settings, **limits) as (limited, target),
-        keyed_channel(target, api_key) as channel,
-    ):
-        stub = events_pb2_grpc.EventsServiceStub(channel)
+    with serving_stub(loop, settings, api_key, **limits) as (limited, _, stub):
         with pytest.raises(grpc.RpcError):
             send(stub, *[ev(type=pb.EVENT_TYPE_PAGE_VIEW)] * 4)
         with pytest.raises(grpc.RpcError):

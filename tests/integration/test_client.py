@@ -1,12 +1,10 @@
-"""events_server.client against the real server: ids, retries after real faults, batches, errors."""
+"""events_server.client against the real server: ids, validation, refusals, batches."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -24,41 +22,20 @@ from events_server.client import (
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
-from events_server.server.app import EventsServer, create_server
+from events_server.server.app import EventsServer
 from events_server.server.settings import Settings
 from events_server.wire.violations import FieldViolation
 from tests.harness.data import contract_examples, ev
-from tests.harness.metrics import CREATE
-from tests.harness.proxy import FaultProxy
+from tests.harness.metrics import calls
 from tests.harness.rpc import ACCEPTED, DUPLICATE
-from tests.harness.servers import LoopThread
 from tests.harness.streams import queued
-from tests.harness.valkey import SessionValkey, free_port
+from tests.harness.valkey import free_port
 
 T = TypeVar("T")
 
 
 # The contract's first example.
 EXAMPLE_EVENT: dict[str, Any] = contract_examples()[0][0]
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a client coroutine on a fresh event loop of the test's own."""
-    return asyncio.run(coro)
-
-
-def calls(server: EventsServer, code: str = "OK") -> float:
-    """CreateEvents calls the server has answered with ``code`` so far."""
-    value = server.metrics.registry.get_sample_value(
-        "events_grpc_requests_total", {"method": CREATE, "code": code}
-    )
-    return value or 0.0
-
-
-@pytest.fixture
-def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
-    """The session's gRPC server."""
-    return grpc_server[0]
 
 
 # --- sending -----------------------------------------------------------------------
@@ -74,7 +51,7 @@ def test_dicts_and_typed_events_are_queued_with_ids_filled_in(
         async with EventsClient(grpc_target, api_key=api_key) as client:
             return await client.send([EXAMPLE_EVENT, typed, own_id])
 
-    reply = run(send())
+    reply = asyncio.run(send())
     assert [r.status for r in reply.results] == [ACCEPTED] * 3
     assert not typed.HasField("deduplication_id")  # the caller's message is left alone
     ids = {e.event.deduplication_id for _, e in queued(rdb, keys)}
@@ -103,7 +80,7 @@ def test_malformed_dicts_are_refused_before_sending(
             await client.send([EXAMPLE_EVENT, *bad])
 
     with pytest.raises(InvalidEventsError) as caught:
-        run(send())
+        asyncio.run(send())
     assert [(v.field, v.reason) for v in caught.value.violations] == [
         ("events[1].type", "enum"),
         ("events[2].tenant", "string_type"),
@@ -127,7 +104,7 @@ def test_invalid_argument_carries_the_servers_violations(
             await client.send([ev(), ev(tenant="", dsid=""), ev(type=0)])
 
     with pytest.raises(InvalidEventsError) as caught:
-        run(send())
+        asyncio.run(send())
     error = caught.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.violations == [
@@ -184,161 +161,72 @@ def test_auth_refusals_are_their_own_exceptions_and_not_retried(
             await server.stop(0)
 
     with pytest.raises(kind) as caught:
-        run(scenario())
+        asyncio.run(scenario())
     assert caught.value.code == code  # type: ignore[attr-defined]
     assert refusing.api_keys == ["k-123"]  # sent once, with the key as metadata
-
-
-# --- retries after real faults ------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(grpc_target: str) -> Iterator[FaultProxy]:
-    """A proxy in front of the session's server that can lose a reply."""
-    cutting = FaultProxy("127.0.0.1", int(grpc_target.rsplit(":", 1)[1]), protocol="http2")
-    yield cutting
-    cutting.close()
-
-
-def test_a_lost_reply_is_retried_and_the_event_is_queued_once(
-    api_key: str, proxy: FaultProxy, server: EventsServer, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    async def scenario() -> tuple[pb.CreateEventsResponse, pb.CreateEventsResponse]:
-        async with EventsClient(proxy.address, api_key=api_key) as client:
-            warm = await client.send([ev(user_id="warm-up")])  # connection up, frames flowing
-            proxy.cut_next_reply()
-            return warm, await client.send([ev(user_id="u-lost")])  # no deduplication_id given
-
-    before = calls(server)
-    warm, reply = run(scenario())
-    assert proxy.cuts == 1
-    assert calls(server) - before == 3  # warm-up, the attempt whose reply was lost, the retry
-    # The first attempt queued it; the retry carried the same filled-in id and met it.
-    [result] = reply.results
-    assert result.status == DUPLICATE
-    lost = [e for _, e in queued(rdb, keys) if e.event.user_id == "u-lost"]
-    assert len(lost) == 1
-    assert result.entry_id != warm.results[0].entry_id
-
-
-def test_a_redis_outage_is_retried_until_it_ends_and_the_event_is_queued_once(  # noqa: PLR0917
-    api_key: str,
-    valkey: SessionValkey,
-    server: EventsServer,
-    rdb: redis.Redis,
-    keys: KeySpace,
-    grpc_target: str,
-) -> None:
-    process = valkey.killable()
-    unavailable_before = calls(server, "UNAVAILABLE")
-    process.kill()
-    restarter = threading.Timer(0.8, process.start)
-    restarter.start()
-
-    async def send() -> pb.CreateEventsResponse:
-        async with EventsClient(grpc_target, deadline_seconds=15, api_key=api_key) as client:
-            return await client.send([ev(user_id="u-outage")])
-
-    try:
-        reply = run(send())
-    finally:
-        restarter.join()
-        if process.proc is None or process.proc.poll() is not None:
-            process.start()
-    assert [r.status for r in reply.results] == [ACCEPTED]
-    assert calls(server, "UNAVAILABLE") > unavailable_before  # it really was refused first
-    assert [e.event.user_id for _, e in queued(rdb, keys)] == ["u-outage"]
-
-
-def test_a_server_that_comes_up_late_is_reached(
-    api_key: str, loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    port = free_port()
-    late: list[EventsServer] = []
-
-    async def start() -> None:
-        there = settings.model_copy(update={"grpc_addr": f"127.0.0.1:{port}"})
-        started, _ = await create_server(there)
-        await started.start()
-        late.append(started)
-
-    starter = threading.Timer(0.8, lambda: loop.run(start()))
-    starter.start()
-
-    async def send() -> pb.CreateEventsResponse:
-        async with EventsClient(
-            f"127.0.0.1:{port}", deadline_seconds=15, api_key=api_key
-        ) as client:
-            return await client.send([ev(user_id="u-late")])
-
-    try:
-        reply = run(send())
-    finally:
-        starter.join()
-        for started in late:
-            loop.run(started.stop(0))
-    assert [r.status for r in reply.results] == [ACCEPTED]
-    assert calls(late[0], "UNAVAILABLE") == 0  # it failed only while nobody listened
-    assert [e.event.user_id for _, e in queued(rdb, keys)] == ["u-late"]
-
-
-def test_unavailable_past_the_deadline_raises(
-    api_key: str,
-) -> None:
-    async def send() -> None:
-        async with EventsClient(
-            f"127.0.0.1:{free_port()}", deadline_seconds=0.5, api_key=api_key
-        ) as client:
-            await client.send([ev()])
-
-    started = time.monotonic()
-    with pytest.raises(UnavailableError) as caught:
-        run(send())
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - started < 5  # bounded by the deadline, not by gRPC's own backoff
 
 
 # --- the batcher ----------------------------------------------------------------------
 
 
+Futures = list[asyncio.Future[pb.EventResult]]
+
+
+def batched(
+    server: EventsServer,
+    target: str,
+    api_key: str,
+    count: int,
+    observe: Callable[[Futures], Awaitable[T]],
+    **limits: Any,
+) -> tuple[list[pb.EventResult], T, float]:
+    """Add ``count`` events (users u-0...) to a batcher of these ``limits``, ``observe`` their
+    futures, close the batcher: the results, what was observed, the calls the server got."""
+
+    async def scenario() -> tuple[list[pb.EventResult], T]:
+        async with EventsClient(target, api_key=api_key) as client:
+            batcher = client.batcher(**limits)
+            futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(count)]
+            seen = await observe(futures)
+            await batcher.close()
+            return [future.result() for future in futures], seen
+
+    before = calls(server)
+    results, seen = asyncio.run(scenario())
+    return results, seen, calls(server) - before
+
+
 def test_batcher_flushes_when_full(
     api_key: str, grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    async def scenario() -> tuple[list[pb.EventResult], bool]:
-        async with EventsClient(grpc_target, api_key=api_key) as client:
-            batcher = client.batcher(max_events=3, max_delay_seconds=60)
-            futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(4)]
-            # Three filled a batch and went out at once; the fourth waits for more (or 60 s).
-            results = await asyncio.wait_for(asyncio.gather(*futures[:3]), 10)
-            fourth_waiting = not futures[3].done()
-            await batcher.close()
-            return [*results, futures[3].result()], fourth_waiting
+    async def fourth_waiting(futures: Futures) -> bool:
+        # Three filled a batch and went out at once; the fourth waits for more (or 60 s).
+        await asyncio.wait_for(asyncio.gather(*futures[:3]), 10)
+        return not futures[3].done()
 
-    before = calls(server)
-    results, fourth_waiting = run(scenario())
-    assert fourth_waiting
+    results, waiting, sent = batched(
+        server, grpc_target, api_key, 4, fourth_waiting, max_events=3, max_delay_seconds=60
+    )
+    assert waiting
     assert [r.status for r in results] == [ACCEPTED] * 4
-    assert calls(server) - before == 2  # the full batch, then the rest on close
+    assert sent == 2  # the full batch, then the rest on close
     assert len(queued(rdb, keys)) == 4
 
 
 def test_batcher_flushes_after_the_delay(
     api_key: str, grpc_target: str, server: EventsServer, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    async def scenario() -> tuple[list[pb.EventResult], int]:
-        async with EventsClient(grpc_target, api_key=api_key) as client:
-            batcher = client.batcher(max_events=1000, max_delay_seconds=1.0)
-            futures = [await batcher.add(ev(user_id=f"u-{i}")) for i in range(2)]
-            queued_early = len(queued(rdb, keys))  # still held by the batcher
-            results = await asyncio.wait_for(asyncio.gather(*futures), 10)
-            await batcher.close()
-            return results, queued_early
+    async def queued_early(futures: Futures) -> int:
+        early = len(queued(rdb, keys))  # still held by the batcher
+        await asyncio.wait_for(asyncio.gather(*futures), 10)  # sent before the close
+        return early
 
-    before = calls(server)
-    results, queued_early = run(scenario())
-    assert queued_early == 0
+    results, early, sent = batched(
+        server, grpc_target, api_key, 2, queued_early, max_events=1000, max_delay_seconds=1.0
+    )
+    assert early == 0
     assert [r.status for r in results] == [ACCEPTED, ACCEPTED]
-    assert calls(server) - before == 1  # both in one call
+    assert sent == 1  # both in one call
     assert len(queued(rdb, keys)) == 2
 
 
@@ -360,7 +248,7 @@ def test_batcher_refuses_a_bad_event_without_sinking_its_batch(
                 await b.add({"tenant": "t", "market": "m"})
             return await good
 
-    assert run(scenario()).status == ACCEPTED
+    assert asyncio.run(scenario()).status == ACCEPTED
     assert [e.event.user_id for _, e in queued(rdb, keys)] == ["good"]
 
 
@@ -382,7 +270,7 @@ def test_an_event_only_the_server_can_refuse_fails_alone_and_the_rest_is_queued(
             ]
             return list(await asyncio.gather(*futures, return_exceptions=True))
 
-    first, long, third, fourth = run(scenario())
+    first, long, third, fourth = asyncio.run(scenario())
     assert isinstance(long, InvalidEventsError)
     assert [(v.field, v.reason) for v in long.violations] == [("event.url", "string_too_long")]
     assert [r.status for r in (first, third, fourth)] == [ACCEPTED] * 3  # type: ignore[union-attr]
@@ -400,7 +288,7 @@ def test_batcher_failures_reach_every_future(
             await batcher.close()
             return await asyncio.gather(*futures, return_exceptions=True)
 
-    outcomes = run(scenario())
+    outcomes = asyncio.run(scenario())
     assert len(outcomes) == 2
     assert all(isinstance(o, UnavailableError) for o in outcomes)
 

@@ -1,13 +1,11 @@
-"""Structured logs: JSON lines, request ids across bridge and server, one access line, no keys."""
+"""Logs of the real processes: request ids across bridge and server, one access line, no keys."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import re
-import subprocess
-import sys
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,106 +16,19 @@ import pytest
 
 from events_server.ops.logs import (
     JsonFormatter,
-    accept_request_id,
-    client_ip_for_log,
-    request_id,
-    setup_logging,
 )
 from events_server.pb import events_pb2_grpc
 from events_server.server.settings import Settings
-from rest_bridge.access import redact_query
 from tests.harness.data import ev
 from tests.harness.keys import create_key
-from tests.harness.processes import events_env
+from tests.harness.processes import BridgeProcess, ServerProcess, events_env, http_ok
 from tests.harness.rpc import send
-from tests.harness.valkey import free_port
 from tests.harness.waiting import eventually
 
 ACCESS_LOGGERS = ("events_server.access", "rest_bridge.access")
+
+
 EVENT = {"tenant": "my_store", "market": "us", "type": "click"}
-
-
-# --- pieces ---------------------------------------------------------------------------
-
-
-def test_json_lines_carry_the_request_id_and_extra_fields() -> None:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("test_logs.json")
-    logger.addHandler(handler)
-    logger.propagate = False
-    token = request_id.set("req-1")
-    try:
-        logger.warning("hello %s", "world", extra={"status": 200, "path": "/x"})
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            logger.exception("failed")
-    finally:
-        request_id.reset(token)
-        logger.removeHandler(handler)
-    first, second = (json.loads(line) for line in out.getvalue().splitlines())
-    assert first["msg"] == "hello world"
-    assert first["level"] == "WARNING"
-    assert first["logger"] == "test_logs.json"
-    assert (first["request_id"], first["status"], first["path"]) == ("req-1", 200, "/x")
-    assert first["ts"].endswith("+00:00")
-    assert "ValueError: boom" in second["exc"]
-
-
-def test_setup_logging_makes_every_logger_write_json() -> None:
-    out = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    try:
-        setup_logging("INFO", out)
-        logging.getLogger("test_logs.library").info("started")
-        logging.getLogger("test_logs.library").debug("not at INFO")
-        # uvicorn's own handlers would print a second, plain copy of its lines.
-        assert not logging.getLogger("uvicorn.error").handlers
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-    [line] = out.getvalue().splitlines()
-    assert json.loads(line)["msg"] == "started"
-
-
-@pytest.mark.parametrize(
-    ("ip", "mode", "shown"),
-    [
-        ("203.0.113.77", "full", "203.0.113.77"),
-        ("203.0.113.77", "truncated", "203.0.113.0"),
-        ("2001:db8:1234:5678::1", "truncated", "2001:db8:1234::"),
-        ("::ffff:203.0.113.77", "truncated", "203.0.113.0"),
-        ("203.0.113.77", "none", ""),
-        ("/run/events.sock", "truncated", ""),
-    ],
-)
-def test_client_ips_can_be_truncated(ip: str, mode: Any, shown: str) -> None:
-    assert client_ip_for_log(ip, mode) == shown
-
-
-@pytest.mark.parametrize(
-    ("query", "logged"),
-    [
-        ("api_key=s3cret", "api_key=[REDACTED]"),
-        ("a=1&api_key=s3cret&b=2", "a=1&api_key=[REDACTED]&b=2"),
-        ("api%5Fkey=s3cret", "api%5Fkey=[REDACTED]"),  # what Starlette reads as api_key
-        ("API_KEY=s3cret&X-API-KEY=s3cret", "API_KEY=[REDACTED]&X-API-KEY=[REDACTED]"),
-        ("api_key", "api_key=[REDACTED]"),
-        ("q=api_key&page=2", "q=api_key&page=2"),
-    ],
-)
-def test_keys_are_redacted_from_query_strings(query: str, logged: str) -> None:
-    assert redact_query(query) == logged
-
-
-def test_only_sane_request_ids_are_taken_from_callers() -> None:
-    assert accept_request_id("req-42.a:b_c") == "req-42.a:b_c"
-    for bad in (None, "", "has space", "x" * 129, "line\nbreak", "ключ"):
-        fresh = accept_request_id(bad)
-        assert fresh != bad
-        assert len(fresh) == 32
 
 
 # --- in-process: bridge and server of the session --------------------------------------
@@ -197,21 +108,14 @@ def test_direct_grpc_callers_get_their_request_id_logged(
 
 # --- no key material, ever: the real processes' whole output ----------------------------
 
+
 KEY_WAYS = ("query", "encoded-query", "header", "cookie", "metadata")
+
+
 UNKNOWN_KEY = "evk_unknown-s3cret-9999"
 
 
 LAST_REQUEST = "last-request"
-
-
-def _wait_http(url: str) -> None:
-    def up() -> bool:
-        try:
-            return httpx.get(url, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    eventually(up, within=20)
 
 
 def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
@@ -225,40 +129,22 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
         EVENTS_METRICS_ADDR="127.0.0.1:0",
         EVENTS_LOG_LEVEL="DEBUG",
     )
-    server_out, bridge_out = tmp_path / "server.log", tmp_path / "bridge.log"
-    http_port = free_port()
-    with server_out.open("w") as server_log, bridge_out.open("w") as bridge_log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "events_server", "serve", "--grpc-addr", "127.0.0.1:0"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=server_log,
-            text=True,
-        )
-        bridge: subprocess.Popen[bytes] | None = None
-        try:
-            assert server.stdout is not None
-            target = re.findall(r"listening on (\S+) ", server.stdout.readline())[0]
-            bridge = subprocess.Popen(
-                [sys.executable, "-m", "rest_bridge", "--grpc-target", target],
-                env={**env, "EVENTS_HTTP_PORT": str(http_port)},
-                stdout=bridge_log,
-                stderr=subprocess.STDOUT,
-            )
-            base = f"http://127.0.0.1:{http_port}"
-            _wait_http(f"{base}/readyz")
-            _send_keys_every_way(secrets, base, target)
-            # The bridge writes an access line after answering: wait for the last one.
-            eventually(lambda: LAST_REQUEST in bridge_out.read_text())
-        finally:
-            for proc in (bridge, server):
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(15)
-        assert server.stdout is not None
-        server_stdout = server.stdout.read()
-
-    output = server_out.read_text() + server_stdout + bridge_out.read_text()
+    server = ServerProcess(env, tmp_path / "server.log")
+    bridge = BridgeProcess(server.start(), tmp_path / "bridge.log", env=env)
+    try:
+        bridge.spawn()
+        eventually(lambda: http_ok(f"{bridge.url}/readyz"), within=20)
+        _send_keys_every_way(secrets, bridge.url, server.target)
+        # The bridge writes an access line after answering: wait for the last one.
+        eventually(lambda: LAST_REQUEST in bridge.log())
+    finally:
+        bridge.stop()
+        server.signal(signal.SIGTERM)
+        server.wait(15)
+    try:
+        output = server.log() + server.printed() + bridge.log()
+    finally:
+        server.kill()
     for where, secret in [*secrets.items(), ("unknown key", UNKNOWN_KEY)]:
         assert secret not in output, f"the key sent in the {where} was logged"
     # The logs are there (and JSON): the absence above means something.

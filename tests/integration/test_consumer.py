@@ -16,7 +16,17 @@ from events_server.consumer.groups import group_states, replay_dead_letters
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.harness.consumers import FAST, entries, in_order, pending, produce, run, take
+from tests.harness.consumers import (
+    FAST,
+    Handled,
+    entries,
+    handle,
+    in_order,
+    pending,
+    produce,
+    run,
+    take,
+)
 from tests.harness.waiting import until
 
 
@@ -81,21 +91,13 @@ def test_a_failing_handler_is_retried_in_place_then_the_partition_goes_on(
     stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, settings: Settings, keys: KeySpace
 ) -> None:
     produce(stub, 4, users=1)
-    seen: list[tuple[str, int]] = []
 
-    async def scenario(client: Any) -> None:
-        consumer = Consumer(client, keys, "g", settings=FAST)
+    def react(message: Message, seen: list[Handled]) -> bool:
+        if message.envelope.event.url == "n=1" and message.deliveries < 3:
+            raise ValueError("not yet")
+        return len(seen) == 6
 
-        async def handler(message: Message) -> None:
-            seen.append((message.envelope.event.url, message.deliveries))
-            if message.envelope.event.url == "n=1" and message.deliveries < 3:
-                raise ValueError("not yet")
-            if len(seen) == 6:
-                consumer.stop()
-
-        await consumer.run(handler)
-
-    run(settings, scenario)
+    seen = handle(settings, keys, "g", react)
     assert seen == [("n=0", 1), ("n=1", 1), ("n=1", 2), ("n=1", 3), ("n=2", 1), ("n=3", 1)]
     assert pending(rdb, keys, "g") == 0
     assert sum(rdb.xlen(keys.dead_letters(p, "g")) for p in range(keys.partitions)) == 0
@@ -105,21 +107,13 @@ def test_a_poison_entry_goes_to_the_dead_letters_after_max_deliveries_and_replay
     stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, settings: Settings, keys: KeySpace
 ) -> None:
     produce(stub, 3, users=1)
-    calls: list[tuple[str, int]] = []
 
-    async def poisoned(client: Any) -> None:
-        consumer = Consumer(client, keys, "g", settings=FAST)
+    def react(message: Message, _: list[Handled]) -> bool:
+        if message.envelope.event.url == "n=1":
+            raise ValueError("cannot parse n=1")
+        return message.envelope.event.url == "n=2"
 
-        async def handler(message: Message) -> None:
-            calls.append((message.envelope.event.url, message.deliveries))
-            if message.envelope.event.url == "n=1":
-                raise ValueError("cannot parse n=1")
-            if message.envelope.event.url == "n=2":
-                consumer.stop()
-
-        await consumer.run(handler)
-
-    run(settings, poisoned)
+    calls = handle(settings, keys, "g", react)
     assert calls == [("n=0", 1), ("n=1", 1), ("n=1", 2), ("n=1", 3), ("n=2", 1)]
     assert pending(rdb, keys, "g") == 0
     partition = next(p for p in range(keys.partitions) if rdb.xlen(keys.dead_letters(p, "g")))

@@ -21,7 +21,7 @@ from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from tests.harness.browser import Chromium, Page, PageServer
 from tests.harness.keys import create_key
-from tests.harness.servers import LoopThread, serving, started_bridge
+from tests.harness.servers import LoopThread, bridged, serving
 from tests.harness.streams import queued
 
 PAGE = """<!doctype html>
@@ -101,10 +101,8 @@ def store_key(valkey: Any, settings: Settings, store: PageServer) -> str:
 def events_url(loop: LoopThread, settings: Settings, store_key: str) -> Iterator[str]:
     """/create-events of a bridge whose server reads keys afresh (a new key's origin counts)."""
     own = settings.model_copy(update={"key_cache_seconds": 0.0})
-    with serving(loop, own) as (_, target):
-        bridge = started_bridge(target)
-        yield f"{bridge.url}/create-events"
-        bridge.stop()
+    with serving(loop, own) as (_, target), bridged(target) as url:
+        yield f"{url}/create-events"
 
 
 @pytest.fixture

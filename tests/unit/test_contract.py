@@ -11,7 +11,7 @@ import yaml
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CONTRACT = ROOT / "contract" / "create-events.openapi.yaml"
 SHARED = ROOT.parent / "shared" / "contract" / "create-events.openapi.yaml"
 

@@ -1,61 +1,23 @@
-"""What body the bridge takes, over real HTTP: media types, beacons, gzip, size and depth limits."""
+"""What body the bridge takes, over real HTTP: media types, beacons, gzip, default limits."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import socket
-import tracemalloc
-from collections.abc import Iterator
-from typing import Any
 
 import httpx
-import pydantic
 import pytest
 import redis
 
 from events_server.queue.keys import KeySpace
-from rest_bridge.body import BodyRefused, Inflater
-from rest_bridge.config import MIN_JSON_DEPTH, BridgeSettings
-from rest_bridge.models import Event
-from tests.harness.servers import UvicornThread
+from rest_bridge.config import BridgeSettings
 from tests.harness.streams import queued, wait_for_records
+from tests.harness.web import URL, bomb, nested, padded, post, too_deep
 
-URL = "/create-events"
 EVENT = {"tenant": "shop-b", "market": "us", "type": "click", "user_id": "u-1"}
+
+
 BODY = json.dumps([EVENT]).encode()
-LIMIT = 2000  # max_body_bytes of the small bridge below
-
-
-def padded(size: int, body: bytes = BODY) -> bytes:
-    """A valid body of exactly ``size`` bytes (JSON allows trailing whitespace)."""
-    assert len(body) <= size
-    return body + b" " * (size - len(body))
-
-
-@pytest.fixture(scope="module")
-def small(bridge_settings: BridgeSettings) -> Iterator[str]:
-    """A bridge of its own with a small body limit and the least JSON depth allowed."""
-    settings = bridge_settings.model_copy(
-        update={"max_body_bytes": LIMIT, "max_json_depth": MIN_JSON_DEPTH}
-    )
-    server = UvicornThread(settings)
-    server.start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture
-def small_http(small: str, api_key: str) -> Iterator[httpx.Client]:
-    """A client of the small bridge that sends the session's key in the X-API-KEY header."""
-    with httpx.Client(base_url=small, timeout=10, headers={"x-api-key": api_key}) as client:
-        yield client
-
-
-def post(client: httpx.Client, body: bytes, **headers: str) -> httpx.Response:
-    """POST raw bytes with these headers (underscores in names become dashes)."""
-    sent = {name.replace("_", "-"): value for name, value in headers.items()}
-    return client.post(URL, content=body, headers=sent)
 
 
 # --- media types -----------------------------------------------------------------------
@@ -235,11 +197,6 @@ def test_invalid_json_inside_gzip_gets_the_usual_422(http: httpx.Client) -> None
     ]
 
 
-def bomb(size: int) -> bytes:
-    """``size`` zero bytes, gzipped: about a thousandth of that on the wire."""
-    return gzip.compress(b"\0" * size, compresslevel=9)
-
-
 def test_a_gzip_bomb_is_413_and_never_reaches_the_rejected_record(
     http: httpx.Client, rdb: redis.Redis, keys: KeySpace
 ) -> None:
@@ -265,163 +222,20 @@ def test_a_gzip_bomb_is_413_and_never_reaches_the_rejected_record(
     assert int(record[b"payload_size"]) == len(json.dumps(invalid))
 
 
-def inflate(payload: bytes, limit: int, piece: int = 16 * 1024) -> bytes:
-    """Inflate in pieces, as a server receives a body."""
-    inflater = Inflater(limit)
-    for start in range(0, len(payload), piece):
-        inflater.feed(payload[start : start + piece])
-    return inflater.finish()
-
-
-def test_inflating_a_bomb_never_holds_more_than_the_limit() -> None:
-    limit = 1024 * 1024
-    payload = bomb(50 * limit)
-    tracemalloc.start()
-    try:
-        with pytest.raises(BodyRefused) as refused:
-            inflate(payload, limit)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert refused.value.reply.status == 413
-    # Inflating all of it would take 50 MiB; what is held stays near the limit.
-    assert peak < limit * 3 // 2, f"peak {peak} bytes"
-
-
-@pytest.mark.parametrize("piece", [1, 7, 1 << 20], ids=["byte-by-byte", "7-bytes", "whole"])
-def test_inflating_in_any_pieces_gives_the_body_up_to_exactly_the_limit(piece: int) -> None:
-    limit = 1024 * 1024
-    # Zeros inflate ~1000x: one small piece of input yields many steps of output.
-    assert inflate(bomb(limit), limit, piece) == b"\0" * limit
-    with pytest.raises(BodyRefused) as refused:
-        inflate(bomb(limit + 1), limit, piece)
-    assert refused.value.reply.status == 413
-
-
-def test_a_body_at_the_decompressed_limit_passes_and_one_byte_more_is_413(
-    small_http: httpx.Client, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    at_limit = post(small_http, gzip.compress(padded(LIMIT)), content_type="application/json",
-                    content_encoding="gzip")  # fmt: skip
-    assert at_limit.status_code == 200, at_limit.text
-    over = post(small_http, gzip.compress(padded(LIMIT + 1)), content_type="application/json",
-                content_encoding="gzip")  # fmt: skip
-    assert over.status_code == 413
-    assert over.json() == {
-        "detail": f"request body is larger than the limit of {LIMIT} bytes (max_body_bytes)"
-        " once decompressed"
-    }
-    assert len(queued(rdb, keys)) == 1
-
-
-# --- max_body_bytes on the wire ----------------------------------------------------------
-
-
-def test_a_body_of_exactly_the_limit_passes_and_one_byte_more_is_413(
-    small_http: httpx.Client, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    at_limit = post(small_http, padded(LIMIT), content_type="application/json")
-    assert at_limit.status_code == 200, at_limit.text
-    over = post(small_http, padded(LIMIT + 1), content_type="application/json")
-    assert over.status_code == 413
-    assert over.headers["connection"] == "close"
-    assert over.json() == {
-        "detail": f"request body is larger than the limit of {LIMIT} bytes (max_body_bytes)"
-    }
-    assert len(queued(rdb, keys)) == 1
-
-
-def chunks_of(body: bytes, size: int = 300) -> Iterator[bytes]:
-    """The body in pieces: httpx sends a generator chunked, without a Content-Length."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
-
-
-def test_a_chunked_body_of_the_limit_passes_and_one_byte_more_is_413(
-    small_http: httpx.Client, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    headers = {"content-type": "application/json"}
-    at_limit = small_http.post(URL, content=chunks_of(padded(LIMIT)), headers=headers)
-    assert at_limit.request.headers["transfer-encoding"] == "chunked"
-    assert at_limit.status_code == 200, at_limit.text
-    over = small_http.post(URL, content=chunks_of(padded(LIMIT + 1)), headers=headers)
-    assert over.status_code == 413
-    assert len(queued(rdb, keys)) == 1
-
-
-def raw_exchange(base: str, head: bytes, body: bytes = b"") -> bytes:
-    """Send a request head and part of a body on a socket; read the answer until the close."""
-    host, port = base.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head + body)
-        answer = b""
-        while data := sock.recv(65536):  # the server closes after a 413
-            answer += data
-    return answer
-
-
-def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(small: str, api_key: str) -> None:
-    # The body is never finished: the answer comes while the client could still be sending.
-    head = (
-        f"POST {URL} HTTP/1.1\r\nHost: x\r\nX-API-KEY: {api_key}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode()
-    piece = b"[" + b" " * 999
-    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(3))  # 3000 > LIMIT
-    answer = raw_exchange(small, head, body)
-    assert answer.startswith(b"HTTP/1.1 413 ")
-    assert b"(max_body_bytes)" in answer
-
-
-def test_a_declared_length_over_the_limit_is_refused_before_the_body(
-    small: str, api_key: str
-) -> None:
-    head = (
-        f"POST {URL} HTTP/1.1\r\nHost: x\r\nX-API-KEY: {api_key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {LIMIT + 1}\r\n\r\n"
-    ).encode()
-    answer = raw_exchange(small, head)  # not one byte of the body sent
-    assert answer.startswith(b"HTTP/1.1 413 ")
+# --- the default limits: max_body_bytes, max_json_depth -----------------------------------
 
 
 def test_the_default_limit_is_one_mib_on_the_wire(
     http: httpx.Client, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     assert BridgeSettings.model_fields["max_body_bytes"].default == 1048576
-    assert post(http, padded(1048576), content_type="application/json").status_code == 200
-    over = post(http, padded(1048577), content_type="application/json")
+    assert post(http, padded(1048576, BODY), content_type="application/json").status_code == 200
+    over = post(http, padded(1048577, BODY), content_type="application/json")
     assert over.status_code == 413
     assert over.json()["detail"] == (
         "request body is larger than the limit of 1048576 bytes (max_body_bytes)"
     )
     assert len(queued(rdb, keys)) == 1
-
-
-# --- max_json_depth -----------------------------------------------------------------------
-
-
-def nested(depth: int) -> bytes:
-    """An event whose entity_identifiers value nests so that the body is ``depth`` deep."""
-    inner = "[" * (depth - 3) + "]" * (depth - 3)
-    return (
-        '[{"tenant": "shop-b", "market": "us", "type": "click", "entity_identifiers": {"a": '
-        + (inner or '"x"')
-        + "}}]"
-    ).encode()
-
-
-def too_deep(limit: int) -> dict[str, Any]:
-    """The 422 of a body nested past ``limit``."""
-    return {
-        "detail": [
-            {
-                "loc": ["body"],
-                "msg": f"JSON is nested deeper than the limit of {limit} levels of arrays and"
-                " objects (max_json_depth)",
-                "type": "json_too_deep",
-            }
-        ]
-    }
 
 
 def test_a_body_of_the_depth_limit_is_parsed_and_one_level_more_is_refused(
@@ -453,54 +267,3 @@ def test_bodies_nested_a_million_deep_are_refused_by_depth_without_crashing(
     answer = post(http, body[:1_048_576], content_type="application/json")
     assert (answer.status_code, answer.json()) == (422, too_deep(16))
     assert http.get("/healthz").status_code == 200
-
-
-def schema_depth(schema: dict[str, Any], defs: dict[str, Any]) -> int:
-    """How deep JSON valid under ``schema`` can nest arrays and objects."""
-    if "$ref" in schema:
-        return schema_depth(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
-    branches = [*schema.get("anyOf", ()), *schema.get("allOf", ())]
-    if branches:
-        return max(schema_depth(branch, defs) for branch in branches)
-    kind = schema.get("type")
-    if kind == "array":
-        return 1 + schema_depth(schema.get("items", {}), defs)
-    if kind == "object":
-        children = [*schema.get("properties", {}).values()]
-        extra = schema.get("additionalProperties")
-        if isinstance(extra, dict):
-            children.append(extra)
-        return 1 + max((schema_depth(c, defs) for c in children), default=0)
-    return 0
-
-
-def test_a_valid_body_nests_exactly_the_minimum_depth() -> None:
-    # Why depth is only checked when validation fails: what validates is this shallow.
-    schema = pydantic.TypeAdapter(list[Event]).json_schema()
-    assert schema_depth(schema, schema.get("$defs", {})) == MIN_JSON_DEPTH == 3
-
-
-def test_the_least_depth_allowed_still_takes_the_deepest_valid_body(
-    small_http: httpx.Client, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    deepest = [{**EVENT, "entity_identifiers": {"sku": "1"}, "variant_ids": ["a", "b"]}]
-    answer = small_http.post(URL, json=deepest)
-    assert answer.status_code == 200, answer.text
-    over = post(small_http, nested(MIN_JSON_DEPTH + 1), content_type="application/json")
-    assert (over.status_code, over.json()) == (422, too_deep(MIN_JSON_DEPTH))
-    assert len(queued(rdb, keys)) == 1
-
-
-@pytest.mark.parametrize(
-    ("setting", "value"),
-    [
-        ("max_json_depth", MIN_JSON_DEPTH - 1),
-        ("max_json_depth", 257),
-        ("max_body_bytes", 0),
-        ("max_body_bytes", 2 * 1024 * 1024 + 1),
-        ("cors_cache_seconds", -1),
-    ],
-)
-def test_limits_out_of_range_are_refused_at_start_up(setting: str, value: int) -> None:
-    with pytest.raises(pydantic.ValidationError, match=setting):
-        BridgeSettings.model_validate({setting: value})
