@@ -5,7 +5,7 @@
 - ``servers``: the gRPC server and the bridge in the test's process
 - ``processes``: the gRPC server, the bridge and the commands as child processes
 - ``proxy``: the one TCP fault proxy (Valkey's RESP or gRPC's HTTP/2)
-- ``browser``: headless Chromium over the DevTools protocol, and pages of other origins
+- ``browser``: Debian's headless Chromium under Playwright, and pages of other origins
 - ``data``, ``rpc``, ``web``, ``keys``: events, gRPC calls, HTTP to the bridge, API keys
 - ``streams``: the one stream dumper, and the rejected-requests record
 - ``consumers``, ``consumer_worker``: consumers under test, and a consumer process

@@ -1,22 +1,24 @@
-"""Headless Chromium driven over the DevTools protocol, and pages served from other origins."""
+"""A real browser: Debian's headless Chromium driven by Playwright, and pages of other origins.
+
+Playwright is only the driver: it launches the system's ``chromium`` (no browser of
+its own is downloaded). Each page comes from a loopback port of its own, so that every
+call from it to the bridge is cross-origin.
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
-import subprocess
+import os
+import shutil
 import threading
-import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import ClientConnection, connect
+import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 FLAGS = (
-    "--headless",
     "--no-sandbox",  # tests run as root, where Chromium's sandbox cannot start
     "--disable-gpu",
     "--disable-quic",
@@ -27,132 +29,27 @@ FLAGS = (
 )
 
 
-class DevToolsError(RuntimeError):
-    """A DevTools command failed, or a page's script threw."""
+def chromium_binary() -> str:
+    """Debian's chromium; the test is skipped where it is not installed, but never on CI."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        message = "chromium is not installed (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must run the browser test (.ci/run installs it)")
+        pytest.skip(message)
+    return binary
 
 
-class Session:
-    """One DevTools websocket: commands answered by id, events kept for whoever waits."""
-
-    def __init__(self, url: str) -> None:
-        self._stack = ExitStack()
-        self._ws: ClientConnection = self._stack.enter_context(
-            connect(url, max_size=None, open_timeout=10)
-        )
-        self._ids = itertools.count(1)
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, timeout: float = 20, **params: Any) -> dict[str, Any]:
-        """Send a command; its result (events arriving meanwhile are kept)."""
-        call_id = next(self._ids)
-        self._ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            message = json.loads(self._ws.recv(timeout=max(0.0, deadline - time.monotonic())))
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise DevToolsError(f"{method}: {message['error']}")
-                result: dict[str, Any] = message["result"]
-                return result
-            if "method" in message:
-                self.events.append(message)
-
-    def wait_for(
-        self, method: str, matches: Callable[[dict[str, Any]], bool], timeout: float = 20
-    ) -> dict[str, Any]:
-        """The params of the first event ``method`` (kept or to come) that ``matches``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events:
-                if event["method"] == method and matches(event["params"]):
-                    params: dict[str, Any] = event["params"]
-                    return params
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DevToolsError(f"no {method} event within {timeout}s")
-            message = json.loads(self._ws.recv(timeout=left))
-            if "method" in message:
-                self.events.append(message)
-
-    def close(self) -> None:
-        """Close the websocket."""
-        self._stack.close()
-
-
-class Page(Session):
-    """A browser tab."""
-
-    def open(self, url: str) -> None:
-        """Load ``url`` and wait until it has loaded."""
-        self.call("Page.enable")
-        self.call("Network.enable")  # so that requests and their answers are seen as events
-        self.events.clear()
-        self.call("Page.navigate", url=url)
-        self.wait_for("Page.loadEventFired", lambda _: True)
-
-    def evaluate(self, expression: str) -> Any:
-        """Run JavaScript in the page, awaiting a promise; its JSON-able value."""
-        result = self.call(
-            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
-        )
-        if "exceptionDetails" in result:
-            raise DevToolsError(f"script threw: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def response_to(self, url_prefix: str, method: str = "POST") -> dict[str, Any]:
-        """The response (status, headers) the page got for its request to ``url_prefix``."""
-        sent = self.wait_for(
-            "Network.requestWillBeSent",
-            lambda p: (
-                p["request"]["url"].startswith(url_prefix) and p["request"]["method"] == method
-            ),
-        )
-        received = self.wait_for(
-            "Network.responseReceived", lambda p: p["requestId"] == sent["requestId"]
-        )
-        response: dict[str, Any] = received["response"]
-        return response
-
-
-class Chromium:
-    """A headless Chromium process with DevTools on a port it picks itself."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        self.profile = profile
-        self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "about:blank"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.browser = Session(self._browser_url())
-
-    def _browser_url(self) -> str:
-        # Chromium writes the port it bound, and the browser's websocket path, here.
-        active = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (active.exists() and len(active.read_text().split()) == 2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise DevToolsError("chromium did not start (no DevToolsActivePort)")
-            time.sleep(0.05)
-        port, path = active.read_text().split()
-        self.port = int(port)
-        return f"ws://127.0.0.1:{port}{path}"
-
-    def new_page(self) -> Page:
-        """A fresh tab (about:blank)."""
-        target = self.browser.call("Target.createTarget", url="about:blank")["targetId"]
-        return Page(f"ws://127.0.0.1:{self.port}/devtools/page/{target}")
-
-    def close(self) -> None:
-        """Quit the browser."""
-        self.browser.close()
-        self.proc.terminate()
+@contextmanager
+def headless_chromium() -> Iterator[Browser]:
+    """The system's Chromium, headless, under Playwright; closed on the way out."""
+    binary = chromium_binary()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=binary, headless=True, args=FLAGS)
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            yield browser
+        finally:
+            browser.close()
 
 
 class PageServer:
@@ -181,3 +78,13 @@ class PageServer:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def page_server(html: str) -> Iterator[PageServer]:
+    """A PageServer of ``html``, stopped on the way out."""
+    server = PageServer(html)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -1,25 +1,23 @@
 """A real browser: pages of other origins send events with fetch and navigator.sendBeacon.
 
-Headless Chromium (Debian's ``chromium``) is driven over the DevTools protocol;
-the pages come from loopback ports of their own, so every call to the bridge is
-cross-origin, with the browser's own preflights, CORS checks and beacons.
+Headless Chromium (Debian's ``chromium``) is driven by Playwright; the pages come
+from loopback ports of their own, so every call to the bridge is cross-origin, with
+the browser's own preflights, CORS checks and beacons.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from playwright.sync_api import Browser, Page, Response
 
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
-from tests.harness.browser import Chromium, Page, PageServer
+from tests.harness.browser import PageServer, headless_chromium, page_server
 from tests.harness.keys import create_key
 from tests.harness.servers import LoopThread, bridged, serving
 from tests.harness.streams import queued
@@ -62,33 +60,24 @@ def event(user_id: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+def chromium() -> Iterator[Browser]:
     """Headless Chromium; skipped where it is not installed, but never on CI."""
-    binary = shutil.which("chromium")
-    if binary is None:
-        message = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}: CI must run the browser test (.ci/run installs it)")
-        pytest.skip(message)
-    browser = Chromium(binary, Path(tmp_path_factory.mktemp("chromium")))
-    yield browser
-    browser.close()
+    with headless_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="module")
 def store() -> Iterator[PageServer]:
     """The storefront's pages: an origin the key lists."""
-    server = PageServer(PAGE)
-    yield server
-    server.close()
+    with page_server(PAGE) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def stranger() -> Iterator[PageServer]:
     """Another site's pages: an origin the key does not list."""
-    server = PageServer(PAGE)
-    yield server
-    server.close()
+    with page_server(PAGE) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +95,28 @@ def events_url(loop: LoopThread, settings: Settings, store_key: str) -> Iterator
 
 
 @pytest.fixture
-def tab(chromium: Chromium) -> Iterator[Page]:
-    """A fresh browser tab."""
-    page = chromium.new_page()
-    yield page
-    page.close()
+def tab(chromium: Browser) -> Iterator[Page]:
+    """A fresh browser tab, in a context (cookies, cache) of its own."""
+    context = chromium.new_context()
+    yield context.new_page()
+    context.close()
 
 
 def call(page: Page, function: str, *args: Any) -> Any:
     """Call one of the page's functions with JSON arguments."""
     return page.evaluate(f"{function}(...{json.dumps(args)})")
+
+
+def send_beacon(
+    page: Page, events_url: str, key: str, events: list[dict[str, str]]
+) -> tuple[Any, Response]:
+    """Call the page's sendBeacon: whether the browser took the beacon, and the answer the
+    browser got for it (the POST whose URL carries the key)."""
+    with page.expect_response(
+        lambda r: r.url.startswith(f"{events_url}?api_key=") and r.request.method == "POST"
+    ) as answer:
+        taken = call(page, "sendBeacon", events_url, key, events)
+    return taken, answer.value
 
 
 def test_a_store_page_sends_with_fetch_and_sendbeacon(  # noqa: PLR0917 (fixtures)
@@ -126,7 +127,7 @@ def test_a_store_page_sends_with_fetch_and_sendbeacon(  # noqa: PLR0917 (fixture
     rdb: redis.Redis,
     keys: KeySpace,
 ) -> None:
-    tab.open(f"{store.origin}/")
+    tab.goto(f"{store.origin}/")
     sent = call(tab, "sendFetch", events_url, store_key, [event("by-fetch")])
     assert sent["status"] == 200, sent
     assert sent["body"]["accepted"] == 1
@@ -138,9 +139,9 @@ def test_a_store_page_sends_with_fetch_and_sendbeacon(  # noqa: PLR0917 (fixture
     assert invalid["status"] == 422
     assert invalid["body"]["detail"][0]["loc"] == ["body", 0, "type"]
 
-    assert call(tab, "sendBeacon", events_url, store_key, [event("by-beacon")]) is True
-    beacon = tab.response_to(f"{events_url}?api_key=")  # the beacon's POST, as the browser saw it
-    assert beacon["status"] == 200
+    taken, beacon = send_beacon(tab, events_url, store_key, [event("by-beacon")])
+    assert taken is True
+    assert beacon.status == 200  # the beacon's POST, as the browser saw it
 
     users = sorted(envelope.event.user_id for _, envelope in queued(rdb, keys))
     assert users == ["by-beacon", "by-fetch", "by-gzip"]
@@ -156,12 +157,12 @@ def test_a_page_of_another_origin_is_refused(  # noqa: PLR0917 (fixtures)
     rdb: redis.Redis,
     keys: KeySpace,
 ) -> None:
-    tab.open(f"{stranger.origin}/")
+    tab.goto(f"{stranger.origin}/")
     # The preflight is refused: the browser never sends the POST, and says only this.
     sent = call(tab, "sendFetch", events_url, store_key, [event("by-fetch")])
     assert sent == {"error": "TypeError: Failed to fetch"}
     # A beacon needs no preflight: the server itself refuses the key from this origin.
-    assert call(tab, "sendBeacon", events_url, store_key, [event("by-beacon")]) is True
-    beacon = tab.response_to(f"{events_url}?api_key=")
-    assert beacon["status"] == 403
+    taken, beacon = send_beacon(tab, events_url, store_key, [event("by-beacon")])
+    assert taken is True
+    assert beacon.status == 403
     assert queued(rdb, keys) == []
