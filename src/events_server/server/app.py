@@ -198,7 +198,11 @@ async def create_server(
         limiter=Limiter(
             redis,
             keys,
-            share=max(1, int(settings.redis_max_connections * settings.caller_pool_share)),
+            capacity=settings.max_calls_in_progress,
+            # Never more than half the pool: the other callers keep connections to use.
+            per_caller=max(
+                1, min(settings.max_in_flight_per_caller, settings.redis_max_connections // 2)
+            ),
         ),
         rates=lambda caller: rates_for(caller, settings),
         write_seconds=settings.redis_timeout_seconds,

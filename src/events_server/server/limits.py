@@ -7,20 +7,22 @@ Two bounds, each answered RESOURCE_EXHAUSTED (HTTP 429) with a retry-after:
   the caller's own key. It runs before the write: a request spans partitions on
   several nodes, and a refused one must queue nothing, so the verdict comes first.
   A rate of 0 is no limit and costs no round trip.
-- **A share of the Redis pool per caller, per process**: a caller's writes hold at most
-  ``caller_pool_share`` of the connections at once; its further calls wait for one of
-  its own (within the Redis timeout, then UNAVAILABLE, as for a slow Redis). This is
-  what sheds the heaviest caller first under overload: a flood waits on its own share
-  while a light tenant finds connections free, so it keeps its latency, and the pool
-  never runs out for everyone.
+- **Turns per caller, per process**: at most ``max_in_flight_per_caller`` of a caller's
+  calls are worked on at once (parsed, validated, written); its further calls wait for
+  a turn of their own, before any parsing, within the call's Redis budget (then
+  UNAVAILABLE, as for a slow Redis). This is what sheds the heaviest caller first under
+  overload: a flood's waiting calls cost no CPU and hold no Redis connection, while a
+  light tenant finds its turn free, so it keeps its latency; and one caller can never
+  hold more than its turns' worth of the Redis pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from events_server.queue.connection import CLUSTER_ERRORS, RedisClient
@@ -79,40 +81,104 @@ return {1, 0}
 """)
 
 
-class Limiter:
-    """Checks callers against their rates (in Redis) and their share of the pool (here)."""
+class FairTurns:
+    """Turns at working on calls, shared fairly between callers.
 
-    def __init__(self, redis: RedisClient, keys: KeySpace, share: int) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._share = share
-        self._shares: dict[str, tuple[asyncio.Semaphore, int]] = {}
+    At most ``capacity`` calls are worked on at once in the process, at most ``per_caller``
+    of them one caller's. When a turn frees up it goes to the waiting caller holding the
+    fewest turns (round robin among equals), not to whoever queued first: a flood's
+    hundred waiting calls do not stand in front of a light tenant's one.
+    """
+
+    def __init__(self, capacity: int, per_caller: int) -> None:
+        self._capacity = capacity
+        self._per_caller = per_caller
+        self._active = 0
+        self._held: dict[str, int] = {}
+        self._waiting: collections.OrderedDict[str, collections.deque[asyncio.Future[None]]] = (
+            collections.OrderedDict()
+        )
+
+    def _may_start(self, caller: str) -> bool:
+        return self._active < self._capacity and self._held.get(caller, 0) < self._per_caller
+
+    def _start(self, caller: str) -> None:
+        self._active += 1
+        self._held[caller] = self._held.get(caller, 0) + 1
 
     @asynccontextmanager
-    async def share_of_pool(self, caller_id: str, deadline: float) -> AsyncIterator[None]:
-        """Hold one of the caller's connections' worth of Redis work, waiting until
-        ``deadline`` (loop time) while the caller's whole share is in use."""
-        semaphore, users = self._shares.get(caller_id) or (asyncio.Semaphore(self._share), 0)
-        self._shares[caller_id] = (semaphore, users + 1)
-        try:
+    async def turn(self, caller: str, deadline: float) -> AsyncIterator[None]:
+        """Work on one of ``caller``'s calls, waiting until ``deadline`` for a turn."""
+        if caller in self._waiting or not self._may_start(caller):
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(caller, collections.deque()).append(future)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await semaphore.acquire()
+                    await future
             except TimeoutError:
+                self._forget(caller, future)
                 raise StoreUnavailable(
-                    f"{caller_id}: its share of the Redis connections ({self._share}) stayed in"
-                    " use by its other calls; nothing was queued, retry later"
+                    f"{caller}: no turn came within the call's time (the server is busy with"
+                    " this caller's other calls, max_in_flight_per_caller, or with others');"
+                    " nothing was queued, retry later"
                 ) from None
-            try:
-                yield
-            finally:
-                semaphore.release()
+            except BaseException:
+                if not self._forget(caller, future):
+                    self._finish(caller)  # the turn was given, and is not taken
+                raise
+        else:
+            self._start(caller)
+        try:
+            yield
         finally:
-            semaphore, users = self._shares[caller_id]
-            if users == 1:
-                del self._shares[caller_id]  # idle callers cost nothing
+            self._finish(caller)
+
+    def _forget(self, caller: str, future: asyncio.Future[None]) -> bool:
+        """Take a waiter out of its queue; False when it had been given its turn already."""
+        queue = self._waiting.get(caller)
+        if queue is None or future not in queue:
+            return False
+        queue.remove(future)
+        if not queue:
+            del self._waiting[caller]
+        return True
+
+    def _finish(self, caller: str) -> None:
+        self._active -= 1
+        if (held := self._held[caller] - 1) == 0:
+            del self._held[caller]
+        else:
+            self._held[caller] = held
+        # Hand freed turns to the waiting caller holding the fewest (a light tenant before a
+        # flood), ties round robin: a caller served goes to the back of the line.
+        while self._active < self._capacity:
+            ready = [c for c in self._waiting if self._held.get(c, 0) < self._per_caller]
+            if not ready:
+                break
+            waiting = min(ready, key=lambda c: self._held.get(c, 0))
+            queue = self._waiting[waiting]
+            future = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(waiting)  # served: to the back of the line
             else:
-                self._shares[caller_id] = (semaphore, users - 1)
+                del self._waiting[waiting]
+            self._start(waiting)
+            future.set_result(None)
+
+
+class Limiter:
+    """Checks callers against their rates (in Redis) and gives out fair turns (here)."""
+
+    def __init__(
+        self, redis: RedisClient, keys: KeySpace, *, capacity: int, per_caller: int
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.turns = FairTurns(capacity, per_caller)
+
+    def turn(self, caller_id: str, deadline: float) -> AbstractAsyncContextManager[None]:
+        """Wait for a turn at working on one of the caller's calls (see FairTurns)."""
+        return self.turns.turn(caller_id, deadline)
 
     async def charge(self, caller_id: str, rates: Rates, events: int, deadline: float) -> None:
         """Take one request and ``events`` events from the caller's allowance, or RateLimited."""

@@ -172,13 +172,20 @@ class Settings(BaseSettings):
         gt=0,
         description="How many seconds' worth of a rate a caller may send at once (the burst).",
     )
-    caller_pool_share: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="Share of the Redis pool one key or storefront origin may use at once per"
-        " process; its further calls wait for its own connections (within the Redis timeout),"
-        " so the heaviest caller is shed first and the pool never runs out for everyone.",
+    max_calls_in_progress: int = Field(
+        8,
+        ge=1,
+        description="Calls worked on at once per process (parsed, validated, written); more"
+        " wait their turn, unparsed, and turns go round robin between the callers waiting,"
+        " so a flood does not stand in front of a light tenant.",
+    )
+    max_in_flight_per_caller: int = Field(
+        4,
+        ge=1,
+        description="Calls of one key or storefront origin worked on at once per process (at"
+        " most half redis_max_connections); its further calls wait their turn, unparsed,"
+        " within the Redis timeout, so a flood is shed first and other callers keep their"
+        " latency and their share of the Redis pool.",
     )
 
     @property
