@@ -29,6 +29,7 @@ from tests.harness.servers import (
     own_settings,
     serving_bridge,
     started_server,
+    stop,
 )
 from tests.harness.streams import Queue
 from tests.harness.valkey import SessionValkey, valkey_process
@@ -106,7 +107,7 @@ def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsSe
 
     server, port = loop.run(started_server(settings))
     yield server, port
-    loop.run(server.stop(0))
+    stop(loop, server)
 
 
 @pytest.fixture

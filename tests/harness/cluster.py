@@ -27,7 +27,7 @@ from events_server.server.settings import Settings
 from tests.harness.data import ev
 from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
-from tests.harness.servers import LoopThread, own_settings, started_server
+from tests.harness.servers import LoopThread, own_settings, started_server, stop
 from tests.harness.valkey import ValkeyProcess, free_port
 
 SLOTS = 16384
@@ -223,7 +223,7 @@ def grpc_server(
     store_key(redis.RedisCluster.from_url(settings.redis_url), settings.key_prefix, session_key[0])
     server, port = loop.run(started_server(settings))
     yield server, port
-    loop.run(server.stop(0))
+    stop(loop, server)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -43,7 +44,7 @@ class LoopThread:
             # A hang is worth a picture: every thread's stack and the loop's tasks.
             faulthandler.dump_traceback(all_threads=True)
             for task in asyncio.all_tasks(self.loop):
-                task.print_stack(limit=8, file=sys.stderr)
+                print(task, file=sys.stderr)  # print_stack fails on grpc's Cython frames
             raise
 
     def close(self) -> None:
@@ -89,7 +90,23 @@ def serving(
     try:
         yield server, f"127.0.0.1:{port}"
     finally:
-        loop.run(server.stop(0))
+        stop(loop, server)
+
+
+def stop(loop: LoopThread, server: EventsServer) -> None:
+    """Stop an in-process server; a stop that hangs is reported (with every stack), not fatal.
+
+    grpc.aio's Server.stop(0) has been seen, rarely and only under load, never to return for
+    a second server on the shared loop; the test's own assertions have all run by then.
+    """
+    try:
+        loop.run(server.stop(0), timeout=15)
+    except TimeoutError:
+        warnings.warn(
+            "events-server stop(0) did not return within 15 s (stacks above)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 @contextmanager

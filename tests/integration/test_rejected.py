@@ -17,7 +17,13 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.rejected import RejectedLog
 from events_server.server.settings import Settings
-from events_server.wire.rejected import MAX_ERROR_CHARS, MAX_ERRORS, MAX_TENANTS, PAYLOAD_LIMIT
+from events_server.wire.rejected import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_ERRORS_BYTES,
+    MAX_TENANTS,
+    PAYLOAD_LIMIT,
+)
 from tests.harness.data import ev
 from tests.harness.keys import create_key
 from tests.harness.processes import tail
@@ -214,8 +220,13 @@ def test_record_rpc_keeps_every_record_bounded(
     assert found == sorted(keys.rejected(f"shop-r{n}") for n in range(MAX_TENANTS))
     [record] = records(rdb, keys, "shop-r0")
     errors = json.loads(record[b"errors"])
-    assert len(errors) == MAX_ERRORS
+    # Cut in count (MAX_ERRORS), in characters per field, and in bytes per record: as many
+    # whole errors as fit, then one saying how many of the MAX_ERRORS were not kept.
+    assert len(record[b"errors"]) <= MAX_ERRORS_BYTES
     assert len(errors[0]["field"]) == MAX_ERROR_CHARS
+    kept, last = errors[:-1], errors[-1]
+    assert all(e == errors[0] for e in kept)
+    assert last["description"] == f"{MAX_ERRORS - len(kept)} more errors not kept"
     assert len(record[b"payload"]) == PAYLOAD_LIMIT
     assert int(record[b"payload_size"]) == 100_000
 

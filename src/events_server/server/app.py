@@ -28,6 +28,7 @@ from events_server.server.settings import Settings
 from events_server.server.store import EventStore, store_for
 from events_server.server.storefronts import StorefrontStore
 from events_server.wire.metadata import ORIGINS_SERVICE_NAME, REJECTED_SERVICE_NAME, SERVICE_NAME
+from events_server.wire.rejected import MAX_RECORD_BYTES
 from events_server.wire.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ async def create_server(
         durability=settings.durability,
         observe_script=metrics.observe_script,
     )
-    rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
+    # Bounded in bytes as well as in count: records have a most size of their own.
+    maxlen = min(settings.rejected_maxlen, settings.rejected_max_bytes // MAX_RECORD_BYTES)
+    rejected = RejectedLog(redis, keys, maxlen, settings.redis_timeout_seconds)
     auth = Authenticator(
         KeyStore(redis, keys),
         settings.key_cache_seconds,

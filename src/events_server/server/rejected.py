@@ -34,6 +34,7 @@ from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from events_server.wire.rejected import (
     MAX_ERROR_CHARS,
     MAX_ERRORS,
+    MAX_ERRORS_BYTES,
     MAX_IN_FLIGHT,
     MAX_TENANTS,
     PAYLOAD_LIMIT,
@@ -98,7 +99,7 @@ class RejectedLog:
         fields: dict[Any, Any] = {
             F_AT: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             F_SOURCE: source,
-            F_ERRORS: json.dumps(errors, ensure_ascii=False),
+            F_ERRORS: _errors_json(errors),
             F_PAYLOAD: request.payload[:PAYLOAD_LIMIT],
             F_SIZE: request.payload_size,
         }
@@ -186,3 +187,20 @@ class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
         except (RedisError, TimeoutError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis: {type(exc).__name__}: {exc}")
         return pb.RecordRejectedResponse()
+
+
+def _errors_json(errors: list[dict[str, str]]) -> str:
+    """The errors as JSON within MAX_ERRORS_BYTES: as many as fit, then a count of the rest."""
+    text = json.dumps(errors, ensure_ascii=False)
+    if len(text.encode()) <= MAX_ERRORS_BYTES:
+        return text
+    kept: list[dict[str, str]] = []
+    for error in errors:
+        kept.append(error)
+        more = {"field": "", "description": f"{len(errors) - len(kept)} more", "reason": "more"}
+        if len(json.dumps([*kept, more], ensure_ascii=False).encode()) > MAX_ERRORS_BYTES:
+            kept.pop()
+            break
+    rest = len(errors) - len(kept)
+    kept.append({"field": "", "description": f"{rest} more errors not kept", "reason": "more"})
+    return json.dumps(kept, ensure_ascii=False)

@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="Records kept per tenant in its rejected-requests stream (XADD MAXLEN ~,"
         " approximate); older ones are trimmed.",
     )
+    rejected_max_bytes: int = Field(
+        33_554_432,
+        ge=1_048_576,
+        description="Bytes one tenant's rejected-requests stream may hold, about: with records"
+        " of at most ~8.5 KiB (payload 4 KiB, errors 4 KiB), it keeps at most this / 8.5 KiB"
+        " records when that is fewer than rejected_maxlen.",
+    )
 
     max_events_per_request: int = Field(
         500,

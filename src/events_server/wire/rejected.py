@@ -16,6 +16,13 @@ MAX_ERRORS = 50
 MAX_ERROR_CHARS = 500
 """Characters kept of each error's field, description and reason."""
 
+MAX_ERRORS_BYTES = 4096
+"""Bytes of errors (as JSON) kept per record: with the payload, a record stays under ~8 KiB,
+so a stream's bytes are bounded by its record count."""
+
+MAX_RECORD_BYTES = PAYLOAD_LIMIT + MAX_ERRORS_BYTES + 512
+"""The most one record takes (payload, errors, and the small fields)."""
+
 MAX_IN_FLIGHT = 64
 """Records being written at once; past that, new ones are dropped (and logged)."""
 
