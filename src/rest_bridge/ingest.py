@@ -115,6 +115,21 @@ def validate_body(body: bytes, max_depth: int) -> list[Event] | Reply:
         )
 
 
+def events_request(events: list[Event]) -> pb.CreateEventsRequest | Reply:
+    """The CreateEvents call for validated events, or the contract's 422 for lone surrogates."""
+    try:
+        return pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
+    except UnicodeEncodeError:
+        return unprocessable(
+            [
+                validation_detail(
+                    loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
+                )
+                for loc in unencodable_locations(events)
+            ]
+        )
+
+
 def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
     """JSON body of a 200: the counts, then one result per event in request order."""
     return {
@@ -178,19 +193,10 @@ class CreateEvents:
         if isinstance(events, Reply):
             self._report_rejected(body, events, key, headers)
             return events
-        try:
-            call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
-        except UnicodeEncodeError:
-            reply = unprocessable(
-                [
-                    validation_detail(
-                        loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
-                    )
-                    for loc in unencodable_locations(events)
-                ]
-            )
-            self._report_rejected(body, reply, key, headers)
-            return reply
+        call = events_request(events)
+        if isinstance(call, Reply):
+            self._report_rejected(body, call, key, headers)
+            return call
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
