@@ -18,6 +18,7 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
+from websockets.http11 import Response
 from websockets.typing import Origin
 
 from events_server.pb import events_pb2 as pb
@@ -87,17 +88,23 @@ def with_ws_id(client: redis.Redis, keys: KeySpace, frame_id: str) -> list[pb.En
     return [e for _, e in queued(client, keys) if e.ws_message_id == frame_id]
 
 
-def refusal(base: str, key: str | None = None, origin: str | None = None) -> tuple[int, Any]:
-    """The HTTP status and JSON body of a refused handshake."""
+def refused(base: str, key: str | None = None, origin: str | None = None) -> Response:
+    """The HTTP answer to a refused handshake."""
 
-    async def attempt() -> tuple[int, Any]:
+    async def attempt() -> Response:
         with pytest.raises(InvalidStatus) as caught:
             async with opened(base, key, origin):
                 pass
-        response = caught.value.response
-        return response.status_code, json.loads(response.body or b"null")
+        return caught.value.response
 
     return run(attempt())
+
+
+def refusal(base: str, key: str | None = None, origin: str | None = None) -> tuple[int, Any]:
+    """The HTTP status and JSON body of a refused handshake."""
+    response = refused(base, key, origin)
+    assert response.headers["Content-Type"] == "application/json"
+    return response.status_code, json.loads(response.body or b"null")
 
 
 def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
@@ -261,6 +268,7 @@ def test_no_origin_and_no_key_is_refused_401(bridge: str) -> None:
     status, body = refusal(bridge)
     assert status == 401
     assert "no Origin and no API key" in body["detail"]
+    assert refused(bridge).headers["WWW-Authenticate"] == "APIKey"
 
 
 def test_an_unregistered_origin_is_refused_403(bridge: str, rdb: redis.Redis) -> None:
@@ -474,9 +482,10 @@ def test_past_the_connection_limit_the_handshake_is_refused_503(
 
         async def scenario() -> None:
             async with opened(base, api_key), opened(base, api_key):
-                status, body = await asyncio.to_thread(refusal, base, api_key)
-                assert status == 503
-                assert "ws_max_connections" in body["detail"]
+                answer = await asyncio.to_thread(refused, base, api_key)
+                assert answer.status_code == 503
+                assert answer.headers["Retry-After"] == "1"
+                assert "ws_max_connections" in json.loads(answer.body or b"")["detail"]
             # Both closed: there is room again (once the bridge has seen them go).
             deadline = time.monotonic() + 10
             while True:
