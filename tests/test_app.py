@@ -161,15 +161,32 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
     [
         pytest.param(
             "[{",
-            [{"loc": ["body", 2], "msg": "JSON decode error", "type": "json_invalid"}],
+            [
+                {
+                    "loc": ["body", 2],
+                    "msg": "JSON decode error",
+                    "type": "json_invalid",
+                    "input": {},
+                    "ctx": {"error": "Expecting property name enclosed in double quotes"},
+                }
+            ],
             id="invalid-json",
         ),
         pytest.param(
-            "", [{"loc": ["body"], "msg": "Field required", "type": "missing"}], id="empty-body"
+            "",
+            [{"loc": ["body"], "msg": "Field required", "type": "missing", "input": None}],
+            id="empty-body",
         ),
         pytest.param(
             json.dumps(EVENT),
-            [{"loc": ["body"], "msg": "Input should be a valid list", "type": "list_type"}],
+            [
+                {
+                    "loc": ["body"],
+                    "msg": "Input should be a valid list",
+                    "type": "list_type",
+                    "input": EVENT,
+                }
+            ],
             id="not-an-array",
         ),
         pytest.param(
@@ -179,6 +196,7 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "loc": ["body", 0],
                     "msg": "Input should be a valid dictionary or object to extract fields from",
                     "type": "model_attributes_type",
+                    "input": 1,
                 }
             ],
             id="not-an-object",
@@ -186,8 +204,18 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
         pytest.param(
             json.dumps([{"tenant": "t"}]),
             [
-                {"loc": ["body", 0, "market"], "msg": "Field required", "type": "missing"},
-                {"loc": ["body", 0, "type"], "msg": "Field required", "type": "missing"},
+                {
+                    "loc": ["body", 0, "market"],
+                    "msg": "Field required",
+                    "type": "missing",
+                    "input": {"tenant": "t"},
+                },
+                {
+                    "loc": ["body", 0, "type"],
+                    "msg": "Field required",
+                    "type": "missing",
+                    "input": {"tenant": "t"},
+                },
             ],
             id="missing-fields",
         ),
@@ -198,29 +226,33 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "loc": ["body", 1, "colour"],
                     "msg": "Extra inputs are not permitted",
                     "type": "extra_forbidden",
+                    "input": "red",
                 }
             ],
             id="extra-field",
         ),
         pytest.param(
             json.dumps(
-                [{**EVENT, "tenant": 5, "variant_ids": "v1", "entity_identifiers": {"a": 1}}]
+                [{**EVENT, "tenant": True, "variant_ids": "v1", "entity_identifiers": {"a": True}}]
             ),
             [
                 {
                     "loc": ["body", 0, "tenant"],
                     "msg": "Input should be a valid string",
                     "type": "string_type",
+                    "input": True,
                 },
                 {
                     "loc": ["body", 0, "variant_ids"],
                     "msg": "Input should be a valid list",
                     "type": "list_type",
+                    "input": "v1",
                 },
                 {
                     "loc": ["body", 0, "entity_identifiers", "a"],
                     "msg": "Input should be a valid string",
                     "type": "string_type",
+                    "input": True,
                 },
             ],
             id="mistyped-fields",
@@ -233,6 +265,11 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "msg": "Input should be 'page_view', 'click', 'add_to_cart', 'purchase',"
                     " 'element_visible', 'ws_click' or 'recommendations_inserted'",
                     "type": "enum",
+                    "input": "refund",
+                    "ctx": {
+                        "expected": "'page_view', 'click', 'add_to_cart', 'purchase',"
+                        " 'element_visible', 'ws_click' or 'recommendations_inserted'"
+                    },
                 }
             ],
             id="unknown-type",
@@ -244,6 +281,8 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "loc": ["body", 0, "dsid"],
                     "msg": "String should have at least 1 character",
                     "type": "string_too_short",
+                    "input": "",
+                    "ctx": {"min_length": 1},
                 }
             ],
             id="empty-dsid",
@@ -306,6 +345,7 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "loc": ["body", 0, "user_id"],
                     "msg": "Input should be a valid string",
                     "type": "string_type",
+                    "input": None,  # JSON has no NaN
                 }
             ],
             id="nan",
@@ -318,6 +358,7 @@ def test_api_key_precedence_is_header_then_query_then_cookie(
                     "msg": "Input should be a valid string, unable to parse raw data as a unicode"
                     " string",
                     "type": "string_unicode",
+                    "input": "\\ud800",  # the key, escaped: UTF-8 cannot hold it
                 }
             ],
             id="lone-surrogate-key",

@@ -111,7 +111,10 @@ def test_an_unregistered_origin_or_none_at_all_is_refused(
     with pytest.raises(grpc.RpcError) as caught:
         send(keyless, ev(), metadata=(("grpcgateway-origin", "https://nobody.example"),))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "not a registered storefront" in str(caught.value.details())
+    assert "events[0].tenant: storefront origin 'https://nobody.example' is not registered" in (
+        str(caught.value.details())
+    )
+    assert "'shop-a'" in str(caught.value.details())
     with pytest.raises(grpc.RpcError) as caught:
         send(keyless, ev())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -16,8 +16,8 @@ from rest_bridge.errors import invalid_body
 from rest_bridge.responses import Reply, json_reply
 
 ACCEPTED_TYPES = (
-    "application/json (or application/*+json); text/plain (navigator.sendBeacon) only with"
-    " the key in the api_key query parameter"
+    "application/json (or application/*+json); or, unless the key is in the X-API-KEY"
+    " cookie, the JSON as text/plain or application/x-www-form-urlencoded (beacons)"
 )
 
 # What a 415 echoes of the client's header: enough to recognise it.
@@ -48,35 +48,36 @@ def _media_refused(why: str) -> BodyRefused:
     return _unsupported(f"{why}: send {ACCEPTED_TYPES}", ("Accept-Post", "application/json"))
 
 
+# What navigator.sendBeacon sends a string or a Blob of JSON as: Depict's client
+# sends Blob([json], {type: "application/json"}) and falls back to the same JSON
+# typed application/x-www-form-urlencoded; a string goes as text/plain.
+BEACON_TYPES = frozenset({b"text/plain", b"application/x-www-form-urlencoded"})
+
+
 def check_media_type(content_type: bytes | None, key_source: KeySource | None) -> None:
     """Raise BodyRefused (415) unless the body is to be read as JSON.
 
-    text/plain is what navigator.sendBeacon sends; it is also what a page of any
-    other site may send without a CORS preflight, with the victim's cookies. So it
-    is JSON only when the key is in the query (which such a page cannot take from
-    the victim's cookie jar). A body without a Content-Type is JSON, as FastAPI
-    reads it, except with a cookie key: a typeless Blob is sent cross-site without
-    a preflight too.
+    text/plain and application/x-www-form-urlencoded are what beacons send; they
+    are also what a page of any other site may send without a CORS preflight, with
+    the victim's cookies. So they are JSON unless the key came in the X-API-KEY
+    cookie: a key in the query or a header is one the sending page holds itself (a
+    header also makes the browser ask first), and a keyless request is let in by its
+    Origin, which a browser never lets a page forge. Either body holds the JSON
+    itself, not form fields. A body without a Content-Type is JSON too, with the
+    same exception: a typeless Blob is sent cross-site without a preflight as well.
     """
-    if not content_type:
-        if key_source is KeySource.COOKIE:
-            raise _media_refused(
-                "a body without Content-Type is not accepted with the key in the X-API-KEY cookie"
-            )
-        return
-    mime = content_type.partition(b";")[0].strip().lower()
+    mime = (content_type or b"").partition(b";")[0].strip().lower()
     kind, _, subtype = mime.partition(b"/")
     if kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json")):
         return
-    if mime == b"text/plain":
-        if key_source is KeySource.QUERY:
-            return
-        where = f"the {key_source.value}" if key_source else "no key"
+    if content_type and mime not in BEACON_TYPES:
+        raise _media_refused(f"Content-Type {_shown(content_type)!r} is not accepted")
+    if key_source is KeySource.COOKIE:
+        what = f"Content-Type {_shown(mime)}" if content_type else "a body without Content-Type"
         raise _media_refused(
-            f"Content-Type text/plain is accepted only with the key in the api_key query"
-            f" parameter (navigator.sendBeacon), not with {where}"
+            f"{what} is not accepted with the key in the X-API-KEY cookie (a page of any"
+            " site can send one with the cookie, and without a preflight)"
         )
-    raise _media_refused(f"Content-Type {_shown(content_type)!r} is not accepted")
 
 
 def is_gzipped(content_encoding: bytes | None) -> bool:

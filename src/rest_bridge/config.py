@@ -11,8 +11,8 @@ from events_server.ops.settings import ENV_PREFIX, LogLevel
 MIN_JSON_DEPTH = 3
 """How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""
 
-# The bridge parses a body whole on its event loop, and past 2 MiB of JSON a request's
-# protobuf nears the server's default max_request_bytes (4 MiB), which gRPC refuses.
+# The bridge parses a body whole on its event loop: past 2 MiB of JSON that costs more
+# time than one request should hold it (and its protobuf nears the server's limits).
 MAX_BODY_BYTES_CEILING = 2 * 1024 * 1024
 
 

@@ -111,9 +111,10 @@ Examples requests:
 </details>"""
 
 
-# One entry of a 422 body: exactly the contract's `ValidationError`. FastAPI's
-# default also declares (and echoes) `input` and `ctx`; the contract has neither,
-# and echoing a rejected payload back to a browser helps nobody.
+# The contract's `ValidationError`, which the served schema keeps: `loc`, `msg` and
+# `type`. The 422 bodies are FastAPI's, whose items also hold `input` and `ctx`
+# (rest_bridge.errors.body_errors); the schema allows them (no additionalProperties),
+# so they conform. (FastAPI's own schema would declare both.)
 class ValidationErrorItem(BaseModel):
     model_config = ConfigDict(title="ValidationError")
 

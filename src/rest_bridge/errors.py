@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any
 
 import grpc
+import orjson
+from pydantic import ValidationError
 
 from events_server.wire.violations import unpack_violations
 from rest_bridge.responses import Reply, json_reply
@@ -57,13 +61,62 @@ def _printable(part: str | int) -> str | int:
 
 
 def validation_detail(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
-    """One item of a 422 body, exactly the contract's ValidationError."""
+    """One item of a 422 body, exactly the contract's ValidationError: the bridge's own."""
     return {"loc": [_printable(p) for p in loc], "msg": msg, "type": kind}
+
+
+def body_errors(error: ValidationError) -> list[dict[str, Any]]:
+    """FastAPI's 422 detail for a request body that failed validation.
+
+    Every error as pydantic gives it, its ``input`` and ``ctx`` included, located
+    under ``body``: what FastAPI's request_validation_exception_handler answers.
+    """
+    return [{**e, "loc": ["body", *e["loc"]]} for e in error.errors(include_url=False)]
+
+
+def missing_body() -> list[dict[str, Any]]:
+    """FastAPI's 422 detail for an empty body."""
+    return [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]
+
+
+def json_invalid(position: int, why: str) -> list[dict[str, Any]]:
+    """FastAPI's 422 detail for a body the stdlib JSON parser refuses (JSONDecodeError)."""
+    return [
+        {
+            "type": "json_invalid",
+            "loc": ["body", position],
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": why},
+        }
+    ]
+
+
+def _writable(value: Any) -> Any:
+    """``value`` with what JSON text cannot hold made so: lone surrogates, NaN, infinities."""
+    if isinstance(value, str):
+        return value if value.isascii() else _printable(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # as orjson writes them
+    if isinstance(value, dict):
+        return {_writable(k): _writable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_writable(v) for v in value]
+    return value
 
 
 def unprocessable(detail: list[dict[str, Any]]) -> Reply:
     """A 422 with the contract's HTTPValidationError body."""
-    return json_reply(422, {"detail": detail})
+    try:
+        return json_reply(422, {"detail": detail})
+    except orjson.JSONEncodeError:
+        # An echoed input holds a lone surrogate ("\ud800" is valid JSON; UTF-8 has no
+        # such character) or an integer past 64 bits, which orjson does not write.
+        # (FastAPI answers 500 for the first, and for NaN, which orjson writes as null.)
+        text = json.dumps(
+            _writable({"detail": detail}), ensure_ascii=False, separators=(",", ":"), default=str
+        )
+        return Reply(422, text.encode())
 
 
 def invalid_body(loc: list[str | int], msg: str, kind: str) -> Reply:

@@ -3,16 +3,19 @@
 FastAPI documents the route (rest_bridge.app) but does not serve it: its generic
 pipeline (middleware stack, dependency solving, stdlib JSON, Starlette responses)
 cost more CPU than parsing, validating and forwarding the events themselves. This
-handler keeps FastAPI's observable behaviour, 422 bodies included: the same
-pydantic TypeAdapter validates the same Python values, and JSON that orjson
-refuses is parsed again by the stdlib parser that FastAPI uses. Before any of
-that, rest_bridge.body takes the body: media type, gzip, size limits.
+handler keeps FastAPI's observable behaviour, 422 bodies included (``input`` and
+``ctx`` too): a body pydantic's JSON validation refuses is parsed again by the
+stdlib parser FastAPI uses, and validated as FastAPI validates it (the same
+TypeAdapter, ``validate_python(from_attributes=True)``). Before any of that,
+rest_bridge.body takes the body: media type, gzip, size limits. The WebSocket
+path validates its frames' events with ``validate_events``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,8 +31,11 @@ from rest_bridge.cors import Cors
 from rest_bridge.credentials import api_key
 from rest_bridge.errors import (
     REQUEST_TOO_LARGE,
+    body_errors,
     grpc_error_response,
     invalid_body,
+    json_invalid,
+    missing_body,
     unprocessable,
     validation_detail,
 )
@@ -51,9 +57,10 @@ def _parse_json(body: bytes, max_depth: int) -> Any:
     try:
         value = json.loads(body)
     except json.JSONDecodeError as error:
-        return invalid_body(["body", error.pos], "JSON decode error", "json_invalid")
+        return unprocessable(json_invalid(error.pos, error.msg))
     except UnicodeDecodeError as error:
-        # FastAPI answers 400 "There was an error parsing the body"; JSON must be UTF-8.
+        # FastAPI answers 400 "There was an error parsing the body", a status the
+        # contract does not have, naming nothing. JSON must be UTF-8: say where it is not.
         return invalid_body(
             ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
         )
@@ -62,7 +69,7 @@ def _parse_json(body: bytes, max_depth: int) -> Any:
         return _too_deep(max_depth)
     except ValueError as error:
         # Python refuses to convert integers of over 4300 digits (a guard against
-        # quadratic parsing); FastAPI would answer 500.
+        # quadratic parsing); FastAPI would answer that 400 too.
         return invalid_body(["body"], f"JSON decode error: {error}", "json_invalid")
     if nests_deeper(value, max_depth):
         return _too_deep(max_depth)
@@ -90,37 +97,18 @@ def nests_deeper(value: Any, limit: int) -> bool:
     return False
 
 
-def validate_body(body: bytes, max_depth: int) -> list[Event] | Reply:
-    """A JSON request body as Events, or the contract's 422 Reply."""
-    if body:
-        try:
-            # Success implies a shallow body: list[Event] nests MIN_JSON_DEPTH deep at
-            # most, and max_depth is at least that. So depth is checked on failure only.
-            return EVENTS.validate_json(body)
-        except ValidationError:
-            pass  # FastAPI's way below, for FastAPI's exact 422
-    if not body:
-        return invalid_body(["body"], "Field required", "missing")
-    value = _parse_json(body, max_depth)
-    if isinstance(value, Reply):
-        return value
-    try:
-        return EVENTS.validate_python(value, from_attributes=True)
-    except ValidationError as exc:
-        return unprocessable(
-            [
-                validation_detail(["body", *e["loc"]], e["msg"], e["type"])
-                for e in exc.errors(include_url=False, include_context=False, include_input=False)
-            ]
-        )
+@dataclass(frozen=True, slots=True)
+class Unprocessable:
+    """Why events are refused: the detail of the 422 (the contract's HTTPValidationError)."""
+
+    detail: list[dict[str, Any]]
 
 
-def events_request(events: list[Event]) -> pb.CreateEventsRequest | Reply:
-    """The CreateEvents call for validated events, or the contract's 422 for lone surrogates."""
+def _as_protobuf(events: list[Event]) -> list[pb.Event] | Unprocessable:
     try:
-        return pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
+        return [event_from_dict(vars(e)) for e in events]
     except UnicodeEncodeError:
-        return unprocessable(
+        return Unprocessable(
             [
                 validation_detail(
                     loc, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
@@ -128,6 +116,42 @@ def events_request(events: list[Event]) -> pb.CreateEventsRequest | Reply:
                 for loc in unencodable_locations(events)
             ]
         )
+
+
+def validate_events(value: Any) -> list[pb.Event] | Unprocessable:
+    """A parsed request body (the JSON array of events) as protobuf Events, or why not.
+
+    ``value`` is the JSON as json.loads gives it. The refusal is FastAPI's 422 for
+    the contract's body, error for error (``loc`` under ``body``, with ``input`` and
+    ``ctx``); strings JSON allows but UTF-8 does not (lone surrogates) are refused
+    after it, as ``string_unicode``.
+    """
+    try:
+        events = EVENTS.validate_python(value, from_attributes=True)
+    except ValidationError as error:
+        return Unprocessable(body_errors(error))
+    return _as_protobuf(events)
+
+
+def validate_body(body: bytes, max_depth: int) -> list[pb.Event] | Reply:
+    """A JSON request body as protobuf Events, or its 422 Reply (FastAPI's, but for the
+    bridge's own refusals: nesting past ``max_depth``, invalid UTF-8, lone surrogates)."""
+    if not body:
+        return unprocessable(missing_body())
+    try:
+        # Success implies a shallow body: list[Event] nests MIN_JSON_DEPTH deep at
+        # most, and max_depth is at least that. So depth is checked on failure only.
+        events = EVENTS.validate_json(body)
+    except ValidationError:
+        # FastAPI's way, for FastAPI's exact 422: the stdlib parser, then the same
+        # model on its Python values (pydantic's JSON errors differ in places).
+        value = _parse_json(body, max_depth)
+        if isinstance(value, Reply):
+            return value
+        result = validate_events(value)
+    else:
+        result = _as_protobuf(events)
+    return unprocessable(result.detail) if isinstance(result, Unprocessable) else result
 
 
 def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
@@ -193,10 +217,7 @@ class CreateEvents:
         if isinstance(events, Reply):
             self._report_rejected(body, events, key, headers)
             return events
-        call = events_request(events)
-        if isinstance(call, Reply):
-            self._report_rejected(body, call, key, headers)
-            return call
+        call = pb.CreateEventsRequest(events=events)
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:

@@ -38,7 +38,7 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import MAX_ORIGIN_CHARS, Cors
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import WWW_AUTHENTICATE, grpc_error_response
-from rest_bridge.ingest import events_request, validate_body
+from rest_bridge.ingest import validate_body
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
@@ -340,12 +340,9 @@ class WebSocketIngest:
         events = validate_body(frame.body, self._settings.max_json_depth)
         if isinstance(events, Reply):
             return self._not_ok(conn, frame, reply_detail(events))
-        request = events_request(events)
-        if isinstance(request, Reply):
-            return self._not_ok(conn, frame, reply_detail(request))
         try:
             response = await self._stub().CreateEvents(
-                request,
+                pb.CreateEventsRequest(events=events),
                 timeout=self._settings.grpc_timeout_seconds,
                 metadata=(*conn.metadata, (MD_WS_MESSAGE_ID, metadata_value(frame.id))),
             )

@@ -40,15 +40,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def serve(settings: Settings) -> None:
     """Run the gRPC server until SIGTERM or SIGINT, then drain gracefully."""
-    server, port = await create_server(settings)
     try:
-        await server.start()
-    except OSError as exc:  # the metrics port (gRPC's own failures raise RuntimeError)
+        # The metrics port is taken before the gRPC one: a second server on this host
+        # fails here, before it has bound anything a client could reach.
+        server, port = await create_server(settings)
+    except OSError as exc:  # the metrics port
         print(
-            f"events-server: cannot serve metrics on {settings.metrics_addr}: {exc}",
+            f"events-server: cannot serve metrics on {settings.metrics_addr}: {exc}"
+            " (another events-server on this host? give it EVENTS_METRICS_ADDR=127.0.0.1:0"
+            " or another port)",
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+    except RuntimeError as exc:  # gRPC's own: the gRPC port
+        print(f"events-server: cannot listen on {settings.grpc_addr}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    await server.start()
     if server.metrics_endpoint is not None:
         host = settings.metrics_addr.rpartition(":")[0]
         url = f"http://{host}:{server.metrics_endpoint.port}/metrics"

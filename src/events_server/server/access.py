@@ -17,7 +17,7 @@ from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.server.metrics import ServerMetrics
 from events_server.server.service import client_ip
-from events_server.server.status import call_metadata
+from events_server.server.status import call_events, call_metadata
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
 log = logging.getLogger("events_server.access")
@@ -109,6 +109,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         }
         if (events := getattr(request, "events", None)) is not None:
             fields["events"] = len(events)
+        elif (count := call_events.get()) is not None:  # CreateEvents reads raw bytes
+            fields["events"] = count
         if response is not None and hasattr(response, "accepted"):
             fields["accepted"] = response.accepted
             fields["duplicates"] = response.duplicates

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from events_server.ops.exposition import MetricsEndpoint, scrape_registry
+from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
@@ -63,12 +64,18 @@ class EventsServer:
         self._rejected = rejected
         self._stopping = False
         self._readiness: Readiness | None = None
+        self._metrics_listening = False
+
+    def listen_for_metrics(self) -> None:
+        """Take the metrics port (OSError when it is taken), before anything else listens."""
+        if self.metrics_endpoint is not None and not self._metrics_listening:
+            self.metrics_endpoint.start()
+            self._metrics_listening = True
 
     async def start(self) -> None:
         """Start serving (and /metrics); readiness and metrics follow Redis from here on."""
         await self._apply(await probe(self._store, self._settings.durability))
-        if self.metrics_endpoint is not None:
-            self.metrics_endpoint.start()
+        self.listen_for_metrics()
         await self.grpc.start()
         self._tasks = [asyncio.create_task(self._watch_redis(), name="redis-readiness")]
         if self.metrics_endpoint is not None:  # nobody else would see its readings
@@ -150,6 +157,8 @@ async def create_server(
     )
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
+        # Past it gRPC refuses a call at once (RESOURCE_EXHAUSTED) instead of queueing it.
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
         # port would silently take half the traffic. Only our own workers share one.
         options=[
@@ -158,21 +167,32 @@ async def create_server(
             ("grpc.max_receive_message_length", settings.max_request_bytes),
         ],
     )
-    events_pb2_grpc.add_EventsServiceServicer_to_server(
-        EventsService(
-            store,
-            auth,
-            settings.partitions,
-            settings.forwarded_hops,
-            metrics,
-            limits=Limits(
-                settings.max_events_per_request,
-                settings.max_event_bytes,
-                settings.max_string_length,
-            ),
-            rejected=rejected,
+    events = EventsService(
+        store,
+        auth,
+        settings.partitions,
+        settings.forwarded_hops,
+        metrics,
+        limits=Limits(
+            settings.max_events_per_request, settings.max_event_bytes, settings.max_string_length
         ),
-        server,
+        rejected=rejected,
+    )
+    # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw
+    # request bytes (no request_deserializer), so that the caller is authenticated and
+    # the events counted before gRPC would have built every message.
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "CreateEvents": grpc.unary_unary_rpc_method_handler(
+                        events.CreateEvents,
+                        response_serializer=pb.CreateEventsResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
     )
     events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected, auth), server)
     events_pb2_grpc.add_OriginsServicer_to_server(OriginsService(auth), server)
@@ -188,8 +208,14 @@ async def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(settings.grpc_addr)
     built = EventsServer(
         server, health_servicer, store, redis, settings, metrics=metrics, rejected=rejected
     )
+    built.listen_for_metrics()
+    try:
+        port = server.add_insecure_port(settings.grpc_addr)
+    except RuntimeError:
+        if built.metrics_endpoint is not None:
+            built.metrics_endpoint.stop()
+        raise
     return built, port

@@ -13,14 +13,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.server.auth import Authenticator, check_tenants
+from events_server.server.auth import Authenticator, Caller, check_tenants
 from events_server.server.errors import AuthError, IngestError, InvalidEvents, StoreUnavailable
 from events_server.server.metrics import ServerMetrics
 from events_server.server.rejected import RejectedLog
 from events_server.server.routing import partition_for
-from events_server.server.status import QUIET_CODES, abort, call_metadata, grpc_status
+from events_server.server.status import (
+    QUIET_CODES,
+    abort,
+    call_events,
+    call_metadata,
+    grpc_status,
+)
 from events_server.server.store import EventStore, Item
-from events_server.server.validation import validate_events
+from events_server.server.validation import parse_request, validate_events
 from events_server.wire.codec import envelope_bytes
 from events_server.wire.metadata import (
     MD_API_KEY,
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+NO_EVENTS = pb.CreateEventsRequest()
 
 WS_DEDUP_PREFIX = "ws:"
 """Frame ids dedup in their own namespace: a client's deduplication_id never meets one."""
@@ -86,8 +93,8 @@ def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
     return rest or peer
 
 
-class EventsService(events_pb2_grpc.EventsServiceServicer):
-    """Serves CreateEvents on top of an EventStore."""
+class EventsService:
+    """Serves CreateEvents (from raw request bytes: see app.create_server) on an EventStore."""
 
     def __init__(
         self,
@@ -109,10 +116,24 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self._rejected = rejected
 
     async def CreateEvents(
-        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
+        """CreateEvents from the request's bytes: the caller is known before they are parsed."""
+        request = NO_EVENTS
         try:
-            reply = await self._create_events(request, context)
+            received_at = Timestamp()
+            received_at.FromNanoseconds(time.time_ns())
+            metadata = call_metadata(context)
+            # Who first: an unauthenticated caller learns nothing, not even what is
+            # invalid, and costs no parsing.
+            caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
+            try:
+                request = parse_request(raw, self._limits)
+            except InvalidEvents as error:
+                self._record_invalid(request, error, caller)
+                raise
+            call_events.set(len(request.events))
+            reply = await self._create_events(request, received_at, metadata, caller, context)
         except IngestError as error:
             self._metrics.count_events(request.events, None, error)
             if isinstance(error, AuthError):
@@ -125,23 +146,28 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self._metrics.count_events(request.events, reply)
         return reply
 
+    def _record_invalid(
+        self, request: pb.CreateEventsRequest, error: InvalidEvents, caller: Caller
+    ) -> None:
+        if self._rejected is not None:
+            self._rejected.record_invalid_events(request, error.violations, caller)
+
     async def _create_events(
-        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext[object, object]
+        self,
+        request: pb.CreateEventsRequest,
+        received_at: Timestamp,
+        metadata: dict[str, str],
+        caller: Caller,
+        context: grpc.aio.ServicerContext[object, object],
     ) -> pb.CreateEventsResponse:
-        received_at = Timestamp()
-        received_at.FromNanoseconds(time.time_ns())
         events = request.events
-        metadata = call_metadata(context)
-        # Who first: an unauthenticated caller learns nothing, not even what is invalid.
-        caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
         retry_id = metadata.get(MD_WS_MESSAGE_ID)
         try:
             serialized = validate_events(events, self._limits)
             if retry_id is not None:
                 check_retry_id(retry_id, len(events))
         except InvalidEvents as error:
-            if self._rejected is not None:
-                self._rejected.record_invalid_events(request, error.violations, caller)
+            self._record_invalid(request, error, caller)
             raise
         # After validation, so an empty or missing tenant reads as invalid, not as foreign.
         check_tenants(caller, (event.tenant for event in events))

@@ -134,11 +134,19 @@ class Settings(BaseSettings):
         " map key or map value.",
     )
     max_request_bytes: int = Field(
-        4_194_304,
-        ge=65_536,
+        0,
+        ge=0,
         description="Largest message the gRPC server accepts (grpc.max_receive_message_length),"
         " in bytes; gRPC itself refuses a larger one with RESOURCE_EXHAUSTED (HTTP 413). At"
-        " least 64 KiB: the bridge's rejected-request reports must fit too.",
+        " least 64 KiB: the bridge's rejected-request reports must fit too. 0 (the default):"
+        " max_events_per_request events of max_event_bytes, plus 64 KiB.",
+    )
+    max_concurrent_calls: int = Field(
+        256,
+        ge=1,
+        description="gRPC calls in progress at once per server process; past it a call is"
+        " refused at once with RESOURCE_EXHAUSTED (HTTP 429, retry later), never queued."
+        " Bounds memory too: each may hold up to max_request_bytes.",
     )
 
     @property
@@ -151,11 +159,28 @@ class Settings(BaseSettings):
             max_connections=self.redis_max_connections,
         )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _request_limit_from_event_limits(cls, data: object) -> object:
+        # What a full request of the largest events needs, rather than gRPC's 4 MiB of
+        # anything: the limit follows the event limits it exists for.
+        if isinstance(data, dict) and not int(data.get("max_request_bytes") or 0):
+            fields = cls.model_fields
+            events = int(
+                data.get("max_events_per_request") or fields["max_events_per_request"].default
+            )
+            size = int(data.get("max_event_bytes") or fields["max_event_bytes"].default)
+            # Per event: its bytes, a tag and a length prefix of at most 5 bytes.
+            data = {**data, "max_request_bytes": events * (size + 6) + 65_536}
+        return data
+
     @model_validator(mode="after")
     def _one_event_fits_a_request(self) -> Settings:
         # Past this, an event within max_event_bytes could still never arrive: gRPC
         # would refuse its request before the clear event_too_large could be given.
         largest = self.max_event_bytes + 1 + len(varint(self.max_event_bytes))
+        if self.max_request_bytes < 65_536:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 65536")
         if self.max_request_bytes < largest:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must hold one event of"

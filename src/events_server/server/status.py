@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import grpc
@@ -27,6 +28,9 @@ QUIET_CODES = frozenset(
 
 
 Trailers = tuple[tuple[str, bytes | str], ...]
+
+call_events: ContextVar[int | None] = ContextVar("call_events", default=None)
+"""Events in the call being handled, once its request is parsed (for the access line)."""
 
 
 def call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
