@@ -40,11 +40,12 @@ MAX_CLOSE_REASON_BYTES = 123
 MAX_ID_CHARS = 128
 """Longest frame id (Depict's are about 12 characters); it travels as gRPC metadata."""
 
-# orjson reads integers past 64 bits as floats, which would change what the event
-# says; the standard parser keeps them whole. Twenty digits in a row (in a string
-# too, which costs only the slower parser) is where that can begin.
-_LONG_NUMBER = re.compile(r"\d{20}")
-_LONG_NUMBER_BYTES = re.compile(rb"\d{20}")
+# orjson reads integers past 64 bits (below -2**63, above 2**64 - 1) as floats, which
+# would change the text a number is kept as (rest_bridge.models.Text); the standard
+# parser keeps them whole. Nineteen digits in a row (in a string too, which costs only
+# the slower parser) is where that can begin.
+_LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
 
 # PERMISSION_DENIED messages that name an event's tenant: "events[0].tenant: ...".
 _TENANT_REFUSAL = re.compile(r"^events\[(\d+)\]\.tenant: ")
