@@ -5,8 +5,10 @@ This is the one place where IngestErrors become gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,7 +16,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server.auth import Authenticator, Caller, check_tenants
-from events_server.server.errors import AuthError, IngestError, InvalidEvents, StoreUnavailable
+from events_server.server.errors import (
+    AuthError,
+    IngestError,
+    InvalidEvents,
+    RateLimited,
+    StoreUnavailable,
+)
+from events_server.server.limits import Limiter, Rates
 from events_server.server.metrics import ServerMetrics
 from events_server.server.rejected import RejectedLog
 from events_server.server.routing import partition_for
@@ -105,8 +114,14 @@ class EventsService:
         metrics: ServerMetrics,
         *,
         limits: Limits,
+        limiter: Limiter,
+        rates: Callable[[Caller], Rates],
+        write_seconds: float,
         rejected: RejectedLog | None = None,
     ) -> None:
+        self._limiter = limiter
+        self._rates = rates
+        self._write_seconds = write_seconds
         self._store = store
         self._auth = auth
         self._limits = limits
@@ -120,6 +135,7 @@ class EventsService:
     ) -> pb.CreateEventsResponse:
         """CreateEvents from the request's bytes: the caller is known before they are parsed."""
         request = NO_EVENTS
+        caller: Caller | None = None
         try:
             received_at = Timestamp()
             received_at.FromNanoseconds(time.time_ns())
@@ -138,6 +154,8 @@ class EventsService:
             self._metrics.count_events(request.events, None, error)
             if isinstance(error, AuthError):
                 self._metrics.auth_failure(error.kind)
+            elif isinstance(error, RateLimited) and caller is not None:
+                self._metrics.rate_limited(caller.auth, caller.limiter_id)
             code, message, trailers = grpc_status(error)
             if code not in QUIET_CODES:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)
@@ -214,7 +232,14 @@ class EventsService:
                 )
             ]
 
-        outcomes = await self._store.append(items)
+        # One budget for the whole write: waiting for the caller's share of the pool, its
+        # rate check, the enqueue. A flood waits on its own share, never on everyone's.
+        deadline = asyncio.get_running_loop().time() + self._write_seconds
+        async with self._limiter.share_of_pool(caller.limiter_id, deadline):
+            await self._limiter.charge(
+                caller.limiter_id, self._rates(caller), len(events), deadline
+            )
+            outcomes = await self._store.append(items, deadline=deadline)
         accepted = sum(o[0] for o in outcomes)
         return pb.CreateEventsResponse(
             # Dicts, not EventResult objects: upb builds them in C, twice as fast.

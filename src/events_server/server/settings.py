@@ -149,6 +149,38 @@ class Settings(BaseSettings):
         " Bounds memory too: each may hold up to max_request_bytes.",
     )
 
+    key_requests_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Requests/s one API key may make, shared by every server process (0: no"
+        " limit); a key's own limit (keys create/limits) overrides it.",
+    )
+    key_events_per_second: float = Field(
+        0.0, ge=0, description="Events/s one API key may send (0: no limit); keys override it."
+    )
+    storefront_requests_per_second: float = Field(
+        500.0,
+        ge=0,
+        description="Requests/s the keyless traffic of one storefront origin may make, all its"
+        " visitors together (0: no limit). Anyone can forge an Origin: this is what bounds it.",
+    )
+    storefront_events_per_second: float = Field(
+        1000.0, ge=0, description="Events/s one storefront origin may send (0: no limit)."
+    )
+    rate_burst_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How many seconds' worth of a rate a caller may send at once (the burst).",
+    )
+    caller_pool_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the Redis pool one key or storefront origin may use at once per"
+        " process; its further calls wait for its own connections (within the Redis timeout),"
+        " so the heaviest caller is shed first and the pool never runs out for everyone.",
+    )
+
     @property
     def redis(self) -> RedisConfig:
         """How to connect to Redis."""

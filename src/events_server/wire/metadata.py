@@ -28,6 +28,10 @@ MD_WS_MESSAGE_ID = "x-ws-message-id"
 deduplication_id is deduplicated on it (per tenant), so the client's resends of that
 frame are queued once."""
 
+MD_RETRY_AFTER = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry may pass
+(the bridge's Retry-After)."""
+
 _SERVICES = events_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["EventsService"].full_name
 REJECTED_SERVICE_NAME = _SERVICES["RejectedEvents"].full_name
