@@ -7,7 +7,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,18 +27,14 @@ from events_server.server.auth import new_key
 from events_server.server.settings import Settings
 from rest_bridge.cli import uvicorn_options
 from rest_bridge.config import BridgeSettings
-from tests.conftest import Valkey
-from tests.stack import BridgeProcess, proxy_to, serving
-from tests.support import (
-    CuttingProxy,
-    LoopThread,
-    UvicornThread,
-    create_key,
-    queued,
-    run_events_server,
-    store_key,
-)
-from tests.test_metrics import scrape, value
+from tests.harness.keys import create_key, store_key
+from tests.harness.metrics import scrape, value
+from tests.harness.processes import BridgeProcess, run_events_server
+from tests.harness.proxy import FaultProxy, proxy_to
+from tests.harness.servers import LoopThread, UvicornThread, serving
+from tests.harness.streams import queued
+from tests.harness.valkey import SessionValkey
+from tests.harness.waiting import eventually
 
 T = TypeVar("T")
 
@@ -121,14 +117,6 @@ def refusal(base: str, key: str | None = None, origin: str | None = None) -> tup
     response = refused(base, key, origin)
     assert response.headers["Content-Type"] == "application/json"
     return response.status_code, json.loads(response.body or b"null")
-
-
-def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        time.sleep(0.05)
 
 
 def frames_counted(base: str, outcome: str) -> float:
@@ -393,7 +381,7 @@ def test_a_key_revoked_while_open_closes_the_socket_with_4100(
 def test_a_reply_lost_on_the_way_back_is_unanswered_and_the_resend_is_queued_once(
     grpc_target: str, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    proxy = CuttingProxy(int(grpc_target.rsplit(":", 1)[1]))
+    proxy = FaultProxy("127.0.0.1", int(grpc_target.rsplit(":", 1)[1]), protocol="http2")
     text = frame("lost-reply", event(user_id="u-lost"))
     try:
         with own_bridge(f"127.0.0.1:{proxy.port}") as base:
@@ -416,7 +404,7 @@ def test_a_reply_lost_on_the_way_back_is_unanswered_and_the_resend_is_queued_onc
 
 
 def test_redis_down_leaves_frames_unanswered_and_the_resend_after_is_queued_once(
-    bridge: str, api_key: str, valkey: Valkey, rdb: redis.Redis, keys: KeySpace
+    bridge: str, api_key: str, valkey: SessionValkey, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     process = valkey.killable()
     text = frame("outage", event(user_id="u-outage"))
@@ -475,7 +463,7 @@ def test_at_the_in_flight_limit_the_socket_is_not_read(  # noqa: PLR0917
     loop: LoopThread,
     settings: Settings,
     api_key: str,
-    valkey: Valkey,
+    valkey: SessionValkey,
     rdb: redis.Redis,
     keys: KeySpace,
 ) -> None:
