@@ -1,27 +1,23 @@
-"""WebSocket /ws/create-events over real sockets: Depict's frames, answers, faults and bounds."""
+"""WebSocket /ws/create-events over real sockets: Depict's frames, answers, handshakes, logs.
+
+Faults and bounds: test_ws_limits.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import redis
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
-from websockets.http11 import Response
-from websockets.typing import Origin
 
-from events_server.pb import events_pb2 as pb
 from events_server.queue.keys import KeySpace
 from events_server.server.auth import new_key
 from events_server.server.settings import Settings
@@ -30,116 +26,19 @@ from rest_bridge.config import BridgeSettings
 from tests.harness.keys import create_key, store_key
 from tests.harness.metrics import scrape, value
 from tests.harness.processes import BridgeProcess, run_events_server
-from tests.harness.proxy import FaultProxy, proxy_to
-from tests.harness.servers import LoopThread, UvicornThread, serving
 from tests.harness.streams import queued
-from tests.harness.valkey import SessionValkey
 from tests.harness.waiting import eventually
-
-T = TypeVar("T")
-
-PATH = "/ws/create-events"
-JSON_TYPE = {"content-type": "application/json"}
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def ws_url(base: str, **query: str) -> str:
-    url = base.replace("http://", "ws://", 1) + PATH
-    return url + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
-
-
-def opened(base: str, key: str | None = None, origin: str | None = None) -> connect:
-    """A client connection (an async context manager), with the key in the query."""
-    url = ws_url(base, api_key=key) if key else ws_url(base)
-    return connect(url, origin=Origin(origin) if origin else None, compression=None)
-
-
-def event(tenant: str = "shop-x", **fields: Any) -> dict[str, Any]:
-    """A Depict-like event: no deduplication_id."""
-    return {"tenant": tenant, "market": "se", "type": "page_view", "user_id": "u-1", **fields}
-
-
-def frame(frame_id: str, ev: Any) -> str:
-    return json.dumps({"id": frame_id, "event": ev})
-
-
-async def ask(ws: ClientConnection, text: str, within: float = 10) -> dict[str, Any]:
-    """Send a frame and read the next answer."""
-    await ws.send(text)
-    answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), within))
-    return answer
-
-
-async def resent_until_answered(
-    ws: ClientConnection, text: str, frame_id: str, within: float = 30
-) -> dict[str, Any]:
-    """Send a frame every 2 s, as Depict's client resends, until its answer comes."""
-    deadline = time.monotonic() + within
-    while True:
-        await ws.send(text)
-        with suppress(TimeoutError):
-            while True:  # answers to other frames are not this one's
-                answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 2))
-                if answer.get("id") == frame_id:
-                    return answer
-        assert time.monotonic() < deadline, f"{frame_id} unanswered for {within}s"
-
-
-async def nothing_arrives(ws: ClientConnection, within: float = 0.5) -> bool:
-    try:
-        await asyncio.wait_for(ws.recv(), within)
-    except TimeoutError:
-        return True
-    return False
-
-
-def with_ws_id(client: redis.Redis, keys: KeySpace, frame_id: str) -> list[pb.Envelope]:
-    return [e for _, e in queued(client, keys) if e.ws_message_id == frame_id]
-
-
-def refused(base: str, key: str | None = None, origin: str | None = None) -> Response:
-    """The HTTP answer to a refused handshake."""
-
-    async def attempt() -> Response:
-        with pytest.raises(InvalidStatus) as caught:
-            async with opened(base, key, origin):
-                pass
-        return caught.value.response
-
-    return run(attempt())
-
-
-def refusal(base: str, key: str | None = None, origin: str | None = None) -> tuple[int, Any]:
-    """The HTTP status and JSON body of a refused handshake."""
-    response = refused(base, key, origin)
-    assert response.headers["Content-Type"] == "application/json"
-    return response.status_code, json.loads(response.body or b"null")
-
-
-def frames_counted(base: str, outcome: str) -> float:
-    return value(scrape(f"{base}/metrics"), "events_ws_frames_total", outcome=outcome)
-
-
-async def until_counted(base: str, outcome: str, at_least: float, within: float = 15) -> None:
-    deadline = time.monotonic() + within
-    while await asyncio.to_thread(frames_counted, base, outcome) < at_least:
-        assert time.monotonic() < deadline, f"no {outcome} frame counted within {within}s"
-        await asyncio.sleep(0.05)
-
-
-@contextmanager
-def own_bridge(target: str, **overrides: Any) -> Iterator[str]:
-    """A bridge of its own (its own limits) in front of ``target``; its base URL."""
-    settings = {"grpc_target": target, "grpc_timeout_seconds": 3.0, "log_level": "WARNING"}
-    bridge = UvicornThread(BridgeSettings.model_validate({**settings, **overrides}))
-    bridge.start()
-    try:
-        yield bridge.url
-    finally:
-        bridge.stop()
+from tests.harness.ws import (
+    JSON_TYPE,
+    ask,
+    event,
+    frame,
+    opened,
+    refusal,
+    refused,
+    run,
+    with_ws_id,
+)
 
 
 @pytest.fixture
@@ -373,197 +272,6 @@ def test_a_key_revoked_while_open_closes_the_socket_with_4100(
     close = run(scenario())
     assert close is not None
     assert (close.code, close.reason) == (4100, "unknown or revoked API key")
-
-
-# --- faults: nothing is acknowledged that is not in Redis, and resends are queued once ---
-
-
-def test_a_reply_lost_on_the_way_back_is_unanswered_and_the_resend_is_queued_once(
-    grpc_target: str, api_key: str, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    proxy = FaultProxy("127.0.0.1", int(grpc_target.rsplit(":", 1)[1]), protocol="http2")
-    text = frame("lost-reply", event(user_id="u-lost"))
-    try:
-        with own_bridge(f"127.0.0.1:{proxy.port}") as base:
-
-            async def scenario() -> dict[str, Any]:
-                async with opened(base, api_key) as ws:
-                    await ask(ws, frame("warm-up", event()))  # the channel is up
-                    proxy.cut_next_reply()
-                    await ws.send(text)
-                    await until_counted(base, "unanswered", 1)
-                    assert await nothing_arrives(ws)  # never a not-ok for it
-                    return await ask(ws, text)  # the client's resend
-
-            assert run(scenario()) == {"id": "lost-reply", "status": "ok"}
-    finally:
-        proxy.close()
-    assert proxy.cuts == 1
-    [envelope] = with_ws_id(rdb, keys, "lost-reply")  # the first attempt queued it
-    assert envelope.event.user_id == "u-lost"
-
-
-def test_redis_down_leaves_frames_unanswered_and_the_resend_after_is_queued_once(
-    bridge: str, api_key: str, valkey: SessionValkey, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    process = valkey.killable()
-    text = frame("outage", event(user_id="u-outage"))
-
-    async def scenario() -> list[dict[str, Any]]:
-        async with opened(bridge, api_key) as ws:
-            await ask(ws, frame("warm-up", event()))
-            before = await asyncio.to_thread(frames_counted, bridge, "unanswered")
-            process.kill()
-            try:
-                for _ in range(2):
-                    await ws.send(text)
-                    await until_counted(bridge, "unanswered", before + 1)
-                    assert await nothing_arrives(ws)
-                    before += 1
-            finally:
-                process.start()
-            answers = [await resent_until_answered(ws, text, "outage")]
-            answers.append(await ask(ws, text))  # and once more after the ok
-            return answers
-
-    try:
-        answers = run(scenario())
-    finally:
-        if process.proc is None or process.proc.poll() is not None:
-            process.start()
-    assert answers == [{"id": "outage", "status": "ok"}] * 2
-    assert len(with_ws_id(rdb, keys, "outage")) == 1
-
-
-# --- bounds ----------------------------------------------------------------------------
-
-
-def test_a_frame_over_the_size_limit_closes_the_socket_with_1009(
-    grpc_target: str, api_key: str, rdb: redis.Redis, keys: KeySpace
-) -> None:
-    def sized(frame_id: str, size: int) -> str:
-        text = frame(frame_id, event(url=""))
-        return frame(frame_id, event(url="x" * (size - len(text))))
-
-    with own_bridge(grpc_target, ws_max_frame_bytes=1024) as base:
-
-        async def scenario() -> tuple[dict[str, Any], int]:
-            async with opened(base, api_key) as ws:
-                fits = await ask(ws, sized("fits", 1024))
-                with pytest.raises(ConnectionClosed) as caught:
-                    await ask(ws, sized("too-big", 1025))
-                assert caught.value.rcvd is not None
-                return fits, caught.value.rcvd.code
-
-        assert run(scenario()) == ({"id": "fits", "status": "ok"}, 1009)
-    assert [e.ws_message_id for _, e in queued(rdb, keys)] == ["fits"]
-
-
-def test_at_the_in_flight_limit_the_socket_is_not_read(  # noqa: PLR0917
-    loop: LoopThread,
-    settings: Settings,
-    api_key: str,
-    valkey: SessionValkey,
-    rdb: redis.Redis,
-    keys: KeySpace,
-) -> None:
-    hanging = {"redis_timeout_seconds": 6.0}  # a write waits this long on a silent Redis
-    with (
-        proxy_to(valkey.url) as proxy,
-        serving(loop, settings.model_copy(update={"redis_url": proxy.url, **hanging})) as (
-            _,
-            target,
-        ),
-        own_bridge(target, ws_max_in_flight=2, grpc_timeout_seconds=8.0) as base,
-    ):
-
-        def in_flight() -> float:
-            return value(scrape(f"{base}/metrics"), "events_ws_frames_in_flight")
-
-        async def scenario() -> list[dict[str, Any]]:
-            async with opened(base, api_key) as ws:
-                await ask(ws, frame("warm-up", event()))  # key cached, Redis connected
-                proxy.set_mode("blackhole")  # the writes hang until the server's timeout
-                await ws.send(frame("a", event(user_id="u-a")))
-                await ws.send(frame("b", event(user_id="u-b")))
-                for _ in range(20):  # frames the bridge would answer at once, were they read
-                    await ws.send("not json")
-                await asyncio.to_thread(eventually, lambda: in_flight() == 2)
-                assert await nothing_arrives(ws)
-                assert await asyncio.to_thread(in_flight) == 2
-                proxy.set_mode("pass")  # the hung writes fail (or go through) now
-                answers: list[dict[str, Any]] = []
-                while sum(a["status"] == "error" for a in answers) < 20:
-                    answers.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
-                for frame_id in ("a", "b"):  # the client resends what is unanswered
-                    text = frame(frame_id, event(user_id=f"u-{frame_id}"))
-                    answers.append(await resent_until_answered(ws, text, frame_id))
-                return answers
-
-        answers = run(scenario())
-    assert all(a["status"] in ("error", "ok") for a in answers)  # never a not-ok
-    assert answers[-2:] == [{"id": "a", "status": "ok"}, {"id": "b", "status": "ok"}]
-    assert sorted(e.event.user_id for _, e in queued(rdb, keys)) == ["u-1", "u-a", "u-b"]
-
-
-def test_past_the_connection_limit_the_handshake_is_refused_503(
-    grpc_target: str, api_key: str
-) -> None:
-    with own_bridge(grpc_target, ws_max_connections=2) as base:
-
-        async def scenario() -> None:
-            async with opened(base, api_key), opened(base, api_key):
-                answer = await asyncio.to_thread(refused, base, api_key)
-                assert answer.status_code == 503
-                assert answer.headers["Retry-After"] == "1"
-                assert "ws_max_connections" in json.loads(answer.body or b"")["detail"]
-            # Both closed: there is room again (once the bridge has seen them go).
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    async with opened(base, api_key) as ws:
-                        assert (await ask(ws, frame("room", event())))["status"] == "ok"
-                        return
-                except InvalidStatus:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
-
-        run(scenario())
-
-
-def test_an_idle_socket_is_closed_with_1000(grpc_target: str, api_key: str) -> None:
-    with own_bridge(grpc_target, ws_idle_timeout_seconds=0.5) as base:
-
-        async def scenario() -> tuple[int, str]:
-            async with opened(base, api_key) as ws:
-                await ask(ws, frame("one", event()))
-                with pytest.raises(ConnectionClosed) as caught:
-                    await asyncio.wait_for(ws.recv(), 20)
-                assert caught.value.rcvd is not None
-                return caught.value.rcvd.code, caught.value.rcvd.reason
-
-        code, reason = run(scenario())
-    assert code == 1000
-    assert "ws_idle_timeout_seconds" in reason
-
-
-def test_a_client_that_answers_no_ping_is_disconnected(grpc_target: str, api_key: str) -> None:
-    with own_bridge(grpc_target, ws_ping_interval_seconds=0.2, ws_ping_timeout_seconds=0.3) as base:
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=20) as sock:
-            handshake = (
-                f"GET {PATH}?api_key={api_key} HTTP/1.1\r\nHost: {host}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            sock.sendall(handshake.encode())
-            received = b""
-            while chunk := sock.recv(4096):  # never answering the pings; until closed
-                received += chunk
-    assert received.startswith(b"HTTP/1.1 101")
-    close = b"\x88"  # a close frame (FIN + opcode 8): code 1011, "keepalive ping timeout"
-    assert close + b"\x18\x03\xf3keepalive ping timeout" in received
 
 
 def test_uvicorn_gets_the_websocket_settings() -> None:
