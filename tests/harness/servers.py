@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import socket
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -34,7 +36,15 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            # A hang is worth a picture: every thread's stack and the loop's tasks.
+            faulthandler.dump_traceback(all_threads=True)
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(limit=8, file=sys.stderr)
+            raise
 
     def close(self) -> None:
         """Stop the loop and its thread."""
