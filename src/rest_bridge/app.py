@@ -1,4 +1,5 @@
-"""The REST bridge app: the contract's POST /create-events, docs, health."""
+"""The REST bridge app: the contract's POST /create-events, WebSocket /ws/create-events, docs,
+health."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
 from rest_bridge.rejected import RejectedReporter
+from rest_bridge.ws import WS_PATH, WebSocketIngest
 
 CONTRACT_PATH = "/create-events"
 
@@ -42,18 +44,27 @@ OptionalHeader = Annotated[str | None, WithJsonSchema({"type": "string"}), Heade
 
 
 class Bridge:
-    """The ASGI app: POST /create-events and its preflight to lean handlers, the rest to FastAPI.
+    """The ASGI app: POST /create-events, its preflight and WebSocket /ws/create-events to
+    lean handlers, the rest to FastAPI.
 
-    Every request passes AccessMiddleware first (request id, access line, metrics).
+    Every HTTP request passes AccessMiddleware first (request id, access line, metrics);
+    the WebSocket endpoint writes its own lines.
     """
 
-    def __init__(
-        self, api: FastAPI, create_events: CreateEvents, cors: Cors, settings: BridgeSettings
+    def __init__(  # noqa: PLR0917
+        self,
+        api: FastAPI,
+        create_events: CreateEvents,
+        cors: Cors,
+        settings: BridgeSettings,
+        ws: WebSocketIngest | None = None,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         self.api = api
         self.create_events = create_events
         self.cors = cors
-        self.metrics = BridgeMetrics()
+        self.ws = ws
+        self.metrics = metrics if metrics is not None else BridgeMetrics()
         self._entry = AccessMiddleware(
             self._dispatch, self.metrics, settings.log_client_ip, routes=(CONTRACT_PATH,)
         )
@@ -69,6 +80,9 @@ class Bridge:
             if scope["method"] == "OPTIONS" and is_preflight(scope):
                 await self.cors.preflight(scope, send)
                 return
+        elif scope["type"] == "websocket" and scope["path"] == WS_PATH and self.ws is not None:
+            await self.ws(scope, receive, send)
+            return
         await self.api(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
@@ -155,7 +169,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
     rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
     cors = Cors(lambda: api.state.origins, settings)
     create_events = CreateEvents(settings, lambda: api.state.events, cors, rejected)
-    bridge = Bridge(api, create_events, cors, settings)
+    counters = BridgeMetrics()
+    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected)
+    bridge = Bridge(api, create_events, cors, settings, ws, counters)
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -63,3 +63,44 @@ class BridgeSettings(BaseSettings):
         description="How long the server's answer on a browser origin (per origin and key)"
         " is reused, seconds.",
     )
+    # WebSocket /ws/create-events (rest_bridge.ws): every bound is per bridge process.
+    ws_max_frame_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=MAX_BODY_BYTES_CEILING,
+        description="Largest WebSocket message accepted on /ws/create-events, in bytes (one"
+        " event in a frame); a bigger one closes the connection with code 1009.",
+    )
+    ws_max_in_flight: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Frames of one WebSocket connection handled at once; at the limit the"
+        " bridge reads no more from that socket until one of them is answered.",
+    )
+    ws_max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="Open WebSocket connections per bridge process; past it a handshake is"
+        " refused with 503 and Retry-After.",
+    )
+    ws_idle_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A WebSocket connection that has sent no frame and has none in flight"
+        " for this long is closed with code 1000, seconds.",
+    )
+    ws_ping_interval_seconds: float = Field(
+        20.0, gt=0, description="How often the bridge pings each WebSocket client, seconds."
+    )
+    ws_ping_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="A WebSocket client that does not answer a ping within this long is"
+        " disconnected (code 1011), seconds.",
+    )
+    ws_per_message_deflate: bool = Field(
+        False,
+        description="Accept the permessage-deflate extension browsers offer (smaller frames,"
+        " but zlib work on every frame and ~40 KiB more memory per connection).",
+    )

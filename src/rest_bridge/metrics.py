@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, scrape_registry
 
 # Anything else a client puts in the request line is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# WebSocket close codes kept as label values; any other is counted as "other".
+WS_CLOSE_CODES = frozenset({1000, 1001, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4100})
+
 UNMATCHED_ROUTE = "unmatched"
 """Route label of requests no route matched (their paths are client-chosen, so not labels)."""
 
 
 class BridgeMetrics:
-    """HTTP requests by route, method and status, and their latency."""
+    """HTTP requests by route, method and status, and their latency; WebSocket connections and
+    frames."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -31,6 +35,44 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.ws_handshakes = Counter(
+            "events_ws_handshakes",
+            "WebSocket handshakes on /ws/create-events by HTTP status (101: accepted).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.ws_open = Gauge(
+            "events_ws_connections_open",
+            "WebSocket connections open now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.ws_in_flight = Gauge(
+            "events_ws_frames_in_flight",
+            "WebSocket frames being handled now (their CreateEvents calls are out).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.ws_closes = Counter(
+            "events_ws_closes",
+            "WebSocket connections ended, by close code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.ws_frames = Counter(
+            "events_ws_frames",
+            "WebSocket frames by outcome: accepted, duplicate, not_ok, error, unanswered,"
+            " resend_in_flight.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.ws_frame_seconds = Histogram(
+            "events_ws_frame_duration_seconds",
+            "Time from reading a WebSocket frame to its answer (or to giving up on it).",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.scrape = scrape_registry(self.registry)
         self._children = LabelCache()
 
@@ -39,3 +81,18 @@ class BridgeMetrics:
         method = method if method in METHODS else "other"
         self._children.get(self.requests, (route, method, str(status))).inc()
         self._children.get(self.seconds, (route, method)).observe(seconds)
+
+    def ws_frame(self, outcome: str, seconds: float | None = None) -> None:
+        """Count one WebSocket frame (and how long it took, when it was handled)."""
+        self._children.get(self.ws_frames, (outcome,)).inc()
+        if seconds is not None:
+            self._children.get(self.ws_frame_seconds, (outcome,)).observe(seconds)
+
+    def ws_handshake(self, status: int) -> None:
+        """Count one handshake answered with ``status``."""
+        self._children.get(self.ws_handshakes, (str(status),)).inc()
+
+    def ws_closed(self, code: int) -> None:
+        """Count one connection ended with close ``code``."""
+        label = str(code) if code in WS_CLOSE_CODES else "other"
+        self._children.get(self.ws_closes, (label,)).inc()
