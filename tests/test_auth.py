@@ -286,6 +286,7 @@ def test_refused_keys_are_counted_by_kind_and_not_logged_as_warnings(
         "unknown_key": 2,
         "tenant_not_allowed": 1,
         "origin_not_allowed": 0,
+        "origin_not_registered": 0,
     }
     # Refusals are the client's business: no warning for the operator.
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

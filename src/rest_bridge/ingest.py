@@ -176,7 +176,7 @@ class CreateEvents:
         """The reply to one request with its whole (inflated) JSON body."""
         events = validate_body(body, self._settings.max_json_depth)
         if isinstance(events, Reply):
-            self._report_rejected(body, events, key)
+            self._report_rejected(body, events, key, headers)
             return events
         try:
             call = pb.CreateEventsRequest(events=[event_from_dict(vars(e)) for e in events])
@@ -189,7 +189,7 @@ class CreateEvents:
                     for loc in unencodable_locations(events)
                 ]
             )
-            self._report_rejected(body, reply, key)
+            self._report_rejected(body, reply, key, headers)
             return reply
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
@@ -203,15 +203,25 @@ class CreateEvents:
                 # gRPC refused it before the server could record it: the bridge does.
                 message = orjson.loads(reply.body)["detail"]
                 detail = [validation_detail(["body"], message, "request_too_large")]
-                self._report(body, detail, key)
+                self._report(body, detail, key, headers)
             return reply
         return json_reply(200, response_body(response))
 
-    def _report_rejected(self, body: bytes, reply: Reply, key: str | None) -> None:
+    def _report_rejected(
+        self, body: bytes, reply: Reply, key: str | None, headers: dict[bytes, bytes]
+    ) -> None:
         """File a request the bridge refused itself in the rejected record (in the background)."""
-        self._report(body, orjson.loads(reply.body)["detail"], key)
+        self._report(body, orjson.loads(reply.body)["detail"], key, headers)
 
-    def _report(self, body: bytes, detail: list[dict[str, Any]], key: str | None) -> None:
+    def _report(
+        self,
+        body: bytes,
+        detail: list[dict[str, Any]],
+        key: str | None,
+        headers: dict[bytes, bytes],
+    ) -> None:
         """Report ``body``: the inflated one, at most max_body_bytes, never a gzip bomb."""
         if self._rejected is not None:
-            self._rejected.report(body, detail, key)
+            origin = headers.get(b"origin")
+            page = origin.decode("latin-1") if origin else None
+            self._rejected.report(body, detail, key, page)

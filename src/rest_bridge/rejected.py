@@ -20,7 +20,7 @@ import orjson
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.wire.metadata import MD_API_KEY
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from events_server.wire.rejected import (
     MAX_ERROR_CHARS,
     MAX_ERRORS,
@@ -69,13 +69,25 @@ class RejectedReporter:
         if self.lost & (self.lost - 1) == 0:  # 1st, 2nd, 4th...: no log flood
             log.warning("rejected-request report lost (%d so far): %s", self.lost, why)
 
-    def report(self, body: bytes, detail: list[dict[str, Any]], api_key: str | None) -> None:
-        """Report a request refused with ``detail`` (a 422's, or a 413's), if it came with a key.
+    def report(
+        self,
+        body: bytes,
+        detail: list[dict[str, Any]],
+        api_key: str | None,
+        origin: str | None = None,
+    ) -> None:
+        """Report a request refused with ``detail`` (a 422's, or a 413's), if it came with a
+        key or (keyless) from a page origin.
 
-        The server records it for the tenants it names that the key covers, else for
-        the key's own: a request without a key is nobody's, and is not recorded.
+        The server records it for the tenants it names that the caller covers (a key's, or
+        a registered storefront origin's), else for the caller's own: a request with
+        neither is nobody's, and is not recorded.
         """
-        if not api_key:
+        if api_key:
+            credential = (MD_API_KEY, metadata_value(api_key))
+        elif origin:
+            credential = (MD_ORIGIN, metadata_value(origin))
+        else:
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self._lose(f"{MAX_IN_FLIGHT} already in flight")
@@ -95,15 +107,13 @@ class RejectedReporter:
             payload=body[:PAYLOAD_LIMIT],
             payload_size=len(body),
         )
-        task = asyncio.create_task(self._send(request, api_key))
+        task = asyncio.create_task(self._send(request, credential))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, request: pb.RejectedRequest, api_key: str) -> None:
+    async def _send(self, request: pb.RejectedRequest, credential: tuple[str, str]) -> None:
         try:
-            await self._stub().Record(
-                request, timeout=self._timeout, metadata=((MD_API_KEY, metadata_value(api_key)),)
-            )
+            await self._stub().Record(request, timeout=self._timeout, metadata=(credential,))
         except grpc.aio.AioRpcError as error:
             self._lose(f"{error.code().name}: {error.details()}")
 

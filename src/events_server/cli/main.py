@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from events_server.cli import keys, queue, serve
+from events_server.cli import keys, queue, serve, storefronts
 from events_server.ops.logs import setup_logging
 from events_server.ops.settings import settings_from_args
 from events_server.queue.connection import CLUSTER_ERRORS
 from events_server.server.settings import Settings
 
-COMMAND_GROUPS = (serve, queue, keys)
+COMMAND_GROUPS = (serve, queue, keys, storefronts)
 """Each registers its commands, and sets ``run(args, settings) -> exit code | None`` on them."""
 
 

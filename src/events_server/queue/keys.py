@@ -13,10 +13,13 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
                                         when their membership expires (unix milliseconds)
     ev:{keys}:records                   hash: API key id -> key record JSON (revoked too)
     ev:{keys}:active                    hash: SHA-256 of a key in force -> key record JSON
+    ev:{keys}:storefronts               hash: registered page origin -> storefront JSON
+                                        (the tenants it may write without a key)
 
-The ``{keys}`` tag keeps both key hashes in one slot, so creating and revoking a key
-are one MULTI. The ``{p7}`` hash tag puts everything of one partition in one Redis Cluster slot, so
-no script (enqueue, dead-letter, replay, trim, lease) ever crosses slots.
+The ``{keys}`` tag keeps the key hashes and the storefronts in one slot, so creating
+and revoking a key are one MULTI. The ``{p7}`` hash tag puts everything of one partition
+in one Redis Cluster slot, so no script (enqueue, dead-letter, replay, trim, lease) ever
+crosses slots.
 """
 
 from __future__ import annotations
@@ -104,3 +107,7 @@ class KeySpace:
     def api_key_digests(self) -> str:
         """Hash of the keys in force, by SHA-256 digest of the secret."""
         return f"{self.prefix}:{{keys}}:active"
+
+    def storefronts(self) -> str:
+        """Hash of registered storefront origins: origin -> the tenants it may write."""
+        return f"{self.prefix}:{{keys}}:storefronts"

@@ -18,7 +18,7 @@ from events_server.ops.logs import request_id as current_request_id
 from events_server.server.metrics import ServerMetrics
 from events_server.server.service import client_ip
 from events_server.server.status import call_metadata
-from events_server.wire.metadata import REQUEST_ID_HEADER
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
 log = logging.getLogger("events_server.access")
 
@@ -112,4 +112,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if response is not None and hasattr(response, "accepted"):
             fields["accepted"] = response.accepted
             fields["duplicates"] = response.duplicates
+        # Keyed and keyless traffic told apart (never the key itself).
+        if MD_API_KEY in metadata:
+            fields["auth"] = "key"
+        elif MD_ORIGIN in metadata:
+            fields["auth"] = "storefront"
+            fields["origin"] = metadata[MD_ORIGIN][:200]
         log.log(level, "%s %s", method, code.name, extra=fields)

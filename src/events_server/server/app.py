@@ -16,6 +16,7 @@ from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
 from events_server.server.access import AccessInterceptor
 from events_server.server.auth import Authenticator, KeyStore
+from events_server.server.lookups import CachedLookup
 from events_server.server.metrics import ServerMetrics
 from events_server.server.readiness import Readiness, probe
 from events_server.server.rejected import RejectedLog, RejectedServicer
@@ -23,6 +24,7 @@ from events_server.server.sampler import RedisSampler
 from events_server.server.service import EventsService, OriginsService
 from events_server.server.settings import Settings
 from events_server.server.store import EventStore, store_for
+from events_server.server.storefronts import StorefrontStore
 from events_server.wire.metadata import ORIGINS_SERVICE_NAME, REJECTED_SERVICE_NAME, SERVICE_NAME
 from events_server.wire.validation import Limits
 
@@ -138,7 +140,14 @@ async def create_server(
         observe_script=metrics.observe_script,
     )
     rejected = RejectedLog(redis, keys, settings.rejected_maxlen, settings.redis_timeout_seconds)
-    auth = Authenticator(KeyStore(redis, keys), settings.key_cache_seconds, settings.cors_origins)
+    auth = Authenticator(
+        KeyStore(redis, keys),
+        settings.key_cache_seconds,
+        settings.cors_origins,
+        CachedLookup(
+            StorefrontStore(redis, keys).find, settings.key_cache_seconds, "storefront origin"
+        ),
+    )
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same

@@ -1,4 +1,5 @@
-"""API keys: creation, listing, revocation, and the cached lookup every call makes.
+"""Who may call: API keys (creation, listing, revocation, the cached lookup every call
+makes) and, without a key, registered storefront origins (see ``storefronts``).
 
 A key is ``evk_`` + 43 url-safe characters (256 random bits). Redis only ever holds
 its SHA-256 digest: a plain hash is enough for secrets this long (nothing to brute
@@ -11,7 +12,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
@@ -20,12 +21,12 @@ from redis.exceptions import RedisError
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
+from events_server.server.lookups import CachedLookup
+from events_server.server.storefronts import Storefront
 from events_server.wire.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
 
 SECRET_PREFIX = "evk_"
 ID_PREFIX = "key_"
-CACHE_LIMIT = 10_000
-"""Cached lookups per process; past it the cache starts over (a flood of made-up keys)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +84,52 @@ def key_writes(key: ApiKey, records: str, active: str) -> list[tuple[str, str, s
     return [(records, key.id, stored), (active, key.digest, stored)]
 
 
-def check_tenants(key: ApiKey, tenants: Iterable[str]) -> None:
-    """Raise PermissionDenied naming the first event whose tenant the key does not cover."""
-    covered = key.tenants
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a call was let in as: an API key, or (keyless) a registered storefront origin."""
+
+    tenants: tuple[str, ...]
+    key: ApiKey | None = None
+    storefront: Storefront | None = None
+
+    @property
+    def key_id(self) -> str:
+        """The key's id; empty for keyless intake."""
+        return self.key.id if self.key is not None else ""
+
+    @property
+    def auth(self) -> str:
+        """How it was let in, as metrics and logs name it: ``key`` or ``storefront``."""
+        return "key" if self.key is not None else "storefront"
+
+    def describe(self) -> str:
+        """The caller as an error message names it."""
+        if self.key is not None:
+            return f"key {self.key.id}"
+        assert self.storefront is not None
+        return f"storefront origin {self.storefront.origin!r}"
+
+
+def _shown(tenant: str) -> str:
+    # Cut: a 50 KB tenant would make the status too big for gRPC's metadata.
+    return repr(tenant if len(tenant) <= 100 else tenant[:100] + "...")
+
+
+def check_tenants(caller: Caller, tenants: Iterable[str]) -> None:
+    """Raise PermissionDenied naming the first event whose tenant the caller does not cover."""
+    covered = caller.tenants
     for index, tenant in enumerate(tenants):
         if tenant not in covered:
             shown = ", ".join(repr(t) for t in covered[:5])
-            # Cut: a 50 KB tenant would make the status too big for gRPC's metadata.
-            named = tenant if len(tenant) <= 100 else tenant[:100] + "..."
             more = f" and {len(covered) - 5} more" if len(covered) > 5 else ""
+            if caller.key is not None:
+                why = f"key {caller.key.id} may not write to tenant {_shown(tenant)}"
+                fix = ""
+            else:
+                why = f"{caller.describe()} is not registered for tenant {_shown(tenant)}"
+                fix = " (events-server storefronts add)"
             raise PermissionDenied(
-                f"events[{index}].tenant: key {key.id} may not write to tenant {named!r}"
-                f" (it covers {shown}{more}); nothing was queued",
+                f"events[{index}].tenant: {why} (it covers {shown}{more}){fix}; nothing was queued",
                 "tenant_not_allowed",
             )
 
@@ -162,20 +197,46 @@ class Authenticator:
     """
 
     def __init__(
-        self, store: KeyStore, cache_seconds: float, fallback_origins: Sequence[str]
+        self,
+        store: KeyStore,
+        cache_seconds: float,
+        fallback_origins: Sequence[str],
+        storefronts: Callable[[str], Awaitable[Storefront | None]] | None = None,
     ) -> None:
         self._store = store
+        self._storefronts = storefronts
         self._ttl = cache_seconds
         self._fallback = tuple(fallback_origins)
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._lookup = CachedLookup(store.find, cache_seconds, "API key")
         self._origins: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+    async def admit(self, secret: str | None, origin: str | None) -> Caller:
+        """Who the call is: its key (checked against the page origin), else its storefront.
+
+        Unauthenticated without either; PermissionDenied for an origin that is not
+        registered (keyless) or that the key does not allow.
+        """
+        if secret or self._storefronts is None or origin is None:
+            key = await self.authenticate(secret)
+            self.check_origin(key, origin)
+            return Caller(key.tenants, key=key)
+        front = await self._storefronts(origin)
+        if front is None:
+            raise PermissionDenied(
+                f"origin {origin[:200]!r} is not a registered storefront (events-server"
+                " storefronts add --tenant T --origin O) and the request carries no API key;"
+                " nothing was queued",
+                "origin_not_registered",
+            )
+        return Caller(front.tenants, storefront=front)
 
     async def authenticate(self, secret: str | None) -> ApiKey:
         """The key in force for this secret, or Unauthenticated."""
         if not secret:
             raise Unauthenticated(
                 "missing API key: send it as x-api-key metadata (HTTP: the X-API-KEY header,"
-                " the api_key query parameter or the X-API-KEY cookie)",
+                " the api_key query parameter or the X-API-KEY cookie), or send from a"
+                " registered storefront origin",
                 "missing_key",
             )
         key = await self._lookup(digest_of(secret))
@@ -186,23 +247,6 @@ class Authenticator:
     async def find(self, secret: str | None) -> ApiKey | None:
         """The key in force for this secret, or None (no error either way)."""
         return await self._lookup(digest_of(secret)) if secret else None
-
-    async def _lookup(self, digest: str) -> ApiKey | None:
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            key = await self._store.find(digest)
-        except RedisError as error:
-            # Not a 401: the key may well be good, and the client should retry.
-            raise StoreUnavailable(
-                f"redis: {type(error).__name__}: {error} (checking the API key)"
-            ) from error
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[digest] = (now + self._ttl, key)
-        return key
 
     def decide(self, key: ApiKey, origin: str) -> OriginDecision:
         """May this key be used from a page of ``origin``."""
@@ -219,8 +263,11 @@ class Authenticator:
             )
 
     async def decide_any(self, origin: str) -> OriginDecision:
-        """Without a key (a CORS preflight): is the origin allowed for some key, or globally."""
+        """Without a key (a CORS preflight, a keyless request): is the origin a registered
+        storefront, allowed for some key, or allowed globally."""
         if origin in self._fallback:
+            return OriginDecision(allowed=True, credentials=True)
+        if self._storefronts is not None and await self._storefronts(origin) is not None:
             return OriginDecision(allowed=True, credentials=True)
         expires, listed = self._origins
         now = time.monotonic()

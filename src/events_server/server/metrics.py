@@ -30,7 +30,16 @@ ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
 BATCH_REJECTED = "batch_rejected"
 """Reason of a valid event refused because another event of its request was invalid."""
 
-AUTH_FAILURE_KINDS = ("missing_key", "unknown_key", "tenant_not_allowed", "origin_not_allowed")
+AUTH_FAILURE_KINDS = (
+    "missing_key",
+    "unknown_key",
+    "tenant_not_allowed",
+    "origin_not_allowed",
+    "origin_not_registered",
+)
+
+AUTH_KINDS = ("key", "storefront")
+"""How an admitted request was let in: with an API key, or keyless from a storefront origin."""
 """Kinds of ``events_auth_failures_total``: no key, a key unknown or revoked, a key not for
 the tenant, a key used from a page origin it does not allow."""
 
@@ -123,6 +132,15 @@ class ServerMetrics:
         )
         for kind in AUTH_FAILURE_KINDS:  # present at 0 from the start, so rates work
             self.auth_failures.labels(kind)
+        self.admissions = Counter(
+            "events_admitted_requests",
+            "CreateEvents calls let in, by how: an API key, or a registered storefront origin"
+            " without a key.",
+            ["auth"],
+            registry=self.registry,
+        )
+        for auth in AUTH_KINDS:
+            self.admissions.labels(auth)
 
     def count_events(
         self,
@@ -163,6 +181,10 @@ class ServerMetrics:
     def observe_script(self, seconds: float) -> None:
         """Record one round trip of script calls to Redis."""
         self.script_seconds.observe(seconds)
+
+    def admitted(self, auth: str) -> None:
+        """Count one call let in (``auth`` from AUTH_KINDS)."""
+        self._children.get(self.admissions, (auth,)).inc()
 
     def auth_failure(self, kind: str) -> None:
         """Count one refused API key (``kind`` from AUTH_FAILURE_KINDS)."""

@@ -26,11 +26,11 @@ from redis.exceptions import RedisError
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import F_AT, F_ERRORS, F_PAYLOAD, F_SIZE, F_SOURCE, F_TENANT, KeySpace
-from events_server.server.auth import ApiKey, Authenticator
+from events_server.server.auth import Authenticator, Caller
 from events_server.server.errors import IngestError
 from events_server.server.status import abort, call_metadata
 from events_server.wire.codec import event_to_dict
-from events_server.wire.metadata import MD_API_KEY
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from events_server.wire.rejected import (
     MAX_ERROR_CHARS,
     MAX_ERRORS,
@@ -44,11 +44,12 @@ from events_server.wire.violations import FieldViolation
 log = logging.getLogger(__name__)
 
 
-def tenants_for(named: Iterable[object], key: ApiKey) -> list[str]:
-    """The tenants a key's rejected request is recorded for: those it names and the key covers,
-    else the key's own (a request missing its tenant is still its store's business)."""
-    covered = [tenant for tenant in tenants_of(named) if tenant in key.tenants]
-    return covered or list(key.tenants[:MAX_TENANTS])
+def tenants_for(named: Iterable[object], caller: Caller) -> list[str]:
+    """The tenants a rejected request is recorded for: those it names that its caller (key or
+    storefront) covers, else the caller's own (a request missing its tenant is still its
+    store's business)."""
+    covered = [tenant for tenant in tenants_of(named) if tenant in caller.tenants]
+    return covered or list(caller.tenants[:MAX_TENANTS])
 
 
 def events_payload(request: pb.CreateEventsRequest) -> tuple[bytes, int]:
@@ -134,10 +135,10 @@ class RejectedLog:
             log.warning("rejected-request record not written: %s: %s", type(exc).__name__, exc)
 
     def record_invalid_events(
-        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], key: ApiKey
+        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], caller: Caller
     ) -> None:
         """Record a CreateEvents call refused as invalid (in the background)."""
-        tenants = tenants_for((event.tenant for event in request.events), key)
+        tenants = tenants_for((event.tenant for event in request.events), caller)
         payload, size = events_payload(request)
         self.record_soon(
             pb.RejectedRequest(
@@ -161,8 +162,8 @@ class RejectedLog:
 class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
     """RejectedEvents.Record: how the REST bridge files the requests it refused itself.
 
-    The bridge forwards the request's API key: only a key's own tenants get records, so no
-    one can fill another store's record with junk.
+    The bridge forwards the request's API key (or, keyless, its page origin): only the
+    caller's own tenants get records, so no one can fill another store's record with junk.
     """
 
     def __init__(self, rejected: RejectedLog, auth: Authenticator) -> None:
@@ -174,10 +175,10 @@ class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
     ) -> pb.RecordRejectedResponse:
         metadata = call_metadata(context)
         try:
-            key = await self._auth.authenticate(metadata.get(MD_API_KEY))
+            caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
         except IngestError as error:
             await abort(context, error)
-        tenants = tenants_for(request.tenants, key)
+        tenants = tenants_for(request.tenants, caller)
         del request.tenants[:]
         request.tenants.extend(tenants)
         try:

@@ -29,13 +29,45 @@ from events_server.wire.metadata import (
     MD_ORIGIN,
     MD_REFERER,
     MD_USER_AGENT,
+    MD_WS_MESSAGE_ID,
 )
 from events_server.wire.validation import Limits
+from events_server.wire.violations import FieldViolation
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
+
+WS_DEDUP_PREFIX = "ws:"
+"""Frame ids dedup in their own namespace: a client's deduplication_id never meets one."""
+
+MAX_RETRY_ID_CHARS = 256
+
+
+def check_retry_id(retry_id: str, events: int) -> None:
+    """A WebSocket frame id names one event, and is short (it becomes part of a Redis key)."""
+    if events != 1:
+        raise InvalidEvents(
+            [
+                FieldViolation(
+                    "events",
+                    f"a call with {MD_WS_MESSAGE_ID} carries one event, not {events}",
+                    "ws_one_event",
+                )
+            ]
+        )
+    if not retry_id or len(retry_id) > MAX_RETRY_ID_CHARS:
+        raise InvalidEvents(
+            [
+                FieldViolation(
+                    "id",
+                    f"the frame id must be 1 to {MAX_RETRY_ID_CHARS} characters long,"
+                    f" not {len(retry_id)}",
+                    "ws_id_length",
+                )
+            ]
+        )
 
 
 def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
@@ -101,18 +133,21 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         events = request.events
         metadata = call_metadata(context)
         # Who first: an unauthenticated caller learns nothing, not even what is invalid.
-        key = await self._auth.authenticate(metadata.get(MD_API_KEY))
-        self._auth.check_origin(key, metadata.get(MD_ORIGIN))
+        caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
+        retry_id = metadata.get(MD_WS_MESSAGE_ID)
         try:
             serialized = validate_events(events, self._limits)
+            if retry_id is not None:
+                check_retry_id(retry_id, len(events))
         except InvalidEvents as error:
             if self._rejected is not None:
-                self._rejected.record_invalid_events(request, error.violations, key)
+                self._rejected.record_invalid_events(request, error.violations, caller)
             raise
         # After validation, so an empty or missing tenant reads as invalid, not as foreign.
-        check_tenants(key, (event.tenant for event in events))
+        check_tenants(caller, (event.tenant for event in events))
         if not events:
             return pb.CreateEventsResponse()
+        self._metrics.admitted(caller.auth)
 
         shared = pb.Envelope(
             received_at=received_at,
@@ -120,18 +155,38 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
             user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
             referer=metadata.get(MD_REFERER),
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
-            api_key_id=key.id,
+            api_key_id=caller.key_id,
+            storefront_origin=caller.storefront.origin if caller.storefront else None,
+            ws_message_id=retry_id,
         ).SerializeToString()
         partitions = self._partitions
-        items: list[Item] = [
-            (
-                partition_for(event, partitions),
-                event.tenant,
-                event.deduplication_id if event.HasField("deduplication_id") else None,
-                envelope_bytes(data, shared),
+        if retry_id is None:
+            items: list[Item] = [
+                (
+                    partition_for(event, partitions),
+                    event.tenant,
+                    event.deduplication_id if event.HasField("deduplication_id") else None,
+                    envelope_bytes(data, shared),
+                )
+                for event, data in zip(events, serialized, strict=True)
+            ]
+        else:
+            # A WebSocket frame's resends carry its id: an event without a deduplication_id
+            # is deduplicated on it, and routed by it, so a resend meets its first copy.
+            (event,), (data,) = events, serialized
+            dedup_id = (
+                event.deduplication_id
+                if event.HasField("deduplication_id")
+                else WS_DEDUP_PREFIX + retry_id
             )
-            for event, data in zip(events, serialized, strict=True)
-        ]
+            items = [
+                (
+                    partition_for(event, partitions, fallback=dedup_id),
+                    event.tenant,
+                    dedup_id,
+                    envelope_bytes(data, shared),
+                )
+            ]
 
         outcomes = await self._store.append(items)
         accepted = sum(o[0] for o in outcomes)

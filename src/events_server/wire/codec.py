@@ -108,9 +108,10 @@ def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
         if envelope.HasField(name):
             out[name] = getattr(envelope, name)
     out["api_key_id"] = envelope.api_key_id
-    for name in ("storefront_origin", "ws_message_id"):
-        if envelope.HasField(name):
-            out[name] = getattr(envelope, name)
+    if envelope.HasField("storefront_origin"):
+        out["storefront_origin"] = envelope.storefront_origin
+    if envelope.HasField("ws_message_id"):
+        out["ws_message_id"] = envelope.ws_message_id
     out["event"] = event_to_dict(envelope.event)
     return out
 

@@ -1,0 +1,50 @@
+"""A cached Redis lookup (an API key, a storefront origin): reused, found or not, for a while."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from redis.exceptions import RedisError
+
+from events_server.server.errors import StoreUnavailable
+
+T = TypeVar("T")
+
+CACHE_LIMIT = 10_000
+"""Cached lookups per process; past it the cache starts over (a flood of made-up names)."""
+
+
+class CachedLookup(Generic[T]):
+    """``fetch(name)`` from Redis, each answer (None too) reused for ``ttl_seconds``.
+
+    The time bounds how long a revoked key keeps working, and how long a new one may be
+    refused after a client tried it before it existed. A Redis failure is
+    StoreUnavailable, never "not found": the name may well be good, and the client
+    should retry.
+    """
+
+    def __init__(
+        self, fetch: Callable[[str], Awaitable[T | None]], ttl_seconds: float, what: str
+    ) -> None:
+        self._fetch = fetch
+        self._ttl = ttl_seconds
+        self._what = what
+        self._cache: dict[str, tuple[float, T | None]] = {}
+
+    async def __call__(self, name: str) -> T | None:
+        now = time.monotonic()
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = await self._fetch(name)
+        except RedisError as error:
+            raise StoreUnavailable(
+                f"redis: {type(error).__name__}: {error} (checking the {self._what})"
+            ) from error
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[name] = (now + self._ttl, found)
+        return found
