@@ -14,7 +14,6 @@ path validates its frames' events with ``validate_events``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,6 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from events_server.pb import events_pb2 as pb
-from events_server.pb import events_pb2_grpc
 from events_server.wire.codec import event_from_dict
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
@@ -39,6 +37,7 @@ from rest_bridge.errors import (
     unprocessable,
     validation_detail,
 )
+from rest_bridge.gather import Gatherer
 from rest_bridge.models import Event, unencodable_locations
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
@@ -176,12 +175,12 @@ class CreateEvents:
     def __init__(
         self,
         settings: BridgeSettings,
-        stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
+        gatherer: Gatherer,
         cors: Cors,
         rejected: RejectedReporter | None = None,
     ) -> None:
         self._settings = settings
-        self._stub = stub
+        self._gatherer = gatherer
         self._cors = cors
         self._rejected = rejected
 
@@ -221,9 +220,7 @@ class CreateEvents:
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
-            response = await self._stub().CreateEvents(
-                call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
-            )
+            response = await self._gatherer.create_events(call, metadata)
         except grpc.aio.AioRpcError as error:
             reply = grpc_error_response(error, self._settings.retry_after_seconds)
             if reply.status == REQUEST_TOO_LARGE:
