@@ -7,12 +7,12 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from types import TracebackType
-from typing import TYPE_CHECKING, Self, Unpack
+from typing import TYPE_CHECKING, Unpack
 
 import grpc
 
 from events_server.client.errors import error_from_rpc
+from events_server.client.lifecycle import AsyncClosing
 from events_server.client.options import ClientOptions, EventLike, Options, build_request
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("events_server.client")
 
 
-class EventsClient:
+class EventsClient(AsyncClosing):
     """Async CreateEvents client. Create it inside the event loop that will use it."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
@@ -41,14 +41,6 @@ class EventsClient:
             ],
         )
         self._stub = events_pb2_grpc.EventsServiceStub(self._channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the channel (calls in flight are cancelled)."""
