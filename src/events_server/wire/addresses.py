@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 _UNIX = ("unix:", "unix-abstract:")
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every call: ipaddress takes microseconds
 def _loopback(host: str) -> bool:
     host = host.strip("[]").partition("%")[0]
     if host == "localhost":
@@ -23,7 +25,7 @@ def _loopback(host: str) -> bool:
 def is_local_peer(peer: str) -> bool:
     """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:/path``) is on
     this host: a loopback address or a Unix socket."""
-    if peer.startswith(_UNIX):
+    if peer.startswith(("ipv4:127.", *_UNIX)):  # gRPC writes addresses canonically
         return True
     kind, _, rest = peer.partition(":")
     return kind in ("ipv4", "ipv6") and _loopback(rest.rpartition(":")[0])
