@@ -26,7 +26,8 @@ import redis
 from bench.loadgen import Job, Result, run_job
 from bench.workload import TENANTS
 from events_server.server.auth import new_key
-from tests.support import ValkeyProcess, free_port, store_key
+from tests.harness.keys import store_key
+from tests.harness.valkey import ValkeyProcess, free_port
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

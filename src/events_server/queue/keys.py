@@ -15,6 +15,8 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
     ev:{keys}:active                    hash: SHA-256 of a key in force -> key record JSON
     ev:{keys}:storefronts               hash: registered page origin -> storefront JSON
                                         (the tenants it may write without a key)
+    ev:{rl:<caller>}:rate               hash: the caller's rate-limit schedule (GCRA
+                                        times, ms); expires when idle
 
 The ``{keys}`` tag keeps the key hashes and the storefronts in one slot, so creating
 and revoking a key are one MULTI. The ``{p7}`` hash tag puts everything of one partition
@@ -111,3 +113,8 @@ class KeySpace:
     def storefronts(self) -> str:
         """Hash of registered storefront origins: origin -> the tenants it may write."""
         return f"{self.prefix}:{{keys}}:storefronts"
+
+    def limiter(self, caller: str) -> str:
+        """A caller's rate-limit state; its own hash tag spreads callers over a cluster."""
+        # Key ids and origins hold no braces; an origin is short (the Origin header).
+        return f"{self.prefix}:{{rl:{caller}}}:rate"

@@ -16,8 +16,9 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
 from events_server.server.access import AccessInterceptor
-from events_server.server.auth import Authenticator, KeyStore
+from events_server.server.auth import Authenticator, Caller, KeyStore
 from events_server.server.identity import BridgeIdentity
+from events_server.server.limits import Limiter, Rates
 from events_server.server.lookups import CachedLookup
 from events_server.server.metrics import ServerMetrics
 from events_server.server.readiness import Readiness, probe
@@ -133,6 +134,24 @@ class EventsServer:
             await self._apply(await probe(self._store, self._settings.durability))
 
 
+def rates_for(caller: Caller, settings: Settings) -> Rates:
+    """A caller's rates: a key's own where set, else the server's defaults for its kind."""
+    if caller.key is None:
+        return Rates(
+            settings.storefront_requests_per_second,
+            settings.storefront_events_per_second,
+            settings.rate_burst_seconds,
+        )
+    key = caller.key
+    return Rates(
+        settings.key_requests_per_second
+        if key.requests_per_second is None
+        else key.requests_per_second,
+        settings.key_events_per_second if key.events_per_second is None else key.events_per_second,
+        settings.rate_burst_seconds if key.burst_seconds is None else key.burst_seconds,
+    )
+
+
 async def create_server(
     settings: Settings, *, redis: RedisClient | None = None
 ) -> tuple[EventsServer, int]:
@@ -191,6 +210,17 @@ async def create_server(
         limits=Limits(
             settings.max_events_per_request, settings.max_event_bytes, settings.max_string_length
         ),
+        limiter=Limiter(
+            redis,
+            keys,
+            capacity=settings.max_calls_in_progress,
+            # Never more than half the pool: the other callers keep connections to use.
+            per_caller=max(
+                1, min(settings.max_in_flight_per_caller, settings.redis_max_connections // 2)
+            ),
+        ),
+        rates=lambda caller: rates_for(caller, settings),
+        write_seconds=settings.redis_timeout_seconds,
         rejected=rejected,
     )
     # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw

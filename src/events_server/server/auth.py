@@ -40,6 +40,10 @@ class ApiKey:
     created: str
     origins: tuple[str, ...]
     revoked: str | None = None
+    requests_per_second: float | None = None
+    """The key's own rate limits; None: the server's defaults (EVENTS_KEY_*)."""
+    events_per_second: float | None = None
+    burst_seconds: float | None = None
 
     def to_json(self) -> str:
         """The stored form."""
@@ -98,6 +102,14 @@ class Caller:
         return self.key.id if self.key is not None else ""
 
     @property
+    def limiter_id(self) -> str:
+        """Whose allowance the call spends: the key's, or the storefront origin's."""
+        if self.key is not None:
+            return self.key.id
+        assert self.storefront is not None
+        return "sf:" + self.storefront.origin
+
+    @property
     def auth(self) -> str:
         """How it was let in, as metrics and logs name it: ``key`` or ``storefront``."""
         return "key" if self.key is not None else "storefront"
@@ -147,10 +159,23 @@ class KeyStore:
         self._active = keys.api_key_digests()
 
     async def create(
-        self, tenants: Sequence[str], label: str = "", origins: Sequence[str] = ()
+        self,
+        tenants: Sequence[str],
+        label: str = "",
+        origins: Sequence[str] = (),
+        *,
+        requests_per_second: float | None = None,
+        events_per_second: float | None = None,
+        burst_seconds: float | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key for ``tenants``: its record, and the secret (which is never stored)."""
         key, secret = new_key(tenants, label, origins)
+        key = replace(
+            key,
+            requests_per_second=requests_per_second,
+            events_per_second=events_per_second,
+            burst_seconds=burst_seconds,
+        )
         async with self._redis.pipeline(transaction=True) as pipe:
             for name, field, value in key_writes(key, self._records, self._active):
                 pipe.hset(name, field, value)
@@ -175,6 +200,31 @@ class KeyStore:
                 pipe.hdel(self._active, key.digest)
                 pipe.hset(self._records, key.id, key.to_json())
                 await pipe.execute()
+        return key
+
+    async def set_rates(
+        self,
+        key_id: str,
+        *,
+        requests_per_second: float | None,
+        events_per_second: float | None,
+        burst_seconds: float | None,
+    ) -> ApiKey | None:
+        """Change a key's rate limits (None each: back to the server's default)."""
+        raw = await self._redis.hget(self._records, key_id)
+        if raw is None:
+            return None
+        key = replace(
+            ApiKey.from_json(raw),
+            requests_per_second=requests_per_second,
+            events_per_second=events_per_second,
+            burst_seconds=burst_seconds,
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if key.revoked is None:
+                pipe.hset(self._active, key.digest, key.to_json())
+            pipe.hset(self._records, key.id, key.to_json())
+            await pipe.execute()
         return key
 
     async def find(self, digest: str) -> ApiKey | None:

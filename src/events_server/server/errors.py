@@ -32,6 +32,18 @@ class StoreFull(IngestError):
     """Redis is out of memory and refuses writes; refused batches queued nothing. Retry later."""
 
 
+class RateLimited(IngestError):
+    """The caller is over its rate limit or its share of calls in flight; nothing was queued.
+
+    ``retryable`` is False only for a request that could never fit (larger than the burst).
+    """
+
+    def __init__(self, message: str, *, retry_after_seconds: float, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+        self.retryable = retryable
+
+
 class AuthError(IngestError):
     """A refused API key; ``kind`` is its metrics label (metrics.AUTH_FAILURE_KINDS)."""
 

@@ -141,6 +141,13 @@ class ServerMetrics:
         )
         for auth in AUTH_KINDS:
             self.admissions.labels(auth)
+        self.rate_limited_calls = Counter(
+            "events_rate_limited",
+            "CreateEvents calls refused for their caller's rate limit (429), by how the caller"
+            " was let in and which key (its id) or storefront origin it is.",
+            ["auth", "caller"],
+            registry=self.registry,
+        )
 
     def count_events(
         self,
@@ -185,6 +192,11 @@ class ServerMetrics:
     def admitted(self, auth: str) -> None:
         """Count one call let in (``auth`` from AUTH_KINDS)."""
         self._children.get(self.admissions, (auth,)).inc()
+
+    def rate_limited(self, auth: str, caller: str) -> None:
+        """Count one call refused for its rate (callers are keys and registered origins:
+        operators create them, so the label set stays bounded)."""
+        self._children.get(self.rate_limited_calls, (auth, caller)).inc()
 
     def auth_failure(self, kind: str) -> None:
         """Count one refused API key (``kind`` from AUTH_FAILURE_KINDS)."""

@@ -174,6 +174,45 @@ class Settings(BaseSettings):
         " Bounds memory too: each may hold up to max_request_bytes.",
     )
 
+    key_requests_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Requests/s one API key may make, shared by every server process (0: no"
+        " limit); a key's own limit (keys create/limits) overrides it.",
+    )
+    key_events_per_second: float = Field(
+        0.0, ge=0, description="Events/s one API key may send (0: no limit); keys override it."
+    )
+    storefront_requests_per_second: float = Field(
+        500.0,
+        ge=0,
+        description="Requests/s the keyless traffic of one storefront origin may make, all its"
+        " visitors together (0: no limit). Anyone can forge an Origin: this is what bounds it.",
+    )
+    storefront_events_per_second: float = Field(
+        1000.0, ge=0, description="Events/s one storefront origin may send (0: no limit)."
+    )
+    rate_burst_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How many seconds' worth of a rate a caller may send at once (the burst).",
+    )
+    max_calls_in_progress: int = Field(
+        8,
+        ge=1,
+        description="Calls worked on at once per process (parsed, validated, written); more"
+        " wait their turn, unparsed, and turns go round robin between the callers waiting,"
+        " so a flood does not stand in front of a light tenant.",
+    )
+    max_in_flight_per_caller: int = Field(
+        4,
+        ge=1,
+        description="Calls of one key or storefront origin worked on at once per process (at"
+        " most half redis_max_connections); its further calls wait their turn, unparsed,"
+        " within the Redis timeout, so a flood is shed first and other callers keep their"
+        " latency and their share of the Redis pool.",
+    )
+
     @property
     def redis(self) -> RedisConfig:
         """How to connect to Redis."""

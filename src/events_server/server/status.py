@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
@@ -12,10 +13,12 @@ from events_server.server.errors import (
     IngestError,
     InvalidEvents,
     PermissionDenied,
+    RateLimited,
     StoreFull,
     StoreUnavailable,
     Unauthenticated,
 )
+from events_server.wire.metadata import MD_RETRY_AFTER
 from events_server.wire.violations import STATUS_DETAILS_KEY, pack_invalid_argument
 
 # Refusals that are the client's business, not the operator's: not logged as warnings.
@@ -55,6 +58,15 @@ def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
     if isinstance(error, StoreFull):
         # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    if isinstance(error, RateLimited):
+        # Whole seconds, rounded up, as HTTP's Retry-After; the bridge passes it on.
+        after = str(max(1, math.ceil(error.retry_after_seconds)))
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if error.retryable
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        return code, str(error), ((MD_RETRY_AFTER, after),)
     return grpc.StatusCode.INTERNAL, str(error), ()
 
 

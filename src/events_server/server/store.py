@@ -72,8 +72,13 @@ class EventStore:
         """The key names this store writes."""
         return self._keys
 
-    async def append(self, items: Sequence[Item]) -> list[Outcome]:
-        """Queue items, in order per partition; one script call per partition, pipelined."""
+    async def append(
+        self, items: Sequence[Item], *, deadline: float | None = None
+    ) -> list[Outcome]:
+        """Queue items, in order per partition; one script call per partition, pipelined.
+
+        ``deadline`` (loop time) ends the write sooner than the store's own timeout.
+        """
         groups: dict[int, tuple[list[int], list[Any], list[Any]]] = {}
         for index, (partition, tenant, dedup_id, payload) in enumerate(items):
             group = groups.get(partition)
@@ -96,7 +101,10 @@ class EventStore:
         try:
             # One bound for the whole write (connect, scripts, reload, WAITAOF): socket
             # timeouts apply per read, so a hung Redis could otherwise cost several.
-            async with asyncio.timeout(self._timeout):
+            loop_deadline = asyncio.get_running_loop().time() + self._timeout
+            if deadline is not None:
+                loop_deadline = min(loop_deadline, deadline)
+            async with asyncio.timeout_at(loop_deadline):
                 replies = await self.transport.run(calls)
         except TimeoutError as exc:
             await self.transport.forget_idle_connections()

@@ -37,6 +37,10 @@ drops it from any other caller, see ``events_server.server.identity``)."""
 MD_BRIDGE_TOKEN = "x-events-bridge-token"
 """The shared bridge credential (``EVENTS_BRIDGE_TOKEN``), sent by the bridge on every call."""
 
+MD_RETRY_AFTER = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry may pass
+(the bridge's Retry-After)."""
+
 _SERVICES = events_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["EventsService"].full_name
 REJECTED_SERVICE_NAME = _SERVICES["RejectedEvents"].full_name

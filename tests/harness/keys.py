@@ -1,0 +1,33 @@
+"""API keys put in force in Redis the way ``events-server keys create`` does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from events_server.queue.keys import KeySpace
+from events_server.server.auth import ApiKey, key_writes, new_key
+
+
+def create_key(
+    redis_url: str,
+    prefix: str,
+    tenants: Sequence[str],
+    label: str = "",
+    origins: Sequence[str] = (),
+) -> str:
+    """Create an API key in Redis the way ``events-server keys create`` does; its secret."""
+    key, secret = new_key(tenants, label, origins)
+    store_key(redis.Redis.from_url(redis_url), prefix, key)
+    return secret
+
+
+def store_key(client: redis.Redis | redis.RedisCluster, prefix: str, key: ApiKey) -> None:
+    """Put a key in force (again: a restarted Valkey has lost it) and close the client."""
+    names = KeySpace(prefix, 1)
+    try:
+        for name, field, value in key_writes(key, names.api_keys(), names.api_key_digests()):
+            client.hset(name, field, value)
+    finally:
+        client.close()

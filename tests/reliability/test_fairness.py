@@ -1,0 +1,78 @@
+"""One caller flooding the server does not starve another: fair share, measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from events_server.pb import events_pb2_grpc
+from tests.harness.data import ev
+from tests.harness.keys import create_key
+from tests.harness.load import percentile
+from tests.harness.processes import ServerProcess, events_env
+from tests.harness.rpc import send
+from tests.harness.streams import Queue
+
+Figures = Callable[[str], None]
+
+
+def light_traffic(target: str, key: str, seconds: float, rate: float) -> tuple[list[float], int]:
+    """Calls at ``rate`` per second for ``seconds``: their latencies, and how many failed."""
+    latencies: list[float] = []
+    errors = 0
+    with grpc.insecure_channel(target) as channel:
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+        start = time.monotonic()
+        for n in range(int(seconds * rate)):
+            time.sleep(max(0.0, start + n / rate - time.monotonic()))
+            began = time.perf_counter()
+            try:
+                send(
+                    stub, ev(tenant="shop-b", user_id=f"light-{n}"), metadata=(("x-api-key", key),)
+                )
+            except grpc.RpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - began)
+    return latencies, errors
+
+
+@pytest.mark.slow
+def test_a_flooding_key_leaves_another_tenant_its_latency(
+    queue: Queue, tmp_path: Path, figures: Figures
+) -> None:
+    settings = queue.settings
+    flooder = create_key(settings.redis_url, settings.key_prefix, ["shop-a"], "flood")
+    light = create_key(settings.redis_url, settings.key_prefix, ["shop-b"], "light")
+    env = events_env(settings, EVENTS_METRICS_ADDR="", EVENTS_LOG_LEVEL="WARNING")
+    server = ServerProcess(env, tmp_path / "server.log")
+    target = server.start()
+    try:
+        light_traffic(target, light, 1, 20)  # warm up
+        baseline, baseline_errors = light_traffic(target, light, 5, 10)
+        flood = subprocess.Popen(
+            [sys.executable, "-m", "tests.harness.flood", target, flooder, "12", "100"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)  # the flood is in full swing
+        during, during_errors = light_traffic(target, light, 10, 10)
+        out, _ = flood.communicate(timeout=60)
+    finally:
+        server.stop()
+    flood_codes = json.loads(out)
+    base_p99, flood_p99 = percentile(baseline, 99), percentile(during, 99)
+    figures(
+        f"light tenant 10 req/s: p99 {base_p99 * 1000:.1f} ms alone, {flood_p99 * 1000:.1f} ms"
+        f" beside 100 flooding callers of one key ({flood_codes}); light errors"
+        f" {baseline_errors}+{during_errors}"
+    )
+    assert baseline_errors == during_errors == 0
+    assert flood_p99 <= 5 * base_p99
+    assert sum(flood_codes.values()) > 0
