@@ -10,4 +10,5 @@
 - ``streams``: the one stream dumper, and the rejected-requests record
 - ``consumers``, ``consumer_worker``: consumers under test, and a consumer process
 - ``load``, ``metrics``, ``waiting``: retrying and fixed-rate load, scrapes, polling
+- ``tls``: throwaway certificates as files, HTTPS client contexts, a TLS front for Valkey
 """

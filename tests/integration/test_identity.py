@@ -15,27 +15,18 @@ import grpc
 import httpx
 import pytest
 import redis
-from pydantic import SecretStr, ValidationError
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
-from events_server.server.identity import BridgeIdentity
 from events_server.server.settings import Settings
-from events_server.wire.addresses import is_local_address, is_local_peer
 from events_server.wire.metadata import MD_BRIDGE_TOKEN
-from rest_bridge.cli import settings_to_env
-from rest_bridge.config import BridgeSettings
-from tests.tls_support import (
-    STOREFRONT,
-    BridgeThread,
-    Loop,
-    envelopes,
-    register_storefront,
-    server_settings,
-    serving,
-)
+from tests.harness.keys import register_storefront
+from tests.harness.servers import LoopThread, bridge_settings_for, serving, serving_bridge
+from tests.harness.streams import queued
+from tests.harness.waiting import eventually
 
+STOREFRONT = "https://shop-a.example"
 TOKEN = "the-tests-bridge-token-" + "x" * 16
 FORGED = (
     ("x-forwarded-for", "6.6.6.6"),
@@ -85,19 +76,16 @@ def record(target: str, *metadata: tuple[str, str]) -> None:
         )
 
 
-def wait_for(condition: object, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return True
-        time.sleep(0.02)
-    return False
+def envelopes(rdb: redis.Redis, keys: KeySpace) -> list[pb.Envelope]:
+    return [envelope for _, envelope in queued(rdb, keys)]
 
 
 @pytest.fixture
-def token_server(loop: Loop, settings: Settings, rdb: redis.Redis, api_key: str) -> Iterator[str]:
+def token_server(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis, api_key: str
+) -> Iterator[str]:
     """A server that knows the bridge by EVENTS_BRIDGE_TOKEN (plaintext); its target."""
-    with serving(loop, server_settings(settings, bridge_token=TOKEN)) as (_, target):
+    with serving(loop, Settings(**{**settings.model_dump(), "bridge_token": TOKEN})) as (_, target):
         yield target
 
 
@@ -157,7 +145,7 @@ def test_the_same_context_with_the_bridge_token_is_believed(
 def test_a_direct_caller_without_a_key_naming_a_storefront_origin_is_unauthenticated(
     token_server: str, settings: Settings, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    register_storefront(settings)
+    register_storefront(settings, "shop-a", STOREFRONT)
     with pytest.raises(grpc.RpcError) as caught:
         create(token_server, ("grpcgateway-origin", STOREFRONT), tenant="shop-a")
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -175,31 +163,31 @@ def test_a_direct_caller_without_a_key_naming_a_storefront_origin_is_unauthentic
 def test_the_bridge_with_the_token_is_believed(
     token_server: str, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    register_storefront(settings)
-    bridge = BridgeSettings(grpc_target=token_server, bridge_token=TOKEN, log_level="WARNING")
+    register_storefront(settings, "shop-a", STOREFRONT)
+    bridge = bridge_settings_for(token_server, bridge_token=TOKEN)
     body = [{"tenant": "shop-a", "market": "us", "type": "page_view", "user_id": "u-1"}]
-    with BridgeThread(bridge) as served, httpx.Client(base_url=served.url, timeout=10) as http:
+    with serving_bridge(bridge) as url, httpx.Client(base_url=url, timeout=10) as http:
         # Keyless, from the registered storefront: its Origin is believed.
         answer = http.post("/create-events", json=body, headers={"origin": STOREFRONT, **BROWSER})
         assert answer.status_code == 200, answer.text
         # The bridge's own 422 is filed in the tenant's rejected record.
         bad = http.post("/create-events", json=[{"tenant": "t"}], headers={"x-api-key": api_key})
         assert bad.status_code == 422
-        assert wait_for(lambda: rdb.exists(keys.rejected("t")) == 1)
+        eventually(lambda: rdb.exists(keys.rejected("t")) == 1)
     [envelope] = envelopes(rdb, keys)
     assert envelope.storefront_origin == STOREFRONT
     assert envelope.user_agent == BROWSER["user-agent"]
     assert envelope.referer == BROWSER["referer"]
-    assert envelope.forwarded_host == f"127.0.0.1:{served.port}"
+    assert envelope.forwarded_host == url.removeprefix("http://")
 
 
 def test_a_bridge_without_the_token_is_not_believed(
     token_server: str, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    register_storefront(settings)
-    bridge = BridgeSettings(grpc_target=token_server, log_level="WARNING")
+    register_storefront(settings, "shop-a", STOREFRONT)
+    bridge = bridge_settings_for(token_server)
     body = [{"tenant": "shop-a", "market": "us", "type": "page_view", "user_id": "u-1"}]
-    with BridgeThread(bridge) as served, httpx.Client(base_url=served.url, timeout=10) as http:
+    with serving_bridge(bridge) as url, httpx.Client(base_url=url, timeout=10) as http:
         keyless = http.post("/create-events", json=body, headers={"origin": STOREFRONT})
         assert keyless.status_code == 401, keyless.text
         keyed = http.post("/create-events", json=body, headers={"x-api-key": api_key, **BROWSER})
@@ -214,7 +202,7 @@ def test_a_bridge_without_the_token_is_not_believed(
 
 
 def test_with_nothing_configured_a_peer_on_this_host_is_the_bridge(
-    loop: Loop, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
+    loop: LoopThread, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
     # How make run and the README start the two: side by side, nothing shared.
     with serving(loop, settings) as (_, target):
@@ -222,83 +210,3 @@ def test_with_nothing_configured_a_peer_on_this_host_is_the_bridge(
         record(target, ("x-api-key", api_key))
     assert [e.client_ip for e in envelopes(rdb, keys)] == ["203.0.113.9"]
     assert rdb.xlen(keys.rejected("t")) == 1
-
-
-# --- the decision's parts ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("peer", "local"),
-    [
-        ("ipv4:127.0.0.1:5000", True),
-        ("ipv4:127.8.0.1:5000", True),
-        ("ipv6:[::1]:5000", True),
-        ("ipv6:[::ffff:127.0.0.1]:5000", True),
-        ("unix:/run/events.sock", True),
-        ("unix:", True),
-        ("ipv4:10.0.0.7:5000", False),
-        ("ipv6:[2001:db8::1]:5000", False),
-        ("ipv6:[fe80::1%eth0]:5000", False),
-        ("", False),
-    ],
-)
-def test_which_peers_are_on_this_host(peer: str, local: bool) -> None:
-    assert is_local_peer(peer) is local
-
-
-@pytest.mark.parametrize(
-    ("address", "local"),
-    [
-        ("127.0.0.1:50051", True),
-        ("localhost:50051", True),
-        ("[::1]:50051", True),
-        ("unix:/run/events.sock", True),
-        ("dns:///localhost:50051", True),
-        ("0.0.0.0:50051", False),
-        ("[::]:50051", False),
-        ("events.internal:50051", False),
-        ("10.0.0.7:50051", False),
-    ],
-)
-def test_which_addresses_are_on_this_host(address: str, local: bool) -> None:
-    assert is_local_address(address) is local
-
-
-def test_a_server_open_to_other_hosts_without_an_identity_warns() -> None:
-    warning = BridgeIdentity().startup_warning("0.0.0.0:50051")
-    assert warning is not None
-    assert "no bridge identity is configured" in warning
-    assert BridgeIdentity().startup_warning("127.0.0.1:50051") is None
-    assert BridgeIdentity(token=TOKEN).startup_warning("0.0.0.0:50051") is None
-    assert BridgeIdentity(client_certificates=True).startup_warning("[::]:50051") is None
-
-
-def test_identity_modes_are_described() -> None:
-    assert BridgeIdentity().mode == "loopback"
-    assert BridgeIdentity(token=TOKEN).mode == "token"
-    assert BridgeIdentity(token=TOKEN, client_certificates=True).mode == "mtls+token"
-    named = BridgeIdentity(client_certificates=True, names=["bridge.internal"])
-    assert "bridge.internal" in named.describe()
-
-
-def test_the_token_must_be_long_and_printable() -> None:
-    with pytest.raises(ValidationError, match="at least 16 printable ASCII"):
-        Settings(bridge_token="short")
-    with pytest.raises(ValidationError, match="at least 16 printable ASCII"):
-        BridgeSettings(bridge_token="é" * 20)
-    assert Settings(bridge_token="").bridge_token is None  # empty: unset
-    token = BridgeSettings(bridge_token=TOKEN).bridge_token
-    assert isinstance(token, SecretStr)
-    assert TOKEN not in repr(BridgeSettings(bridge_token=TOKEN))
-
-
-def test_bridge_workers_get_the_token_through_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    settings = BridgeSettings(bridge_token=TOKEN, grpc_target="127.0.0.1:1")
-    for name, value in settings_to_env(settings).items():
-        monkeypatch.setenv(name, value)
-    again = BridgeSettings()
-    assert again.bridge_token is not None
-    assert again.bridge_token.get_secret_value() == TOKEN
-    assert again == settings
