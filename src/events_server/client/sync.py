@@ -33,7 +33,13 @@ class SyncEventsClient(Closing):
         async def make() -> EventsClient:
             return EventsClient(target, **options)
 
-        self._client = self._run(make())
+        try:
+            self._client = self._run(make())
+        except BaseException:  # e.g. a TLS file that cannot be read: no thread left behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
