@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 import redis
 
@@ -21,9 +22,12 @@ def create_key(
     tenants: Sequence[str],
     label: str = "",
     origins: Sequence[str] = (),
+    *,
+    requests_per_second: float | None = None,
 ) -> str:
     """Create an API key in Redis the way ``events-server keys create`` does; its secret."""
     key, secret = new_key(tenants, label, origins)
+    key = replace(key, requests_per_second=requests_per_second)
     store_key(redis.Redis.from_url(redis_url), prefix, key)
     return secret
 

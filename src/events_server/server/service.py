@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections.abc import Callable
 
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 NO_EVENTS = pb.CreateEventsRequest()
+
+RATE_HOLD_SECONDS = 1.0
+"""The longest a rate-limited call is held before its refusal is sent."""
 
 WS_DEDUP_PREFIX = "ws:"
 """Frame ids dedup in their own namespace: a client's deduplication_id never meets one."""
@@ -168,6 +173,14 @@ class EventsService:
                 self._metrics.auth_failure(error.kind)
             elif isinstance(error, RateLimited) and caller is not None:
                 self._metrics.rate_limited(caller.auth, caller.limiter_id)
+                if error.retryable:
+                    # Answered after the Retry-After it carries (whole seconds; at most
+                    # RATE_HOLD_SECONDS): a caller that retries at once, or never stops, then
+                    # costs a held call, not a refusal loop that takes the CPU every other
+                    # caller needs.
+                    # Jittered: held calls released together would come back together.
+                    hold = min(math.ceil(error.retry_after_seconds), RATE_HOLD_SECONDS)
+                    await asyncio.sleep(hold * random.uniform(0.5, 1.0))
             code, message, trailers = grpc_status(error)
             if code not in QUIET_CODES:
                 log.warning("CreateEvents failed: %s: %s", code.name, message)
