@@ -20,6 +20,7 @@ from pydantic import WithJsonSchema
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
+from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
@@ -136,9 +137,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(
-            settings.grpc_target, options=RECONNECT_OPTIONS
-        ) as channel:
+        async with upstream_channel(settings, RECONNECT_OPTIONS) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
             app.state.gathered = events_pb2_grpc.BridgeIngestStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from events_server.ops.exposition import shared_by_workers
 from events_server.ops.logs import setup_logging
@@ -59,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def settings_to_env(settings: BridgeSettings) -> dict[str, str]:
     """The environment that reproduces these settings in another process."""
-    return {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in settings}
+    return {
+        f"{ENV_PREFIX}{name.upper()}": (
+            value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        )
+        for name, value in settings
+        if value is not None
+    }
 
 
 def app_from_environment() -> Bridge:
@@ -74,6 +81,7 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
     return {
         "host": settings.http_host,
         "port": settings.http_port,
+        **tls_options(settings),
         "log_level": settings.log_level.lower(),
         # The bridge appends the real peer to x-forwarded-for itself; uvicorn's
         # proxy-headers mode would replace the peer with a client-supplied address.
@@ -91,6 +99,20 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
         "ws_ping_timeout": settings.ws_ping_timeout_seconds,
         "ws_per_message_deflate": settings.ws_per_message_deflate,
     }
+
+
+def tls_options(settings: BridgeSettings) -> dict[str, Any]:
+    """uvicorn's HTTPS (and so wss://) options: none for plain HTTP."""
+    if not settings.http_tls_cert_file:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": settings.http_tls_cert_file,
+        "ssl_keyfile": settings.http_tls_key_file,
+    }
+    if settings.http_tls_client_ca_file:
+        options["ssl_ca_certs"] = settings.http_tls_client_ca_file
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
 
 
 def server_config(settings: BridgeSettings) -> uvicorn.Config:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import os
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events_server.ops.logs import IpMode
-from events_server.ops.settings import ENV_PREFIX, LogLevel
+from events_server.ops.settings import ENV_PREFIX, BridgeToken, LogLevel
 
 MIN_JSON_DEPTH = 3
 """How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""
@@ -14,6 +16,15 @@ MIN_JSON_DEPTH = 3
 # The bridge parses a body whole on its event loop: past 2 MiB of JSON that costs more
 # time than one request should hold it (and its protobuf nears the server's limits).
 MAX_BODY_BYTES_CEILING = 2 * 1024 * 1024
+
+TLS_FILES = (
+    "grpc_ca_file",
+    "grpc_client_cert_file",
+    "grpc_client_key_file",
+    "http_tls_cert_file",
+    "http_tls_key_file",
+    "http_tls_client_ca_file",
+)
 
 
 class BridgeSettings(BaseSettings):
@@ -24,8 +35,43 @@ class BridgeSettings(BaseSettings):
     grpc_target: str = Field(
         "127.0.0.1:50051", description="The events-server to call (host:port, or unix:/path)."
     )
+    grpc_tls: bool = Field(
+        False,
+        description="Call the server over TLS (implied by grpc_ca_file), verifying its"
+        " certificate against grpc_ca_file, or gRPC's default roots without one.",
+    )
+    grpc_ca_file: str = Field(
+        "", description="PEM CA(s) the server's certificate must chain to; given: TLS."
+    )
+    grpc_client_cert_file: str = Field(
+        "",
+        description="PEM client certificate the bridge presents to the server (mutual TLS:"
+        " the server knows the bridge by it).",
+    )
+    grpc_client_key_file: str = Field("", description="PEM private key of grpc_client_cert_file.")
+    grpc_server_name: str = Field(
+        "",
+        description="The name the server's certificate must hold, when it is not grpc_target's"
+        " host (e.g. a target given as an IP address).",
+    )
+    bridge_token: BridgeToken = Field(
+        None,
+        description="Shared secret sent on every call to prove the bridge to the server (the"
+        " same EVENTS_BRIDGE_TOKEN as the server's; prefer the environment to the flag).",
+    )
     http_host: str = Field("127.0.0.1", description="Address the bridge listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port the bridge listens on.")
+    http_tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) to serve HTTPS (and wss://) with; with"
+        " http_tls_key_file. Empty: plain HTTP.",
+    )
+    http_tls_key_file: str = Field("", description="PEM private key of http_tls_cert_file.")
+    http_tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA(s): HTTPS clients must present a certificate signed by one (for a"
+        " proxy in front of the bridge that speaks mutual TLS; browsers do not).",
+    )
     workers: int = Field(1, ge=1, le=64, description="Bridge processes (uvicorn workers).")
     grpc_timeout_seconds: float = Field(
         5.0, gt=0, description="Deadline of each CreateEvents call to the server, seconds."
@@ -124,3 +170,23 @@ class BridgeSettings(BaseSettings):
         description="Accept the permessage-deflate extension browsers offer (smaller frames,"
         " but zlib work on every frame and ~40 KiB more memory per connection).",
     )
+
+    @property
+    def grpc_secure(self) -> bool:
+        """Whether the bridge calls the server over TLS."""
+        return bool(self.grpc_tls or self.grpc_ca_file or self.grpc_client_cert_file)
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> BridgeSettings:
+        if bool(self.grpc_client_cert_file) != bool(self.grpc_client_key_file):
+            raise ValueError("grpc_client_cert_file and grpc_client_key_file go together")
+        if bool(self.http_tls_cert_file) != bool(self.http_tls_key_file):
+            raise ValueError("http_tls_cert_file and http_tls_key_file go together")
+        if self.http_tls_client_ca_file and not self.http_tls_cert_file:
+            raise ValueError("http_tls_client_ca_file needs http_tls_cert_file (HTTPS)")
+        for name in TLS_FILES:
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                # Here, not once serving: uvicorn would only log a failed start.
+                raise ValueError(f"{name}: cannot read {path!r}")
+        return self

@@ -65,6 +65,11 @@ def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, response.details or None)
 
 
+def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 def _ignore(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: no "never retrieved" warning
@@ -217,6 +222,10 @@ class Gatherer:
                 continue
             if response.code == 0:
                 pending.future.set_result(response.response)
+            elif response.hold_seconds > 0:
+                # Held as the server would have held a call of its own (a rate-limited
+                # request), this request alone: the others of the call are answered now.
+                loop.call_later(response.hold_seconds, _refuse, pending.future, _error(response))
             else:
                 pending.future.set_exception(_error(response))
         for pending in batch[len(reply.responses) :]:  # not reached: the server answers each

@@ -11,4 +11,5 @@
 - ``consumers``, ``consumer_worker``: consumers under test, and a consumer process
 - ``load``, ``metrics``, ``waiting``: retrying and fixed-rate load, scrapes, polling
 - ``ws``: a client of the bridge's WebSocket endpoint, as Depict's client behaves
+- ``tls``: throwaway certificates as files, HTTPS client contexts, a TLS front for Valkey
 """

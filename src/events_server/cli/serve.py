@@ -18,6 +18,7 @@ from events_server.ops.exposition import shared_by_workers
 from events_server.ops.settings import add_settings_flags
 from events_server.server.app import create_server
 from events_server.server.settings import Settings
+from events_server.server.tls import TlsFilesError
 
 log = logging.getLogger("events_server")
 
@@ -51,6 +52,9 @@ async def serve(settings: Settings) -> None:
             " or another port)",
             file=sys.stderr,
         )
+        raise SystemExit(1) from None
+    except TlsFilesError as exc:
+        print(f"events-server: TLS: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except RuntimeError as exc:  # gRPC's own: the gRPC port
         print(f"events-server: cannot listen on {settings.grpc_addr}: {exc}", file=sys.stderr)

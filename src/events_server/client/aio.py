@@ -7,13 +7,14 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from types import TracebackType
-from typing import TYPE_CHECKING, Self, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 import grpc
 
 from events_server.client.errors import error_from_rpc
+from events_server.client.lifecycle import AsyncClosing
 from events_server.client.options import ClientOptions, EventLike, Options, build_request
+from events_server.client.tls import channel_credentials, name_options
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, REQUEST_ID_HEADER, new_request_id
@@ -24,31 +25,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("events_server.client")
 
 
-class EventsClient:
+class EventsClient(AsyncClosing):
     """Async CreateEvents client. Create it inside the event loop that will use it."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
         self._options = opts = Options(**options)
         reconnect_ms = max(int(opts.initial_backoff_seconds * 1000), 1)
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                # gRPC's own reconnect backoff (1 s, growing to 2 min) would leave our
-                # retries failing fast against a server that is back already.
-                ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
-                ("grpc.min_reconnect_backoff_ms", reconnect_ms),
-                ("grpc.max_reconnect_backoff_ms", max(int(opts.max_backoff_seconds * 1000), 1)),
-            ],
-        )
+        channel_options: list[tuple[str, Any]] = [
+            # gRPC's own reconnect backoff (1 s, growing to 2 min) would leave our
+            # retries failing fast against a server that is back already.
+            ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+            ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+            ("grpc.max_reconnect_backoff_ms", max(int(opts.max_backoff_seconds * 1000), 1)),
+        ]
+        if opts.secure:
+            # The files are read here: a missing one is a ValueError now, not a retry later.
+            credentials = channel_credentials(
+                opts.tls_ca_file, opts.tls_cert_file, opts.tls_key_file
+            )
+            self._channel = grpc.aio.secure_channel(
+                target, credentials, options=channel_options + name_options(opts.tls_server_name)
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         self._stub = events_pb2_grpc.EventsServiceStub(self._channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the channel (calls in flight are cancelled)."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from types import TracebackType
-from typing import Self
 
 from events_server.client.aio import EventsClient
 from events_server.client.errors import InvalidEventsError
+from events_server.client.lifecycle import AsyncClosing
 from events_server.client.options import EventLike, with_dedup_id
 from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import fill_event
@@ -23,7 +22,7 @@ Batch = list[tuple[pb.Event, "asyncio.Future[pb.EventResult]"]]
 """Events of one batch, each with the future of its result."""
 
 
-class Batcher:
+class Batcher(AsyncClosing):
     """Sends events in batches: once ``max_events`` wait, or ``max_delay_seconds`` after the first.
 
     ``add`` checks an event at once (a bad one raises there, and never sinks the
@@ -47,14 +46,6 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._closed = False
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def add(self, event: EventLike) -> asyncio.Future[pb.EventResult]:
         """Queue one event for the next batch; waits while ``max_in_flight`` batches are sending."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 
 from events_server.client.errors import InvalidEventsError
@@ -24,11 +25,16 @@ class ClientOptions(TypedDict, total=False):
     initial_backoff_seconds: float
     max_backoff_seconds: float
     backoff_multiplier: float
+    tls: bool
+    tls_ca_file: str | Path | None
+    tls_cert_file: str | Path | None
+    tls_key_file: str | Path | None
+    tls_server_name: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """How a client calls: its key, and how long and how often it retries UNAVAILABLE."""
+    """How a client calls: its key, how long and how often it retries UNAVAILABLE, and TLS."""
 
     api_key: str | None = None
     deadline_seconds: float = 10.0
@@ -36,6 +42,22 @@ class Options:
     initial_backoff_seconds: float = 0.05
     max_backoff_seconds: float = 2.0
     backoff_multiplier: float = 2.0
+    tls: bool = False
+    """Connect with TLS (implied by any tls_* file): the server's certificate is verified
+    against ``tls_ca_file``, or gRPC's default roots without one."""
+    tls_ca_file: str | Path | None = None
+    """PEM file of the CA(s) the server's certificate must chain to."""
+    tls_cert_file: str | Path | None = None
+    """PEM client certificate (chain) to present, for a server that requires one (mTLS)."""
+    tls_key_file: str | Path | None = None
+    """The client certificate's PEM private key."""
+    tls_server_name: str | None = None
+    """The name the server's certificate must hold, when it is not the target's host."""
+
+    @property
+    def secure(self) -> bool:
+        """Whether the channel uses TLS."""
+        return bool(self.tls or self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
 
 
 def with_dedup_id(event: pb.Event) -> pb.Event:

@@ -6,18 +6,18 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable
-from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 from events_server.client.aio import EventsClient
 from events_server.client.batcher import Batcher
+from events_server.client.lifecycle import Closing
 from events_server.client.options import ClientOptions, EventLike
 from events_server.pb import events_pb2 as pb
 
 T = TypeVar("T")
 
 
-class SyncEventsClient:
+class SyncEventsClient(Closing):
     """EventsClient for code without an event loop: it runs one in a thread of its own.
 
     Thread-safe; ``close()`` (or leaving the ``with`` block) stops the thread.
@@ -33,15 +33,13 @@ class SyncEventsClient:
         async def make() -> EventsClient:
             return EventsClient(target, **options)
 
-        self._client = self._run(make())
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        try:
+            self._client = self._run(make())
+        except BaseException:  # e.g. a TLS file that cannot be read: no thread left behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -76,20 +74,12 @@ class SyncEventsClient:
         self._loop.close()
 
 
-class SyncBatcher:
+class SyncBatcher(Closing):
     """Batcher for code without an event loop; results are concurrent.futures.Futures."""
 
     def __init__(self, client: SyncEventsClient, batcher: Batcher) -> None:
         self._client = client
         self._batcher = batcher
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def add(self, event: EventLike) -> concurrent.futures.Future[pb.EventResult]:
         """Queue one event; its future resolves when its batch is answered."""

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, BeforeValidator
+from pydantic import AliasChoices, BeforeValidator, SecretStr
 from pydantic_settings import BaseSettings
 
 ENV_PREFIX = "EVENTS_"
@@ -17,6 +17,28 @@ LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
     BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
 ]
+
+
+MIN_BRIDGE_TOKEN_CHARS = 16
+
+
+def _bridge_token(value: object) -> object:
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if raw is None or raw == "":
+        return None  # EVENTS_BRIDGE_TOKEN= (empty) is unset
+    if isinstance(raw, str) and (
+        len(raw) < MIN_BRIDGE_TOKEN_CHARS or not (raw.isascii() and raw.isprintable())
+    ):
+        # It travels as gRPC metadata (printable ASCII); a short secret is a guessable one.
+        raise ValueError(
+            f"must be at least {MIN_BRIDGE_TOKEN_CHARS} printable ASCII characters"
+            " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return value
+
+
+BridgeToken = Annotated[SecretStr | None, BeforeValidator(_bridge_token)]
+"""EVENTS_BRIDGE_TOKEN, which the server and the bridge both read: unset when empty."""
 
 
 def add_settings_flags(

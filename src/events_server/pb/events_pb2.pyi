@@ -439,10 +439,16 @@ class SubResponse(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     TRAILERS_FIELD_NUMBER: _builtins.int
+    HOLD_SECONDS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code its own CreateEvents call would have ended with (0: OK)."""
     details: _builtins.str
     """The status message, when not OK."""
+    hold_seconds: _builtins.float
+    """How long to hold the refusal before answering it, seconds: what the server would
+    have held its own call (a rate-limited request; held by the bridge, so that the
+    others of the call are not).
+    """
     @_builtins.property
     def response(self) -> Global___CreateEventsResponse:
         """The answer, when OK."""
@@ -458,10 +464,11 @@ class SubResponse(_message.Message):
         details: _builtins.str = ...,
         response: Global___CreateEventsResponse | None = ...,
         trailers: _abc.Iterable[Global___Trailer] | None = ...,
+        hold_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "response", b"response", "trailers", b"trailers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "hold_seconds", b"hold_seconds", "response", b"response", "trailers", b"trailers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

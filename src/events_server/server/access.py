@@ -15,9 +15,11 @@ import grpc
 
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
+from events_server.server.identity import BRIDGE_ONLY_METHODS, BridgeIdentity
+from events_server.server.identity import current as current_identity
 from events_server.server.metrics import ServerMetrics
 from events_server.server.service import client_ip
-from events_server.server.status import call_events, call_metadata
+from events_server.server.status import call_events
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
 log = logging.getLogger("events_server.access")
@@ -32,10 +34,17 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary-unary handler; streaming ones (reflection, Watch) pass untouched."""
 
-    def __init__(self, metrics: ServerMetrics, ip_mode: IpMode, forwarded_hops: int) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        ip_mode: IpMode,
+        forwarded_hops: int,
+        bridge: BridgeIdentity | None = None,
+    ) -> None:
         self._metrics = metrics
         self._ip_mode = ip_mode
         self._hops = forwarded_hops
+        self._bridge = bridge if bridge is not None else BridgeIdentity()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -48,14 +57,20 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             handler.unary_unary  # type: ignore[assignment]
         )
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
+        bridge_only = method in BRIDGE_ONLY_METHODS
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            metadata = call_metadata(context)
+            # Who the call is, first: from here on call_metadata() holds only what is believed.
+            caller = self._bridge.identify(context)
+            known = current_identity.set(caller)
+            metadata = caller.metadata
             token = current_request_id.set(accept_request_id(metadata.get(REQUEST_ID_HEADER)))
             response = None
             code = grpc.StatusCode.OK
             try:
+                if bridge_only and not caller.bridge:
+                    await self._bridge.refuse(context, method)
                 response = await inner(request, context)
                 return response
             except asyncio.CancelledError:
@@ -80,6 +95,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         context=context,
                     )
                 current_request_id.reset(token)
+                current_identity.reset(known)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,

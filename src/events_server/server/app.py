@@ -18,6 +18,7 @@ from events_server.queue.keys import KeySpace
 from events_server.server.access import AccessInterceptor
 from events_server.server.auth import Authenticator, Caller, KeyStore
 from events_server.server.gathered import GatheredService
+from events_server.server.identity import BridgeIdentity
 from events_server.server.limits import Limiter, Rates
 from events_server.server.lookups import CachedLookup
 from events_server.server.metrics import ServerMetrics
@@ -28,6 +29,7 @@ from events_server.server.service import EventsService, OriginsService
 from events_server.server.settings import Settings
 from events_server.server.store import EventStore, store_for
 from events_server.server.storefronts import StorefrontStore
+from events_server.server.tls import server_credentials
 from events_server.wire.metadata import (
     BRIDGE_INGEST_SERVICE_NAME,
     ORIGINS_SERVICE_NAME,
@@ -164,7 +166,11 @@ def rates_for(caller: Caller, settings: Settings) -> Rates:
 async def create_server(
     settings: Settings, *, redis: RedisClient | None = None
 ) -> tuple[EventsServer, int]:
-    """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started."""
+    """Build the server bound to settings.grpc_addr (port 0 picks a free one); not started.
+
+    TlsFilesError (before anything is opened) when a configured TLS file cannot be read.
+    """
+    credentials = server_credentials(settings)
     redis = redis if redis is not None else connect(settings.redis)
     metrics = ServerMetrics(settings.metrics_max_tenants)
     keys = KeySpace(settings.key_prefix, settings.partitions)
@@ -187,8 +193,17 @@ async def create_server(
             StorefrontStore(redis, keys).find, settings.key_cache_seconds, "storefront origin"
         ),
     )
+    bridge = BridgeIdentity(
+        settings.bridge_token.get_secret_value() if settings.bridge_token else None,
+        client_certificates=bool(settings.tls_client_ca_file),
+        names=settings.tls_bridge_names,
+    )
+    if warning := bridge.startup_warning(settings.grpc_addr):
+        log.warning("%s", warning)
     server = grpc.aio.server(
-        interceptors=[AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops)],
+        interceptors=[
+            AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops, bridge)
+        ],
         # Past it gRPC refuses a call at once (RESOURCE_EXHAUSTED) instead of queueing it.
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
         # grpcio sets SO_REUSEPORT by default on Linux: a second server on the same
@@ -272,9 +287,21 @@ async def create_server(
     )
     built.listen_for_metrics()
     try:
-        port = server.add_insecure_port(settings.grpc_addr)
+        if credentials is None:
+            port = server.add_insecure_port(settings.grpc_addr)
+        else:
+            port = server.add_secure_port(settings.grpc_addr, credentials)
     except RuntimeError:
         if built.metrics_endpoint is not None:
             built.metrics_endpoint.stop()
         raise
+    transport = (
+        "mutual TLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext"
+    )
+    log.info(
+        "gRPC over %s; the REST bridge is known by %s",
+        transport,
+        bridge.describe(),
+        extra={"transport": transport, "bridge_identity": bridge.mode},
+    )
     return built, port

@@ -7,10 +7,10 @@ its tenants, charge its rate) and gets the status and per-event results that cal
 end with; what they queue is written by one store append (one pipeline of per-partition
 scripts for all of them). A sub-request's refusal touches no other.
 
-Only the bridge may call it: its sub-requests carry the client context the bridge
-forwards (addresses, page origins, frame ids), which nobody else may claim. The bridge
-is recognised as every call's bridge identity is: a peer on this host (loopback, Unix
-socket).
+Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
+EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
+sub-requests carry the client context the bridge forwards (addresses, page origins,
+frame ids), which nobody else may claim, and all of it is believed.
 
 Turns (``FairTurns``): a gathered call holds one turn, in an account of its own
 (``BRIDGE_TURNS``), however many callers it carries: it is one unit of work and one Redis
@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.pb import events_pb2 as pb
+from events_server.server import identity
 from events_server.server.access import access_line
 from events_server.server.errors import IngestError, InvalidEvents
 from events_server.server.metrics import ServerMetrics
@@ -50,12 +51,6 @@ MAX_SUB_REQUESTS = 1024
 
 SUB_METHOD = f"/{SERVICE_NAME}/CreateEvents"
 """What a sub-request's access line names: the call it stands for."""
-
-
-def from_this_host(peer: str) -> bool:
-    """Whether a gRPC peer is on this host (loopback, Unix socket): the bridge, until a bridge
-    identity of its own (mTLS, a token) is configured."""
-    return peer.startswith(("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:"))
 
 
 class GatheredService:
@@ -78,11 +73,11 @@ class GatheredService:
     ) -> pb.GatheredResponse:
         """Every sub-request answered as its own CreateEvents call would be."""
         peer = context.peer()
-        if not from_this_host(peer):
+        caller = identity.current.get()
+        if caller is None or not caller.bridge:  # the access interceptor refused it already
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{GATHERED_METHOD} is for the REST bridge only, and this caller is not it"
-                " (the bridge is known by a peer on the server's host)",
+                f"{GATHERED_METHOD} is for the REST bridge only, and this caller is not it",
             )
         events = self._events
         deadline = asyncio.get_running_loop().time() + events.write_seconds
@@ -163,6 +158,7 @@ class GatheredService:
         return pb.SubResponse(
             code=code.value[0],
             details=message,
+            hold_seconds=self._events.hold(passage),
             trailers=[
                 pb.Trailer(key=key, value=value if isinstance(value, bytes) else value.encode())
                 for key, value in trailers

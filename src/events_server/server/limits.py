@@ -116,7 +116,8 @@ class FairTurns:
                 async with asyncio.timeout_at(deadline):
                     await future
             except TimeoutError:
-                self._forget(caller, future)
+                if not self._forget(caller, future):
+                    self._finish(caller)  # given as the time ran out: give it back
                 raise StoreUnavailable(
                     f"{caller}: no turn came within the call's time (the server is busy with"
                     " this caller's other calls, max_in_flight_per_caller, or with others');"

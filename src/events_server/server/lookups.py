@@ -31,11 +31,14 @@ class CachedLookup(Generic[T]):
         self._fetch = fetch
         self._ttl = ttl_seconds
         self._what = what
-        self._cache: dict[str, tuple[float, T | None]] = {}
+        # Found and not found apart: a flood of made-up names fills (and starts over) only
+        # the second, so the names in real use stay cached whatever it sends.
+        self._found: dict[str, tuple[float, T | None]] = {}
+        self._missing: dict[str, tuple[float, T | None]] = {}
 
     async def __call__(self, name: str) -> T | None:
         now = time.monotonic()
-        cached = self._cache.get(name)
+        cached = self._found.get(name) or self._missing.get(name)
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
@@ -44,7 +47,10 @@ class CachedLookup(Generic[T]):
             raise StoreUnavailable(
                 f"redis: {type(error).__name__}: {error} (checking the {self._what})"
             ) from error
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[name] = (now + self._ttl, found)
+        cache = self._found if found is not None else self._missing
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        self._found.pop(name, None)
+        self._missing.pop(name, None)
+        cache[name] = (now + self._ttl, found)
         return found

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections.abc import Callable
 
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 NO_EVENTS = pb.CreateEventsRequest()
+
+RATE_HOLD_SECONDS = 1.0
+"""The longest a rate-limited call is held before its refusal is sent."""
 
 WS_DEDUP_PREFIX = "ws:"
 """Frame ids dedup in their own namespace: a client's deduplication_id never meets one."""
@@ -197,6 +202,8 @@ class EventsService:
             call_events.set(len(passage.request.events))
         code, message, trailers = self.finish(passage)
         if passage.reply is None:
+            if hold := self.hold(passage):
+                await asyncio.sleep(hold)
             await context.abort(code, message, trailers)
             raise AssertionError("not reached: abort() raises")
         return passage.reply
@@ -314,6 +321,20 @@ class EventsService:
                 accepted=accepted,
                 duplicates=len(outcomes) - accepted,
             )
+
+    def hold(self, passage: Passage) -> float:
+        """How long to hold the request's refusal before it is sent (seconds; 0: none).
+
+        A rate-limited request is answered after the Retry-After it carries (whole seconds;
+        at most RATE_HOLD_SECONDS): a caller that retries at once, or never stops, then
+        costs a held call, not a refusal loop that takes the CPU every other caller needs.
+        Jittered: held calls released together would come back together.
+        """
+        error = passage.error
+        if not isinstance(error, RateLimited) or not error.retryable or passage.caller is None:
+            return 0.0
+        hold = min(math.ceil(error.retry_after_seconds), RATE_HOLD_SECONDS)
+        return hold * random.uniform(0.5, 1.0)
 
     def finish(self, passage: Passage) -> tuple[grpc.StatusCode, str, Trailers]:
         """Count the request's events and how it ended; its status (OK with a reply)."""

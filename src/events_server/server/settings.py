@@ -8,7 +8,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from events_server.ops.logs import IpMode
-from events_server.ops.settings import ENV_PREFIX, LogLevel
+from events_server.ops.settings import ENV_PREFIX, BridgeToken, LogLevel
 from events_server.queue.connection import RedisConfig
 from events_server.wire.codec import varint
 from events_server.wire.origins import normalize_origin
@@ -37,6 +37,31 @@ class Settings(BaseSettings):
         le=64,
         description="Server processes sharing the port (SO_REUSEPORT); more than 1 needs a"
         " fixed TCP port.",
+    )
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) the gRPC server presents; with tls_key_file it"
+        " serves TLS only. Empty: plaintext.",
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA(s): every caller must present a client certificate signed by one"
+        " (mutual TLS; needs tls_cert_file), and such a certificate can prove the REST bridge"
+        " (see tls_bridge_names).",
+    )
+    tls_bridge_names: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated names (a subject alternative name or the common name) of"
+        " the client certificates that are the REST bridge; empty: every certificate"
+        " tls_client_ca_file signed.",
+    )
+    bridge_token: BridgeToken = Field(
+        None,
+        description="Shared secret that proves the REST bridge (the same EVENTS_BRIDGE_TOKEN in"
+        " both processes, 16+ characters; prefer the environment to the flag). Unset, and"
+        " without tls_client_ca_file: only peers on this host (loopback, Unix socket) are"
+        " believed to be the bridge.",
     )
     partitions: int = Field(
         16,
@@ -251,6 +276,23 @@ class Settings(BaseSettings):
                 " cannot be shared)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file are given together, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.tls_bridge_names and not self.tls_client_ca_file:
+            raise ValueError("tls_bridge_names needs tls_client_ca_file (client certificates)")
+        return self
+
+    @field_validator("tls_bridge_names", mode="before")
+    @classmethod
+    def _name_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("metrics_addr")
     @classmethod

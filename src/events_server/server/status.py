@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from events_server.server import identity
 from events_server.server.errors import (
     IngestError,
     InvalidEvents,
@@ -38,8 +39,10 @@ call_events: ContextVar[int | None] = ContextVar("call_events", default=None)
 
 
 def call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    """The call's text metadata (binary ``-bin`` entries left out)."""
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    """The call's text metadata (binary ``-bin`` entries left out), as far as it is believed:
+    the client context the REST bridge forwards is dropped from any other caller (see
+    ``identity``)."""
+    return identity.call_metadata(context)
 
 
 def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:

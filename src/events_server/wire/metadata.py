@@ -28,6 +28,15 @@ MD_WS_MESSAGE_ID = "x-ws-message-id"
 deduplication_id is deduplicated on it (per tenant), so the client's resends of that
 frame are queued once."""
 
+FORWARDED_METADATA = frozenset(
+    {MD_FORWARDED_FOR, MD_USER_AGENT, MD_REFERER, MD_FORWARDED_HOST, MD_ORIGIN, MD_WS_MESSAGE_ID}
+)
+"""What the bridge says on a browser's behalf: believed from the bridge alone (the server
+drops it from any other caller, see ``events_server.server.identity``)."""
+
+MD_BRIDGE_TOKEN = "x-events-bridge-token"
+"""The shared bridge credential (``EVENTS_BRIDGE_TOKEN``), sent by the bridge on every call."""
+
 MD_RETRY_AFTER = "retry-after"
 """Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry may pass
 (the bridge's Retry-After)."""
