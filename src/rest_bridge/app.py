@@ -174,6 +174,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
     counters = BridgeMetrics()
     gatherer = Gatherer(
         lambda: api.state.gathered,
+        lambda: api.state.events,
         timeout_seconds=settings.grpc_timeout_seconds,
         max_calls=settings.grpc_gather_max_calls,
         max_requests=settings.grpc_gather_max_requests,

@@ -126,8 +126,8 @@ class BridgeSettings(BaseSettings):
     grpc_gather_max_bytes: int = Field(
         4 * 1024 * 1024,
         ge=64 * 1024,
-        description="Most bytes of events one gathered call carries (a larger request goes"
-        " alone); keep it under the server's max_request_bytes.",
+        description="Most bytes one gathered call carries (a larger request goes alone);"
+        " at most the server's max_request_bytes.",
     )
     # WebSocket /ws/create-events (rest_bridge.ws): every bound is per bridge process.
     ws_max_frame_bytes: int = Field(

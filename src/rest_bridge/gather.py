@@ -17,16 +17,21 @@ unreachable, its deadline passed) is every sub-request's, as it would have been 
 Fairness: requests wait per credential (key or page origin), and each call takes them
 round robin, so a flood behind one credential does not push a light one out of the calls.
 
-Nothing is retried, with one exception that is not a retry: gRPC refuses a message over
-the server's max_request_bytes before the server reads any of it; a gathered call so
-refused is sent again as one call per sub-request, so only a request too large on its
-own is answered 413.
+Nothing is retried, with two exceptions that are not retries, as the server read nothing
+of the refused call: gRPC refuses a message over its receive limit first thing, and a
+gathered call so refused is sent again as one call per sub-request, so only a request too
+large on its own is answered 413; and a bridge the server does not recognise (its
+EVENTS_BRIDGE_TOKEN or certificate missing on one side) is refused the gathered call by
+the access interceptor, and then sends plain CreateEvents calls, one per request, as it
+did before gathering, whose forwarded context the server ignores (for DIRECT_SECONDS,
+then it tries again), with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +39,9 @@ import grpc
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+
+log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -43,10 +50,20 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TOO_LARGE = "message larger than max"
 
 
+NOT_THE_BRIDGE = "is for the REST bridge only"
+"""What the server's refusal of a caller it does not take for the bridge says."""
+
+DIRECT_SECONDS = 30.0
+"""How long a bridge the server does not recognise sends plain CreateEvents calls before it
+tries a gathered call again."""
+
+
 @dataclass(slots=True)
 class Pending:
     """One request waiting for its answer."""
 
+    request: pb.CreateEventsRequest
+    metadata: Metadata
     sub: pb.SubRequest
     size: int
     deadline: float
@@ -81,6 +98,7 @@ class Gatherer:
     def __init__(
         self,
         stub: Callable[[], events_pb2_grpc.BridgeIngestAsyncStub],
+        direct: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
         *,
         timeout_seconds: float,
         max_calls: int,
@@ -89,6 +107,8 @@ class Gatherer:
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._stub = stub
+        self._direct = direct
+        self._direct_until = 0.0
         self._observe = observe
         self._timeout = timeout_seconds
         self._max_calls = max_calls
@@ -113,11 +133,15 @@ class Gatherer:
     ) -> pb.CreateEventsResponse:
         """The server's answer to one request, as CreateEvents would give it (raises
         grpc.aio.AioRpcError as CreateEvents would)."""
+        loop = asyncio.get_running_loop()
+        if self._direct_until > loop.time():
+            return await self._create_directly(request, metadata, ws_message_id)
         raw = request.SerializeToString()
         meta = dict(metadata)
         sub = pb.SubRequest(request=raw, metadata=meta, ws_message_id=ws_message_id)
-        loop = asyncio.get_running_loop()
         pending = Pending(
+            request,
+            metadata,
             sub,
             len(raw) + sum(len(k) + len(v) + 4 for k, v in meta.items()) + 8,
             loop.time() + self._timeout,
@@ -181,6 +205,27 @@ class Gatherer:
         task = asyncio.get_running_loop().create_task(self._call(batch))
         task.add_done_callback(self._sent)
 
+    async def _create_directly(
+        self, request: pb.CreateEventsRequest, metadata: Metadata, ws_message_id: str | None
+    ) -> pb.CreateEventsResponse:
+        if ws_message_id is not None:
+            metadata = (*metadata, (MD_WS_MESSAGE_ID, ws_message_id))
+        response: pb.CreateEventsResponse = await self._direct().CreateEvents(
+            request, timeout=self._timeout, metadata=metadata
+        )
+        return response
+
+    async def _answer_directly(self, pending: Pending) -> None:
+        ws_message_id = pending.sub.ws_message_id if pending.sub.HasField("ws_message_id") else None
+        try:
+            response = await self._create_directly(pending.request, pending.metadata, ws_message_id)
+        except grpc.aio.AioRpcError as error:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        else:
+            if not pending.future.done():
+                pending.future.set_result(response)
+
     def _sent(self, task: asyncio.Task[None]) -> None:
         self.out -= 1
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -203,6 +248,24 @@ class Gatherer:
                 # Refused by gRPC before the server read a byte: nothing happened. One call
                 # each, so that only a request too large on its own is refused.
                 await asyncio.gather(*(self._call([p]) for p in batch))
+                return
+            if error.code() == grpc.StatusCode.PERMISSION_DENIED and NOT_THE_BRIDGE in (
+                error.details() or ""
+            ):
+                # Refused before the server read a byte (the access interceptor), as an
+                # unrecognised bridge: its credential is missing on one side. It is served as
+                # any direct caller is (its client context not believed), one call each.
+                if self._direct_until <= loop.time():
+                    log.warning(
+                        "the events-server does not take this process for the REST bridge"
+                        " (%s): sending one CreateEvents call per request, whose forwarded"
+                        " client context it ignores, for %g s; give both the same"
+                        " EVENTS_BRIDGE_TOKEN or this bridge a client certificate",
+                        error.details(),
+                        DIRECT_SECONDS,
+                    )
+                self._direct_until = loop.time() + DIRECT_SECONDS
+                await asyncio.gather(*(self._answer_directly(p) for p in batch))
                 return
             for pending in batch:
                 if not pending.future.done():
