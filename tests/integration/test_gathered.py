@@ -55,11 +55,9 @@ def alone(target: str, metadata: Metadata, events: list[pb.Event]) -> Answer:
                 pb.CreateEventsRequest(events=events), metadata=metadata, timeout=10
             )
         except grpc.RpcError as error:
-            return _refusal(
-                error.code(),  # type: ignore[attr-defined]
-                error.details() or "",  # type: ignore[attr-defined]
-                error.trailing_metadata() or (),  # type: ignore[attr-defined]
-            )
+            call: grpc.Call = error  # type: ignore[assignment]  # a failed call is both
+            trailers: list[tuple[str, Any]] = list(call.trailing_metadata() or ())
+            return _refusal(error.code(), error.details() or "", trailers)
     return _results(reply)
 
 
@@ -144,7 +142,7 @@ def test_only_the_bridge_may_make_gathered_calls(
         pytest.raises(grpc.RpcError) as refused,
     ):
         gathered(target, [((("x-api-key", api_key),), [ev()])])
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert queued(rdb, keys) == []
 
 
