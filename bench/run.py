@@ -239,12 +239,35 @@ class Bench:
         ]
         pending = pool.map_async(run_job, jobs)
         time.sleep(self.args.warmup)
-        before = self.cpu()
+        before, calls_before = self.cpu(), self.gathered()
         time.sleep(self.args.seconds)
-        after = self.cpu()
+        after, calls_after = self.cpu(), self.gathered()
         results: list[Result] = pending.get(timeout=self.args.seconds * 4 + 60)
         cpu = {name: after[name] - before[name] for name in after}
-        return summarize(phase, results, cpu)
+        row = summarize(phase, results, cpu)
+        calls = calls_after[0] - calls_before[0]
+        row["requests_per_call"] = (calls_after[1] - calls_before[1]) / calls if calls else None
+        return row
+
+    def gathered(self) -> tuple[float, float]:
+        """The bridge's gathered calls so far, and the requests they carried (its /metrics)."""
+        found = {
+            "events_gathered_call_requests_count": 0.0,
+            "events_gathered_call_requests_sum": 0.0,
+        }
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.bridge_port}/metrics", timeout=5
+            ) as answer:
+                for line in answer.read().decode().splitlines():
+                    name, _, figure = line.partition(" ")
+                    if name in found:
+                        found[name] += float(figure)
+        except OSError:
+            pass
+        return found["events_gathered_call_requests_count"], found[
+            "events_gathered_call_requests_sum"
+        ]
 
 
 def print_table(rows: list[dict[str, Any]], ratios: dict[str, dict[str, Any]]) -> None:
@@ -254,15 +277,16 @@ def print_table(rows: list[dict[str, Any]], ratios: dict[str, dict[str, Any]]) -
     cpu_head = " ".join(f"{n:>7}" for n in names)
     print(
         f"{'phase':5} {'what':32} {'batch':>5} {'events/s':>10} {'req/s':>8} {'p50 ms':>7}"
-        f" {'p99 ms':>7} {'p99.9':>7} {'errors':>6}  CPU% {cpu_head}"
+        f" {'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'req/call':>8}  CPU% {cpu_head}"
     )
     for row in rows:
         cpu = " ".join(f"{row['cpu_percent'].get(n, 0):>7.0f}" for n in names)
+        per_call = f"{row['requests_per_call']:.1f}" if row.get("requests_per_call") else "-"
         print(
             f"{row['phase']:5} {row['label'][:32]:32} {row['batch']:>5}"
             f" {row['events_per_s']:>10,.0f} {row['requests_per_s']:>8,.0f}"
             f" {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['p999_ms']:>7.2f}"
-            f" {sum(row['errors'].values()):>6}       {cpu}"
+            f" {sum(row['errors'].values()):>6} {per_call:>8}       {cpu}"
         )
     print()
     for name, ratio in ratios.items():
