@@ -111,14 +111,14 @@ class BridgeSettings(BaseSettings):
     )
     # Group commit (rest_bridge.gather): requests that arrive while calls are out go together.
     grpc_gather_max_calls: int = Field(
-        2,
+        1,
         ge=1,
         le=64,
         description="Gathered calls to the server in flight at once; a request that finds fewer"
         " out is sent at once, the others wait for the next call to leave.",
     )
     grpc_gather_max_requests: int = Field(
-        64,
+        256,
         ge=1,
         le=1024,
         description="Most requests (POSTs, WebSocket frames) one gathered call carries.",
