@@ -58,7 +58,7 @@ DIRECT_SECONDS = 30.0
 tries a gathered call again."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Pending:
     """One request waiting for its answer."""
 
@@ -177,12 +177,21 @@ class Gatherer:
         batch: list[Pending] = []
         size = 0
         waiting = self._waiting
+        now = asyncio.get_running_loop().time()
         while waiting and len(batch) < self._max_requests:
             credential, queue = next(iter(waiting.items()))
             pending = queue[0]
-            if pending.future.done():  # given up on before it was sent
+            if pending.future.done() or pending.deadline <= now:
+                # Given up on before it was sent, or out of time while it waited: it is
+                # never sent (and must not shorten the others' deadline to nothing).
                 queue.popleft()
                 self._queued -= 1
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        grpc.aio.AioRpcError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded"
+                        )
+                    )
             elif batch and size + pending.size > self._max_bytes:
                 break
             else:

@@ -27,6 +27,7 @@ import time
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
@@ -84,12 +85,15 @@ class GatheredService:
         passages: list[Passage] = []
         try:
             async with events.limiter.turn(BRIDGE_TURNS, deadline):
+                received_at = Timestamp()
+                received_at.FromNanoseconds(time.time_ns())
                 passages = [
                     Passage(
                         sub.request,
                         dict(sub.metadata),
                         peer,
                         sub.ws_message_id if sub.HasField("ws_message_id") else None,
+                        received_at,
                     )
                     for sub in _parse(raw).requests
                 ]
@@ -167,10 +171,10 @@ class GatheredService:
 
 
 def _request_id(passage: Passage) -> str:
-    rid = passage.metadata.get(REQUEST_ID_HEADER)
-    if rid is None or rid != accept_request_id(rid):  # made once, then kept
-        rid = passage.metadata[REQUEST_ID_HEADER] = accept_request_id(rid)
-    return rid
+    """The sub-request's request id: the bridge's, when sane (checked once), else a new one."""
+    if passage.request_id is None:
+        passage.request_id = accept_request_id(passage.metadata.get(REQUEST_ID_HEADER))
+    return passage.request_id
 
 
 def _parse(raw: bytes) -> pb.GatheredRequest:
