@@ -15,9 +15,15 @@ def _never() -> Any:
     raise AssertionError("no call is made: max_calls is 0")
 
 
-def _gatherer(**bounds: int) -> Gatherer:
-    limits = {"max_calls": 0, "max_requests": 64, "max_bytes": 1 << 20, **bounds}
-    return Gatherer(_never, _never, timeout_seconds=5, **limits)
+def _gatherer(max_requests: int = 64, max_bytes: int = 1 << 20) -> Gatherer:
+    return Gatherer(
+        _never,
+        _never,
+        timeout_seconds=5,
+        max_calls=0,
+        max_requests=max_requests,
+        max_bytes=max_bytes,
+    )
 
 
 def _request(n: int) -> pb.CreateEventsRequest:
