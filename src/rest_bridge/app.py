@@ -144,6 +144,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             gc.freeze()
             yield
             await rejected.drain()
+            create_events.close()
 
     api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
     _document_contract(api)
