@@ -122,6 +122,39 @@ class BridgeSettings(BaseSettings):
         " the event loop without holding it for more than a few ms (0: every body is parsed on"
         " the event loop).",
     )
+    # HTTP connections (rest_bridge.connections): every bound is per bridge process.
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers, in bytes; past it the request is"
+        " answered 431 and the connection closed, the rest unread.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Time a connection has to send a whole request line and headers, from when"
+        " it opens or its next request's first byte, seconds; then it is closed (408 if it had"
+        " sent part of them).",
+    )
+    keep_alive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a keep-alive connection may stay idle between requests, seconds.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Time a request to POST /create-events has to send its whole body, seconds"
+        " (408 past it).",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=16,
+        description="Open connections per bridge process, WebSockets included (lowered at"
+        " start-up to the open-file limit less 128). At the cap a new connection closes the"
+        " longest-idle one (no request in progress); when none is idle it is answered 503.",
+    )
     cors_cache_seconds: float = Field(
         5.0,
         ge=0,

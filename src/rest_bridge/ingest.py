@@ -17,6 +17,7 @@ frames' events with ``validate_body``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -384,11 +385,14 @@ class CreateEvents:
         try:
             check_media_type(headers.get(b"content-type"), source)
             gzipped = is_gzipped(headers.get(b"content-encoding"))
-            body = await read_body(
-                receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
-            )
+            async with asyncio.timeout(self._settings.body_timeout_seconds):
+                body = await read_body(
+                    receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
+                )
         except BodyRefused as refused:
             reply = refused.reply
+        except TimeoutError:
+            reply = _body_timed_out(self._settings.body_timeout_seconds)
         else:
             reply = await self.handle(scope, headers, key, body)
         await reply.send(send, cors)
@@ -433,3 +437,12 @@ class CreateEvents:
             origin = headers.get(b"origin")
             page = origin.decode("latin-1") if origin else None
             self._rejected.report(body, detail, key, page, tenants)
+
+
+def _body_timed_out(seconds: float) -> Reply:
+    return json_reply(
+        408,
+        {"detail": f"the body did not arrive within {seconds:g} seconds (body_timeout_seconds)"},
+        # The rest of the body is not read: the connection cannot be reused.
+        {"Connection": "close"},
+    )
