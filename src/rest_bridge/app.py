@@ -150,7 +150,9 @@ def create_app(settings: BridgeSettings) -> Bridge:
             await rejected.drain()
             create_events.close()
 
-    api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
+    # No redirect of /create-events/ to /create-events: its Location would repeat the
+    # query, api_key included (any path with a trailing slash is a 404).
+    api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan, redirect_slashes=False)
     _document_contract(api)
 
     @api.get("/healthz", include_in_schema=False)
