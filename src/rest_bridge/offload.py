@@ -4,20 +4,21 @@ Parsing and validating hold the event loop for as long as they take, and no thre
 take that work off it: orjson, the json module and pydantic-core all keep the GIL
 throughout a call (a 25 ms orjson.loads run in a thread stalled the loop 25 ms; only
 zlib, which inflates gzip bodies, lets go of it). Measured on the 2-core box of
-docs/performance.md, a body costs about 0.2 µs per comma when it is valid and up to
+docs/performance.md, a body costs about 0.5 µs per comma when it is valid and up to
 8 µs per comma when it is not (each error is built by pydantic's JSON pass, again by
-the stdlib pass that gives FastAPI's exact 422, then as a dict): 1 ms for a valid
-100-event body, 31 ms for a valid 1 MiB one of 330,000 short strings, 12 s for
-1 MiB of empty objects before the count and the error cap (rest_bridge.ingest).
+the stdlib pass that gives FastAPI's exact 422, then as a dict): 0.9 ms for a valid
+100-event body, 8 ms for 500 events, 31 ms for a valid 1 MiB one of 330,000 short
+strings, 12 s for 1 MiB of empty objects before the count and the error cap
+(rest_bridge.ingest).
 
 So a body of at most INLINE_MAX_BYTES and INLINE_MAX_COMMAS (a beacon, a batch of a
 few events) is parsed on the loop, at most ~2 ms; so is one of at most
 VALID_INLINE_MAX_COMMAS that is valid (checked at a bounded cost). Any other goes to one
 of ``parse_processes`` worker processes (ingest.validate_large_body: the events counted
 first, the errors capped), and only its result comes back: the serialized events, or
-the refusal and the tenants it names. Handing a body to a worker costs the loop ~0.8 ms
-(the executor's threads, pickling, rebuilding the protobuf events): worth it only for
-the bodies that would cost more.
+the refusal and the tenants it names. Handing a body to a worker costs the loop ~0.6 ms
+for 100 events, ~1.7 ms for 500 (the executor's threads, pickling, rebuilding the
+protobuf events): worth it only for the bodies that would cost more.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ of the worst invalid body (empty objects, three errors each), about 2 ms at most
 
 VALID_INLINE_MAX_COMMAS = 4096
 """A larger body of at most this many commas is validated on the event loop too, by
-pydantic stopping at its first invalid event (ingest.valid_events): ~1.5 ms when valid
-(a benchmark body of 100 events has ~1,900 commas), at most ~2.5 ms when not (one event
-of 4,000 bad variant ids). Only an invalid one goes to a worker for its 422."""
+pydantic stopping at its first invalid event (ingest.valid_events): ~2 ms when valid
+(a benchmark body of 100 events has ~1,900 commas, 215 of them ~4,000), at most ~3 ms
+when not (one event of 4,090 bad variant ids). Only an invalid one goes to a worker for
+its 422."""
 
 MAX_QUEUED_PER_PROCESS = 64
 """Bodies waiting for (or in) each parse process; past that a large body is answered 503."""
