@@ -274,7 +274,11 @@ def main() -> None:
         amplification(url, key, args.seconds, "1 event of 330k bad variant ids", BAD_VARIANTS)
     finally:
         bridge.terminate()
-        bridge.wait(10)
+        try:
+            bridge.wait(15)
+        except subprocess.TimeoutExpired:
+            bridge.kill()
+            bridge.wait(10)
         server.stop()
         valkey.kill()
         for name in ("bridge.log", "server.log"):

@@ -26,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -56,9 +59,22 @@ Parsed = tuple[list[pb.Event] | Reply, list[str] | None]
 """The events, or the reply refusing them and (when known) the tenants the body names."""
 
 
-def _quiet() -> None:
+ORPHAN_CHECK_SECONDS = 1.0
+
+
+def _worker_started(bridge_pid: int) -> None:
+    """In each worker process, first: it lives no longer than the bridge process."""
     # Ctrl-C reaches the whole process group: the bridge shuts its workers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    # A bridge killed outright (SIGKILL, OOM) cannot: a worker waits on a queue whose
+    # writing end it holds itself, so it would wait forever. It leaves once orphaned.
+    def leave_when_orphaned() -> None:
+        while os.getppid() == bridge_pid:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=leave_when_orphaned, daemon=True).start()
 
 
 def parse_in_worker(
@@ -125,7 +141,10 @@ class BodyParser:
         if self._pool is None:
             # Spawned, not forked: the bridge holds a gRPC channel, which a fork breaks.
             self._pool = ProcessPoolExecutor(
-                self._processes, multiprocessing.get_context("spawn"), initializer=_quiet
+                self._processes,
+                multiprocessing.get_context("spawn"),
+                initializer=_worker_started,
+                initargs=(os.getpid(),),
             )
         return self._pool
 
