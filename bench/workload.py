@@ -107,6 +107,16 @@ class Batches:
             parts.append(event)
         return b"[" + b",".join(parts) + b"]"
 
+    def ws_frame(self) -> tuple[str, bytes]:
+        """A WebSocket frame as Depict's client sends it: a fresh id and one event (no
+        deduplication_id: the server deduplicates a frame's event on its id)."""
+        (index,) = self._indexes(1)
+        self._counter += 1
+        frame_id = f"w{self.worker}-{self.seed}-f{self._counter}"
+        return frame_id, b'{"id":"' + frame_id.encode() + b'","event":' + self.json_events[
+            index
+        ] + b"}"
+
     def grpc_body(self, n: int) -> bytes:
         """A serialized CreateEventsRequest of n events."""
         parts = []

@@ -25,6 +25,7 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ConnectionGuard
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
+from rest_bridge.gather import Gatherer
 from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
@@ -61,8 +62,10 @@ class Bridge:
         settings: BridgeSettings,
         ws: WebSocketIngest | None = None,
         metrics: BridgeMetrics | None = None,
+        gatherer: Gatherer | None = None,
     ) -> None:
         self.api = api
+        self.gatherer = gatherer
         self.create_events = create_events
         self.cors = cors
         self.ws = ws
@@ -140,6 +143,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with upstream_channel(settings, RECONNECT_OPTIONS) as channel:
             app.state.events = events_pb2_grpc.EventsServiceStub(channel)
+            app.state.gathered = events_pb2_grpc.BridgeIngestStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             app.state.rejected = events_pb2_grpc.RejectedEventsStub(channel)
             app.state.origins = events_pb2_grpc.OriginsStub(channel)
@@ -174,10 +178,19 @@ def create_app(settings: BridgeSettings) -> Bridge:
 
     rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
     cors = Cors(lambda: api.state.origins, settings)
-    create_events = CreateEvents(settings, lambda: api.state.events, cors, rejected)
     counters = BridgeMetrics()
-    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected)
-    bridge = Bridge(api, create_events, cors, settings, ws, counters)
+    gatherer = Gatherer(
+        lambda: api.state.gathered,
+        lambda: api.state.events,
+        timeout_seconds=settings.grpc_timeout_seconds,
+        max_calls=settings.grpc_gather_max_calls,
+        max_requests=settings.grpc_gather_max_requests,
+        max_bytes=settings.grpc_gather_max_bytes,
+        observe=counters.gathered,
+    )
+    create_events = CreateEvents(settings, gatherer, cors, rejected)
+    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected, gatherer)
+    bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer)
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

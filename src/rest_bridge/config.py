@@ -161,6 +161,26 @@ class BridgeSettings(BaseSettings):
         description="How long the server's answer on a browser origin (per origin and key)"
         " is reused, seconds.",
     )
+    # Group commit (rest_bridge.gather): requests that arrive while calls are out go together.
+    grpc_gather_max_calls: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gathered calls to the server in flight at once; a request that finds fewer"
+        " out is sent at once, the others wait for the next call to leave.",
+    )
+    grpc_gather_max_requests: int = Field(
+        256,
+        ge=1,
+        le=1024,
+        description="Most requests (POSTs, WebSocket frames) one gathered call carries.",
+    )
+    grpc_gather_max_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Most bytes one gathered call carries (a larger request goes alone);"
+        " at most the server's max_request_bytes.",
+    )
     # WebSocket /ws/create-events (rest_bridge.ws): every bound is per bridge process.
     ws_max_frame_bytes: int = Field(
         65536,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from typing import Annotated, Any
@@ -30,7 +29,6 @@ from pydantic import FailFast, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from events_server.pb import events_pb2 as pb
-from events_server.pb import events_pb2_grpc
 from events_server.wire.codec import event_from_dict
 from events_server.wire.rejected import tenants_of
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
@@ -48,6 +46,7 @@ from rest_bridge.errors import (
     unprocessable,
     validation_detail,
 )
+from rest_bridge.gather import Gatherer
 from rest_bridge.models import Event, String, unencodable_locations
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
@@ -353,7 +352,7 @@ class CreateEvents:
     def __init__(
         self,
         settings: BridgeSettings,
-        stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
+        gatherer: Gatherer,
         cors: Cors,
         rejected: RejectedReporter | None = None,
     ) -> None:
@@ -361,7 +360,7 @@ class CreateEvents:
         from rest_bridge.offload import BodyParser  # noqa: PLC0415
 
         self._settings = settings
-        self._stub = stub
+        self._gatherer = gatherer
         self._cors = cors
         self._rejected = rejected
         self._parser = BodyParser(settings)
@@ -410,9 +409,7 @@ class CreateEvents:
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
-            response = await self._stub().CreateEvents(
-                call, timeout=self._settings.grpc_timeout_seconds, metadata=metadata
-            )
+            response = await self._gatherer.create_events(call, metadata)
         except grpc.aio.AioRpcError as error:
             reply = grpc_error_response(error, self._settings.retry_after_seconds)
             if reply.status == REQUEST_TOO_LARGE:

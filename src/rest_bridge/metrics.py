@@ -73,6 +73,13 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.gathered_calls = Histogram(
+            "events_gathered_call_requests",
+            "Requests (POSTs, WebSocket frames) per gathered call to the server (count: calls;"
+            " sum: requests).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.scrape = scrape_registry(self.registry)
         self._children = LabelCache()
 
@@ -87,6 +94,10 @@ class BridgeMetrics:
         self._children.get(self.ws_frames, (outcome,)).inc()
         if seconds is not None:
             self._children.get(self.ws_frame_seconds, (outcome,)).observe(seconds)
+
+    def gathered(self, requests: int) -> None:
+        """Count one gathered call to the server, of ``requests`` requests."""
+        self.gathered_calls.observe(requests)
 
     def ws_handshake(self, status: int) -> None:
         """Count one handshake answered with ``status``."""

@@ -32,12 +32,12 @@ import grpc
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log, request_id
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.wire.metadata import MD_WS_MESSAGE_ID
 from rest_bridge.access import MAX_LOGGED_CHARS, REDACTED, redact_query
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import MAX_ORIGIN_CHARS, Cors
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import WWW_AUTHENTICATE, grpc_error_response
+from rest_bridge.gather import Gatherer
 from rest_bridge.ingest import validate_body
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.rejected import RejectedReporter
@@ -126,16 +126,18 @@ def _origin_refused(origin: str) -> Reply:
 class WebSocketIngest:
     """The ASGI app of /ws/create-events (one per bridge process)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917
         self,
         settings: BridgeSettings,
         stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
         cors: Cors,
         metrics: BridgeMetrics,
-        rejected: RejectedReporter | None = None,
+        rejected: RejectedReporter | None,
+        gatherer: Gatherer,
     ) -> None:
         self._settings = settings
         self._stub = stub
+        self._gatherer = gatherer
         self._cors = cors
         self._metrics = metrics
         self._rejected = rejected
@@ -341,10 +343,8 @@ class WebSocketIngest:
         if isinstance(events, Reply):
             return self._not_ok(conn, frame, reply_detail(events))
         try:
-            response = await self._stub().CreateEvents(
-                pb.CreateEventsRequest(events=events),
-                timeout=self._settings.grpc_timeout_seconds,
-                metadata=(*conn.metadata, (MD_WS_MESSAGE_ID, metadata_value(frame.id))),
+            response = await self._gatherer.create_events(
+                pb.CreateEventsRequest(events=events), conn.metadata, metadata_value(frame.id)
             )
         except grpc.aio.AioRpcError as error:
             refused = refusal(error)

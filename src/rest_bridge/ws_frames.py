@@ -74,10 +74,13 @@ def _id_field(frame: dict[str, Any]) -> dict[str, Any]:
 def parse_frame(data: str | bytes) -> Frame | str:
     """The frame, or the text of its error answer."""
     try:
-        pattern = _LONG_NUMBER if isinstance(data, str) else _LONG_NUMBER_BYTES
-        if pattern.search(data):  # type: ignore[arg-type]
-            raise ValueError("long number: read it with the standard parser")
         frame = orjson.loads(data)
+        # Only a frame with a number that may have been read as a float (or a large
+        # integer) is searched for a long one: the search costs more than the parse.
+        if _large_numbers(frame):
+            pattern = _LONG_NUMBER if isinstance(data, str) else _LONG_NUMBER_BYTES
+            if pattern.search(data):  # type: ignore[arg-type]
+                raise ValueError("long number: read it with the standard parser")
         dumps: Callable[[Any], bytes] = orjson.dumps
     except ValueError:  # orjson.JSONDecodeError too
         # What orjson refuses but a POST's parser reads (NaN, lone surrogates, long
@@ -102,6 +105,24 @@ def parse_frame(data: str | bytes) -> Frame | str:
     except (ValueError, TypeError, RecursionError) as error:  # not reached with parsed JSON
         return error_answer(_id_field(frame), f"the event cannot be re-encoded: {error}")
     return Frame(frame_id, body, has_event)
+
+
+_LARGE = 10**18
+"""Integers from 19 digits on: near where orjson stops reading them exactly."""
+
+
+def _large_numbers(value: Any) -> bool:
+    """Whether the parsed JSON holds a float or an integer of 19 digits or more."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) or (isinstance(item, int) and not -_LARGE < item < _LARGE):
+            return True
+    return False
 
 
 def _stdlib_dumps(value: Any) -> bytes:

@@ -20,6 +20,7 @@ from events_server.server.app import EventsServer
 from events_server.server.metrics import OTHER_TENANT
 from events_server.server.sampler import RedisSampler
 from events_server.server.settings import Settings
+from events_server.wire.metadata import GATHERED_METHOD
 from tests.harness.data import ev, event_of_size
 from tests.harness.metrics import CREATE, scrape, server_metrics_url, value
 from tests.harness.processes import BridgeProcess, ServerProcess, events_env, http_ok
@@ -60,9 +61,14 @@ def test_counters_move_after_requests(
     assert events("my_store", "click", "rejected", "batch_rejected") == 1
     # A tenant not yet seen on a queued event (here: empty) takes no label of its own.
     assert events(OTHER_TENANT, "purchase", "rejected", "string_too_short") == 1
-    assert grew("events_grpc_requests_total", method=CREATE, code="OK") == 1
-    assert grew("events_grpc_requests_total", method=CREATE, code="INVALID_ARGUMENT") == 1
-    assert grew("events_grpc_request_duration_seconds_count", method=CREATE) == 2
+    # The bridge's requests reach the server in its gathered calls (here one each: sent one
+    # after the other), each counted by the code its own CreateEvents call would end with.
+    assert grew("events_gathered_requests_total", code="OK") == 1
+    assert grew("events_gathered_requests_total", code="INVALID_ARGUMENT") == 1
+    assert grew("events_gathered_call_requests_count") == 2
+    assert grew("events_grpc_requests_total", method=GATHERED_METHOD, code="OK") == 2
+    assert grew("events_grpc_request_duration_seconds_count", method=GATHERED_METHOD) == 2
+    assert grew("events_grpc_requests_total", method=CREATE, code="OK") == 0
     # The valid request only (twice when Redis had to be given the script first).
     assert grew("events_redis_script_duration_seconds_count") in {1, 2}
     assert grew("events_auth_failures_total", kind="unknown_key") == 0

@@ -331,6 +331,172 @@ class CreateEventsResponse(_message.Message):
 Global___CreateEventsResponse: _TypeAlias = CreateEventsResponse  # noqa: Y015
 
 @_typing.final
+class GatheredRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SubRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatheredRequest: _TypeAlias = GatheredRequest  # noqa: Y015
+
+@_typing.final
+class SubRequest(_message.Message):
+    """One request gathered into a call: what a CreateEvents call of its own would carry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    WS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    request: _builtins.bytes
+    """The serialized CreateEventsRequest; parsed only once its caller is admitted."""
+    ws_message_id: _builtins.str
+    """The WebSocket frame id (a CreateEvents call's x-ws-message-id): an event without a
+    deduplication_id is deduplicated on it.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The text metadata a CreateEvents call would carry for it: its credentials
+        (x-api-key, or the page's grpcgateway-origin), x-request-id, and the client context
+        the bridge forwards (x-forwarded-for, grpcgateway-user-agent, ...).
+        """
+
+    def __init__(
+        self,
+        *,
+        request: _builtins.bytes = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ws_message_id: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "metadata", b"metadata", "request", b"request", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ws_message_id: _TypeAlias = _typing.Literal["ws_message_id"]  # noqa: Y015
+    _WhichOneofArgType__ws_message_id: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ws_message_id) -> _WhichOneofReturnType__ws_message_id | None: ...
+
+Global___SubRequest: _TypeAlias = SubRequest  # noqa: Y015
+
+@_typing.final
+class GatheredResponse(_message.Message):
+    """The answer to each sub-request, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubResponse]: ...
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___SubResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatheredResponse: _TypeAlias = GatheredResponse  # noqa: Y015
+
+@_typing.final
+class SubResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    TRAILERS_FIELD_NUMBER: _builtins.int
+    HOLD_SECONDS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code its own CreateEvents call would have ended with (0: OK)."""
+    details: _builtins.str
+    """The status message, when not OK."""
+    hold_seconds: _builtins.float
+    """How long to hold the refusal before answering it, seconds: what the server would
+    have held its own call (a rate-limited request; held by the bridge, so that the
+    others of the call are not).
+    """
+    @_builtins.property
+    def response(self) -> Global___CreateEventsResponse:
+        """The answer, when OK."""
+
+    @_builtins.property
+    def trailers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trailer]:
+        """The trailing metadata of a refusal (retry-after, grpc-status-details-bin)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        response: Global___CreateEventsResponse | None = ...,
+        trailers: _abc.Iterable[Global___Trailer] | None = ...,
+        hold_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "hold_seconds", b"hold_seconds", "response", b"response", "trailers", b"trailers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubResponse: _TypeAlias = SubResponse  # noqa: Y015
+
+@_typing.final
+class Trailer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trailer: _TypeAlias = Trailer  # noqa: Y015
+
+@_typing.final
 class Envelope(_message.Message):
     """What is queued on a partition stream (field `e` of each entry): the event
     plus everything the server knew when it arrived.

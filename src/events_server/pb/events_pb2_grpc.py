@@ -99,6 +99,93 @@ class EventsService:
             _registered_method=True)
 
 
+class BridgeIngestStub:
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateEventsGathered = channel.unary_unary(
+                '/events.v1.BridgeIngest/CreateEventsGathered',
+                request_serializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
+                _registered_method=True)
+
+
+class BridgeIngestServicer:
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    def CreateEventsGathered(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BridgeIngestServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateEventsGathered': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEventsGathered,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'events.v1.BridgeIngest', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('events.v1.BridgeIngest', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BridgeIngest:
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    @staticmethod
+    def CreateEventsGathered(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.BridgeIngest/CreateEventsGathered',
+            events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class RejectedEventsStub:
     """Requests rejected as invalid, kept per tenant so a store can see what its
     integration sends wrong (`events-server tail --rejected`): beacon clients

@@ -59,6 +59,49 @@ class EventsServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_EventsServiceServicer_to_server(servicer: EventsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class BridgeIngestStub:
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> BridgeIngestAsyncStub: ...
+    CreateEventsGathered: _grpc.UnaryUnaryMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]
+
+@_typing.type_check_only
+class BridgeIngestAsyncStub(BridgeIngestStub):
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateEventsGathered: _aio.UnaryUnaryMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]  # type: ignore[assignment]
+
+class BridgeIngestServicer(metaclass=_abc_1.ABCMeta):
+    """Internal: how the REST bridge sends the requests that arrive while its previous call
+    is out, together (group commit). Only the bridge may call it: it speaks for browsers.
+    Each request in a call is admitted, validated, rate-limited and answered exactly as a
+    CreateEvents call of its own would be; what they queue is written in one Redis round
+    trip.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateEventsGathered(
+        self,
+        request: _events_pb2.GatheredRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.GatheredResponse, _abc.Awaitable[_events_pb2.GatheredResponse]]: ...
+
+def add_BridgeIngestServicer_to_server(servicer: BridgeIngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class RejectedEventsStub:
     """Requests rejected as invalid, kept per tenant so a store can see what its
     integration sends wrong (`events-server tail --rejected`): beacon clients

@@ -115,25 +115,53 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         metadata: dict[str, str],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        fields: dict[str, Any] = {
-            "method": method,
-            "code": code.name,
-            "duration_ms": round(seconds * 1000, 3),
-            "client_ip": client_ip_for_log(
+        if (events := getattr(request, "events", None)) is not None:
+            count: int | None = len(events)
+        else:
+            count = call_events.get()  # CreateEvents reads raw bytes
+        access_line(
+            level,
+            method,
+            code,
+            seconds=seconds,
+            events=count,
+            response=response,
+            metadata=metadata,
+            client=client_ip_for_log(
                 client_ip(metadata, context.peer(), self._hops), self._ip_mode
             ),
-        }
-        if (events := getattr(request, "events", None)) is not None:
-            fields["events"] = len(events)
-        elif (count := call_events.get()) is not None:  # CreateEvents reads raw bytes
-            fields["events"] = count
-        if response is not None and hasattr(response, "accepted"):
-            fields["accepted"] = response.accepted
-            fields["duplicates"] = response.duplicates
-        # Keyed and keyless traffic told apart (never the key itself).
-        if MD_API_KEY in metadata:
-            fields["auth"] = "key"
-        elif MD_ORIGIN in metadata:
-            fields["auth"] = "storefront"
-            fields["origin"] = metadata[MD_ORIGIN][:200]
-        log.log(level, "%s %s", method, code.name, extra=fields)
+        )
+
+
+def access_line(
+    level: int,
+    method: str,
+    code: grpc.StatusCode,
+    *,
+    seconds: float,
+    events: int | None,
+    response: Any,
+    metadata: dict[str, str],
+    client: str,
+    **more: Any,
+) -> None:
+    """Log the access line of one call (or of one request a gathered call carried)."""
+    fields: dict[str, Any] = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": round(seconds * 1000, 3),
+        "client_ip": client,
+    }
+    if events is not None:
+        fields["events"] = events
+    if response is not None and hasattr(response, "accepted"):
+        fields["accepted"] = response.accepted
+        fields["duplicates"] = response.duplicates
+    # Keyed and keyless traffic told apart (never the key itself).
+    if MD_API_KEY in metadata:
+        fields["auth"] = "key"
+    elif MD_ORIGIN in metadata:
+        fields["auth"] = "storefront"
+        fields["origin"] = metadata[MD_ORIGIN][:200]
+    fields.update(more)
+    log.log(level, "%s %s", method, code.name, extra=fields)

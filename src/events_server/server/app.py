@@ -17,6 +17,7 @@ from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
 from events_server.server.access import AccessInterceptor
 from events_server.server.auth import Authenticator, Caller, KeyStore
+from events_server.server.gathered import GatheredService
 from events_server.server.identity import BridgeIdentity
 from events_server.server.limits import Limiter, Rates
 from events_server.server.lookups import CachedLookup
@@ -29,11 +30,20 @@ from events_server.server.settings import Settings
 from events_server.server.store import EventStore, store_for
 from events_server.server.storefronts import StorefrontStore
 from events_server.server.tls import server_credentials
-from events_server.wire.metadata import ORIGINS_SERVICE_NAME, REJECTED_SERVICE_NAME, SERVICE_NAME
+from events_server.wire.metadata import (
+    BRIDGE_INGEST_SERVICE_NAME,
+    ORIGINS_SERVICE_NAME,
+    REJECTED_SERVICE_NAME,
+    SERVICE_NAME,
+)
 from events_server.wire.rejected import MAX_RECORD_BYTES
 from events_server.wire.validation import Limits
 
 log = logging.getLogger(__name__)
+
+GATHER_ROOM = 4 * 1024 * 1024 + 65_536
+"""What a gathered call may hold past max_request_bytes: the bridge's default bound on a
+call's events (grpc_gather_max_bytes), and its sub-requests' metadata."""
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -200,8 +210,10 @@ async def create_server(
         # port would silently take half the traffic. Only our own workers share one.
         options=[
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-            # gRPC's own refusal (RESOURCE_EXHAUSTED) of a message too big to parse at all.
-            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            # gRPC's own refusal (RESOURCE_EXHAUSTED) of a message too big to parse at all:
+            # with room for the bridge's gathered calls; EventsService holds each request
+            # (alone or gathered) to max_request_bytes itself, in gRPC's words.
+            ("grpc.max_receive_message_length", settings.max_request_bytes + GATHER_ROOM),
         ],
     )
     events = EventsService(
@@ -224,11 +236,13 @@ async def create_server(
         ),
         rates=lambda caller: rates_for(caller, settings),
         write_seconds=settings.redis_timeout_seconds,
+        max_request_bytes=settings.max_request_bytes,
         rejected=rejected,
     )
     # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw
     # request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
+    gathered = GatheredService(events, metrics, settings.log_client_ip, settings.forwarded_hops)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -237,6 +251,17 @@ async def create_server(
                     "CreateEvents": grpc.unary_unary_rpc_method_handler(
                         events.CreateEvents,
                         response_serializer=pb.CreateEventsResponse.SerializeToString,
+                    )
+                },
+            ),
+            # The bridge's gathered calls: raw bytes too, each sub-request's events parsed
+            # only once its caller is admitted.
+            grpc.method_handlers_generic_handler(
+                BRIDGE_INGEST_SERVICE_NAME,
+                {
+                    "CreateEventsGathered": grpc.unary_unary_rpc_method_handler(
+                        gathered.CreateEventsGathered,
+                        response_serializer=pb.GatheredResponse.SerializeToString,
                     )
                 },
             ),
@@ -249,6 +274,7 @@ async def create_server(
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            BRIDGE_INGEST_SERVICE_NAME,
             REJECTED_SERVICE_NAME,
             ORIGINS_SERVICE_NAME,
             health.SERVICE_NAME,

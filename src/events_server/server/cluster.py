@@ -36,8 +36,12 @@ class ClusterTransport:
         self._down: list[str] = []
         self._refreshed_at = 0.0
 
-    async def run(self, calls: Sequence[Call]) -> list[Any]:
-        """Every call, pipelined per node; EVAL where a node lacks the script."""
+    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
+        """Every call, pipelined per node; EVAL where a node lacks the script.
+
+        ``partial``: a call that failed (its node down, or refusing) has a StoreUnavailable
+        as its reply instead of failing the others.
+        """
         try:
             replies = await ENQUEUE.run_all(self._pipeline, [argv for _, argv in calls])
         except CLUSTER_ERRORS as exc:
@@ -49,8 +53,10 @@ class ClusterTransport:
         if failed:
             if any(isinstance(reply, ConnectionError | TimeoutError) for reply in failed):
                 await self.forget_idle_connections()
-            first = failed[0]
-            raise StoreUnavailable(f"redis: {type(first).__name__}: {first}") from first
+            if not partial:
+                first = failed[0]
+                raise StoreUnavailable(f"redis: {type(first).__name__}: {first}") from first
+            return [_unavailable(r) if isinstance(r, Exception) else r for r in replies]
         return replies
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
@@ -102,6 +108,12 @@ class ClusterTransport:
             await self._cluster.nodes_manager.initialize()
         except CLUSTER_ERRORS as exc:
             log.debug("slot map refresh failed: %s", exc)
+
+
+def _unavailable(reply: Exception) -> StoreUnavailable:
+    error = StoreUnavailable(f"redis: {type(reply).__name__}: {reply}")
+    error.__cause__ = reply
+    return error
 
 
 async def _ping(node: ClusterNode) -> bool:

@@ -32,6 +32,14 @@ class StoreFull(IngestError):
     """Redis is out of memory and refuses writes; refused batches queued nothing. Retry later."""
 
 
+class RequestTooLarge(IngestError):
+    """A request over max_request_bytes: refused unread, as gRPC refuses a message too large
+    (RESOURCE_EXHAUSTED, with gRPC's own words, which the bridge answers 413)."""
+
+    def __init__(self, size: int, most: int) -> None:
+        super().__init__(f"Received message larger than max ({size} vs. {most})")
+
+
 class RateLimited(IngestError):
     """The caller is over its rate limit or its share of calls in flight; nothing was queued.
 

@@ -33,11 +33,16 @@ from typing import Any
 import grpc
 
 from events_server.wire.addresses import is_local_address, is_local_peer
-from events_server.wire.metadata import FORWARDED_METADATA, MD_BRIDGE_TOKEN, REJECTED_SERVICE_NAME
+from events_server.wire.metadata import (
+    FORWARDED_METADATA,
+    GATHERED_METHOD,
+    MD_BRIDGE_TOKEN,
+    REJECTED_SERVICE_NAME,
+)
 
 log = logging.getLogger(__name__)
 
-BRIDGE_ONLY_METHODS = frozenset({f"/{REJECTED_SERVICE_NAME}/Record"})
+BRIDGE_ONLY_METHODS = frozenset({f"/{REJECTED_SERVICE_NAME}/Record", GATHERED_METHOD})
 """Unary methods no caller but the bridge may call (the access interceptor refuses the rest)."""
 
 # What gRPC's auth context holds of a verified client certificate's names.

@@ -43,6 +43,8 @@ AUTH_KINDS = ("key", "storefront")
 """Kinds of ``events_auth_failures_total``: no key, a key unknown or revoked, a key not for
 the tenant, a key used from a page origin it does not allow."""
 
+GATHERED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 SCRIPT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _STATUS_OUTCOME = {
@@ -149,6 +151,20 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.gathered_requests = Counter(
+            "events_gathered_requests",
+            "Requests the REST bridge sent gathered (several in one BridgeIngest call), by the"
+            " status code each ended with, as a CreateEvents call of its own would have.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.gathered_call_size = Histogram(
+            "events_gathered_call_requests",
+            "Requests per gathered call of the REST bridge (count: calls; sum: requests).",
+            buckets=GATHERED_BUCKETS,
+            registry=self.registry,
+        )
+
     def count_events(
         self,
         events: Sequence[pb.Event],
@@ -184,6 +200,14 @@ class ServerMetrics:
         """Count one finished gRPC call and its duration."""
         self._children.get(self.rpc_requests, (method, code)).inc()
         self._children.get(self.rpc_seconds, (method,)).observe(seconds)
+
+    def gathered(self, requests: int) -> None:
+        """Count one gathered call of ``requests`` requests."""
+        self.gathered_call_size.observe(requests)
+
+    def gathered_request(self, code: str) -> None:
+        """Count one request of a gathered call, by the status code it ended with."""
+        self._children.get(self.gathered_requests, (code,)).inc()
 
     def observe_script(self, seconds: float) -> None:
         """Record one round trip of script calls to Redis."""

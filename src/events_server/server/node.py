@@ -14,7 +14,7 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from events_server.queue.keys import KeySpace
 from events_server.queue.scripts import Command
-from events_server.server.errors import StoreFull, StoreUnavailable
+from events_server.server.errors import IngestError, StoreFull, StoreUnavailable
 from events_server.server.script import ENQUEUE, Call
 
 
@@ -40,8 +40,13 @@ class NodeTransport:
         waitaof: tuple[Any, ...] = (b"WAITAOF", 1, 0, max(1, int(timeout_seconds * 1000) - 50))
         self._waitaof = hiredis.pack_command(waitaof)
 
-    async def run(self, calls: Sequence[Call]) -> list[Any]:
-        """Every call in one pipeline (a second for any the server had no script for)."""
+    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
+        """Every call in one pipeline (a second for any the server had no script for).
+
+        ``partial``: a call Redis refused (full, wrong type: it wrote nothing) has its
+        IngestError as its reply instead of failing the others; a failure of the whole
+        (connection, timeout, fsync not confirmed) is raised all the same.
+        """
         unsynced: list[str] = []
 
         async def send(commands: list[Command]) -> list[Any]:
@@ -53,11 +58,18 @@ class NodeTransport:
 
         try:
             replies = await ENQUEUE.run_all(send, [argv for _, argv in calls])
-            _raise_refusal(replies)
+            if partial:
+                replies = [_refusal(r) if isinstance(r, Exception) else r for r in replies]
+            else:
+                _raise_refusal(replies)
             if unsynced:
                 raise StoreUnavailable(unsynced[0])
             if self._fsync:
-                duplicated = [c[0] for c, r in zip(calls, replies, strict=True) if 0 in r[::2]]
+                duplicated = [
+                    c[0]
+                    for c, r in zip(calls, replies, strict=True)
+                    if not isinstance(r, Exception) and 0 in r[::2]
+                ]
                 if duplicated:
                     await self._fsync_barrier(duplicated)
         except RedisError as exc:
@@ -152,15 +164,23 @@ async def _reply(connection: AbstractConnection) -> Any:
         return refused
 
 
+def _refusal(reply: Exception) -> IngestError:
+    """What a write Redis refused means: StoreFull when it is full."""
+    if isinstance(reply, IngestError):
+        return reply
+    if isinstance(reply, OutOfMemoryError):
+        error: IngestError = StoreFull(f"redis is full and refused the write: {reply}")
+    else:
+        error = StoreUnavailable(f"redis refused the write: {type(reply).__name__}: {reply}")
+    error.__cause__ = reply
+    return error
+
+
 def _raise_refusal(replies: list[Any]) -> None:
     """Raise the error of the first write Redis refused, if any: StoreFull when it is full."""
     for reply in replies:
-        if isinstance(reply, OutOfMemoryError):
-            raise StoreFull(f"redis is full and refused the write: {reply}") from reply
         if isinstance(reply, Exception):
-            raise StoreUnavailable(
-                f"redis refused the write: {type(reply).__name__}: {reply}"
-            ) from reply
+            raise _refusal(reply)
 
 
 def _unsynced(reply: Any) -> str | None:

@@ -23,6 +23,7 @@ from events_server.server.errors import (
     IngestError,
     InvalidEvents,
     RateLimited,
+    RequestTooLarge,
     StoreUnavailable,
 )
 from events_server.server.limits import Limiter, Rates
@@ -31,6 +32,7 @@ from events_server.server.rejected import RejectedLog
 from events_server.server.routing import partition_for
 from events_server.server.status import (
     QUIET_CODES,
+    Trailers,
     abort,
     call_events,
     call_metadata,
@@ -107,8 +109,47 @@ def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
     return rest or peer
 
 
+class Passage:
+    """One request on its way through the server: a CreateEvents call, or one sub-request of
+    the bridge's gathered call. Each step fills in what it learnt; ``error`` ends it."""
+
+    __slots__ = (
+        "caller",
+        "error",
+        "items",
+        "metadata",
+        "peer",
+        "raw",
+        "received_at",
+        "reply",
+        "request",
+        "retry_id",
+    )
+
+    def __init__(
+        self, raw: bytes, metadata: dict[str, str], peer: str, retry_id: str | None
+    ) -> None:
+        self.raw = raw
+        self.metadata = metadata
+        self.peer = peer
+        self.retry_id = retry_id
+        """The WebSocket frame id, for an event without a deduplication_id."""
+        self.received_at = Timestamp()
+        self.received_at.FromNanoseconds(time.time_ns())
+        self.request = NO_EVENTS
+        self.caller: Caller | None = None
+        self.items: list[Item] = []
+        self.reply: pb.CreateEventsResponse | None = None
+        self.error: IngestError | None = None
+
+
 class EventsService:
-    """Serves CreateEvents (from raw request bytes: see app.create_server) on an EventStore."""
+    """Serves CreateEvents (from raw request bytes: see app.create_server) on an EventStore.
+
+    Every request takes the same steps, alone or gathered: ``admit``, ``prepare`` (parse,
+    validate, tenants, envelopes), ``charge`` (its rate), ``write`` (one store append for
+    every request written together) and ``finish`` (metrics, and the status it ends with).
+    """
 
     def __init__(
         self,
@@ -122,11 +163,13 @@ class EventsService:
         limiter: Limiter,
         rates: Callable[[Caller], Rates],
         write_seconds: float,
+        max_request_bytes: int,
         rejected: RejectedLog | None = None,
     ) -> None:
-        self._limiter = limiter
+        self.limiter = limiter
+        self._max_request_bytes = max_request_bytes
         self._rates = rates
-        self._write_seconds = write_seconds
+        self.write_seconds = write_seconds
         self._store = store
         self._auth = auth
         self._limits = limits
@@ -139,90 +182,75 @@ class EventsService:
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         """CreateEvents from the request's bytes: the caller is known before they are parsed."""
-        request = NO_EVENTS
-        caller: Caller | None = None
+        metadata = call_metadata(context)
+        passage = Passage(raw, metadata, context.peer(), metadata.get(MD_WS_MESSAGE_ID))
         try:
-            received_at = Timestamp()
-            received_at.FromNanoseconds(time.time_ns())
-            metadata = call_metadata(context)
             # Who first: an unauthenticated caller learns nothing, not even what is
             # invalid, and costs no parsing.
-            caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
+            caller = await self.admit(passage)
             # One budget from here on: waiting for the caller's turn, parsing, its rate
             # check, the write. The turn comes before any parsing: a flood's calls wait
             # their turn (costing no CPU), while other callers find theirs free.
-            deadline = asyncio.get_running_loop().time() + self._write_seconds
-            async with self._limiter.turn(caller.limiter_id, deadline):
-                try:
-                    request = parse_request(raw, self._limits)
-                except InvalidEvents as error:
-                    self._record_invalid(request, error, caller)
-                    raise
-                call_events.set(len(request.events))
-                reply = await self._create_events(
-                    request,
-                    received_at=received_at,
-                    metadata=metadata,
-                    caller=caller,
-                    peer=context.peer(),
-                    deadline=deadline,
-                )
+            deadline = asyncio.get_running_loop().time() + self.write_seconds
+            async with self.limiter.turn(caller.limiter_id, deadline):
+                self.prepare(passage)
+                await self.charge(passage, deadline)
+                await self.write([passage], deadline)
         except IngestError as error:
-            self._metrics.count_events(request.events, None, error)
-            if isinstance(error, AuthError):
-                self._metrics.auth_failure(error.kind)
-            elif isinstance(error, RateLimited) and caller is not None:
-                self._metrics.rate_limited(caller.auth, caller.limiter_id)
-                if error.retryable:
-                    # Answered after the Retry-After it carries (whole seconds; at most
-                    # RATE_HOLD_SECONDS): a caller that retries at once, or never stops, then
-                    # costs a held call, not a refusal loop that takes the CPU every other
-                    # caller needs.
-                    # Jittered: held calls released together would come back together.
-                    hold = min(math.ceil(error.retry_after_seconds), RATE_HOLD_SECONDS)
-                    await asyncio.sleep(hold * random.uniform(0.5, 1.0))
-            code, message, trailers = grpc_status(error)
-            if code not in QUIET_CODES:
-                log.warning("CreateEvents failed: %s: %s", code.name, message)
+            passage.error = error
+        if passage.request is not NO_EVENTS:  # parsed: the access line counts its events
+            call_events.set(len(passage.request.events))
+        code, message, trailers = self.finish(passage)
+        if passage.reply is None:
+            if hold := self.hold(passage):
+                await asyncio.sleep(hold)
             await context.abort(code, message, trailers)
-            raise  # abort() always raises; this keeps type checkers honest
-        self._metrics.count_events(request.events, reply)
-        return reply
+            raise AssertionError("not reached: abort() raises")
+        return passage.reply
 
-    def _record_invalid(
-        self, request: pb.CreateEventsRequest, error: InvalidEvents, caller: Caller
-    ) -> None:
-        if self._rejected is not None:
-            self._rejected.record_invalid_events(request, error.violations, caller)
+    async def admit(self, passage: Passage) -> Caller:
+        """Who the request is: its key, or its storefront origin (raises AuthError).
 
-    async def _create_events(
-        self,
-        request: pb.CreateEventsRequest,
-        *,
-        received_at: Timestamp,
-        metadata: dict[str, str],
-        caller: Caller,
-        peer: str,
-        deadline: float,
-    ) -> pb.CreateEventsResponse:
-        events = request.events
-        retry_id = metadata.get(MD_WS_MESSAGE_ID)
+        First of all, its size: one over max_request_bytes is refused as gRPC would refuse
+        it (gRPC's own bound is higher, to let the bridge's gathered calls in).
+        """
+        if len(passage.raw) > self._max_request_bytes:
+            raise RequestTooLarge(len(passage.raw), self._max_request_bytes)
+        metadata = passage.metadata
+        passage.caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
+        return passage.caller
+
+    def prepare(self, passage: Passage) -> None:
+        """Parse, validate and check the tenants of an admitted request; build its envelopes.
+
+        Raises InvalidEvents (recorded as rejected) or PermissionDenied. A request of no
+        events is answered here, with nothing to write.
+        """
+        caller = passage.caller
+        assert caller is not None
+        request = NO_EVENTS
+        retry_id = passage.retry_id
         try:
+            request = passage.request = parse_request(passage.raw, self._limits)
+            events = request.events
             serialized = validate_events(events, self._limits)
             if retry_id is not None:
                 check_retry_id(retry_id, len(events))
         except InvalidEvents as error:
-            self._record_invalid(request, error, caller)
+            if self._rejected is not None:
+                self._rejected.record_invalid_events(request, error.violations, caller)
             raise
         # After validation, so an empty or missing tenant reads as invalid, not as foreign.
         check_tenants(caller, (event.tenant for event in events))
         if not events:
-            return pb.CreateEventsResponse()
+            passage.reply = pb.CreateEventsResponse()
+            return
         self._metrics.admitted(caller.auth)
 
+        metadata = passage.metadata
         shared = pb.Envelope(
-            received_at=received_at,
-            client_ip=client_ip(metadata, peer, self._forwarded_hops),
+            received_at=passage.received_at,
+            client_ip=client_ip(metadata, passage.peer, self._forwarded_hops),
             user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
             referer=metadata.get(MD_REFERER),
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
@@ -232,7 +260,7 @@ class EventsService:
         ).SerializeToString()
         partitions = self._partitions
         if retry_id is None:
-            items: list[Item] = [
+            passage.items = [
                 (
                     partition_for(event, partitions),
                     event.tenant,
@@ -250,7 +278,7 @@ class EventsService:
                 if event.HasField("deduplication_id")
                 else WS_DEDUP_PREFIX + retry_id
             )
-            items = [
+            passage.items = [
                 (
                     partition_for(event, partitions, fallback=dedup_id),
                     event.tenant,
@@ -259,18 +287,75 @@ class EventsService:
                 )
             ]
 
-        await self._limiter.charge(caller.limiter_id, self._rates(caller), len(events), deadline)
-        outcomes = await self._store.append(items, deadline=deadline)
-        accepted = sum(o[0] for o in outcomes)
-        return pb.CreateEventsResponse(
-            # Dicts, not EventResult objects: upb builds them in C, twice as fast.
-            results=[
-                {"status": ACCEPTED if ok else DUPLICATE, "entry_id": entry, "partition": part}  # type: ignore[misc]
-                for ok, entry, part in outcomes
-            ],
-            accepted=accepted,
-            duplicates=len(outcomes) - accepted,
-        )
+    def limited(self, passage: Passage) -> bool:
+        """Whether charging the request's rate takes a Redis round trip."""
+        return passage.caller is not None and not self._rates(passage.caller).unlimited
+
+    async def charge(self, passage: Passage, deadline: float) -> None:
+        """Take the request from its caller's allowance, before anything is written (raises
+        RateLimited, or StoreUnavailable when Redis does not answer)."""
+        if passage.items and passage.caller is not None:
+            caller = passage.caller
+            events = len(passage.request.events)
+            await self.limiter.charge(caller.limiter_id, self._rates(caller), events, deadline)
+
+    async def write(self, passages: list[Passage], deadline: float) -> None:
+        """Write every passage's events in one store append; answer each (its reply, or the
+        error of a partition batch of its that Redis refused). Raises when the whole write
+        failed: then no passage knows what became of its events."""
+        writing = [p for p in passages if p.items and p.error is None and p.reply is None]
+        if not writing:
+            return
+        written = await self._store.append_each([p.items for p in writing], deadline=deadline)
+        for passage, outcomes in zip(writing, written, strict=True):
+            if isinstance(outcomes, IngestError):
+                passage.error = outcomes
+                continue
+            accepted = sum(o[0] for o in outcomes)
+            passage.reply = pb.CreateEventsResponse(
+                # Dicts, not EventResult objects: upb builds them in C, twice as fast.
+                results=[
+                    {"status": ACCEPTED if ok else DUPLICATE, "entry_id": entry, "partition": part}  # type: ignore[misc]
+                    for ok, entry, part in outcomes
+                ],
+                accepted=accepted,
+                duplicates=len(outcomes) - accepted,
+            )
+
+    def hold(self, passage: Passage) -> float:
+        """How long to hold the request's refusal before it is sent (seconds; 0: none).
+
+        A rate-limited request is answered after the Retry-After it carries (whole seconds;
+        at most RATE_HOLD_SECONDS): a caller that retries at once, or never stops, then
+        costs a held call, not a refusal loop that takes the CPU every other caller needs.
+        Jittered: held calls released together would come back together.
+        """
+        error = passage.error
+        if not isinstance(error, RateLimited) or not error.retryable or passage.caller is None:
+            return 0.0
+        hold = min(math.ceil(error.retry_after_seconds), RATE_HOLD_SECONDS)
+        return hold * random.uniform(0.5, 1.0)
+
+    def finish(self, passage: Passage) -> tuple[grpc.StatusCode, str, Trailers]:
+        """Count the request's events and how it ended; its status (OK with a reply)."""
+        events = passage.request.events
+        error = passage.error
+        if error is None and passage.reply is not None:
+            self._metrics.count_events(events, passage.reply)
+            return grpc.StatusCode.OK, "", ()
+        if error is None:  # not reached: every step answers or fails
+            error = StoreUnavailable("the request was not answered; nothing was queued")
+            passage.error = error
+        passage.reply = None
+        self._metrics.count_events(events, None, error)
+        if isinstance(error, AuthError):
+            self._metrics.auth_failure(error.kind)
+        elif isinstance(error, RateLimited) and passage.caller is not None:
+            self._metrics.rate_limited(passage.caller.auth, passage.caller.limiter_id)
+        code, message, trailers = grpc_status(error)
+        if code not in QUIET_CODES and not isinstance(error, RequestTooLarge):
+            log.warning("CreateEvents failed: %s: %s", code.name, message)
+        return code, message, trailers
 
 
 class OriginsService(events_pb2_grpc.OriginsServicer):

@@ -14,6 +14,7 @@ from events_server.server.errors import (
     InvalidEvents,
     PermissionDenied,
     RateLimited,
+    RequestTooLarge,
     StoreFull,
     StoreUnavailable,
     Unauthenticated,
@@ -55,6 +56,8 @@ def grpc_status(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
         return grpc.StatusCode.PERMISSION_DENIED, str(error), ()
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(error), ()
+    if isinstance(error, RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
     if isinstance(error, StoreFull):
         # Backpressure, grpc-gateway maps it to 429: retry later, as for UNAVAILABLE.
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()

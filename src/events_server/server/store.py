@@ -20,7 +20,7 @@ from redis.asyncio import RedisCluster
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.cluster import ClusterTransport
-from events_server.server.errors import StoreUnavailable
+from events_server.server.errors import IngestError, StoreUnavailable
 from events_server.server.node import NodeTransport
 from events_server.server.script import Call
 
@@ -36,8 +36,9 @@ NOT_RUN: Outcome = (False, "", -1)
 class Transport(Protocol):
     """How script calls reach Redis; raises StoreUnavailable or StoreFull, never RedisError."""
 
-    async def run(self, calls: Sequence[Call]) -> list[Any]:
-        """Each call's reply, in order; every call ran, or an error is raised."""
+    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
+        """Each call's reply, in order; every call ran, or an error is raised (``partial``:
+        a call Redis refused has an IngestError as its reply, the others stand)."""
 
     async def ping(self) -> bool:
         """True when Redis (on a cluster: any primary) answers."""
@@ -79,25 +80,41 @@ class EventStore:
 
         ``deadline`` (loop time) ends the write sooner than the store's own timeout.
         """
-        groups: dict[int, tuple[list[int], list[Any], list[Any]]] = {}
-        for index, (partition, tenant, dedup_id, payload) in enumerate(items):
-            group = groups.get(partition)
-            if group is None:
-                group = groups[partition] = ([], [self._keys.stream(partition)], [self._ttl])
-            indexes, keys, args = group
-            indexes.append(index)
-            if dedup_id is None:
-                args.append(0)
-            else:
-                keys.append(self._keys.dedup(partition, tenant, dedup_id))
-                args.append(len(keys))
-            args.append(payload)
+        (written,) = await self.append_each([items], deadline=deadline)
+        if isinstance(written, IngestError):
+            raise written
+        return written
+
+    async def append_each(
+        self, batches: Sequence[Sequence[Item]], *, deadline: float | None = None
+    ) -> list[list[Outcome] | IngestError]:
+        """Queue several requests' items in one round trip: one script call per partition for
+        all of them, pipelined. Each request gets its outcomes, or the error of a partition
+        batch of its that Redis refused (which wrote nothing). A failure of the whole write
+        (Redis unreachable, no answer in time) is raised.
+        """
+        groups: dict[int, tuple[list[tuple[int, int]], list[Any], list[Any]]] = {}
+        for owner, items in enumerate(batches):
+            for index, (partition, tenant, dedup_id, payload) in enumerate(items):
+                group = groups.get(partition)
+                if group is None:
+                    group = groups[partition] = ([], [self._keys.stream(partition)], [self._ttl])
+                places, keys, args = group
+                places.append((owner, index))
+                if dedup_id is None:
+                    args.append(0)
+                else:
+                    keys.append(self._keys.dedup(partition, tenant, dedup_id))
+                    args.append(len(keys))
+                args.append(payload)
 
         calls: list[Call] = [
             (partition, [len(keys), *keys, *args]) for partition, (_, keys, args) in groups.items()
         ]
         if self.refusal is not None:
             raise StoreUnavailable(self.refusal)
+        if not calls:
+            return [[] for _ in batches]
         try:
             # One bound for the whole write (connect, scripts, reload, WAITAOF): socket
             # timeouts apply per read, so a hung Redis could otherwise cost several.
@@ -105,18 +122,23 @@ class EventStore:
             if deadline is not None:
                 loop_deadline = min(loop_deadline, deadline)
             async with asyncio.timeout_at(loop_deadline):
-                replies = await self.transport.run(calls)
+                replies = await self.transport.run(calls, partial=True)
         except TimeoutError as exc:
             await self.transport.forget_idle_connections()
             raise StoreUnavailable(
                 f"redis: no answer within {self._timeout:g}s (the write may or may not have"
                 " happened; retrying with the same deduplication_ids is safe)"
             ) from exc
-        outcomes: list[Outcome] = [NOT_RUN] * len(items)
-        for (partition, (indexes, _, _)), reply in zip(groups.items(), replies, strict=True):
-            for n, index in enumerate(indexes):
-                outcomes[index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
-        return outcomes
+        outcomes: list[list[Outcome]] = [[NOT_RUN] * len(items) for items in batches]
+        failed: dict[int, IngestError] = {}
+        for (partition, (places, _, _)), reply in zip(groups.items(), replies, strict=True):
+            if isinstance(reply, IngestError):
+                for owner, _ in places:
+                    failed.setdefault(owner, reply)
+                continue
+            for n, (owner, index) in enumerate(places):
+                outcomes[owner][index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
+        return [failed.get(owner, written) for owner, written in enumerate(outcomes)]
 
     async def ping(self) -> bool:
         """True when Redis answers."""

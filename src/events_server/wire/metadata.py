@@ -45,6 +45,9 @@ _SERVICES = events_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["EventsService"].full_name
 REJECTED_SERVICE_NAME = _SERVICES["RejectedEvents"].full_name
 ORIGINS_SERVICE_NAME = _SERVICES["Origins"].full_name
+BRIDGE_INGEST_SERVICE_NAME = _SERVICES["BridgeIngest"].full_name
+GATHERED_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/CreateEventsGathered"
+"""The REST bridge's gathered calls (internal: only the bridge may make them)."""
 
 
 def new_request_id() -> str:

@@ -1,0 +1,194 @@
+"""BridgeIngest.CreateEventsGathered: the REST bridge's requests, several to a call.
+
+The bridge sends what arrived while its previous calls were out in one call (group
+commit, rest_bridge.gather). Each sub-request takes the steps a CreateEvents call of its
+own takes (``EventsService``: admit its key or storefront origin, parse, validate, check
+its tenants, charge its rate) and gets the status and per-event results that call would
+end with; what they queue is written by one store append (one pipeline of per-partition
+scripts for all of them). A sub-request's refusal touches no other.
+
+Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
+EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
+sub-requests carry the client context the bridge forwards (addresses, page origins,
+frame ids), which nobody else may claim, and all of it is believed.
+
+Turns (``FairTurns``): a gathered call holds one turn, in an account of its own
+(``BRIDGE_TURNS``), however many callers it carries: it is one unit of work and one Redis
+connection. So the bridge holds at most max_in_flight_per_caller turns and direct callers
+keep the rest; fairness between the callers it carries is the bridge's (it fills each call
+round robin by credential), and each still has its own rate limit here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
+from events_server.ops.logs import request_id as current_request_id
+from events_server.pb import events_pb2 as pb
+from events_server.server import identity
+from events_server.server.access import access_line
+from events_server.server.errors import IngestError, InvalidEvents
+from events_server.server.metrics import ServerMetrics
+from events_server.server.service import NO_EVENTS, EventsService, Passage, client_ip
+from events_server.server.status import QUIET_CODES, abort, grpc_status
+from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
+from events_server.wire.violations import FieldViolation
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("events_server.access")
+
+BRIDGE_TURNS = "bridge:gathered"
+"""The FairTurns account of gathered calls."""
+
+MAX_SUB_REQUESTS = 1024
+"""Most requests one gathered call may carry (the bridge sends at most its gather bound)."""
+
+SUB_METHOD = f"/{SERVICE_NAME}/CreateEvents"
+"""What a sub-request's access line names: the call it stands for."""
+
+
+class GatheredService:
+    """Serves BridgeIngest.CreateEventsGathered (from raw bytes) with EventsService's steps."""
+
+    def __init__(
+        self,
+        events: EventsService,
+        metrics: ServerMetrics,
+        ip_mode: IpMode,
+        forwarded_hops: int,
+    ) -> None:
+        self._events = events
+        self._metrics = metrics
+        self._ip_mode = ip_mode
+        self._hops = forwarded_hops
+
+    async def CreateEventsGathered(
+        self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GatheredResponse:
+        """Every sub-request answered as its own CreateEvents call would be."""
+        peer = context.peer()
+        caller = identity.current.get()
+        if caller is None or not caller.bridge:  # the access interceptor refused it already
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{GATHERED_METHOD} is for the REST bridge only, and this caller is not it",
+            )
+        events = self._events
+        deadline = asyncio.get_running_loop().time() + events.write_seconds
+        passages: list[Passage] = []
+        try:
+            async with events.limiter.turn(BRIDGE_TURNS, deadline):
+                passages = [
+                    Passage(
+                        sub.request,
+                        dict(sub.metadata),
+                        peer,
+                        sub.ws_message_id if sub.HasField("ws_message_id") else None,
+                    )
+                    for sub in _parse(raw).requests
+                ]
+                self._metrics.gathered(len(passages))
+                await self._work(passages, deadline)
+        except IngestError as error:  # no turn came, or not a GatheredRequest: the whole call
+            code, message, _ = grpc_status(error)
+            if code not in QUIET_CODES:
+                log.warning("%s failed: %s: %s", GATHERED_METHOD, code.name, message)
+            await abort(context, error)
+        return pb.GatheredResponse(responses=[self._answer(p, len(passages)) for p in passages])
+
+    async def _work(self, passages: list[Passage], deadline: float) -> None:
+        events = self._events
+        for passage in passages:
+            token = current_request_id.set(_request_id(passage))
+            try:
+                await events.admit(passage)
+                events.prepare(passage)
+            except IngestError as error:
+                passage.error = error
+            finally:
+                current_request_id.reset(token)
+        # Rates that take a Redis round trip are charged together, each on its own.
+        limited = [p for p in passages if p.error is None and p.items and events.limited(p)]
+        if limited:
+            await asyncio.gather(*(self._charge(p, deadline) for p in limited))
+        try:
+            await events.write(passages, deadline)
+        except IngestError as error:  # the whole write failed: nobody knows more
+            for passage in passages:
+                if passage.error is None and passage.reply is None:
+                    passage.error = error
+
+    async def _charge(self, passage: Passage, deadline: float) -> None:
+        current_request_id.set(_request_id(passage))  # this task's own context
+        try:
+            await self._events.charge(passage, deadline)
+        except IngestError as error:
+            passage.error = error
+
+    def _answer(self, passage: Passage, gathered: int) -> pb.SubResponse:
+        token = current_request_id.set(_request_id(passage))
+        try:
+            code, message, trailers = self._events.finish(passage)
+            self._metrics.gathered_request(code.name)
+            if access_log.isEnabledFor(logging.INFO):
+                metadata = passage.metadata
+                access_line(
+                    logging.INFO,
+                    SUB_METHOD,
+                    code,
+                    seconds=time.time() - passage.received_at.ToNanoseconds() / 1e9,
+                    events=None if passage.request is NO_EVENTS else len(passage.request.events),
+                    response=passage.reply,
+                    metadata=metadata,
+                    client=client_ip_for_log(
+                        client_ip(metadata, passage.peer, self._hops), self._ip_mode
+                    ),
+                    gathered=gathered,
+                )
+        finally:
+            current_request_id.reset(token)
+        if passage.reply is not None:
+            return pb.SubResponse(response=passage.reply)
+        return pb.SubResponse(
+            code=code.value[0],
+            details=message,
+            hold_seconds=self._events.hold(passage),
+            trailers=[
+                pb.Trailer(key=key, value=value if isinstance(value, bytes) else value.encode())
+                for key, value in trailers
+            ],
+        )
+
+
+def _request_id(passage: Passage) -> str:
+    rid = passage.metadata.get(REQUEST_ID_HEADER)
+    if rid is None or rid != accept_request_id(rid):  # made once, then kept
+        rid = passage.metadata[REQUEST_ID_HEADER] = accept_request_id(rid)
+    return rid
+
+
+def _parse(raw: bytes) -> pb.GatheredRequest:
+    """The gathered call's sub-requests (their events stay bytes until each is admitted)."""
+    try:
+        gathered = pb.GatheredRequest.FromString(raw)
+    except DecodeError as error:
+        raise InvalidEvents(
+            [FieldViolation("requests", f"not a GatheredRequest: {error}", "protobuf_invalid")]
+        ) from None
+    if len(gathered.requests) > MAX_SUB_REQUESTS:
+        raise InvalidEvents(
+            [
+                FieldViolation(
+                    "requests",
+                    f"{len(gathered.requests)} requests in one call; at most {MAX_SUB_REQUESTS}",
+                    "too_many_requests",
+                )
+            ]
+        )
+    return gathered

@@ -1,0 +1,298 @@
+"""Group commit: the bridge's requests to the server, several to a call while it is busy.
+
+Every POST /create-events and every WebSocket frame becomes one sub-request: its
+serialized CreateEventsRequest, the metadata a CreateEvents call of its own would carry
+(credentials, request id, the client context) and its frame id. No timer: a request
+that finds fewer than ``max_calls`` calls out is sent at once, alone; the ones that
+arrive while every call is out wait, and go together in the next call to leave (up to
+``max_requests`` and ``max_bytes``). So an idle bridge adds no latency, and a busy one
+pays grpc.aio's per-call cost once per call, not once per request.
+
+The server answers each sub-request as its own call would be answered (its status, its
+trailers, its results): a sub-request's refusal is raised to its own waiter alone, as
+the ``grpc.aio.AioRpcError`` a CreateEvents call would raise, so the callers map it to
+HTTP or to a frame's answer exactly as before. A failure of the whole call (the server
+unreachable, its deadline passed) is every sub-request's, as it would have been for each.
+
+Fairness: requests wait per credential (key or page origin), and each call takes them
+round robin, so a flood behind one credential does not push a light one out of the calls.
+
+Nothing is retried, with two exceptions that are not retries, as the server read nothing
+of the refused call: gRPC refuses a message over its receive limit first thing, and a
+gathered call so refused is sent again as one call per sub-request, so only a request too
+large on its own is answered 413; and a bridge the server does not recognise (its
+EVENTS_BRIDGE_TOKEN or certificate missing on one side) is refused the gathered call by
+the access interceptor, and then sends plain CreateEvents calls, one per request, as it
+did before gathering, whose forwarded context the server ignores (for DIRECT_SECONDS,
+then it tries again), with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from events_server.pb import events_pb2 as pb
+from events_server.pb import events_pb2_grpc
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+
+log = logging.getLogger(__name__)
+
+Metadata = tuple[tuple[str, str], ...]
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+_TOO_LARGE = "message larger than max"
+
+
+NOT_THE_BRIDGE = "is for the REST bridge only"
+"""What the server's refusal of a caller it does not take for the bridge says."""
+
+DIRECT_SECONDS = 30.0
+"""How long a bridge the server does not recognise sends plain CreateEvents calls before it
+tries a gathered call again."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """One request waiting for its answer."""
+
+    request: pb.CreateEventsRequest
+    metadata: Metadata
+    sub: pb.SubRequest
+    size: int
+    deadline: float
+    future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
+
+
+def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
+    """A refused sub-request as the error its own CreateEvents call would have raised."""
+    trailers = grpc.aio.Metadata(
+        *(
+            (t.key, t.value if t.key.endswith("-bin") else t.value.decode("utf-8", "replace"))
+            for t in response.trailers
+        )
+    )
+    code = _CODES.get(response.code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, response.details or None)
+
+
+def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _ignore(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "never retrieved" warning
+
+
+class Gatherer:
+    """Sends CreateEvents requests to the server in gathered calls (one per bridge process)."""
+
+    def __init__(
+        self,
+        stub: Callable[[], events_pb2_grpc.BridgeIngestAsyncStub],
+        direct: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
+        *,
+        timeout_seconds: float,
+        max_calls: int,
+        max_requests: int,
+        max_bytes: int,
+        observe: Callable[[int], None] | None = None,
+    ) -> None:
+        self._stub = stub
+        self._direct = direct
+        self._direct_until = 0.0
+        self._observe = observe
+        self._timeout = timeout_seconds
+        self._max_calls = max_calls
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._waiting: collections.OrderedDict[str, collections.deque[Pending]] = (
+            collections.OrderedDict()
+        )
+        self._queued = 0
+        self.out = 0
+        """Calls in flight now."""
+        self.calls = 0
+        """Calls made so far (each request counts as one HTTP request or frame)."""
+        self.requests = 0
+        """Requests sent so far."""
+
+    async def create_events(
+        self,
+        request: pb.CreateEventsRequest,
+        metadata: Metadata,
+        ws_message_id: str | None = None,
+    ) -> pb.CreateEventsResponse:
+        """The server's answer to one request, as CreateEvents would give it (raises
+        grpc.aio.AioRpcError as CreateEvents would)."""
+        loop = asyncio.get_running_loop()
+        if self._direct_until > loop.time():
+            return await self._create_directly(request, metadata, ws_message_id)
+        raw = request.SerializeToString()
+        meta = dict(metadata)
+        sub = pb.SubRequest(request=raw, metadata=meta, ws_message_id=ws_message_id)
+        pending = Pending(
+            request,
+            metadata,
+            sub,
+            len(raw) + sum(len(k) + len(v) + 4 for k, v in meta.items()) + 8,
+            loop.time() + self._timeout,
+            loop.create_future(),
+        )
+        credential = meta.get(MD_API_KEY) or meta.get(MD_ORIGIN) or ""
+        queue = self._waiting.get(credential)
+        if queue is None:
+            queue = self._waiting[credential] = collections.deque()
+        queue.append(pending)
+        self._queued += 1
+        self._dispatch()
+        try:
+            # Shielded: one waiter given up on (its client gone) must not cancel the
+            # call that carries the others too.
+            return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            if pending in self._waiting.get(credential, ()):
+                pending.future.cancel()  # still queued: it will not be sent
+            else:  # sent: its answer comes to nobody
+                pending.future.add_done_callback(_ignore)
+            raise
+
+    def _dispatch(self) -> None:
+        """Send what waits, while fewer than max_calls calls are out."""
+        while self._queued and self.out < self._max_calls:
+            batch = self._take()
+            if batch:
+                self._send(batch)
+
+    def _take(self) -> list[Pending]:
+        """Up to max_requests / max_bytes of what waits, one credential at a time."""
+        batch: list[Pending] = []
+        size = 0
+        waiting = self._waiting
+        while waiting and len(batch) < self._max_requests:
+            credential, queue = next(iter(waiting.items()))
+            pending = queue[0]
+            if pending.future.done():  # given up on before it was sent
+                queue.popleft()
+                self._queued -= 1
+            elif batch and size + pending.size > self._max_bytes:
+                break
+            else:
+                queue.popleft()
+                self._queued -= 1
+                batch.append(pending)
+                size += pending.size
+            if queue:
+                waiting.move_to_end(credential)  # round robin between credentials
+            else:
+                del waiting[credential]
+        return batch
+
+    def _send(self, batch: list[Pending]) -> None:
+        self.out += 1
+        self.calls += 1
+        self.requests += len(batch)
+        if self._observe is not None:
+            self._observe(len(batch))
+        task = asyncio.get_running_loop().create_task(self._call(batch))
+        task.add_done_callback(self._sent)
+
+    async def _create_directly(
+        self, request: pb.CreateEventsRequest, metadata: Metadata, ws_message_id: str | None
+    ) -> pb.CreateEventsResponse:
+        if ws_message_id is not None:
+            metadata = (*metadata, (MD_WS_MESSAGE_ID, ws_message_id))
+        response: pb.CreateEventsResponse = await self._direct().CreateEvents(
+            request, timeout=self._timeout, metadata=metadata
+        )
+        return response
+
+    async def _answer_directly(self, pending: Pending) -> None:
+        ws_message_id = pending.sub.ws_message_id if pending.sub.HasField("ws_message_id") else None
+        try:
+            response = await self._create_directly(pending.request, pending.metadata, ws_message_id)
+        except grpc.aio.AioRpcError as error:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        else:
+            if not pending.future.done():
+                pending.future.set_result(response)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self.out -= 1
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error  # a bug: _call answers every waiter itself
+        self._dispatch()
+
+    async def _call(self, batch: list[Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = max(min(p.deadline for p in batch) - loop.time(), 0.001)
+        try:
+            reply = await self._stub().CreateEventsGathered(
+                pb.GatheredRequest(requests=[p.sub for p in batch]), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if (
+                len(batch) > 1
+                and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and _TOO_LARGE in (error.details() or "").lower()
+            ):
+                # Refused by gRPC before the server read a byte: nothing happened. One call
+                # each, so that only a request too large on its own is refused.
+                await asyncio.gather(*(self._call([p]) for p in batch))
+                return
+            if error.code() == grpc.StatusCode.PERMISSION_DENIED and NOT_THE_BRIDGE in (
+                error.details() or ""
+            ):
+                # Refused before the server read a byte (the access interceptor), as an
+                # unrecognised bridge: its credential is missing on one side. It is served as
+                # any direct caller is (its client context not believed), one call each.
+                if self._direct_until <= loop.time():
+                    log.warning(
+                        "the events-server does not take this process for the REST bridge"
+                        " (%s): sending one CreateEvents call per request, whose forwarded"
+                        " client context it ignores, for %g s; give both the same"
+                        " EVENTS_BRIDGE_TOKEN or this bridge a client certificate",
+                        error.details(),
+                        DIRECT_SECONDS,
+                    )
+                self._direct_until = loop.time() + DIRECT_SECONDS
+                await asyncio.gather(*(self._answer_directly(p) for p in batch))
+                return
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        except BaseException as error:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        grpc.aio.AioRpcError(
+                            grpc.StatusCode.UNKNOWN, details=f"{type(error).__name__}: {error}"
+                        )
+                    )
+            raise
+        for pending, response in zip(batch, reply.responses, strict=False):
+            if pending.future.done():
+                continue
+            if response.code == 0:
+                pending.future.set_result(response.response)
+            elif response.hold_seconds > 0:
+                # Held as the server would have held a call of its own (a rate-limited
+                # request), this request alone: the others of the call are answered now.
+                loop.call_later(response.hold_seconds, _refuse, pending.future, _error(response))
+            else:
+                pending.future.set_exception(_error(response))
+        for pending in batch[len(reply.responses) :]:  # not reached: the server answers each
+            if not pending.future.done():
+                pending.future.set_exception(
+                    grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, details="no answer")
+                )
