@@ -22,6 +22,7 @@ from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
+from rest_bridge.connections import ConnectionGuard
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
 from rest_bridge.gather import Gatherer
@@ -93,6 +94,9 @@ class Bridge:
         """The OpenAPI document (equal to the contract but for the title)."""
         return self.api.openapi()
 
+    connection_guard: ConnectionGuard | None = None
+    """The bounds of its HTTP connections (rest_bridge.connections), set by create_app."""
+
 
 def _document_contract(api: FastAPI) -> None:
     """Declare POST /create-events exactly as the contract does, for /openapi.json and /docs."""
@@ -148,8 +152,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
             gc.freeze()
             yield
             await rejected.drain()
+            create_events.close()
 
-    api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan)
+    # No redirect of /create-events/ to /create-events: its Location would repeat the
+    # query, api_key included (any path with a trailing slash is a 404).
+    api = FastAPI(title="Event ingestion", version="1.0", lifespan=lifespan, redirect_slashes=False)
     _document_contract(api)
 
     @api.get("/healthz", include_in_schema=False)
@@ -189,4 +196,6 @@ def create_app(settings: BridgeSettings) -> Bridge:
     async def metrics() -> Response:
         return Response(generate_latest(bridge.metrics.scrape), media_type=CONTENT_TYPE_LATEST)
 
+    # The HTTP connection bounds, read by the protocol uvicorn serves it with.
+    bridge.connection_guard = ConnectionGuard(settings, bridge.metrics.registry)
     return bridge

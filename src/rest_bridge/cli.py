@@ -87,6 +87,10 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
         # proxy-headers mode would replace the peer with a client-supplied address.
         "proxy_headers": False,
         "server_header": False,
+        # uvicorn's httptools protocol with the header, time and connection bounds uvicorn
+        # lacks (rest_bridge.connections); its keep-alive timeout is the bridge's setting.
+        "http": "rest_bridge.connections:GuardedHttpToolsProtocol",
+        "timeout_keep_alive": settings.keep_alive_timeout_seconds,
         # Logging is ours (JSON, see setup_logging); AccessMiddleware writes the access lines.
         "log_config": None,
         "access_log": False,

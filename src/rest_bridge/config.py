@@ -103,6 +103,58 @@ class BridgeSettings(BaseSettings):
         description="Deepest nesting of arrays and objects in a request body (422 past it);"
         f" a valid body nests {MIN_JSON_DEPTH} deep.",
     )
+    # The server's setting, read from the same variable (EVENTS_MAX_EVENTS_PER_REQUEST):
+    # the bridge cannot ask the server, and must count a body's items before it validates
+    # any (validating 340,000 empty objects took 12 s). Set it once for both processes.
+    max_events_per_request: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Events one request may carry: a body of more items is refused whole (422,"
+        " too_many_events) before any is validated. The server's setting of the same name:"
+        " keep them equal.",
+    )
+    parse_processes: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Worker processes that parse and validate the bodies too large to parse on"
+        " the event loop without holding it for more than a few ms (0: every body is parsed on"
+        " the event loop).",
+    )
+    # HTTP connections (rest_bridge.connections): every bound is per bridge process.
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers, in bytes; past it the request is"
+        " answered 431 and the connection closed, the rest unread.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Time a connection has to send a whole request line and headers, from when"
+        " it opens or its next request's first byte, seconds; then it is closed (408 if it had"
+        " sent part of them).",
+    )
+    keep_alive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a keep-alive connection may stay idle between requests, seconds.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Time a request to POST /create-events has to send its whole body, seconds"
+        " (408 past it).",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=16,
+        description="Open connections per bridge process, WebSockets included (lowered at"
+        " start-up to the open-file limit less 128). At the cap a new connection closes the"
+        " longest-idle one (no request in progress); when none is idle it is answered 503.",
+    )
     cors_cache_seconds: float = Field(
         5.0,
         ge=0,

@@ -106,18 +106,79 @@ def _writable(value: Any) -> Any:
     return value
 
 
-def unprocessable(detail: list[dict[str, Any]]) -> Reply:
-    """A 422 with the contract's HTTPValidationError body."""
+MAX_LISTED_ERRORS = 50
+"""Errors a 422 lists; past them, one more item says how many were left out."""
+
+MAX_422_BYTES = 64 * 1024
+"""Largest 422 body: FastAPI's echoes (``input``) of a 1 MiB body could fill megabytes."""
+
+TOO_MANY_ERRORS = "too_many_errors"
+
+# In a bounded 422: the longest string kept of a location part, a message or an echo.
+_MAX_SHOWN_CHARS = 128
+
+
+def _encode(data: Any) -> bytes:
     try:
-        return json_reply(422, {"detail": detail})
+        return orjson.dumps(data)
     except orjson.JSONEncodeError:
         # An echoed input holds a lone surrogate ("\ud800" is valid JSON; UTF-8 has no
         # such character) or an integer past 64 bits, which orjson does not write.
         # (FastAPI answers 500 for the first, and for NaN, which orjson writes as null.)
-        text = json.dumps(
-            _writable({"detail": detail}), ensure_ascii=False, separators=(",", ":"), default=str
-        )
-        return Reply(422, text.encode())
+        text = json.dumps(_writable(data), ensure_ascii=False, separators=(",", ":"), default=str)
+        return text.encode()
+
+
+def _clip(part: Any, most: int = _MAX_SHOWN_CHARS) -> Any:
+    return f"{part[:most]}..." if isinstance(part, str) and len(part) > most else part
+
+
+def _bounded_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An error item cut to a bounded size: long location parts and messages clipped, and
+    an ``input`` echo left out when it is an object, an array or a long string."""
+    shown = {k: v for k, v in item.items() if k not in {"input", "ctx"}}
+    shown["loc"] = [_clip(part) for part in item.get("loc", [])]
+    shown["msg"] = _clip(item.get("msg", ""), 4 * _MAX_SHOWN_CHARS)
+    echo = item.get("input")
+    long_text = isinstance(echo, str) and len(echo) > _MAX_SHOWN_CHARS
+    if "input" in item and not isinstance(echo, dict | list) and not long_text:
+        shown["input"] = echo
+    if isinstance(ctx := item.get("ctx"), dict):
+        shown["ctx"] = {k: _clip(v, 4 * _MAX_SHOWN_CHARS) for k, v in ctx.items()}
+    return shown
+
+
+def _left_out(count: int) -> dict[str, Any]:
+    return validation_detail(
+        ["body"],
+        f"{count} more errors not listed: a 422 lists the first {MAX_LISTED_ERRORS}",
+        TOO_MANY_ERRORS,
+    )
+
+
+def unprocessable(detail: list[dict[str, Any]], more: int = 0) -> Reply:
+    """A 422 with the contract's HTTPValidationError body.
+
+    ``more``: errors found past those in ``detail`` (which the caller did not list).
+    Up to MAX_LISTED_ERRORS errors, in at most MAX_422_BYTES, the body is ``detail``
+    whole (FastAPI's). Past either bound it lists the first errors, cut to size (no
+    object, array or long-string ``input`` echoes; long location parts and messages
+    clipped), then one ``too_many_errors`` item saying how many were left out.
+    """
+    if len(detail) > MAX_LISTED_ERRORS:
+        more += len(detail) - MAX_LISTED_ERRORS
+        detail = detail[:MAX_LISTED_ERRORS]
+    if not more:
+        body = _encode({"detail": detail})
+        if len(body) <= MAX_422_BYTES:
+            return Reply(422, body)
+    items = [_bounded_item(item) for item in detail]
+    while True:
+        body = _encode({"detail": [*items, _left_out(more)] if more else items})
+        if len(body) <= MAX_422_BYTES or not items:
+            return Reply(422, body)
+        items.pop()  # still too large (many long keys): list fewer
+        more += 1
 
 
 def invalid_body(loc: list[str | int], msg: str, kind: str) -> Reply:

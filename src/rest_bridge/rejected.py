@@ -75,9 +75,11 @@ class RejectedReporter:
         detail: list[dict[str, Any]],
         api_key: str | None,
         origin: str | None = None,
+        tenants: list[str] | None = None,
     ) -> None:
         """Report a request refused with ``detail`` (a 422's, or a 413's), if it came with a
-        key or (keyless) from a page origin.
+        key or (keyless) from a page origin. ``tenants``: those the body names, when the
+        caller knows them (else they are read from the body, which must then be small).
 
         The server records it for the tenants it names that the caller covers (a key's, or
         a registered storefront origin's), else for the caller's own: a request with
@@ -93,7 +95,7 @@ class RejectedReporter:
             self._lose(f"{MAX_IN_FLIGHT} already in flight")
             return
         request = pb.RejectedRequest(
-            tenants=body_tenants(body),
+            tenants=body_tenants(body) if tenants is None else tenants,
             errors=[
                 # Cut here as the server would: the report must stay well within the
                 # server's max_request_bytes, which applies to it too.

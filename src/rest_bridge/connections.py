@@ -1,0 +1,318 @@
+"""Bounds on the bridge's HTTP connections, which uvicorn does not set itself.
+
+uvicorn's httptools protocol (the one it picks when httptools is installed, as with
+``uvicorn[standard]``) reads a request line and headers of any size: a 64 MB header
+was read and answered after 7 s, the bridge 60 MiB larger, as httptools rebuilds a
+header on every read. It arms no timer before a connection's first response (a
+connection that sends nothing, or a byte a second, stays open for good) and accepts
+connections until the process runs out of file descriptors, after which every new
+connection fails, unlogged. Its ``limit_concurrency`` answers 503 only once a
+request's headers are in and frees no descriptor; ``timeout_keep_alive`` applies only
+between requests; ``h11_max_incomplete_event_size`` is for the slower h11 protocol
+(which answers 400, not 431).
+
+GuardedHttpToolsProtocol is uvicorn's httptools protocol with the bounds the bridge
+settings give (rest_bridge.config):
+
+- ``max_header_bytes``: a request line and headers larger than that are answered 431
+  as soon as the bytes past it arrive, and never given to the parser;
+- ``header_timeout_seconds``: a connection must send a whole request head within that
+  time of opening (or of its next request's first byte); it is closed otherwise, with
+  a 408 if it had started;
+- ``max_connections`` (lowered to the open-file limit less FD_RESERVE): past it a new
+  connection closes the connection idle the longest (one with no request in
+  progress: between requests, or still sending its head), as nginx reuses its idle
+  keep-alive connections; when every connection has a request in progress, the new
+  one is answered 503 with Retry-After. Idle sockets cannot keep a legitimate client
+  out: they are the first to go.
+
+Each closing is counted in ``events_http_connections_closed_total{reason}`` and
+summed up in a log line (at most one per LOG_EVERY_SECONDS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import resource
+import time
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from rest_bridge.config import BridgeSettings
+
+log = logging.getLogger(__name__)
+
+FD_RESERVE = 128
+"""Descriptors kept for everything but client connections: the listening socket, the gRPC
+channel, the parse processes' pipes, logs, and connections accepted in one burst before
+the cap closes others."""
+
+LINGER_SECONDS = 1.0
+"""How long a refused connection is still read (and the bytes dropped) after its answer,
+so that the client reads the answer rather than a reset."""
+
+MAX_LINGERING = 64
+"""Refused connections lingering at once; past it they are closed at once."""
+
+LOG_EVERY_SECONDS = 10.0
+
+EVICTED = "evicted"
+REFUSED = "refused"
+HEADER_TOO_LARGE = "header_too_large"
+HEADER_TIMEOUT = "header_timeout"
+
+
+def connection_cap(configured: int) -> int:
+    """``configured``, lowered to what the open-file limit allows (less FD_RESERVE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - FD_RESERVE))
+
+
+class ConnectionGuard:
+    """The connection bounds of one bridge process, and which connections are idle."""
+
+    def __init__(self, settings: BridgeSettings, registry: CollectorRegistry | None) -> None:
+        self.max_connections = connection_cap(settings.max_connections)
+        if self.max_connections < settings.max_connections:
+            log.warning(
+                "max_connections lowered from %d to %d: this process may open %d files"
+                " (RLIMIT_NOFILE) and keeps %d descriptors for the rest",
+                settings.max_connections,
+                self.max_connections,
+                self.max_connections + FD_RESERVE,
+                FD_RESERVE,
+            )
+        self.max_header_bytes = settings.max_header_bytes
+        self.header_timeout = settings.header_timeout_seconds
+        self.retry_after = str(settings.retry_after_seconds)
+        self.closed = Counter(
+            "events_http_connections_closed",
+            "HTTP connections the bridge closed for its limits: evicted (idle, to admit a new"
+            " one at max_connections), refused (503 at max_connections), header_too_large"
+            " (431), header_timeout.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in (EVICTED, REFUSED, HEADER_TOO_LARGE, HEADER_TIMEOUT):
+            self.closed.labels(reason)
+        # Connections with no request in progress, the longest idle first.
+        self._idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+        # Connections closed here whose descriptors are not released yet.
+        self._closing: set[GuardedHttpToolsProtocol] = set()
+        self.lingering = 0
+        self._unlogged: dict[str, int] = {}
+        self._logged_at = -math.inf
+        self._flush: asyncio.TimerHandle | None = None
+
+    def admit(self, new: GuardedHttpToolsProtocol, connections: set[Any]) -> bool:
+        """Make room for ``new`` (already in ``connections``); False when it must be refused."""
+        excess = len(connections) - len(self._closing) - self.max_connections
+        while excess > 0 and self._idle:
+            victim, _ = self._idle.popitem(last=False)
+            self.closing(victim)
+            victim.transport.close()
+            self.note(EVICTED)
+            excess -= 1
+        if excess > 0:
+            return False
+        self.idle(new)
+        return True
+
+    def idle(self, connection: GuardedHttpToolsProtocol) -> None:
+        """``connection`` has no request in progress (from now: it goes last in line)."""
+        self._idle[connection] = None
+        self._idle.move_to_end(connection)
+
+    def busy(self, connection: GuardedHttpToolsProtocol) -> None:
+        """``connection`` has a request in progress: it is not to be evicted."""
+        self._idle.pop(connection, None)
+
+    def closing(self, connection: GuardedHttpToolsProtocol) -> None:
+        """``connection`` is being closed here: it no longer counts against the cap."""
+        self._idle.pop(connection, None)
+        self._closing.add(connection)
+
+    def gone(self, connection: GuardedHttpToolsProtocol) -> None:
+        """``connection`` is closed (or handed over to a WebSocket protocol)."""
+        self._idle.pop(connection, None)
+        self._closing.discard(connection)
+
+    def note(self, reason: str) -> None:
+        """Count a connection closed for ``reason``; log the counts, at most every so often."""
+        self.closed.labels(reason).inc()
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        wait = self._logged_at + LOG_EVERY_SECONDS - time.monotonic()
+        if wait <= 0:
+            self._log()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(wait, self._log)
+
+    def _log(self) -> None:
+        self._flush = None
+        counts, self._unlogged = self._unlogged, {}
+        if not counts:
+            return
+        self._logged_at = time.monotonic()
+        capped = counts.get(EVICTED, 0) + counts.get(REFUSED, 0)
+        log.log(
+            logging.WARNING if capped else logging.INFO,
+            "connections closed by the bridge's limits: %s%s",
+            ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())),
+            f" (max_connections={self.max_connections} reached)" if capped else "",
+            extra={"closed": counts, "max_connections": self.max_connections},
+        )
+
+
+def _guard_of(app: Any) -> ConnectionGuard:
+    """The guard of the bridge app uvicorn serves (through any middleware it wrapped it in)."""
+    while app is not None:
+        guard = getattr(app, "connection_guard", None)
+        if isinstance(guard, ConnectionGuard):
+            return guard
+        app = getattr(app, "app", None)
+    raise RuntimeError("GuardedHttpToolsProtocol serves rest_bridge apps only")
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounded (see the module's docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = _guard_of(self.app)
+        self._in_head = True  # the next bytes are a request line and headers
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.guard.admit(self, self.connections):
+            self._refuse(
+                503,
+                "the bridge has as many connections as it may hold, each with a request in"
+                " progress: retry shortly",
+                REFUSED,
+                (b"retry-after", self.guard.retry_after.encode()),
+            )
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._lingering:
+            self._lingering = False
+            self.guard.lingering -= 1
+        self.guard.gone(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused: read only to be dropped
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm_head_timer()  # a next request's first byte
+            room = self.guard.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                # Only the bytes within the limit go to the parser: if the head is not
+                # complete with them, it is larger than the limit.
+                super().data_received(data[:room])
+                if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    return
+                if self._in_head:
+                    self._refuse(
+                        431,
+                        "the request line and headers are larger than the limit of"
+                        f" {self.guard.max_header_bytes} bytes (max_header_bytes)",
+                        HEADER_TOO_LARGE,
+                    )
+                    return
+                data = data[room:]
+            else:
+                self._head_bytes += len(data)
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        self.guard.busy(self)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline and self._in_head:
+            self.guard.idle(self)
+
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol takes the connection over (and counts in connections).
+        self._cancel_head_timer()
+        self.guard.gone(self)
+        super().handle_websocket_upgrade()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.guard.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self._head_bytes:
+            self._refuse(
+                408,
+                "the request line and headers did not arrive within"
+                f" {self.guard.header_timeout:g} seconds (header_timeout_seconds)",
+                HEADER_TIMEOUT,
+            )
+            return
+        self.guard.note(HEADER_TIMEOUT)
+        self.guard.closing(self)
+        self.transport.close()
+
+    def _refuse(self, status: int, detail: str, reason: str, *headers: tuple[bytes, bytes]) -> None:
+        """Answer ``status`` and close, reading (and dropping) what the client still sends
+        for a moment first, so that it reads the answer rather than a reset."""
+        self.guard.note(reason)
+        self.guard.closing(self)
+        self._cancel_head_timer()
+        body = orjson.dumps({"detail": detail})
+        head = [
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n",
+            *(b"%s: %s\r\n" % header for header in headers),
+            b"\r\n",
+        ]
+        self.transport.write(b"".join([*head, body]))
+        if self.guard.lingering >= MAX_LINGERING or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._lingering = True
+        self.guard.lingering += 1
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
