@@ -53,6 +53,11 @@ _TOO_LARGE = "message larger than max"
 NOT_THE_BRIDGE = "is for the REST bridge only"
 """What the server's refusal of a caller it does not take for the bridge says."""
 
+LARGE_CALLS = 4
+"""Gathered calls out at once while at least ``large_bytes`` wait: large requests (100
+events) gain from a second call in flight, while the server writes the first; single
+events gain from gathering more per call, so below that only ``max_calls`` go out."""
+
 DIRECT_SECONDS = 30.0
 """How long a bridge the server does not recognise sends plain CreateEvents calls before it
 tries a gathered call again."""
@@ -104,6 +109,8 @@ class Gatherer:
         max_calls: int,
         max_requests: int,
         max_bytes: int,
+        large_bytes: int = 1 << 62,
+        max_calls_large: int = LARGE_CALLS,
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._stub = stub
@@ -114,10 +121,13 @@ class Gatherer:
         self._max_calls = max_calls
         self._max_requests = max_requests
         self._max_bytes = max_bytes
+        self._large_bytes = large_bytes
+        self._max_calls_large = max(max_calls_large, max_calls)
         self._waiting: collections.OrderedDict[str, collections.deque[Pending]] = (
             collections.OrderedDict()
         )
         self._queued = 0
+        self._queued_bytes = 0
         self.out = 0
         """Calls in flight now."""
         self.calls = 0
@@ -153,6 +163,7 @@ class Gatherer:
             queue = self._waiting[credential] = collections.deque()
         queue.append(pending)
         self._queued += 1
+        self._queued_bytes += pending.size
         self._dispatch()
         try:
             # Shielded: one waiter given up on (its client gone) must not cancel the
@@ -167,7 +178,10 @@ class Gatherer:
 
     def _dispatch(self) -> None:
         """Send what waits, while fewer than max_calls calls are out."""
-        while self._queued and self.out < self._max_calls:
+        while self._queued and (
+            self.out < self._max_calls
+            or (self.out < self._max_calls_large and self._queued_bytes >= self._large_bytes)
+        ):
             batch = self._take()
             if batch:
                 self._send(batch)
@@ -186,6 +200,7 @@ class Gatherer:
                 # never sent (and must not shorten the others' deadline to nothing).
                 queue.popleft()
                 self._queued -= 1
+                self._queued_bytes -= pending.size
                 if not pending.future.done():
                     pending.future.set_exception(
                         grpc.aio.AioRpcError(
@@ -197,6 +212,7 @@ class Gatherer:
             else:
                 queue.popleft()
                 self._queued -= 1
+                self._queued_bytes -= pending.size
                 batch.append(pending)
                 size += pending.size
             if queue:
