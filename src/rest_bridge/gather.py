@@ -58,6 +58,15 @@ LARGE_CALLS = 4
 events) gain from a second call in flight, while the server writes the first; single
 events gain from gathering more per call, so below that only ``max_calls`` go out."""
 
+PATIENCE_SECONDS = 0.05
+"""How long requests wait behind a call out before they go in another: a call that takes
+longer (Redis hung, so the server answers only at its timeout) must not make every
+request behind it wait for it too, on top of its own call."""
+
+STALLED_CALLS = 16
+"""Calls out at once at most while the ones out take longer than PATIENCE_SECONDS (the
+server bounds each by its write budget, its turns included)."""
+
 DIRECT_SECONDS = 30.0
 """How long a bridge the server does not recognise sends plain CreateEvents calls before it
 tries a gathered call again."""
@@ -128,6 +137,8 @@ class Gatherer:
         )
         self._queued = 0
         self._queued_bytes = 0
+        self._last_sent = 0.0
+        self._check: asyncio.TimerHandle | None = None
         self.out = 0
         """Calls in flight now."""
         self.calls = 0
@@ -177,14 +188,25 @@ class Gatherer:
             raise
 
     def _dispatch(self) -> None:
-        """Send what waits, while fewer than max_calls calls are out."""
+        """Send what waits, while fewer than max_calls calls are out (more while what waits
+        is large, or while the last call has been out longer than PATIENCE_SECONDS)."""
+        loop = asyncio.get_running_loop()
         while self._queued and (
             self.out < self._max_calls
             or (self.out < self._max_calls_large and self._queued_bytes >= self._large_bytes)
+            or (0 < self.out < STALLED_CALLS and loop.time() >= self._last_sent + PATIENCE_SECONDS)
         ):
             batch = self._take()
             if batch:
                 self._send(batch)
+        if self._queued and self._check is None and self.out:
+            # Not a gathering timer (an idle bridge sends at once): what waits behind a
+            # slow call goes in a call of its own once it has waited PATIENCE_SECONDS.
+            self._check = loop.call_at(self._last_sent + PATIENCE_SECONDS, self._recheck)
+
+    def _recheck(self) -> None:
+        self._check = None
+        self._dispatch()
 
     def _take(self) -> list[Pending]:
         """Up to max_requests / max_bytes of what waits, one credential at a time."""
@@ -223,6 +245,7 @@ class Gatherer:
 
     def _send(self, batch: list[Pending]) -> None:
         self.out += 1
+        self._last_sent = asyncio.get_running_loop().time()
         self.calls += 1
         self.requests += len(batch)
         if self._observe is not None:
