@@ -70,6 +70,13 @@ class Pending:
     future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
 
 
+STALL_SECONDS = 0.025
+"""A gathered call out longer than this no longer holds the requests queued behind it."""
+
+MAX_STALLED_CALLS = 16
+"""Calls that may go out beside stalled ones (bounded: a dead server is not flooded)."""
+
+
 def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
     """A refused sub-request as the error its own CreateEvents call would have raised."""
     trailers = grpc.aio.Metadata(
@@ -118,6 +125,8 @@ class Gatherer:
             collections.OrderedDict()
         )
         self._queued = 0
+        self._started: list[float] = []
+        """When each call out was sent (loop time), oldest first."""
         self.out = 0
         """Calls in flight now."""
         self.calls = 0
@@ -166,11 +175,20 @@ class Gatherer:
             raise
 
     def _dispatch(self) -> None:
-        """Send what waits, while fewer than max_calls calls are out."""
-        while self._queued and self.out < self._max_calls:
+        """Send what waits, while fewer than max_calls calls are out (or all of those out
+        are stalled: a slow server must not make every request wait a whole call more)."""
+        while self._queued and (self.out < self._max_calls or self._stalled()):
             batch = self._take()
             if batch:
                 self._send(batch)
+
+    def _stalled(self) -> bool:
+        # A call out past STALL_SECONDS (Redis slow or down, the server's timeout running)
+        # would hold everything queued behind it for as long again: let another go, up to
+        # MAX_STALLED_CALLS more than max_calls.
+        if not self._started or self.out >= self._max_calls + MAX_STALLED_CALLS:
+            return False
+        return asyncio.get_running_loop().time() - self._started[-1] > STALL_SECONDS
 
     def _take(self) -> list[Pending]:
         """Up to max_requests / max_bytes of what waits, one credential at a time."""
@@ -197,13 +215,15 @@ class Gatherer:
         return batch
 
     def _send(self, batch: list[Pending]) -> None:
+        started = asyncio.get_running_loop().time()
+        self._started.append(started)
         self.out += 1
         self.calls += 1
         self.requests += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
         task = asyncio.get_running_loop().create_task(self._call(batch))
-        task.add_done_callback(self._sent)
+        task.add_done_callback(lambda done: self._sent(done, started))
 
     async def _create_directly(
         self, request: pb.CreateEventsRequest, metadata: Metadata, ws_message_id: str | None
@@ -226,8 +246,9 @@ class Gatherer:
             if not pending.future.done():
                 pending.future.set_result(response)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, task: asyncio.Task[None], started: float) -> None:
         self.out -= 1
+        self._started.remove(started)
         if not task.cancelled() and (error := task.exception()) is not None:
             raise error  # a bug: _call answers every waiter itself
         self._dispatch()
