@@ -71,6 +71,7 @@ def own_settings(url: str, prefix: str, **overrides: Any) -> Settings:
         "redis_timeout_seconds": 1.0,
         "health_interval_seconds": 0.1,
         "shutdown_grace_seconds": 5.0,
+        "metrics_addr": "127.0.0.1:0",  # never the fixed default: tests run side by side
     }
     return Settings(**{**base, **overrides})
 
@@ -102,6 +103,9 @@ def stop(loop: LoopThread, server: EventsServer) -> None:
     try:
         loop.run(server.stop(0), timeout=15)
     except TimeoutError:
+        # Free its metrics port at least, so that no later server finds it taken.
+        if server.metrics_endpoint is not None:
+            server.metrics_endpoint.stop()
         warnings.warn(
             "events-server stop(0) did not return within 15 s (stacks above)",
             RuntimeWarning,
