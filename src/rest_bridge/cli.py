@@ -119,6 +119,6 @@ def tls_options(settings: BridgeSettings) -> dict[str, Any]:
     return options
 
 
-def server_config(settings: BridgeSettings) -> uvicorn.Config:
+def server_config(settings: BridgeSettings, **overrides: Any) -> uvicorn.Config:
     """A single-process uvicorn serving the bridge (the tests serve it the same way)."""
-    return uvicorn.Config(create_app(settings), **uvicorn_options(settings))
+    return uvicorn.Config(create_app(settings), **{**uvicorn_options(settings), **overrides})

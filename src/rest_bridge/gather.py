@@ -58,15 +58,6 @@ LARGE_CALLS = 4
 events) gain from a second call in flight, while the server writes the first; single
 events gain from gathering more per call, so below that only ``max_calls`` go out."""
 
-PATIENCE_SECONDS = 0.05
-"""How long requests wait behind a call out before they go in another: a call that takes
-longer (Redis hung, so the server answers only at its timeout) must not make every
-request behind it wait for it too, on top of its own call."""
-
-STALLED_CALLS = 16
-"""Calls out at once at most while the ones out take longer than PATIENCE_SECONDS (the
-server bounds each by its write budget, its turns included)."""
-
 DIRECT_SECONDS = 30.0
 """How long a bridge the server does not recognise sends plain CreateEvents calls before it
 tries a gathered call again."""
@@ -82,6 +73,13 @@ class Pending:
     size: int
     deadline: float
     future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
+
+
+STALL_SECONDS = 0.025
+"""A gathered call out longer than this no longer holds the requests queued behind it."""
+
+MAX_STALLED_CALLS = 16
+"""Calls that may go out beside stalled ones (bounded: a dead server is not flooded)."""
 
 
 def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
@@ -137,7 +135,8 @@ class Gatherer:
         )
         self._queued = 0
         self._queued_bytes = 0
-        self._last_sent = 0.0
+        self._started: list[float] = []
+        """When each call out was sent (loop time), oldest first."""
         self._check: asyncio.TimerHandle | None = None
         self.out = 0
         """Calls in flight now."""
@@ -189,24 +188,34 @@ class Gatherer:
 
     def _dispatch(self) -> None:
         """Send what waits, while fewer than max_calls calls are out (more while what waits
-        is large, or while the last call has been out longer than PATIENCE_SECONDS)."""
-        loop = asyncio.get_running_loop()
+        is large, or while all of those out are stalled: a slow server must not make every
+        request wait a whole call more)."""
         while self._queued and (
             self.out < self._max_calls
             or (self.out < self._max_calls_large and self._queued_bytes >= self._large_bytes)
-            or (0 < self.out < STALLED_CALLS and loop.time() >= self._last_sent + PATIENCE_SECONDS)
+            or self._stalled()
         ):
             batch = self._take()
             if batch:
                 self._send(batch)
-        if self._queued and self._check is None and self.out:
+        if self._queued and self._check is None and self._started:
             # Not a gathering timer (an idle bridge sends at once): what waits behind a
-            # slow call goes in a call of its own once it has waited PATIENCE_SECONDS.
-            self._check = loop.call_at(self._last_sent + PATIENCE_SECONDS, self._recheck)
+            # stalled call goes out once it is stalled, even if nothing else arrives.
+            self._check = asyncio.get_running_loop().call_at(
+                self._started[-1] + STALL_SECONDS, self._recheck
+            )
 
     def _recheck(self) -> None:
         self._check = None
         self._dispatch()
+
+    def _stalled(self) -> bool:
+        # A call out past STALL_SECONDS (Redis slow or down, the server's timeout running)
+        # would hold everything queued behind it for as long again: let another go, up to
+        # MAX_STALLED_CALLS more than max_calls.
+        if not self._started or self.out >= self._max_calls + MAX_STALLED_CALLS:
+            return False
+        return asyncio.get_running_loop().time() - self._started[-1] > STALL_SECONDS
 
     def _take(self) -> list[Pending]:
         """Up to max_requests / max_bytes of what waits, one credential at a time."""
@@ -244,14 +253,15 @@ class Gatherer:
         return batch
 
     def _send(self, batch: list[Pending]) -> None:
+        started = asyncio.get_running_loop().time()
+        self._started.append(started)
         self.out += 1
-        self._last_sent = asyncio.get_running_loop().time()
         self.calls += 1
         self.requests += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
         task = asyncio.get_running_loop().create_task(self._call(batch))
-        task.add_done_callback(self._sent)
+        task.add_done_callback(lambda done: self._sent(done, started))
 
     async def _create_directly(
         self, request: pb.CreateEventsRequest, metadata: Metadata, ws_message_id: str | None
@@ -274,8 +284,9 @@ class Gatherer:
             if not pending.future.done():
                 pending.future.set_result(response)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, task: asyncio.Task[None], started: float) -> None:
         self.out -= 1
+        self._started.remove(started)
         if not task.cancelled() and (error := task.exception()) is not None:
             raise error  # a bug: _call answers every waiter itself
         self._dispatch()

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,17 +53,28 @@ def headless_chromium() -> Iterator[Browser]:
             browser.close()
 
 
-class PageServer:
-    """Serves one HTML page at / on its own loopback port: an origin of its own."""
+class StaticSite:
+    """Serves fixed files from a loopback port of its own: an origin of its own.
 
-    def __init__(self, html: str) -> None:
-        body = html.encode()
+    ``routes`` maps a path to (what to serve, its Content-Type); bytes are served as
+    they are, a Path is read on each request. Anything else is 404 (204 for the
+    favicon, so a page's console stays clean).
+    """
 
+    def __init__(self, routes: dict[str, tuple[bytes | Path, str]]) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                source, content_type = routes.get(self.path.split("?")[0], (b"", ""))
+                if not content_type:
+                    self.send_response(204 if self.path == "/favicon.ico" else 404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = source.read_bytes() if isinstance(source, Path) else source
                 self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -78,6 +90,13 @@ class PageServer:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
+
+
+class PageServer(StaticSite):
+    """Serves one HTML page at /."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__({"/": (html.encode(), "text/html; charset=utf-8")})
 
 
 @contextmanager

@@ -12,23 +12,17 @@ import base64
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from rest_bridge.app import create_app
-from rest_bridge.cli import uvicorn_options
 from rest_bridge.config import BridgeSettings
+from tests.harness.browser import StaticSite
+from tests.harness.servers import UvicornThread
 
 HARNESS = Path(__file__).parent / "storefront"
 WS_HOST = "ws.depict.ai"
@@ -81,79 +75,26 @@ class Certificate:
         """What Chromium's --ignore-certificate-errors-spki-list takes: trust this key only."""
 
 
-class TlsBridge:
+class TlsBridge(UvicornThread):
     """The real bridge app served by uvicorn over TLS (HTTPS and WSS) on a free loopback port."""
 
     def __init__(self, settings: BridgeSettings, certificate: Certificate) -> None:
         self.settings = settings
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings),
-            **uvicorn_options(settings),
-            ssl_certfile=str(certificate.certfile),
-            ssl_keyfile=str(certificate.keyfile),
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        super().__init__(
+            settings, ssl_certfile=str(certificate.certfile), ssl_keyfile=str(certificate.keyfile)
         )
 
-    def start(self) -> None:
-        """Serve, and wait until the app's lifespan has started."""
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn (TLS) did not start")
-            time.sleep(0.01)
 
-    def stop(self) -> None:
-        """Shut down uvicorn and the lifespan."""
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
-class StorefrontServer:
+class StorefrontServer(StaticSite):
     """Serves the harness's page.html and the built bundle from a loopback origin of its own."""
 
     def __init__(self, bundle: Path) -> None:
-        files = {
-            "/page.html": (HARNESS / "page.html", "text/html; charset=utf-8"),
-            "/dist/dpc.bundle.js": (bundle, "text/javascript; charset=utf-8"),
-        }
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path, content_type = files.get(self.path.split("?")[0], (None, ""))
-                if path is None:  # /favicon.ico: nothing, and no console error for it
-                    self.send_response(204 if self.path == "/favicon.ico" else 404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # quiet
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """Stop serving."""
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(
+            {
+                "/page.html": (HARNESS / "page.html", "text/html; charset=utf-8"),
+                "/dist/dpc.bundle.js": (bundle, "text/javascript; charset=utf-8"),
+            }
+        )
 
 
 def chromium_args(bridge_port: int, certificate: Certificate) -> list[str]:

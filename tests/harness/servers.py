@@ -71,6 +71,7 @@ def own_settings(url: str, prefix: str, **overrides: Any) -> Settings:
         "redis_timeout_seconds": 1.0,
         "health_interval_seconds": 0.1,
         "shutdown_grace_seconds": 5.0,
+        "metrics_addr": "127.0.0.1:0",  # never the fixed default: tests run side by side
     }
     return Settings(**{**base, **overrides})
 
@@ -102,6 +103,9 @@ def stop(loop: LoopThread, server: EventsServer) -> None:
     try:
         loop.run(server.stop(0), timeout=15)
     except TimeoutError:
+        # Free its metrics port at least, so that no later server finds it taken.
+        if server.metrics_endpoint is not None:
+            server.metrics_endpoint.stop()
         warnings.warn(
             "events-server stop(0) did not return within 15 s (stacks above)",
             RuntimeWarning,
@@ -122,14 +126,15 @@ def serving_stub(
 
 
 class UvicornThread:
-    """The real bridge app served over HTTP by uvicorn on a free loopback port."""
+    """The real bridge app served by uvicorn on a free loopback port (HTTPS when given
+    ``ssl_certfile`` and ``ssl_keyfile``)."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, **tls: str) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(settings))
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(settings, **tls))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

@@ -70,8 +70,13 @@ async def serve(settings: Settings) -> None:
     address = settings.grpc_addr
     if not address.startswith("unix:"):
         address = f"{address.rpartition(':')[0]}:{port}"
-    # Tests and `make run` read this line to learn the port when it was 0.
-    print(f"events-server listening on {address} (pid {os.getpid()})", flush=True)
+    # Tests and `make run` read this line to learn the port when it was 0. One write of the
+    # whole line: workers share stdout, and print() writes the text and its newline apart,
+    # so two workers' lines could run together (a pipe write under 4 KiB is atomic).
+    sys.stdout.flush()  # whatever was printed before stays before
+    os.write(
+        sys.stdout.fileno(), f"events-server listening on {address} (pid {os.getpid()})\n".encode()
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
