@@ -73,6 +73,7 @@ class Pending:
     size: int
     deadline: float
     future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
+    queued_at: float = 0.0
 
 
 STALL_SECONDS = 0.025
@@ -166,6 +167,7 @@ class Gatherer:
             len(raw) + sum(len(k) + len(v) + 4 for k, v in meta.items()) + 8,
             loop.time() + self._timeout,
             loop.create_future(),
+            loop.time(),
         )
         credential = meta.get(MD_API_KEY) or meta.get(MD_ORIGIN) or ""
         queue = self._waiting.get(credential)
@@ -293,7 +295,10 @@ class Gatherer:
 
     async def _call(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
-        timeout = max(min(p.deadline for p in batch) - loop.time(), 0.001)
+        now = loop.time()
+        timeout = max(min(p.deadline for p in batch) - now, 0.001)
+        for pending in batch:  # the server counts it in the call's budget
+            pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
             reply = await self._stub().CreateEventsGathered(
                 pb.GatheredRequest(requests=[p.sub for p in batch]), timeout=timeout

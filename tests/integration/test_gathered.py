@@ -265,3 +265,25 @@ def test_large_requests_waiting_send_a_second_call_while_the_first_is_out(
     most_out, requests = loop.run(scenario())
     assert most_out > 1  # the first call out did not hold the rest back
     assert requests == 7
+
+
+def test_a_call_whose_requests_waited_past_the_budget_is_refused_and_queues_nothing(
+    own_server: str, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    sub = pb.SubRequest(
+        request=pb.CreateEventsRequest(events=[ev()]).SerializeToString(),
+        metadata={"x-api-key": api_key},
+        waited_us=int(settings.redis_timeout_seconds * 1e6),
+    )
+    with grpc.insecure_channel(own_server) as channel:
+        rpc = channel.unary_unary(
+            GATHERED_METHOD,
+            request_serializer=pb.GatheredRequest.SerializeToString,
+            response_deserializer=pb.GatheredResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            rpc(pb.GatheredRequest(requests=[sub]), timeout=10)
+    # The budget counts the bridge's queue: a hung Redis costs a request it once.
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "waited" in (refused.value.details() or "")
+    assert queued(rdb, keys) == []
