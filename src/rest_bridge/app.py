@@ -186,6 +186,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
         max_calls=settings.grpc_gather_max_calls,
         max_requests=settings.grpc_gather_max_requests,
         max_bytes=settings.grpc_gather_max_bytes,
+        large_bytes=settings.grpc_gather_pipeline_bytes,
         observe=counters.gathered,
     )
     create_events = CreateEvents(settings, gatherer, cors, rejected)

@@ -181,6 +181,13 @@ class BridgeSettings(BaseSettings):
         description="Most bytes one gathered call carries (a larger request goes alone);"
         " at most the server's max_request_bytes.",
     )
+    grpc_gather_pipeline_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        description="While at least this many bytes of requests wait, up to 4 gathered calls"
+        " may be out (large requests gain from a second call in flight; single events from"
+        " more per call).",
+    )
     # WebSocket /ws/create-events (rest_bridge.ws): every bound is per bridge process.
     ws_max_frame_bytes: int = Field(
         65536,

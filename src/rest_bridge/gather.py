@@ -53,12 +53,17 @@ _TOO_LARGE = "message larger than max"
 NOT_THE_BRIDGE = "is for the REST bridge only"
 """What the server's refusal of a caller it does not take for the bridge says."""
 
+LARGE_CALLS = 4
+"""Gathered calls out at once while at least ``large_bytes`` wait: large requests (100
+events) gain from a second call in flight, while the server writes the first; single
+events gain from gathering more per call, so below that only ``max_calls`` go out."""
+
 DIRECT_SECONDS = 30.0
 """How long a bridge the server does not recognise sends plain CreateEvents calls before it
 tries a gathered call again."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Pending:
     """One request waiting for its answer."""
 
@@ -68,6 +73,7 @@ class Pending:
     size: int
     deadline: float
     future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
+    queued_at: float = 0.0
 
 
 STALL_SECONDS = 0.025
@@ -111,6 +117,8 @@ class Gatherer:
         max_calls: int,
         max_requests: int,
         max_bytes: int,
+        large_bytes: int = 1 << 62,
+        max_calls_large: int = LARGE_CALLS,
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._stub = stub
@@ -121,12 +129,16 @@ class Gatherer:
         self._max_calls = max_calls
         self._max_requests = max_requests
         self._max_bytes = max_bytes
+        self._large_bytes = large_bytes
+        self._max_calls_large = max(max_calls_large, max_calls)
         self._waiting: collections.OrderedDict[str, collections.deque[Pending]] = (
             collections.OrderedDict()
         )
         self._queued = 0
+        self._queued_bytes = 0
         self._started: list[float] = []
         """When each call out was sent (loop time), oldest first."""
+        self._check: asyncio.TimerHandle | None = None
         self.out = 0
         """Calls in flight now."""
         self.calls = 0
@@ -155,6 +167,7 @@ class Gatherer:
             len(raw) + sum(len(k) + len(v) + 4 for k, v in meta.items()) + 8,
             loop.time() + self._timeout,
             loop.create_future(),
+            loop.time(),
         )
         credential = meta.get(MD_API_KEY) or meta.get(MD_ORIGIN) or ""
         queue = self._waiting.get(credential)
@@ -162,6 +175,7 @@ class Gatherer:
             queue = self._waiting[credential] = collections.deque()
         queue.append(pending)
         self._queued += 1
+        self._queued_bytes += pending.size
         self._dispatch()
         try:
             # Shielded: one waiter given up on (its client gone) must not cancel the
@@ -175,12 +189,27 @@ class Gatherer:
             raise
 
     def _dispatch(self) -> None:
-        """Send what waits, while fewer than max_calls calls are out (or all of those out
-        are stalled: a slow server must not make every request wait a whole call more)."""
-        while self._queued and (self.out < self._max_calls or self._stalled()):
+        """Send what waits, while fewer than max_calls calls are out (more while what waits
+        is large, or while all of those out are stalled: a slow server must not make every
+        request wait a whole call more)."""
+        while self._queued and (
+            self.out < self._max_calls
+            or (self.out < self._max_calls_large and self._queued_bytes >= self._large_bytes)
+            or self._stalled()
+        ):
             batch = self._take()
             if batch:
                 self._send(batch)
+        if self._queued and self._check is None and self._started:
+            # Not a gathering timer (an idle bridge sends at once): what waits behind a
+            # stalled call goes out once it is stalled, even if nothing else arrives.
+            self._check = asyncio.get_running_loop().call_at(
+                self._started[-1] + STALL_SECONDS, self._recheck
+            )
+
+    def _recheck(self) -> None:
+        self._check = None
+        self._dispatch()
 
     def _stalled(self) -> bool:
         # A call out past STALL_SECONDS (Redis slow or down, the server's timeout running)
@@ -195,17 +224,28 @@ class Gatherer:
         batch: list[Pending] = []
         size = 0
         waiting = self._waiting
+        now = asyncio.get_running_loop().time()
         while waiting and len(batch) < self._max_requests:
             credential, queue = next(iter(waiting.items()))
             pending = queue[0]
-            if pending.future.done():  # given up on before it was sent
+            if pending.future.done() or pending.deadline <= now:
+                # Given up on before it was sent, or out of time while it waited: it is
+                # never sent (and must not shorten the others' deadline to nothing).
                 queue.popleft()
                 self._queued -= 1
+                self._queued_bytes -= pending.size
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        grpc.aio.AioRpcError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded"
+                        )
+                    )
             elif batch and size + pending.size > self._max_bytes:
                 break
             else:
                 queue.popleft()
                 self._queued -= 1
+                self._queued_bytes -= pending.size
                 batch.append(pending)
                 size += pending.size
             if queue:
@@ -255,7 +295,10 @@ class Gatherer:
 
     async def _call(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
-        timeout = max(min(p.deadline for p in batch) - loop.time(), 0.001)
+        now = loop.time()
+        timeout = max(min(p.deadline for p in batch) - now, 0.001)
+        for pending in batch:  # the server counts it in the call's budget
+            pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
             reply = await self._stub().CreateEventsGathered(
                 pb.GatheredRequest(requests=[p.sub for p in batch]), timeout=timeout

@@ -379,11 +379,17 @@ class SubRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     WS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    WAITED_US_FIELD_NUMBER: _builtins.int
     request: _builtins.bytes
     """The serialized CreateEventsRequest; parsed only once its caller is admitted."""
     ws_message_id: _builtins.str
     """The WebSocket frame id (a CreateEvents call's x-ws-message-id): an event without a
     deduplication_id is deduplicated on it.
+    """
+    waited_us: _builtins.int
+    """How long it waited in the bridge for this call to leave, microseconds: the server
+    takes it out of the call's Redis budget, so that a request costs at most that
+    budget, queue included, as a call of its own would.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -398,10 +404,11 @@ class SubRequest(_message.Message):
         request: _builtins.bytes = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ws_message_id: _builtins.str | None = ...,
+        waited_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "metadata", b"metadata", "request", b"request", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "metadata", b"metadata", "request", b"request", "waited_us", b"waited_us", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ws_message_id: _TypeAlias = _typing.Literal["ws_message_id"]  # noqa: Y015
     _WhichOneofArgType__ws_message_id: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id"]  # noqa: Y015

@@ -27,13 +27,14 @@ import time
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.pb import events_pb2 as pb
 from events_server.server import identity
 from events_server.server.access import access_line
-from events_server.server.errors import IngestError, InvalidEvents
+from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.server.metrics import ServerMetrics
 from events_server.server.service import NO_EVENTS, EventsService, Passage, client_ip
 from events_server.server.status import QUIET_CODES, abort, grpc_status
@@ -80,18 +81,33 @@ class GatheredService:
                 f"{GATHERED_METHOD} is for the REST bridge only, and this caller is not it",
             )
         events = self._events
-        deadline = asyncio.get_running_loop().time() + events.write_seconds
         passages: list[Passage] = []
         try:
+            # Parsed before its turn (from the bridge alone, and cheap: each sub-request's
+            # events stay bytes), to learn how long its requests already waited there.
+            gathered = _parse(raw)
+            # One budget, as for a call of its own, from when its oldest request arrived
+            # at the bridge: a hung Redis costs a request the budget once, its wait for
+            # this call included, not the budget on top of the wait.
+            waited = max((sub.waited_us for sub in gathered.requests), default=0) / 1e6
+            if waited >= events.write_seconds:
+                raise StoreUnavailable(
+                    f"the call's requests waited {waited:.3f}s in the REST bridge, past the"
+                    f" server's budget ({events.write_seconds:g}s); nothing was queued"
+                )
+            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited
             async with events.limiter.turn(BRIDGE_TURNS, deadline):
+                received_at = Timestamp()
+                received_at.FromNanoseconds(time.time_ns())
                 passages = [
                     Passage(
                         sub.request,
                         dict(sub.metadata),
                         peer,
                         sub.ws_message_id if sub.HasField("ws_message_id") else None,
+                        received_at,
                     )
-                    for sub in _parse(raw).requests
+                    for sub in gathered.requests
                 ]
                 self._metrics.gathered(len(passages))
                 await self._work(passages, deadline)
@@ -167,10 +183,10 @@ class GatheredService:
 
 
 def _request_id(passage: Passage) -> str:
-    rid = passage.metadata.get(REQUEST_ID_HEADER)
-    if rid is None or rid != accept_request_id(rid):  # made once, then kept
-        rid = passage.metadata[REQUEST_ID_HEADER] = accept_request_id(rid)
-    return rid
+    """The sub-request's request id: the bridge's, when sane (checked once), else a new one."""
+    if passage.request_id is None:
+        passage.request_id = accept_request_id(passage.metadata.get(REQUEST_ID_HEADER))
+    return passage.request_id
 
 
 def _parse(raw: bytes) -> pb.GatheredRequest:

@@ -123,20 +123,31 @@ class Passage:
         "received_at",
         "reply",
         "request",
+        "request_id",
         "retry_id",
     )
 
     def __init__(
-        self, raw: bytes, metadata: dict[str, str], peer: str, retry_id: str | None
+        self,
+        raw: bytes,
+        metadata: dict[str, str],
+        peer: str,
+        retry_id: str | None,
+        received_at: Timestamp | None = None,
     ) -> None:
         self.raw = raw
         self.metadata = metadata
         self.peer = peer
         self.retry_id = retry_id
         """The WebSocket frame id, for an event without a deduplication_id."""
-        self.received_at = Timestamp()
-        self.received_at.FromNanoseconds(time.time_ns())
+        if received_at is None:
+            received_at = Timestamp()
+            received_at.FromNanoseconds(time.time_ns())
+        self.received_at = received_at
+        """When the server received it (the call that carried it)."""
         self.request = NO_EVENTS
+        self.request_id: str | None = None
+        """Its request id, once checked (gathered sub-requests: see ``gathered``)."""
         self.caller: Caller | None = None
         self.items: list[Item] = []
         self.reply: pb.CreateEventsResponse | None = None
