@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -27,7 +29,13 @@ def light_traffic(target: str, key: str, seconds: float, rate: float) -> tuple[l
     """Calls at ``rate`` per second for ``seconds``: their latencies, and how many failed."""
     latencies: list[float] = []
     errors = 0
-    with grpc.insecure_channel(target) as channel:
+    # The server's latency, not this test process's: a full collection of pytest's own
+    # heap would stall the measuring client alone, baseline or flood alike.
+    gc.collect()
+    gc.disable()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        channel = stack.enter_context(grpc.insecure_channel(target))
         stub = events_pb2_grpc.EventsServiceStub(channel)
         start = time.monotonic()
         for n in range(int(seconds * rate)):
@@ -59,7 +67,7 @@ def test_a_flooding_key_leaves_another_tenant_its_latency(
     target = server.start()
     try:
         light_traffic(target, light, 1, 20)  # warm up
-        baseline, baseline_errors = light_traffic(target, light, 5, 20)
+        baseline, baseline_errors = light_traffic(target, light, 10, 20)
         flood = subprocess.Popen(
             [sys.executable, "-m", "tests.harness.flood", target, flooder, "12", "100"],
             stdout=subprocess.PIPE,
@@ -85,6 +93,4 @@ def test_a_flooding_key_leaves_another_tenant_its_latency(
     assert flood_codes["OK"] <= 200 * (12 + 2) * 1.1
     assert flood_codes.get("RESOURCE_EXHAUSTED", 0) > 0
     assert percentile(during, 50) <= 2 * percentile(baseline, 50)
-    # The issue asks p99 <= 5x the baseline; on this 2-core box, with the flood's load
-    # generator on the same cores, a few percent of calls still stall (see the note in
-    # docs/operations.md): reported above, not asserted.
+    assert flood_p99 <= 5 * base_p99

@@ -90,7 +90,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         code,
                         seconds=seconds,
                         request=request,
-                        response=response,
+                        # A refused call returns an empty reply beside its status.
+                        response=response if code is grpc.StatusCode.OK else None,
                         metadata=metadata,
                         context=context,
                     )

@@ -126,7 +126,7 @@ class GatheredService:
                 await events.admit(passage)
                 events.prepare(passage)
             except IngestError as error:
-                passage.error = error
+                passage.fail(error)
             finally:
                 current_request_id.reset(token)
         # Rates that take a Redis round trip are charged together, each on its own.
@@ -138,14 +138,14 @@ class GatheredService:
         except IngestError as error:  # the whole write failed: nobody knows more
             for passage in passages:
                 if passage.error is None and passage.reply is None:
-                    passage.error = error
+                    passage.fail(error)
 
     async def _charge(self, passage: Passage, deadline: float) -> None:
         current_request_id.set(_request_id(passage))  # this task's own context
         try:
             await self._events.charge(passage, deadline)
         except IngestError as error:
-            passage.error = error
+            passage.fail(error)
 
     def _answer(self, passage: Passage, gathered: int) -> pb.SubResponse:
         token = current_request_id.set(_request_id(passage))
