@@ -14,6 +14,7 @@ import redis
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
 from events_server.server.app import EventsServer
+from events_server.server.routing import partition_for
 from events_server.server.settings import Settings
 from tests.harness.data import ev
 from tests.harness.metrics import scrape, server_metrics_url, value
@@ -146,4 +147,50 @@ def test_a_storefront_origin_has_a_rate_of_its_own(
             send(stub, ev(), metadata=(("grpcgateway-origin", origin),))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"sf:{origin}" in str(caught.value.details())
+    assert len(queued(rdb, keys)) == 1
+
+
+def evalsha_calls(rdb: redis.Redis) -> int:
+    """How many script calls Redis has run (EVALSHA), all clients together."""
+    stats = rdb.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_single_event_is_charged_and_written_in_one_round_trip(
+    settings: Settings, grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    _, secret = create_limited_key(settings, "--requests-per-second", "100")
+    assert attempt(grpc_target, secret)[0] == grpc.StatusCode.OK  # scripts cached
+    before = evalsha_calls(rdb)
+    assert [attempt(grpc_target, secret)[0] for _ in range(5)] == [grpc.StatusCode.OK] * 5
+    # One script call each: the charge and the write, in one script.
+    assert evalsha_calls(rdb) - before == 5
+    # Events for several partitions: the charge is a call before the write's.
+    users = [f"spread-{n}" for n in range(20)]
+    partitions = {partition_for(ev(user_id=user), settings.partitions) for user in users}
+    assert len(partitions) > 1
+    before = evalsha_calls(rdb)
+    with grpc.insecure_channel(grpc_target) as channel:
+        send(
+            events_pb2_grpc.EventsServiceStub(channel),
+            *(ev(user_id=user) for user in users),
+            metadata=(("x-api-key", secret),),
+        )
+    assert evalsha_calls(rdb) - before == 1 + len(partitions)
+    assert len(queued(rdb, keys)) == 6 + len(users)
+
+
+def test_a_write_redis_refuses_charges_nothing(
+    settings: Settings, grpc_target: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    # One request per 10 s: a charge taken by the refused write would refuse the next.
+    _, secret = create_limited_key(settings, "--requests-per-second", "0.1", "--burst-seconds", "1")
+    partition = partition_for(ev(user_id="u0"), settings.partitions)
+    rdb.set(keys.stream(partition), "not a stream")
+    code, details, _ = attempt(grpc_target, secret)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "WRONGTYPE" in details
+    rdb.delete(keys.stream(partition))
+    assert attempt(grpc_target, secret)[0] == grpc.StatusCode.OK
+    assert attempt(grpc_target, secret)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(queued(rdb, keys)) == 1

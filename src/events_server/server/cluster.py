@@ -31,6 +31,8 @@ REFRESH_INTERVAL_SECONDS = 1.0
 class ClusterTransport:
     """Script calls on a Redis Cluster: one pipeline per node, partial outages contained."""
 
+    one_node = False
+
     def __init__(self, redis: RedisCluster) -> None:
         self._cluster = redis
         self._down: list[str] = []

@@ -35,6 +35,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.server import identity
 from events_server.server.access import access_line
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
+from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
 from events_server.server.service import NO_EVENTS, EventsService, Passage, client_ip
 from events_server.server.status import QUIET_CODES, abort, grpc_status
@@ -129,10 +130,17 @@ class GatheredService:
                 passage.fail(error)
             finally:
                 current_request_id.reset(token)
-        # Rates that take a Redis round trip are charged together, each on its own.
-        limited = [p for p in passages if p.error is None and p.items and events.limited(p)]
-        if limited:
-            await asyncio.gather(*(self._charge(p, deadline) for p in limited))
+        # Rates the write cannot take itself are charged first, together, each on its own.
+        ahead: list[tuple[Passage, Charge]] = []
+        for passage in passages:
+            if passage.error is None:
+                try:
+                    if (charge := events.plan_charge(passage)) is not None:
+                        ahead.append((passage, charge))
+                except IngestError as error:
+                    passage.fail(error)
+        if ahead:
+            await asyncio.gather(*(self._charge(p, c, deadline) for p, c in ahead))
         try:
             await events.write(passages, deadline)
         except IngestError as error:  # the whole write failed: nobody knows more
@@ -140,10 +148,10 @@ class GatheredService:
                 if passage.error is None and passage.reply is None:
                     passage.fail(error)
 
-    async def _charge(self, passage: Passage, deadline: float) -> None:
+    async def _charge(self, passage: Passage, charge: Charge, deadline: float) -> None:
         current_request_id.set(_request_id(passage))  # this task's own context
         try:
-            await self._events.charge(passage, deadline)
+            await self._events.limiter.charge(charge, deadline)
         except IngestError as error:
             passage.fail(error)
 

@@ -3,10 +3,12 @@
 Two bounds, each answered RESOURCE_EXHAUSTED (HTTP 429) with a retry-after:
 
 - **Rates, shared by every server process and node**: requests/s and events/s with a
-  burst, as a GCRA (the "virtual scheduling" token bucket) in Redis, one script call on
-  the caller's own key. It runs before the write: a request spans partitions on
-  several nodes, and a refused one must queue nothing, so the verdict comes first.
-  A rate of 0 is no limit and costs no round trip.
+  burst, as a GCRA (the "virtual scheduling" token bucket) in Redis, on the caller's
+  own key. A request that writes one partition batch on one Redis server (every
+  single event, there) is charged inside its enqueue script: one round trip, charge and
+  write one atomic step. Elsewhere (several partitions, or a cluster, where the
+  caller's key lives on another node) the charge is a script call before the write,
+  as a refused request must queue nothing. A rate of 0 is no limit and costs nothing.
 - **Turns per caller, per process**: at most ``max_in_flight_per_caller`` of a caller's
   calls are worked on at once (parsed, validated, written); its further calls wait for
   a turn of their own, before any parsing, within the call's Redis budget (then
@@ -45,40 +47,88 @@ class Rates:
         return self.requests_per_second <= 0 and self.events_per_second <= 0
 
 
-# KEYS[1]  the caller's limiter hash (fields r, e: theoretical arrival times, ms)
+GCRA_FUNCTION = """
+-- The caller's limiter hash (fields r, e: theoretical arrival times, ms); rates per
+-- second, burst in seconds, events in this request. Returns 0 when allowed (both rates
+-- charged), else the ms to wait (neither charged).
+local function gcra(key, requests_rate, events_rate, burst_seconds, events)
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  local burst = tonumber(burst_seconds) * 1000
+  local wait, new, ttl = 0, {}, 1
+  local rates = {tonumber(requests_rate), tonumber(events_rate)}
+  for i, field in ipairs({'r', 'e'}) do
+    local rate = rates[i]
+    if rate > 0 then
+      local cost = (i == 1) and 1 or tonumber(events)
+      local interval = 1000 / rate
+      local tat = tonumber(redis.call('HGET', key, field) or '0')
+      if tat < now then tat = now end
+      local next_tat = tat + cost * interval
+      -- Allowed while the schedule runs at most `burst` ahead of now.
+      local over = next_tat - now - math.max(burst, interval)
+      if over > 0 then
+        wait = math.max(wait, math.ceil(over))
+      end
+      new[field] = next_tat
+      ttl = math.max(ttl, math.ceil(next_tat - now))
+    end
+  end
+  if wait > 0 then
+    return wait
+  end
+  for field, value in pairs(new) do
+    redis.call('HSET', key, field, string.format('%.3f', value))
+  end
+  redis.call('PEXPIRE', key, ttl)
+  return 0
+end
+"""
+"""The GCRA (the "virtual scheduling" token bucket), shared by the limiter's own script
+and the enqueue script that charges a rate in the write itself (see ``Charge``)."""
+
+# KEYS[1]  the caller's limiter hash
 # ARGV     requests/s, events/s, burst seconds, events in this request
 # Returns  {1, 0} when allowed (both rates charged), {0, ms to wait} when refused (neither).
-GCRA = LuaScript("""
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local burst = tonumber(ARGV[3]) * 1000
-local wait, new, ttl = 0, {}, 1
-for i, field in ipairs({'r', 'e'}) do
-  local rate = tonumber(ARGV[i])
-  if rate > 0 then
-    local cost = (i == 1) and 1 or tonumber(ARGV[4])
-    local interval = 1000 / rate
-    local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-    if tat < now then tat = now end
-    local next_tat = tat + cost * interval
-    -- Allowed while the schedule runs at most `burst` ahead of now.
-    local over = next_tat - now - math.max(burst, interval)
-    if over > 0 then
-      wait = math.max(wait, math.ceil(over))
-    end
-    new[field] = next_tat
-    ttl = math.max(ttl, math.ceil(next_tat - now))
-  end
-end
+GCRA = LuaScript(
+    GCRA_FUNCTION
+    + """
+local wait = gcra(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 if wait > 0 then
   return {0, wait}
 end
-for field, value in pairs(new) do
-  redis.call('HSET', KEYS[1], field, string.format('%.3f', value))
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
 return {1, 0}
-""")
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One request's rate charge: its limiter key and the GCRA's arguments.
+
+    Taken in its own script call (``Limiter.charge``), or, where the request writes one
+    partition batch on one Redis server, inside that batch's enqueue script: then the
+    charge and the write are one round trip and one atomic step (a refused request
+    writes nothing; a write Redis refuses charges nothing).
+    """
+
+    caller_id: str
+    rates: Rates
+    key: str
+    events: int
+
+    @property
+    def args(self) -> tuple[float, float, float, int]:
+        """The GCRA's ARGV: requests/s, events/s, burst seconds, events."""
+        rates = self.rates
+        return rates.requests_per_second, rates.events_per_second, rates.burst_seconds, self.events
+
+    def refused(self, wait_ms: int) -> RateLimited:
+        """The error of a request its rate refused, ``wait_ms`` before it would fit."""
+        return RateLimited(
+            f"{self.caller_id}: over its rate limit ({_rates(self.rates)}); retry in {wait_ms} ms",
+            retry_after_seconds=wait_ms / 1000,
+        )
 
 
 class FairTurns:
@@ -181,10 +231,13 @@ class Limiter:
         """Wait for a turn at working on one of the caller's calls (see FairTurns)."""
         return self.turns.turn(caller_id, deadline)
 
-    async def charge(self, caller_id: str, rates: Rates, events: int, deadline: float) -> None:
-        """Take one request and ``events`` events from the caller's allowance, or RateLimited."""
+    def charge_for(self, caller_id: str, rates: Rates, events: int) -> Charge | None:
+        """The charge of a request of ``events`` events (None: no rate, no round trip).
+
+        Raises RateLimited (not retryable) for a request larger than the burst allows.
+        """
         if rates.unlimited:
-            return
+            return None
         if rates.events_per_second > 0:
             room = rates.events_per_second * max(rates.burst_seconds, 1 / rates.events_per_second)
             if events > room:
@@ -194,10 +247,13 @@ class Limiter:
                     retry_after_seconds=1.0,
                     retryable=False,
                 )
-        argv = (rates.requests_per_second, rates.events_per_second, rates.burst_seconds, events)
+        return Charge(caller_id, rates, self._keys.limiter(caller_id), events)
+
+    async def charge(self, charge: Charge, deadline: float) -> None:
+        """Take the charge in a round trip of its own, before the write (or RateLimited)."""
         try:
             async with asyncio.timeout_at(deadline):
-                allowed, wait_ms = await GCRA(self._redis, [self._keys.limiter(caller_id)], argv)
+                allowed, wait_ms = await GCRA(self._redis, [charge.key], charge.args)
         except TimeoutError:
             raise StoreUnavailable("redis: no answer in time (checking the rate limit)") from None
         except CLUSTER_ERRORS as error:
@@ -205,10 +261,7 @@ class Limiter:
                 f"redis: {type(error).__name__}: {error} (checking the rate limit)"
             ) from error
         if not allowed:
-            raise RateLimited(
-                f"{caller_id}: over its rate limit ({_rates(rates)}); retry in {int(wait_ms)} ms",
-                retry_after_seconds=int(wait_ms) / 1000,
-            )
+            raise charge.refused(int(wait_ms))
 
 
 def _rates(rates: Rates) -> str:

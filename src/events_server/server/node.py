@@ -21,6 +21,8 @@ from events_server.server.script import ENQUEUE, Call
 class NodeTransport:
     """Script calls on one server: all of a request's calls sent back to back on one connection."""
 
+    one_node = True
+
     def __init__(
         self,
         redis: Redis,

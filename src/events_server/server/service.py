@@ -26,7 +26,7 @@ from events_server.server.errors import (
     RequestTooLarge,
     StoreUnavailable,
 )
-from events_server.server.limits import Limiter, Rates
+from events_server.server.limits import Charge, Limiter, Rates
 from events_server.server.metrics import ServerMetrics
 from events_server.server.rejected import RejectedLog
 from events_server.server.routing import partition_for
@@ -120,6 +120,7 @@ class Passage:
 
     __slots__ = (
         "caller",
+        "charge",
         "error",
         "items",
         "metadata",
@@ -157,6 +158,8 @@ class Passage:
         self.items: list[Item] = []
         self.reply: pb.CreateEventsResponse | None = None
         self.error: IngestError | None = None
+        self.charge: Charge | None = None
+        """Its rate charge, when taken in its write's own script (see ``plan_charge``)."""
 
     def fail(self, error: IngestError) -> None:
         """End the request with ``error``.
@@ -174,7 +177,8 @@ class EventsService:
 
     Every request takes the same steps, alone or gathered: ``admit``, ``prepare`` (parse,
     validate, tenants, envelopes), ``charge`` (its rate), ``write`` (one store append for
-    every request written together) and ``finish`` (metrics, and the status it ends with).
+    every request written together, which takes the charge where it can) and ``finish``
+    (metrics, and the status it ends with).
     """
 
     def __init__(
@@ -313,17 +317,29 @@ class EventsService:
                 )
             ]
 
-    def limited(self, passage: Passage) -> bool:
-        """Whether charging the request's rate takes a Redis round trip."""
-        return passage.caller is not None and not self._rates(passage.caller).unlimited
+    def plan_charge(self, passage: Passage) -> Charge | None:
+        """The request's rate charge, when it takes a round trip of its own before the write.
+
+        None when there is nothing to charge, or when the write takes the charge itself
+        (one partition batch on one server, as every single event there): then it is in
+        ``passage.charge``. Raises RateLimited for a request larger than its burst.
+        """
+        caller = passage.caller
+        if not passage.items or caller is None:
+            return None
+        events = len(passage.request.events)
+        charge = self.limiter.charge_for(caller.limiter_id, self._rates(caller), events)
+        if charge is not None and self._store.charges_in_write(passage.items):
+            passage.charge = charge
+            return None
+        return charge
 
     async def charge(self, passage: Passage, deadline: float) -> None:
-        """Take the request from its caller's allowance, before anything is written (raises
-        RateLimited, or StoreUnavailable when Redis does not answer)."""
-        if passage.items and passage.caller is not None:
-            caller = passage.caller
-            events = len(passage.request.events)
-            await self.limiter.charge(caller.limiter_id, self._rates(caller), events, deadline)
+        """Take the request from its caller's allowance, before anything is written, unless
+        its write takes it (raises RateLimited, or StoreUnavailable when Redis does not
+        answer)."""
+        if (charge := self.plan_charge(passage)) is not None:
+            await self.limiter.charge(charge, deadline)
 
     async def write(self, passages: list[Passage], deadline: float) -> None:
         """Write every passage's events in one store append; answer each (its reply, or the
@@ -332,7 +348,9 @@ class EventsService:
         writing = [p for p in passages if p.items and p.error is None and p.reply is None]
         if not writing:
             return
-        written = await self._store.append_each([p.items for p in writing], deadline=deadline)
+        written = await self._store.append_each(
+            [p.items for p in writing], deadline=deadline, charges=[p.charge for p in writing]
+        )
         for passage, outcomes in zip(writing, written, strict=True):
             if isinstance(outcomes, IngestError):
                 passage.fail(outcomes)

@@ -21,8 +21,9 @@ from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.cluster import ClusterTransport
 from events_server.server.errors import IngestError, StoreUnavailable
+from events_server.server.limits import Charge
 from events_server.server.node import NodeTransport
-from events_server.server.script import Call
+from events_server.server.script import NO_CHARGE, REFUSED, Call
 
 Item = tuple[int, str, str | None, bytes]
 """One event to queue: (partition, tenant, deduplication_id or None, envelope bytes)."""
@@ -35,6 +36,10 @@ NOT_RUN: Outcome = (False, "", -1)
 
 class Transport(Protocol):
     """How script calls reach Redis; raises StoreUnavailable or StoreFull, never RedisError."""
+
+    one_node: bool
+    """Every key on one server: a script may touch a caller's limiter key beside a
+    partition's stream (on a cluster they hash to different slots)."""
 
     async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
         """Each call's reply, in order; every call ran, or an error is raised (``partial``:
@@ -73,6 +78,11 @@ class EventStore:
         """The key names this store writes."""
         return self._keys
 
+    def charges_in_write(self, items: Sequence[Item]) -> bool:
+        """Whether a rate charge for these items can be taken in their write's own script:
+        one partition batch, on one server."""
+        return self.transport.one_node and len({item[0] for item in items}) == 1
+
     async def append(
         self, items: Sequence[Item], *, deadline: float | None = None
     ) -> list[Outcome]:
@@ -86,19 +96,37 @@ class EventStore:
         return written
 
     async def append_each(
-        self, batches: Sequence[Sequence[Item]], *, deadline: float | None = None
+        self,
+        batches: Sequence[Sequence[Item]],
+        *,
+        deadline: float | None = None,
+        charges: Sequence[Charge | None] = (),
     ) -> list[list[Outcome] | IngestError]:
         """Queue several requests' items in one round trip: one script call per partition for
         all of them, pipelined. Each request gets its outcomes, or the error of a partition
         batch of its that Redis refused (which wrote nothing). A failure of the whole write
         (Redis unreachable, no answer in time) is raised.
+
+        ``charges``, by request (None: none): a rate charge taken in the request's own
+        script call, before its writes (see ``charges_in_write``); a request its rate
+        refuses gets the charge's RateLimited, and nothing of it is written.
         """
-        groups: dict[int, tuple[list[tuple[int, int]], list[Any], list[Any]]] = {}
+        groups: dict[tuple[int, int], tuple[list[tuple[int, int]], list[Any], list[Any]]] = {}
         for owner, items in enumerate(batches):
+            charge = charges[owner] if owner < len(charges) else None
             for index, (partition, tenant, dedup_id, payload) in enumerate(items):
-                group = groups.get(partition)
+                # A charged request's batch is a script call of its own; the others share
+                # one per partition.
+                place = (partition, -1 if charge is None else owner)
+                group = groups.get(place)
                 if group is None:
-                    group = groups[partition] = ([], [self._keys.stream(partition)], [self._ttl])
+                    keys: list[Any] = [self._keys.stream(partition)]
+                    head: list[Any] = [self._ttl, *NO_CHARGE]
+                    if charge is not None:
+                        assert self.charges_in_write(items), "a charged batch spans partitions"
+                        keys.append(charge.key)
+                        head = [self._ttl, len(keys), *charge.args]
+                    group = groups[place] = ([], keys, head)
                 places, keys, args = group
                 places.append((owner, index))
                 if dedup_id is None:
@@ -109,7 +137,8 @@ class EventStore:
                 args.append(payload)
 
         calls: list[Call] = [
-            (partition, [len(keys), *keys, *args]) for partition, (_, keys, args) in groups.items()
+            (partition, [len(keys), *keys, *args])
+            for (partition, _), (_, keys, args) in groups.items()
         ]
         if self.refusal is not None:
             raise StoreUnavailable(self.refusal)
@@ -131,10 +160,17 @@ class EventStore:
             ) from exc
         outcomes: list[list[Outcome]] = [[NOT_RUN] * len(items) for items in batches]
         failed: dict[int, IngestError] = {}
-        for (partition, (places, _, _)), reply in zip(groups.items(), replies, strict=True):
+        for ((partition, charged), (places, _, _)), reply in zip(
+            groups.items(), replies, strict=True
+        ):
             if isinstance(reply, IngestError):
                 for owner, _ in places:
                     failed.setdefault(owner, reply)
+                continue
+            if reply[0] == REFUSED:
+                charge = charges[charged]
+                assert charge is not None
+                failed[charged] = charge.refused(int(reply[1]))
                 continue
             for n, (owner, index) in enumerate(places):
                 outcomes[owner][index] = (reply[2 * n] == 1, reply[2 * n + 1].decode(), partition)
