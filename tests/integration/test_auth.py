@@ -32,7 +32,7 @@ from tests.harness.data import ev
 from tests.harness.keys import create_key
 from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.rpc import send
-from tests.harness.servers import LoopThread
+from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import queued
 from tests.harness.waiting import eventually
 
@@ -293,3 +293,40 @@ def test_refused_keys_are_counted_by_kind_and_not_logged_as_warnings(
     }
     # Refusals are the client's business: no warning for the operator.
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def hget_calls(rdb: redis.Redis) -> int:
+    """How many HGETs Redis has answered (a key lookup is one), all clients together."""
+    return int(rdb.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+
+def test_a_flood_of_made_up_keys_costs_redis_little_and_keys_in_use_keep_working(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis
+) -> None:
+    in_use = create_key(settings.redis_url, settings.key_prefix, ["shop-a"], "in use")
+    with (
+        serving(loop, settings, peer_unknown_keys_per_second=5) as (_, target),
+        grpc.insecure_channel(target) as channel,
+    ):
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+
+        def answer(secret: str) -> tuple[grpc.StatusCode, str]:
+            try:
+                send(stub, ev(), metadata=(("x-api-key", secret),))
+            except grpc.RpcError as error:
+                return error.code(), str(error.details())
+            return grpc.StatusCode.OK, ""
+
+        assert answer(in_use)[0] == grpc.StatusCode.OK  # cached as found from here on
+        before = hget_calls(rdb)
+        answers = {answer(f"{SECRET_PREFIX}made-up-{n}") for n in range(200)}
+        looked_up = hget_calls(rdb) - before
+        # Every refusal in the same words; Redis asked for the first few only (a burst
+        # of 5, plus 5/s while the flood lasted).
+        assert answers == {(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked API key")}
+        assert looked_up <= 15
+        assert answer(in_use)[0] == grpc.StatusCode.OK
+        # A key in force that this process has not seen waits for the address's
+        # allowance to come back (a fifth of a second for one lookup at 5/s).
+        fresh = create_key(settings.redis_url, settings.key_prefix, ["shop-a"], "fresh")
+        eventually(lambda: answer(fresh)[0] == grpc.StatusCode.OK, within=3)

@@ -192,6 +192,7 @@ async def create_server(
         CachedLookup(
             StorefrontStore(redis, keys).find, settings.key_cache_seconds, "storefront origin"
         ),
+        peer_unknown_keys_per_second=settings.peer_unknown_keys_per_second,
     )
     bridge = BridgeIdentity(
         settings.bridge_token.get_secret_value() if settings.bridge_token else None,

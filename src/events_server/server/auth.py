@@ -23,6 +23,7 @@ from events_server.queue.keys import KeySpace
 from events_server.server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
 from events_server.server.lookups import CachedLookup
 from events_server.server.storefronts import Storefront
+from events_server.server.strangers import UnknownKeyBudget
 from events_server.wire.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
 
 SECRET_PREFIX = "evk_"
@@ -252,22 +253,26 @@ class Authenticator:
         cache_seconds: float,
         fallback_origins: Sequence[str],
         storefronts: Callable[[str], Awaitable[Storefront | None]] | None = None,
+        *,
+        peer_unknown_keys_per_second: float = 0.0,
     ) -> None:
         self._store = store
+        self._strangers = UnknownKeyBudget(peer_unknown_keys_per_second)
         self._storefronts = storefronts
         self._ttl = cache_seconds
         self._fallback = tuple(fallback_origins)
         self._lookup = CachedLookup(store.find, cache_seconds, "API key")
         self._origins: tuple[float, frozenset[str]] = (0.0, frozenset())
 
-    async def admit(self, secret: str | None, origin: str | None) -> Caller:
+    async def admit(self, secret: str | None, origin: str | None, peer: str = "") -> Caller:
         """Who the call is: its key (checked against the page origin), else its storefront.
 
         Unauthenticated without either; PermissionDenied for an origin the key does not
-        allow. A keyless origin that is not registered covers no tenant.
+        allow. A keyless origin that is not registered covers no tenant. ``peer`` is the
+        client's address, whose unknown keys are bounded (see ``strangers``).
         """
         if secret or self._storefronts is None or origin is None:
-            key = await self.authenticate(secret)
+            key = await self.authenticate(secret, peer)
             self.check_origin(key, origin)
             return Caller(key.tenants, key=key)
         front = await self._storefronts(origin)
@@ -278,7 +283,7 @@ class Authenticator:
             front = Storefront(origin[:200], (), "")
         return Caller(front.tenants, storefront=front)
 
-    async def authenticate(self, secret: str | None) -> ApiKey:
+    async def authenticate(self, secret: str | None, peer: str = "") -> ApiKey:
         """The key in force for this secret, or Unauthenticated."""
         if not secret:
             raise Unauthenticated(
@@ -287,8 +292,11 @@ class Authenticator:
                 " registered storefront origin",
                 "missing_key",
             )
-        key = await self._lookup(digest_of(secret))
+        asks = self._strangers.allows(peer)
+        key = await self._lookup(digest_of(secret), fetch=asks)
         if key is None:
+            if asks:  # refusals past the allowance cost nothing, so they take nothing
+                self._strangers.spend(peer)
             raise Unauthenticated("unknown or revoked API key", "unknown_key")
         return key
 

@@ -36,11 +36,14 @@ class CachedLookup(Generic[T]):
         self._found: dict[str, tuple[float, T | None]] = {}
         self._missing: dict[str, tuple[float, T | None]] = {}
 
-    async def __call__(self, name: str) -> T | None:
+    async def __call__(self, name: str, *, fetch: bool = True) -> T | None:
+        """The answer for ``name``; without ``fetch``, only a cached one (else None)."""
         now = time.monotonic()
         cached = self._found.get(name) or self._missing.get(name)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if not fetch:
+            return None
         try:
             found = await self._fetch(name)
         except RedisError as error:

@@ -247,7 +247,11 @@ class EventsService:
         if len(passage.raw) > self._max_request_bytes:
             raise RequestTooLarge(len(passage.raw), self._max_request_bytes)
         metadata = passage.metadata
-        passage.caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
+        passage.caller = await self._auth.admit(
+            metadata.get(MD_API_KEY),
+            metadata.get(MD_ORIGIN),
+            client_ip(metadata, passage.peer, self._forwarded_hops),
+        )
         return passage.caller
 
     def prepare(self, passage: Passage) -> None:

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         description="How long a process reuses an API key lookup, seconds: a revoked key stops"
         " working, and a new key starts working, within this time (0: look up every call).",
     )
+    peer_unknown_keys_per_second: float = Field(
+        20.0,
+        ge=0,
+        description="Unknown API keys one client address may have looked up in Redis per"
+        " second (bursts of as many), per process; past it, its keys not cached as found are"
+        " refused as unknown without a lookup (0: no limit).",
+    )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="Comma-separated page origins (https://shop.example) allowed to call with a"
