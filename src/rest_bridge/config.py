@@ -204,10 +204,11 @@ class BridgeSettings(BaseSettings):
         " bridge reads no more from that socket until one of them is answered.",
     )
     ws_max_connections: int = Field(
-        10_000,
+        3072,
         ge=1,
-        description="Open WebSocket connections per bridge process; past it a handshake is"
-        " refused with 503 and Retry-After.",
+        description="Open WebSocket connections per bridge process, fewer than max_connections"
+        " (and lowered with it, in proportion), so that sockets are left for beacons and"
+        " POSTs; past it a handshake is refused with 503 and Retry-After.",
     )
     ws_idle_timeout_seconds: float = Field(
         300.0,
@@ -234,6 +235,16 @@ class BridgeSettings(BaseSettings):
     def grpc_secure(self) -> bool:
         """Whether the bridge calls the server over TLS."""
         return bool(self.grpc_tls or self.grpc_ca_file or self.grpc_client_cert_file)
+
+    @model_validator(mode="after")
+    def _websockets_leave_room(self) -> BridgeSettings:
+        if self.ws_max_connections >= self.max_connections:
+            raise ValueError(
+                f"ws_max_connections ({self.ws_max_connections}) must be below max_connections"
+                f" ({self.max_connections}), which WebSockets count in: else they could take"
+                " every connection, and beacons and POSTs would be refused"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_files_go_together(self) -> BridgeSettings:

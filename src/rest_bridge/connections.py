@@ -78,6 +78,14 @@ def connection_cap(configured: int) -> int:
     return max(1, min(configured, soft - FD_RESERVE))
 
 
+def ws_connection_cap(settings: BridgeSettings) -> int:
+    """``ws_max_connections``, lowered in proportion when ``max_connections`` is: the share
+    of connections left to beacons and POSTs stays the same under a low open-file limit."""
+    cap = connection_cap(settings.max_connections)
+    scaled = cap * settings.ws_max_connections // settings.max_connections
+    return max(1, min(settings.ws_max_connections, scaled))
+
+
 class ConnectionGuard:
     """The connection bounds of one bridge process, and which connections are idle."""
 

@@ -34,6 +34,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.access import MAX_LOGGED_CHARS, REDACTED, redact_query
 from rest_bridge.config import BridgeSettings
+from rest_bridge.connections import ws_connection_cap
 from rest_bridge.cors import MAX_ORIGIN_CHARS, Cors
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import WWW_AUTHENTICATE, grpc_error_response
@@ -136,6 +137,7 @@ class WebSocketIngest:
         gatherer: Gatherer,
     ) -> None:
         self._settings = settings
+        self._max_open = ws_connection_cap(settings)
         self._stub = stub
         self._gatherer = gatherer
         self._cors = cors
@@ -176,7 +178,7 @@ class WebSocketIngest:
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None
     ) -> Reply | None:
         """None when the socket may open (and it is counted as open), else the refusal."""
-        limit = self._settings.ws_max_connections
+        limit = self._max_open
         if self.open >= limit:
             detail = (
                 f"this bridge process has {limit} WebSocket connections open, its limit"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 from typing import Any
 
@@ -10,7 +12,7 @@ import pydantic
 import pytest
 
 from rest_bridge.body import BodyRefused, Inflater
-from rest_bridge.config import MIN_JSON_DEPTH
+from rest_bridge.config import MIN_JSON_DEPTH, BridgeSettings
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import HTTP_STATUS
 from rest_bridge.models import Event
@@ -132,3 +134,25 @@ def test_a_valid_body_nests_exactly_the_minimum_depth() -> None:
     # Why depth is only checked when validation fails: what validates is this shallow.
     schema = pydantic.TypeAdapter(list[Event]).json_schema()
     assert schema_depth(schema, schema.get("$defs", {})) == MIN_JSON_DEPTH == 3
+
+
+def test_websockets_may_not_take_every_connection() -> None:
+    with pytest.raises(pydantic.ValidationError, match="ws_max_connections"):
+        BridgeSettings(max_connections=100, ws_max_connections=100)
+
+
+def test_the_websocket_cap_falls_with_the_open_file_limit_in_proportion() -> None:
+    # A process of its own: the limit is the process's, as under a real deployment's.
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))\n"
+        "from rest_bridge.config import BridgeSettings\n"
+        "from rest_bridge.connections import connection_cap, ws_connection_cap\n"
+        "s = BridgeSettings(max_connections=4096, ws_max_connections=3072)\n"
+        "print(connection_cap(s.max_connections), ws_connection_cap(s))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    # 1,024 descriptors less 128 kept back; WebSockets keep their three quarters of it.
+    assert out.split() == ["896", "672"]
