@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis
 import trustme
+from websockets.asyncio.client import connect
 
 from events_server.client import SyncEventsClient, UnavailableError
 from events_server.pb import events_pb2 as pb
@@ -30,6 +31,7 @@ from tests.harness.servers import LoopThread, bridge_settings_for, serving, serv
 from tests.harness.streams import queued
 from tests.harness.tls import Pem, TlsFront, ca_file, https_context, issue
 from tests.harness.waiting import eventually
+from tests.harness.ws import ask, frame, run, ws_url
 
 STOREFRONT = "https://shop-a.example"
 BRIDGE_NAME = "bridge.events.internal"
@@ -269,6 +271,15 @@ def test_the_bridge_serves_https(
         with httpx.Client(base_url=url, verify=https_context(pki.ca)) as http:
             answer = http.post("/create-events", json=[event()], headers={"x-api-key": api_key})
             assert answer.status_code == 200, answer.text
+        # And so wss://: a frame over TLS, answered and queued.
+        secure = ws_url(url.replace("https://", "http://", 1), api_key=api_key)
+        secure = secure.replace("ws://", "wss://", 1)
+
+        async def over_wss() -> dict[str, object]:
+            async with connect(secure, ssl=https_context(pki.ca), compression=None) as ws:
+                return await ask(ws, frame("tls-1", {**event(), "deduplication_id": "wss-1"}))
+
+        assert run(over_wss()) == {"id": "tls-1", "status": "ok"}
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{url}/healthz", verify=https_context(pki.wrong_ca))
         with pytest.raises(httpx.TransportError):
