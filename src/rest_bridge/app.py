@@ -26,6 +26,7 @@ from rest_bridge.connections import ConnectionGuard
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
 from rest_bridge.gather import Gatherer
+from rest_bridge.https import server_context
 from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
@@ -198,5 +199,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
         return Response(generate_latest(bridge.metrics.scrape), media_type=CONTENT_TYPE_LATEST)
 
     # The HTTP connection bounds, read by the protocol uvicorn serves it with.
-    bridge.connection_guard = ConnectionGuard(settings, bridge.metrics.registry)
+    bridge.connection_guard = ConnectionGuard(
+        settings, bridge.metrics.registry, server_context(settings)
+    )
     return bridge

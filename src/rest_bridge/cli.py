@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -81,15 +80,16 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
     return {
         "host": settings.http_host,
         "port": settings.http_port,
-        **tls_options(settings),
         "log_level": settings.log_level.lower(),
         # The bridge appends the real peer to x-forwarded-for itself; uvicorn's
         # proxy-headers mode would replace the peer with a client-supplied address.
         "proxy_headers": False,
         "server_header": False,
         # uvicorn's httptools protocol with the header, time and connection bounds uvicorn
-        # lacks (rest_bridge.connections); its keep-alive timeout is the bridge's setting.
-        "http": "rest_bridge.connections:GuardedHttpToolsProtocol",
+        # lacks (rest_bridge.connections), behind the bridge's own TLS when it has a
+        # certificate (rest_bridge.https: uvicorn's would leave handshakes unbounded);
+        # its keep-alive timeout is the bridge's setting.
+        "http": "rest_bridge.https:bridge_protocol",
         "timeout_keep_alive": settings.keep_alive_timeout_seconds,
         # Logging is ours (JSON, see setup_logging); AccessMiddleware writes the access lines.
         "log_config": None,
@@ -103,20 +103,6 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
         "ws_ping_timeout": settings.ws_ping_timeout_seconds,
         "ws_per_message_deflate": settings.ws_per_message_deflate,
     }
-
-
-def tls_options(settings: BridgeSettings) -> dict[str, Any]:
-    """uvicorn's HTTPS (and so wss://) options: none for plain HTTP."""
-    if not settings.http_tls_cert_file:
-        return {}
-    options: dict[str, Any] = {
-        "ssl_certfile": settings.http_tls_cert_file,
-        "ssl_keyfile": settings.http_tls_key_file,
-    }
-    if settings.http_tls_client_ca_file:
-        options["ssl_ca_certs"] = settings.http_tls_client_ca_file
-        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-    return options
 
 
 def server_config(settings: BridgeSettings, **overrides: Any) -> uvicorn.Config:

@@ -135,7 +135,7 @@ class BridgeSettings(BaseSettings):
         gt=0,
         description="Time a connection has to send a whole request line and headers, from when"
         " it opens or its next request's first byte, seconds; then it is closed (408 if it had"
-        " sent part of them).",
+        " sent part of them). Over HTTPS, also the time its TLS handshake may take.",
     )
     keep_alive_timeout_seconds: float = Field(
         5.0,

@@ -36,9 +36,10 @@ import asyncio
 import logging
 import math
 import resource
+import ssl
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -89,7 +90,14 @@ def ws_connection_cap(settings: BridgeSettings) -> int:
 class ConnectionGuard:
     """The connection bounds of one bridge process, and which connections are idle."""
 
-    def __init__(self, settings: BridgeSettings, registry: CollectorRegistry | None) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        registry: CollectorRegistry | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.tls = tls
+        """The bridge's own TLS (rest_bridge.https), or None for plain HTTP."""
         self.max_connections = connection_cap(settings.max_connections)
         if self.max_connections < settings.max_connections:
             log.warning(
@@ -117,6 +125,8 @@ class ConnectionGuard:
         self._idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
         # Connections closed here whose descriptors are not released yet.
         self._closing: set[GuardedHttpToolsProtocol] = set()
+        # HTTPS connections still in their TLS handshake, the oldest first (rest_bridge.https).
+        self._shaking: OrderedDict[Handshake, None] = OrderedDict()
         self.lingering = 0
         self._unlogged: dict[str, int] = {}
         self._logged_at = -math.inf
@@ -124,17 +134,44 @@ class ConnectionGuard:
 
     def admit(self, new: GuardedHttpToolsProtocol, connections: set[Any]) -> bool:
         """Make room for ``new`` (already in ``connections``); False when it must be refused."""
-        excess = len(connections) - len(self._closing) - self.max_connections
-        while excess > 0 and self._idle:
-            victim, _ = self._idle.popitem(last=False)
-            self.closing(victim)
-            victim.transport.close()
-            self.note(EVICTED)
-            excess -= 1
-        if excess > 0:
+        if not self._make_room(connections, None):
             return False
         self.idle(new)
         return True
+
+    def admit_handshake(self, new: Handshake, connections: set[Any]) -> bool:
+        """Count ``new``, an HTTPS connection starting its TLS handshake, making room for it
+        as for any; False when it must be refused."""
+        self._shaking[new] = None
+        if self._make_room(connections, new):
+            return True
+        self._shaking.pop(new, None)
+        return False
+
+    def shaken(self, connection: Handshake) -> None:
+        """``connection``'s handshake is over (done, failed or cut): no longer counted here."""
+        self._shaking.pop(connection, None)
+
+    def _make_room(self, connections: set[Any], keep: Handshake | None) -> bool:
+        """Close connections until the count is within the cap: those still in their TLS
+        handshake first (the oldest first, never ``keep``: the cheapest to lose, and what a
+        flood of sockets that never speak looks like), then the longest idle."""
+        excess = len(connections) + len(self._shaking) - len(self._closing) - self.max_connections
+        while excess > 0 and self._shaking:
+            victim = next(iter(self._shaking))
+            if victim is keep:
+                break
+            del self._shaking[victim]
+            victim.cut()
+            self.note(EVICTED)
+            excess -= 1
+        while excess > 0 and self._idle:
+            idle, _ = self._idle.popitem(last=False)
+            self.closing(idle)
+            idle.transport.close()
+            self.note(EVICTED)
+            excess -= 1
+        return excess <= 0
 
     def idle(self, connection: GuardedHttpToolsProtocol) -> None:
         """``connection`` has no request in progress (from now: it goes last in line)."""
@@ -181,6 +218,13 @@ class ConnectionGuard:
         )
 
 
+class Handshake(Protocol):
+    """An HTTPS connection in its TLS handshake, as the guard sees it (rest_bridge.https)."""
+
+    def cut(self) -> None:
+        """Close it now, handshake unfinished."""
+
+
 def _guard_of(app: Any) -> ConnectionGuard:
     """The guard of the bridge app uvicorn serves (through any middleware it wrapped it in)."""
     while app is not None:
@@ -207,8 +251,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        self.handshake: Handshake | None = None
+        """The TLS in front of it (rest_bridge.https), counted by the guard until now."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.handshake is not None:
+            self.guard.shaken(self.handshake)  # from here on it is an HTTP connection
         super().connection_made(transport)
         if not self.guard.admit(self, self.connections):
             self._refuse(

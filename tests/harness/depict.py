@@ -79,10 +79,14 @@ class TlsBridge(UvicornThread):
     """The real bridge app served by uvicorn over TLS (HTTPS and WSS) on a free loopback port."""
 
     def __init__(self, settings: BridgeSettings, certificate: Certificate) -> None:
-        self.settings = settings
-        super().__init__(
-            settings, ssl_certfile=str(certificate.certfile), ssl_keyfile=str(certificate.keyfile)
+        self.settings = BridgeSettings.model_validate(
+            {
+                **dict(settings),
+                "http_tls_cert_file": str(certificate.certfile),
+                "http_tls_key_file": str(certificate.keyfile),
+            }
         )
+        super().__init__(self.settings)
 
 
 class StorefrontServer(StaticSite):

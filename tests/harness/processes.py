@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -167,10 +168,13 @@ class BridgeProcess(Child):
         log_path: Path | None = None,
         *extra: str,
         env: dict[str, str] | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(log_path)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify
+        """The client context that trusts its certificate, when it serves HTTPS."""
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         self.argv = ["--port", str(self.port), "--grpc-target", grpc_target, *extra]
         self.env = env
 
@@ -182,7 +186,7 @@ class BridgeProcess(Child):
         """Whether ``path`` answers 200 within ``within`` seconds (False once it has exited)."""
         assert self.proc is not None
         deadline = time.monotonic() + within
-        while not http_ok(f"{self.url}{path}"):
+        while not http_ok(f"{self.url}{path}", self.verify):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -197,10 +201,10 @@ class BridgeProcess(Child):
         assert ready, f"rest-bridge did not start; see {self.log_path}"
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, verify: ssl.SSLContext | None = None) -> bool:
     """Whether GET ``url`` answers 200 right now."""
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return httpx.get(url, timeout=1, verify=verify or True).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -126,15 +126,16 @@ def serving_stub(
 
 
 class UvicornThread:
-    """The real bridge app served by uvicorn on a free loopback port (HTTPS when given
-    ``ssl_certfile`` and ``ssl_keyfile``)."""
+    """The real bridge app served by uvicorn on a free loopback port (HTTPS when the
+    settings have a certificate)."""
 
-    def __init__(self, settings: BridgeSettings, **tls: str) -> None:
+    def __init__(self, settings: BridgeSettings) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(settings, **tls))
+        scheme = "https" if settings.http_tls_cert_file else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(settings))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

@@ -13,6 +13,7 @@ import gzip
 import os
 import shutil
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import trustme
 
 from rest_bridge.errors import MAX_422_BYTES, MAX_LISTED_ERRORS, TOO_MANY_ERRORS
 from rest_bridge.ingest import validate_body, validate_large_body
@@ -30,6 +32,7 @@ from rest_bridge.responses import Reply
 from tests.harness.metrics import scrape, value
 from tests.harness.processes import BridgeProcess
 from tests.harness.servers import bridged
+from tests.harness.tls import ca_file, https_context, issue
 
 NOFILE = 1024
 ACCEPTANCE_SECONDS = 2.0
@@ -59,11 +62,39 @@ def limited(grpc_target: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     bridge.stop()
 
 
-def legit(url: str, api_key: str) -> tuple[int, float]:
+@pytest.fixture(scope="module")
+def limited_https(
+    grpc_target: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LimitedBridge]:
+    """The same bridge serving HTTPS (its own TLS, see rest_bridge.https)."""
+    directory = Path(tmp_path_factory.mktemp("limited-https"))
+    ca = trustme.CA()
+    server = issue(ca, directory, "server", "127.0.0.1")
+    bridge = LimitedBridge(
+        grpc_target,
+        directory / "bridge.log",
+        "--log-level",
+        "WARNING",
+        "--http-tls-cert-file",
+        str(server.cert),
+        "--http-tls-key-file",
+        str(server.key),
+        verify=https_context(ca_file(ca, directory / "ca.pem")),
+    )
+    bridge.start()
+    yield bridge
+    bridge.stop()
+
+
+def legit(url: str, api_key: str, verify: ssl.SSLContext | None = None) -> tuple[int, float]:
     """One legitimate one-event POST on a new connection: its status and how long it took."""
     started = time.monotonic()
     answer = httpx.post(
-        f"{url}/create-events", json=[EVENT], headers={"x-api-key": api_key}, timeout=10
+        f"{url}/create-events",
+        json=[EVENT],
+        headers={"x-api-key": api_key},
+        timeout=10,
+        verify=verify or True,
     )
     return answer.status_code, time.monotonic() - started
 
@@ -227,6 +258,25 @@ def test_1100_idle_sockets_under_a_1024_descriptor_limit_leave_legit_requests_se
     samples = scrape(f"{limited.url}/metrics")
     assert value(samples, "events_http_connections_closed_total", reason="evicted") >= 1
     assert "max_connections=896 reached" in limited.log()
+
+
+def test_1100_sockets_that_never_say_hello_leave_https_requests_served(
+    limited_https: LimitedBridge, api_key: str
+) -> None:
+    # Before its handshake a TLS connection was invisible to the bounds, for up to the
+    # event loop's 60 s handshake timeout.
+    bridge = limited_https
+    held: list[socket.socket] = []
+    try:
+        for _ in range(1100):
+            held.append(socket.create_connection(("127.0.0.1", bridge.port), timeout=5))
+        results = [legit(bridge.url, api_key, bridge.verify) for _ in range(5)]
+    finally:
+        for sock in held:
+            sock.close()
+    assert served_in_time(results), results
+    samples = scrape(f"{bridge.url}/metrics", verify=bridge.verify)
+    assert value(samples, "events_http_connections_closed_total", reason="evicted") >= 1
 
 
 @pytest.mark.parametrize("size", [1_000_000, 64_000_000], ids=["1MB", "64MB"])
