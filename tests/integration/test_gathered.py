@@ -205,19 +205,27 @@ def test_the_bridge_gathers_concurrent_requests(
 POST_200 = {"route": "/create-events", "method": "POST", "status": "200"}
 
 
+def gatherer_on(
+    channel: grpc.aio.Channel, max_requests: int, large_bytes: int = 1 << 62
+) -> Gatherer:
+    """A bridge's gatherer on ``channel``: one call out at a time, up to 1 MiB a call."""
+    return Gatherer(
+        lambda: events_pb2_grpc.BridgeIngestStub(channel),
+        lambda: events_pb2_grpc.EventsServiceStub(channel),
+        timeout_seconds=10,
+        max_calls=1,
+        max_requests=max_requests,
+        max_bytes=1 << 20,
+        large_bytes=large_bytes,
+    )
+
+
 def test_a_lone_request_leaves_at_once_and_later_ones_wait_for_the_call_out(
     loop: LoopThread, grpc_target: str, api_key: str, rdb: redis.Redis
 ) -> None:
     async def scenario() -> tuple[tuple[int, int], int, int, int]:
         async with grpc.aio.insecure_channel(grpc_target) as channel:
-            gatherer = Gatherer(
-                lambda: events_pb2_grpc.BridgeIngestStub(channel),
-                lambda: events_pb2_grpc.EventsServiceStub(channel),
-                timeout_seconds=10,
-                max_calls=1,
-                max_requests=64,
-                max_bytes=1 << 20,
-            )
+            gatherer = gatherer_on(channel, max_requests=64)
             metadata = (("x-api-key", api_key),)
             request = pb.CreateEventsRequest(events=[ev()])
             first = asyncio.create_task(gatherer.create_events(request, metadata))
@@ -243,15 +251,7 @@ def test_large_requests_waiting_send_a_second_call_while_the_first_is_out(
 ) -> None:
     async def scenario() -> tuple[int, int]:
         async with grpc.aio.insecure_channel(grpc_target) as channel:
-            gatherer = Gatherer(
-                lambda: events_pb2_grpc.BridgeIngestStub(channel),
-                lambda: events_pb2_grpc.EventsServiceStub(channel),
-                timeout_seconds=10,
-                max_calls=1,
-                max_requests=2,
-                max_bytes=1 << 20,
-                large_bytes=4096,
-            )
+            gatherer = gatherer_on(channel, max_requests=2, large_bytes=4096)
             metadata = (("x-api-key", api_key),)
             big = pb.CreateEventsRequest(
                 events=[ev(url="u" * 3000, user_id=f"b{n}") for n in range(2)]
