@@ -1,7 +1,8 @@
 """A flooding caller, as its own process: ``python -m tests.harness.flood TARGET KEY SECONDS N``.
 
 N concurrent grpc.aio callers send 10-event CreateEvents calls back to back with one key
-until SECONDS have passed, then print how the calls ended as JSON ({code: count}).
+until SECONDS have passed, then print how the calls ended as JSON ({code: count}). A
+line "ready" comes first, once the process is up and connected, right before the flood.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ async def flood(target: str, key: str, seconds: float, callers: int) -> dict[str
         ]
     )
     codes: dict[str, int] = {}
-    end = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(target) as channel:
         stub = events_pb2_grpc.EventsServiceStub(channel)
+        await channel.channel_ready()
+        # Started and connected: what comes next is the flood itself.
+        print("ready", flush=True)
+        end = time.monotonic() + seconds
 
         async def caller() -> None:
             while time.monotonic() < end:

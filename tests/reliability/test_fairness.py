@@ -24,6 +24,13 @@ from tests.harness.streams import Queue
 
 Figures = Callable[[str], None]
 
+RATE = 40
+"""The light tenant's calls per second: 400 in each 10 s window, so that its p99 is the
+fifth slowest call, not the second (one stall of the box would decide it)."""
+
+ONSET_SECONDS = 3
+"""The flood's start (see the test), measured apart."""
+
 
 def light_traffic(target: str, key: str, seconds: float, rate: float) -> tuple[list[float], int]:
     """Calls at ``rate`` per second for ``seconds``: their latencies, and how many failed."""
@@ -66,26 +73,31 @@ def test_a_flooding_key_leaves_another_tenant_its_latency(
     server = ServerProcess(env, tmp_path / "server.log")
     target = server.start()
     try:
-        light_traffic(target, light, 1, 20)  # warm up
-        baseline, baseline_errors = light_traffic(target, light, 10, 20)
+        light_traffic(target, light, 1, RATE)  # warm up
+        baseline, baseline_errors = light_traffic(target, light, 10, RATE)
         flood = subprocess.Popen(
             [sys.executable, "-m", "tests.harness.flood", target, flooder, "12", "100"],
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.0)  # the flood is in full swing
-        during, during_errors = light_traffic(target, light, 10, 20)
+        assert flood.stdout is not None
+        assert flood.stdout.readline() == "ready\n"  # its start-up is not the flood
+        beside, during_errors = light_traffic(target, light, 11, RATE)
         out, _ = flood.communicate(timeout=60)
     finally:
         server.stop()
     flood_codes = json.loads(out)
+    # Its first seconds are the flood's onset: a hundred calls at once, then the key's
+    # burst (2 s of its rate) admitted as fast as it comes. Reported; the bound is on the
+    # flood in full swing, shed to its rate, after that.
+    onset, during = beside[: ONSET_SECONDS * RATE], beside[ONSET_SECONDS * RATE :]
     base_p99, flood_p99 = percentile(baseline, 99), percentile(during, 99)
     figures(
-        f"light tenant 20 req/s: p50 {percentile(baseline, 50) * 1000:.1f} ms, p99"
+        f"light tenant {RATE} req/s: p50 {percentile(baseline, 50) * 1000:.1f} ms, p99"
         f" {base_p99 * 1000:.1f} ms alone; p50 {percentile(during, 50) * 1000:.1f} ms, p99"
-        f" {flood_p99 * 1000:.1f} ms"
-        f" beside 100 flooding callers of one key ({flood_codes}); light errors"
-        f" {baseline_errors}+{during_errors}"
+        f" {flood_p99 * 1000:.1f} ms beside 100 flooding callers of one key"
+        f" ({flood_codes}), p99 {percentile(onset, 99) * 1000:.1f} ms in the flood's first"
+        f" {ONSET_SECONDS} s; light errors {baseline_errors}+{during_errors}"
     )
     assert baseline_errors == during_errors == 0
     # The flood is shed: its key got its rate (200/s over 12 s, plus a 2 s burst) and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -35,6 +37,7 @@ class CachedLookup(Generic[T]):
         # the second, so the names in real use stay cached whatever it sends.
         self._found: dict[str, tuple[float, T | None]] = {}
         self._missing: dict[str, tuple[float, T | None]] = {}
+        self._pending: dict[str, asyncio.Future[T | None]] = {}
 
     async def __call__(self, name: str, *, fetch: bool = True) -> T | None:
         """The answer for ``name``; without ``fetch``, only a cached one (else None)."""
@@ -44,6 +47,16 @@ class CachedLookup(Generic[T]):
             return cached[1]
         if not fetch:
             return None
+        # One lookup per name at a time: a hundred calls of a key arriving together (a
+        # client's start, or every call once its cache entry expires) share one.
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = asyncio.ensure_future(self._look_up(name))
+            pending.add_done_callback(functools.partial(self._landed, name))
+        # Shielded: one caller giving up (its deadline) does not cancel the others' lookup.
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, name: str) -> T | None:
         try:
             found = await self._fetch(name)
         except RedisError as error:
@@ -55,5 +68,11 @@ class CachedLookup(Generic[T]):
             cache.clear()
         self._found.pop(name, None)
         self._missing.pop(name, None)
-        cache[name] = (now + self._ttl, found)
+        cache[name] = (time.monotonic() + self._ttl, found)
         return found
+
+    def _landed(self, name: str, lookup: asyncio.Future[T | None]) -> None:
+        if self._pending.get(name) is lookup:
+            del self._pending[name]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: every caller may have given up waiting
