@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,26 @@ def refused(target: str, **options: object) -> UnavailableError:
     return caught.value
 
 
+@contextmanager
+def bridge_named_server(loop: LoopThread, settings: Settings, pki: Pki) -> Iterator[str]:
+    """A mutual-TLS server that knows the bridge by BRIDGE_NAME, STOREFRONT registered for
+    shop-a; its address."""
+    register_storefront(settings, "shop-a", STOREFRONT)
+    named = tls_settings(settings, pki, mutual=True, tls_bridge_names=(BRIDGE_NAME,))
+    with serving(loop, named) as (_, target):
+        yield target
+
+
+@contextmanager
+def service_channel(target: str, pki: Pki) -> Iterator[grpc.Channel]:
+    """A channel with another service's client certificate: good, but not the bridge's."""
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca.read_bytes(), pki.service.key.read_bytes(), pki.service.cert.read_bytes()
+    )
+    with grpc.secure_channel(target, credentials) as channel:
+        yield channel
+
+
 # --- gRPC ------------------------------------------------------------------------------
 
 
@@ -174,14 +195,9 @@ def test_a_client_certificate_needs_its_key(pki: Pki) -> None:
 def test_with_mutual_tls_only_the_bridge_certificate_is_the_bridge(  # noqa: PLR0917 (fixtures)
     loop: LoopThread, settings: Settings, pki: Pki, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    register_storefront(settings, "shop-a", STOREFRONT)
-    named = tls_settings(settings, pki, mutual=True, tls_bridge_names=(BRIDGE_NAME,))
-    with serving(loop, named) as (_, target):
+    with bridge_named_server(loop, settings, pki) as target:
         # Another service: its certificate is good, but it is not the bridge.
-        credentials = grpc.ssl_channel_credentials(
-            pki.ca.read_bytes(), pki.service.key.read_bytes(), pki.service.cert.read_bytes()
-        )
-        with grpc.secure_channel(target, credentials) as channel:
+        with service_channel(target, pki) as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 events_pb2_grpc.RejectedEventsStub(channel).Record(
                     pb.RejectedRequest(tenants=["t"], payload=b"[]", payload_size=2),
@@ -236,22 +252,19 @@ def test_over_mutual_tls_a_keyless_caller_that_is_not_the_bridge_is_unauthentica
 ) -> None:
     # A good certificate, but not the bridge's: the storefront origin it names is dropped,
     # which leaves the call with no credential at all.
-    register_storefront(settings, "shop-a", STOREFRONT)
-    named = tls_settings(settings, pki, mutual=True, tls_bridge_names=(BRIDGE_NAME,))
-    with serving(loop, named) as (_, target):
-        credentials = grpc.ssl_channel_credentials(
-            pki.ca.read_bytes(), pki.service.key.read_bytes(), pki.service.cert.read_bytes()
-        )
-        with grpc.secure_channel(target, credentials) as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                events_pb2_grpc.EventsServiceStub(channel).CreateEvents(
-                    pb.CreateEventsRequest(
-                        events=[pb.Event(tenant="shop-a", market="us", type=pb.EVENT_TYPE_CLICK)]
-                    ),
-                    metadata=(("grpcgateway-origin", STOREFRONT),),
-                    timeout=5,
-                )
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with (
+        bridge_named_server(loop, settings, pki) as target,
+        service_channel(target, pki) as channel,
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            events_pb2_grpc.EventsServiceStub(channel).CreateEvents(
+                pb.CreateEventsRequest(
+                    events=[pb.Event(tenant="shop-a", market="us", type=pb.EVENT_TYPE_CLICK)]
+                ),
+                metadata=(("grpcgateway-origin", STOREFRONT),),
+                timeout=5,
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert envelopes(rdb, keys) == []
 
 
