@@ -243,7 +243,7 @@ async def create_server(
     # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw
     # request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
-    gathered = GatheredService(events, metrics, settings.log_client_ip, settings.forwarded_hops)
+    gathered = GatheredService(events, metrics, settings.log_client_ip)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

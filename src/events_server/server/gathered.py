@@ -37,7 +37,7 @@ from events_server.server.access import access_line
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import NO_EVENTS, EventsService, Passage, client_ip
+from events_server.server.service import NO_EVENTS, EventsService, Passage
 from events_server.server.status import QUIET_CODES, abort, grpc_status
 from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
 from events_server.wire.violations import FieldViolation
@@ -63,12 +63,10 @@ class GatheredService:
         events: EventsService,
         metrics: ServerMetrics,
         ip_mode: IpMode,
-        forwarded_hops: int,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self._ip_mode = ip_mode
-        self._hops = forwarded_hops
 
     async def CreateEventsGathered(
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
@@ -170,9 +168,7 @@ class GatheredService:
                     events=None if passage.request is NO_EVENTS else len(passage.request.events),
                     response=passage.reply,
                     metadata=metadata,
-                    client=client_ip_for_log(
-                        client_ip(metadata, passage.peer, self._hops), self._ip_mode
-                    ),
+                    client=client_ip_for_log(passage.client_ip, self._ip_mode),
                     gathered=gathered,
                 )
         finally:

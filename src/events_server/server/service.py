@@ -121,6 +121,7 @@ class Passage:
     __slots__ = (
         "caller",
         "charge",
+        "client_ip",
         "error",
         "items",
         "metadata",
@@ -154,6 +155,8 @@ class Passage:
         self.request = NO_EVENTS
         self.request_id: str | None = None
         """Its request id, once checked (gathered sub-requests: see ``gathered``)."""
+        self.client_ip = ""
+        """The client's address (see ``client_ip``), once admitted."""
         self.caller: Caller | None = None
         self.items: list[Item] = []
         self.reply: pb.CreateEventsResponse | None = None
@@ -244,13 +247,12 @@ class EventsService:
         First of all, its size: one over max_request_bytes is refused as gRPC would refuse
         it (gRPC's own bound is higher, to let the bridge's gathered calls in).
         """
+        metadata = passage.metadata
+        passage.client_ip = client_ip(metadata, passage.peer, self._forwarded_hops)
         if len(passage.raw) > self._max_request_bytes:
             raise RequestTooLarge(len(passage.raw), self._max_request_bytes)
-        metadata = passage.metadata
         passage.caller = await self._auth.admit(
-            metadata.get(MD_API_KEY),
-            metadata.get(MD_ORIGIN),
-            client_ip(metadata, passage.peer, self._forwarded_hops),
+            metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN), passage.client_ip
         )
         return passage.caller
 
@@ -284,7 +286,7 @@ class EventsService:
         metadata = passage.metadata
         shared = pb.Envelope(
             received_at=passage.received_at,
-            client_ip=client_ip(metadata, passage.peer, self._forwarded_hops),
+            client_ip=passage.client_ip,
             user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
             referer=metadata.get(MD_REFERER),
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
