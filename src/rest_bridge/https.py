@@ -24,7 +24,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from rest_bridge.config import BridgeSettings
-from rest_bridge.connections import ConnectionGuard, GuardedHttpToolsProtocol
+from rest_bridge.connections import REFUSED, ConnectionGuard, GuardedHttpToolsProtocol
 
 
 def server_context(settings: BridgeSettings) -> ssl.SSLContext | None:
@@ -70,7 +70,7 @@ class GuardedTlsProtocol(SSLProtocol):
         self._raw = transport
         if not self._guard.admit_handshake(self, self._http.connections):
             # Nothing to answer with before TLS: the socket is closed, and counted.
-            self._guard.note("refused")
+            self._guard.note(REFUSED)
             transport.abort()
             return
         super().connection_made(transport)

@@ -72,7 +72,6 @@ class CachedLookup(Generic[T]):
         return found
 
     def _landed(self, name: str, lookup: asyncio.Future[T | None]) -> None:
-        if self._pending.get(name) is lookup:
-            del self._pending[name]
+        del self._pending[name]
         if not lookup.cancelled():
             lookup.exception()  # retrieved: every caller may have given up waiting
