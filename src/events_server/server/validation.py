@@ -13,13 +13,15 @@ from events_server.wire.validation import Limits, event_violations
 from events_server.wire.violations import FieldViolation
 
 
-def too_many(count: int, limits: Limits) -> InvalidEvents:
-    """The refusal of a request with more events than allowed."""
+def too_many(count: int, limits: Limits, *, counted_up_to: bool = False) -> InvalidEvents:
+    """The refusal of a request with more events than allowed: ``count`` of them, or, when
+    ``counted_up_to``, more than ``count`` (counting stopped there)."""
+    held = f"more than {count}" if counted_up_to else str(count)
     return InvalidEvents(
         [
             FieldViolation(
                 "events",
-                f"the request has {count} events; at most"
+                f"the request has {held} events; at most"
                 f" {limits.max_events_per_request} are allowed (max_events_per_request)",
                 "too_many_events",
             )
@@ -99,7 +101,7 @@ def parse_request(raw: bytes, limits: Limits) -> pb.CreateEventsRequest:
     ceiling = PARSED_MULTIPLE * limits.max_events_per_request
     spans = event_spans(raw, ceiling)
     if spans is None:
-        raise too_many_at_least(ceiling, limits)
+        raise too_many(ceiling, limits, counted_up_to=True)
     try:
         request = pb.CreateEventsRequest.FromString(raw)
     except DecodeError:
@@ -115,20 +117,6 @@ def parse_request(raw: bytes, limits: Limits) -> pb.CreateEventsRequest:
         raise InvalidEvents(bad) from None
     request.DiscardUnknownFields()
     return request
-
-
-def too_many_at_least(count: int, limits: Limits) -> InvalidEvents:
-    """The refusal of a request found, by counting, to hold more than ``count`` events."""
-    return InvalidEvents(
-        [
-            FieldViolation(
-                "events",
-                f"the request has more than {count} events; at most"
-                f" {limits.max_events_per_request} are allowed (max_events_per_request)",
-                "too_many_events",
-            )
-        ]
-    )
 
 
 def _why(error: DecodeError) -> str:
