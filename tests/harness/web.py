@@ -1,4 +1,5 @@
-"""HTTP to the bridge: keyed clients, bytes POSTed with exact headers, padded bodies, bombs."""
+"""HTTP to the bridge: keyed clients, bytes POSTed with exact headers, padded bodies, bombs,
+the CORS headers of an answer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from typing import Any
 import httpx
 
 URL = "/create-events"
+
+
+def cors_headers(answer: httpx.Response) -> dict[str, str]:
+    """The answer's CORS headers (and Vary)."""
+    return {
+        name: value
+        for name, value in answer.headers.items()
+        if name.startswith("access-control-") or name == "vary"
+    }
 
 
 def keyed_client(base_url: str, api_key: str) -> httpx.Client:

@@ -23,6 +23,7 @@ from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from tests.harness.processes import run_events_server
 from tests.harness.streams import queued
+from tests.harness.web import cors_headers
 
 URL = "/create-events"
 TENANT = "shop-b"
@@ -43,15 +44,6 @@ BEACON_TYPES = {
     "Blob application/x-www-form-urlencoded": "application/x-www-form-urlencoded",
     "string": "text/plain;charset=UTF-8",
 }
-
-
-def cors_headers(answer: httpx.Response) -> dict[str, str]:
-    """The answer's CORS headers (and Vary)."""
-    return {
-        name: value
-        for name, value in answer.headers.items()
-        if name.startswith("access-control-") or name == "vary"
-    }
 
 
 @pytest.fixture

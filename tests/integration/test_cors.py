@@ -26,6 +26,7 @@ from tests.harness.keys import create_key
 from tests.harness.servers import LoopThread, bridged, lonely_bridge, serving
 from tests.harness.streams import queued
 from tests.harness.waiting import eventually
+from tests.harness.web import cors_headers
 
 URL = "/create-events"
 ALLOWED = "https://allowed.example"
@@ -93,15 +94,6 @@ def preflight(client: httpx.Client, origin: str, **params: str) -> httpx.Respons
             "Access-Control-Request-Headers": "content-type,x-api-key",
         },
     )
-
-
-def cors_headers(answer: httpx.Response) -> dict[str, str]:
-    """The answer's CORS headers (and Vary)."""
-    return {
-        name: value
-        for name, value in answer.headers.items()
-        if name.startswith("access-control-") or name == "vary"
-    }
 
 
 # --- preflights ---------------------------------------------------------------------------
