@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	BUF=$(BIN)/buf scripts/proto_compat.sh
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .

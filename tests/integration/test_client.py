@@ -136,6 +136,12 @@ class Refusing(events_pb2_grpc.EventsServiceServicer):
         await context.abort(self.code, "no")
         raise AssertionError("abort raises")
 
+    async def Track(
+        self, request: pb.TrackRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        await context.abort(self.code, "no")
+        raise AssertionError("abort raises")
+
 
 @pytest.mark.parametrize(
     ("code", "kind"),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65vents_server/pb/events.proto\x12\tevents.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x08\n\x05\x45vent\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06market\x18\x02 \x01(\t\x12\x1d\n\x10\x64\x65\x64uplication_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x04type\x18\x04 \x01(\x0e\x32\x14.events.v1.EventType\x12\x14\n\x07user_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x11\n\x04\x64sid\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1a\n\rab_test_group\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x17\n\nproduct_id\x18\t \x01(\tH\x05\x88\x01\x01\x12\x13\n\x0bvariant_ids\x18\n \x03(\t\x12\x43\n\x12\x65ntity_identifiers\x18\x0b \x03(\x0b\x32\'.events.v1.Event.EntityIdentifiersEntry\x12\x10\n\x03url\x18\x0c \x01(\tH\x06\x88\x01\x01\x12\x19\n\x0c\x65ntity_price\x18\r \x01(\tH\x07\x88\x01\x01\x12\x15\n\x08\x63urrency\x18\x0e \x01(\tH\x08\x88\x01\x01\x12\x1e\n\x11\x64ocument_referrer\x18\x0f \x01(\tH\t\x88\x01\x01\x12\x1b\n\x0e\x64ocument_width\x18\x10 \x01(\tH\n\x88\x01\x01\x12\x1b\n\x0e\x61ttribution_id\x18\x11 \x01(\tH\x0b\x88\x01\x01\x12\x1e\n\x11recommendation_id\x18\x12 \x01(\tH\x0c\x88\x01\x01\x12\x1d\n\x10search_result_id\x18\x13 \x01(\tH\r\x88\x01\x01\x12&\n\x19product_listing_result_id\x18\x14 \x01(\tH\x0e\x88\x01\x01\x12\x1b\n\x0e\x63lick_location\x18\x15 \x01(\tH\x0f\x88\x01\x01\x12\x15\n\x08page_url\x18\x16 \x01(\tH\x10\x88\x01\x01\x12 \n\x13recommendation_type\x18\x17 \x01(\tH\x11\x88\x01\x01\x1a\x38\n\x16\x45ntityIdentifiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_deduplication_idB\n\n\x08_user_idB\r\n\x0b_session_idB\x07\n\x05_dsidB\x10\n\x0e_ab_test_groupB\r\n\x0b_product_idB\x06\n\x04_urlB\x0f\n\r_entity_priceB\x0b\n\t_currencyB\x14\n\x12_document_referrerB\x11\n\x0f_document_widthB\x11\n\x0f_attribution_idB\x14\n\x12_recommendation_idB\x13\n\x11_search_result_idB\x1c\n\x1a_product_listing_result_idB\x11\n\x0f_click_locationB\x0b\n\t_page_urlB\x16\n\x14_recommendation_type\"7\n\x13\x43reateEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.events.v1.Event\"\xae\x01\n\x0b\x45ventResult\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.events.v1.EventResult.Status\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\"K\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATUS_ACCEPTED\x10\x01\x12\x14\n\x10STATUS_DUPLICATE\x10\x02\"e\n\x14\x43reateEventsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.events.v1.EventResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\":\n\x0fGatheredRequest\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.events.v1.SubRequest\"\xc6\x01\n\nSubRequest\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x35\n\x08metadata\x18\x02 \x03(\x0b\x32#.events.v1.SubRequest.MetadataEntry\x12\x1a\n\rws_message_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\twaited_us\x18\x04 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_ws_message_id\"=\n\x10GatheredResponse\x12)\n\tresponses\x18\x01 \x03(\x0b\x32\x16.events.v1.SubResponse\"\x9b\x01\n\x0bSubResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.events.v1.CreateEventsResponse\x12$\n\x08trailers\x18\x04 \x03(\x0b\x32\x12.events.v1.Trailer\x12\x14\n\x0chold_seconds\x18\x05 \x01(\x01\"%\n\x07Trailer\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xe1\x02\n\x08\x45nvelope\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.events.v1.Event\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12\x17\n\nuser_agent\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07referer\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x1b\n\x0e\x66orwarded_host\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1e\n\x11storefront_origin\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x1a\n\rws_message_id\x18\t \x01(\tH\x04\x88\x01\x01\x42\r\n\x0b_user_agentB\n\n\x08_refererB\x11\n\x0f_forwarded_hostB\x14\n\x12_storefront_originB\x10\n\x0e_ws_message_id\"s\n\x0fRejectedRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.events.v1.RejectedField\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\x04 \x01(\x04\"C\n\rRejectedField\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x18\n\x16RecordRejectedResponse\"$\n\x12OriginCheckRequest\x12\x0e\n\x06origin\x18\x01 \x01(\t\";\n\x13OriginCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0b\x63redentials\x18\x02 \x01(\x08*\xee\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_TYPE_PAGE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x1e\n\x1a\x45VENT_TYPE_ELEMENT_VISIBLE\x10\x05\x12\x17\n\x13\x45VENT_TYPE_WS_CLICK\x10\x06\x12\'\n#EVENT_TYPE_RECOMMENDATIONS_INSERTED\x10\x07\x32`\n\rEventsService\x12O\n\x0c\x43reateEvents\x12\x1e.events.v1.CreateEventsRequest\x1a\x1f.events.v1.CreateEventsResponse2_\n\x0c\x42ridgeIngest\x12O\n\x14\x43reateEventsGathered\x12\x1a.events.v1.GatheredRequest\x1a\x1b.events.v1.GatheredResponse2Y\n\x0eRejectedEvents\x12G\n\x06Record\x12\x1a.events.v1.RejectedRequest\x1a!.events.v1.RecordRejectedResponse2Q\n\x07Origins\x12\x46\n\x05\x43heck\x12\x1d.events.v1.OriginCheckRequest\x1a\x1e.events.v1.OriginCheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65vents_server/pb/events.proto\x12\tevents.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x08\n\x05\x45vent\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06market\x18\x02 \x01(\t\x12\x1d\n\x10\x64\x65\x64uplication_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x04type\x18\x04 \x01(\x0e\x32\x14.events.v1.EventType\x12\x14\n\x07user_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x11\n\x04\x64sid\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1a\n\rab_test_group\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x17\n\nproduct_id\x18\t \x01(\tH\x05\x88\x01\x01\x12\x13\n\x0bvariant_ids\x18\n \x03(\t\x12\x43\n\x12\x65ntity_identifiers\x18\x0b \x03(\x0b\x32\'.events.v1.Event.EntityIdentifiersEntry\x12\x10\n\x03url\x18\x0c \x01(\tH\x06\x88\x01\x01\x12\x19\n\x0c\x65ntity_price\x18\r \x01(\tH\x07\x88\x01\x01\x12\x15\n\x08\x63urrency\x18\x0e \x01(\tH\x08\x88\x01\x01\x12\x1e\n\x11\x64ocument_referrer\x18\x0f \x01(\tH\t\x88\x01\x01\x12\x1b\n\x0e\x64ocument_width\x18\x10 \x01(\tH\n\x88\x01\x01\x12\x1b\n\x0e\x61ttribution_id\x18\x11 \x01(\tH\x0b\x88\x01\x01\x12\x1e\n\x11recommendation_id\x18\x12 \x01(\tH\x0c\x88\x01\x01\x12\x1d\n\x10search_result_id\x18\x13 \x01(\tH\r\x88\x01\x01\x12&\n\x19product_listing_result_id\x18\x14 \x01(\tH\x0e\x88\x01\x01\x12\x1b\n\x0e\x63lick_location\x18\x15 \x01(\tH\x0f\x88\x01\x01\x12\x15\n\x08page_url\x18\x16 \x01(\tH\x10\x88\x01\x01\x12 \n\x13recommendation_type\x18\x17 \x01(\tH\x11\x88\x01\x01\x1a\x38\n\x16\x45ntityIdentifiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_deduplication_idB\n\n\x08_user_idB\r\n\x0b_session_idB\x07\n\x05_dsidB\x10\n\x0e_ab_test_groupB\r\n\x0b_product_idB\x06\n\x04_urlB\x0f\n\r_entity_priceB\x0b\n\t_currencyB\x14\n\x12_document_referrerB\x11\n\x0f_document_widthB\x11\n\x0f_attribution_idB\x14\n\x12_recommendation_idB\x13\n\x11_search_result_idB\x1c\n\x1a_product_listing_result_idB\x11\n\x0f_click_locationB\x0b\n\t_page_urlB\x16\n\x14_recommendation_type\"7\n\x13\x43reateEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.events.v1.Event\"\xae\x01\n\x0b\x45ventResult\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.events.v1.EventResult.Status\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\"K\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATUS_ACCEPTED\x10\x01\x12\x14\n\x10STATUS_DUPLICATE\x10\x02\"e\n\x14\x43reateEventsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.events.v1.EventResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"h\n\x10PurchasedProduct\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x16\n\x0cprice_number\x18\x02 \x01(\tH\x00\x12\x14\n\nprice_text\x18\x03 \x01(\tH\x00\x12\x10\n\x08quantity\x18\x04 \x01(\x04\x42\x07\n\x05price\"\xe9\x01\n\x08Purchase\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06market\x18\x02 \x01(\t\x12\x14\n\x07user_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nsession_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04\x64sid\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x16\n\x0etransaction_id\x18\x06 \x01(\t\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12-\n\x08products\x18\x08 \x03(\x0b\x32\x1b.events.v1.PurchasedProductB\n\n\x08_user_idB\r\n\x0b_session_idB\x07\n\x05_dsid\"\xb2\x01\n\x12TransactionMapping\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06market\x18\x02 \x01(\t\x12\x14\n\x07user_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nsession_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04\x64sid\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x16\n\x0etransaction_id\x18\x06 \x01(\tB\n\n\x08_user_idB\r\n\x0b_session_idB\x07\n\x05_dsid\"\xea\x01\n\x12ProductUnavailable\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06market\x18\x02 \x01(\t\x12\x14\n\x07user_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nsession_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04\x64sid\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x12\n\nproduct_id\x18\x06 \x01(\t\x12:\n\x13unavailability_type\x18\x07 \x01(\x0e\x32\x1d.events.v1.UnavailabilityTypeB\n\n\x08_user_idB\r\n\x0b_session_idB\x07\n\x05_dsid\"\xbb\x01\n\x0cTrackedEvent\x12\'\n\x08purchase\x18\x01 \x01(\x0b\x32\x13.events.v1.PurchaseH\x00\x12<\n\x13transaction_mapping\x18\x02 \x01(\x0b\x32\x1d.events.v1.TransactionMappingH\x00\x12<\n\x13product_unavailable\x18\x03 \x01(\x0b\x32\x1d.events.v1.ProductUnavailableH\x00\x42\x06\n\x04kind\"7\n\x0cTrackRequest\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.events.v1.TrackedEvent\":\n\x0fGatheredRequest\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.events.v1.SubRequest\"\xec\x01\n\nSubRequest\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x35\n\x08metadata\x18\x02 \x03(\x0b\x32#.events.v1.SubRequest.MetadataEntry\x12\x1a\n\rws_message_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\twaited_us\x18\x04 \x01(\x04\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.events.v1.RequestKind\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_ws_message_id\"=\n\x10GatheredResponse\x12)\n\tresponses\x18\x01 \x03(\x0b\x32\x16.events.v1.SubResponse\"\x9b\x01\n\x0bSubResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.events.v1.CreateEventsResponse\x12$\n\x08trailers\x18\x04 \x03(\x0b\x32\x12.events.v1.Trailer\x12\x14\n\x0chold_seconds\x18\x05 \x01(\x01\"%\n\x07Trailer\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x91\x04\n\x08\x45nvelope\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.events.v1.Event\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12\x17\n\nuser_agent\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x07referer\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x1b\n\x0e\x66orwarded_host\x18\x06 \x01(\tH\x03\x88\x01\x01\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1e\n\x11storefront_origin\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x1a\n\rws_message_id\x18\t \x01(\tH\x05\x88\x01\x01\x12\'\n\x08purchase\x18\n \x01(\x0b\x32\x13.events.v1.PurchaseH\x00\x12<\n\x13transaction_mapping\x18\x0b \x01(\x0b\x32\x1d.events.v1.TransactionMappingH\x00\x12<\n\x13product_unavailable\x18\x0c \x01(\x0b\x32\x1d.events.v1.ProductUnavailableH\x00\x42\t\n\x07trackedB\r\n\x0b_user_agentB\n\n\x08_refererB\x11\n\x0f_forwarded_hostB\x14\n\x12_storefront_originB\x10\n\x0e_ws_message_id\"s\n\x0fRejectedRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.events.v1.RejectedField\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\x04 \x01(\x04\"C\n\rRejectedField\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x18\n\x16RecordRejectedResponse\"$\n\x12OriginCheckRequest\x12\x0e\n\x06origin\x18\x01 \x01(\t\";\n\x13OriginCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0b\x63redentials\x18\x02 \x01(\x08*\xee\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_TYPE_PAGE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x1e\n\x1a\x45VENT_TYPE_ELEMENT_VISIBLE\x10\x05\x12\x17\n\x13\x45VENT_TYPE_WS_CLICK\x10\x06\x12\'\n#EVENT_TYPE_RECOMMENDATIONS_INSERTED\x10\x07*\x80\x01\n\x12UnavailabilityType\x12#\n\x1fUNAVAILABILITY_TYPE_UNSPECIFIED\x10\x00\x12$\n UNAVAILABILITY_TYPE_OUT_OF_STOCK\x10\x01\x12\x1f\n\x1bUNAVAILABILITY_TYPE_MISSING\x10\x02*E\n\x0bRequestKind\x12\x1e\n\x1aREQUEST_KIND_CREATE_EVENTS\x10\x00\x12\x16\n\x12REQUEST_KIND_TRACK\x10\x01\x32\xa3\x01\n\rEventsService\x12O\n\x0c\x43reateEvents\x12\x1e.events.v1.CreateEventsRequest\x1a\x1f.events.v1.CreateEventsResponse\x12\x41\n\x05Track\x12\x17.events.v1.TrackRequest\x1a\x1f.events.v1.CreateEventsResponse2_\n\x0c\x42ridgeIngest\x12O\n\x14\x43reateEventsGathered\x12\x1a.events.v1.GatheredRequest\x1a\x1b.events.v1.GatheredResponse2Y\n\x0eRejectedEvents\x12G\n\x06Record\x12\x1a.events.v1.RejectedRequest\x1a!.events.v1.RecordRejectedResponse2Q\n\x07Origins\x12\x46\n\x05\x43heck\x12\x1d.events.v1.OriginCheckRequest\x1a\x1e.events.v1.OriginCheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_ENTITYIDENTIFIERSENTRY']._serialized_options = b'8\001'
   _globals['_SUBREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_SUBREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTTYPE']._serialized_start=2643
-  _globals['_EVENTTYPE']._serialized_end=2881
+  _globals['_EVENTTYPE']._serialized_start=3864
+  _globals['_EVENTTYPE']._serialized_end=4102
+  _globals['_UNAVAILABILITYTYPE']._serialized_start=4105
+  _globals['_UNAVAILABILITYTYPE']._serialized_end=4233
+  _globals['_REQUESTKIND']._serialized_start=4235
+  _globals['_REQUESTKIND']._serialized_end=4304
   _globals['_EVENT']._serialized_start=78
   _globals['_EVENT']._serialized_end=1115
   _globals['_EVENT_ENTITYIDENTIFIERSENTRY']._serialized_start=742
@@ -50,36 +54,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTRESULT_STATUS']._serialized_end=1349
   _globals['_CREATEEVENTSRESPONSE']._serialized_start=1351
   _globals['_CREATEEVENTSRESPONSE']._serialized_end=1452
-  _globals['_GATHEREDREQUEST']._serialized_start=1454
-  _globals['_GATHEREDREQUEST']._serialized_end=1512
-  _globals['_SUBREQUEST']._serialized_start=1515
-  _globals['_SUBREQUEST']._serialized_end=1713
-  _globals['_SUBREQUEST_METADATAENTRY']._serialized_start=1648
-  _globals['_SUBREQUEST_METADATAENTRY']._serialized_end=1695
-  _globals['_GATHEREDRESPONSE']._serialized_start=1715
-  _globals['_GATHEREDRESPONSE']._serialized_end=1776
-  _globals['_SUBRESPONSE']._serialized_start=1779
-  _globals['_SUBRESPONSE']._serialized_end=1934
-  _globals['_TRAILER']._serialized_start=1936
-  _globals['_TRAILER']._serialized_end=1973
-  _globals['_ENVELOPE']._serialized_start=1976
-  _globals['_ENVELOPE']._serialized_end=2329
-  _globals['_REJECTEDREQUEST']._serialized_start=2331
-  _globals['_REJECTEDREQUEST']._serialized_end=2446
-  _globals['_REJECTEDFIELD']._serialized_start=2448
-  _globals['_REJECTEDFIELD']._serialized_end=2515
-  _globals['_RECORDREJECTEDRESPONSE']._serialized_start=2517
-  _globals['_RECORDREJECTEDRESPONSE']._serialized_end=2541
-  _globals['_ORIGINCHECKREQUEST']._serialized_start=2543
-  _globals['_ORIGINCHECKREQUEST']._serialized_end=2579
-  _globals['_ORIGINCHECKRESPONSE']._serialized_start=2581
-  _globals['_ORIGINCHECKRESPONSE']._serialized_end=2640
-  _globals['_EVENTSSERVICE']._serialized_start=2883
-  _globals['_EVENTSSERVICE']._serialized_end=2979
-  _globals['_BRIDGEINGEST']._serialized_start=2981
-  _globals['_BRIDGEINGEST']._serialized_end=3076
-  _globals['_REJECTEDEVENTS']._serialized_start=3078
-  _globals['_REJECTEDEVENTS']._serialized_end=3167
-  _globals['_ORIGINS']._serialized_start=3169
-  _globals['_ORIGINS']._serialized_end=3250
+  _globals['_PURCHASEDPRODUCT']._serialized_start=1454
+  _globals['_PURCHASEDPRODUCT']._serialized_end=1558
+  _globals['_PURCHASE']._serialized_start=1561
+  _globals['_PURCHASE']._serialized_end=1794
+  _globals['_TRANSACTIONMAPPING']._serialized_start=1797
+  _globals['_TRANSACTIONMAPPING']._serialized_end=1975
+  _globals['_PRODUCTUNAVAILABLE']._serialized_start=1978
+  _globals['_PRODUCTUNAVAILABLE']._serialized_end=2212
+  _globals['_TRACKEDEVENT']._serialized_start=2215
+  _globals['_TRACKEDEVENT']._serialized_end=2402
+  _globals['_TRACKREQUEST']._serialized_start=2404
+  _globals['_TRACKREQUEST']._serialized_end=2459
+  _globals['_GATHEREDREQUEST']._serialized_start=2461
+  _globals['_GATHEREDREQUEST']._serialized_end=2519
+  _globals['_SUBREQUEST']._serialized_start=2522
+  _globals['_SUBREQUEST']._serialized_end=2758
+  _globals['_SUBREQUEST_METADATAENTRY']._serialized_start=2693
+  _globals['_SUBREQUEST_METADATAENTRY']._serialized_end=2740
+  _globals['_GATHEREDRESPONSE']._serialized_start=2760
+  _globals['_GATHEREDRESPONSE']._serialized_end=2821
+  _globals['_SUBRESPONSE']._serialized_start=2824
+  _globals['_SUBRESPONSE']._serialized_end=2979
+  _globals['_TRAILER']._serialized_start=2981
+  _globals['_TRAILER']._serialized_end=3018
+  _globals['_ENVELOPE']._serialized_start=3021
+  _globals['_ENVELOPE']._serialized_end=3550
+  _globals['_REJECTEDREQUEST']._serialized_start=3552
+  _globals['_REJECTEDREQUEST']._serialized_end=3667
+  _globals['_REJECTEDFIELD']._serialized_start=3669
+  _globals['_REJECTEDFIELD']._serialized_end=3736
+  _globals['_RECORDREJECTEDRESPONSE']._serialized_start=3738
+  _globals['_RECORDREJECTEDRESPONSE']._serialized_end=3762
+  _globals['_ORIGINCHECKREQUEST']._serialized_start=3764
+  _globals['_ORIGINCHECKREQUEST']._serialized_end=3800
+  _globals['_ORIGINCHECKRESPONSE']._serialized_start=3802
+  _globals['_ORIGINCHECKRESPONSE']._serialized_end=3861
+  _globals['_EVENTSSERVICE']._serialized_start=4307
+  _globals['_EVENTSSERVICE']._serialized_end=4470
+  _globals['_BRIDGEINGEST']._serialized_start=4472
+  _globals['_BRIDGEINGEST']._serialized_end=4567
+  _globals['_REJECTEDEVENTS']._serialized_start=4569
+  _globals['_REJECTEDEVENTS']._serialized_end=4658
+  _globals['_ORIGINS']._serialized_start=4660
+  _globals['_ORIGINS']._serialized_end=4741
 # @@protoc_insertion_point(module_scope)

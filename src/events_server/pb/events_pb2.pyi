@@ -54,6 +54,41 @@ EVENT_TYPE_WS_CLICK: EventType.ValueType  # 6
 EVENT_TYPE_RECOMMENDATIONS_INSERTED: EventType.ValueType  # 7
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _UnavailabilityType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnavailabilityTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnavailabilityType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNAVAILABILITY_TYPE_UNSPECIFIED: _UnavailabilityType.ValueType  # 0
+    """Never valid."""
+    UNAVAILABILITY_TYPE_OUT_OF_STOCK: _UnavailabilityType.ValueType  # 1
+    UNAVAILABILITY_TYPE_MISSING: _UnavailabilityType.ValueType  # 2
+
+class UnavailabilityType(_UnavailabilityType, metaclass=_UnavailabilityTypeEnumTypeWrapper):
+    """Why a product cannot be bought (Depict's EUnavailabilityType)."""
+
+UNAVAILABILITY_TYPE_UNSPECIFIED: UnavailabilityType.ValueType  # 0
+"""Never valid."""
+UNAVAILABILITY_TYPE_OUT_OF_STOCK: UnavailabilityType.ValueType  # 1
+UNAVAILABILITY_TYPE_MISSING: UnavailabilityType.ValueType  # 2
+Global___UnavailabilityType: _TypeAlias = UnavailabilityType  # noqa: Y015
+
+class _RequestKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RequestKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RequestKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REQUEST_KIND_CREATE_EVENTS: _RequestKind.ValueType  # 0
+    REQUEST_KIND_TRACK: _RequestKind.ValueType  # 1
+
+class RequestKind(_RequestKind, metaclass=_RequestKindEnumTypeWrapper): ...
+
+REQUEST_KIND_CREATE_EVENTS: RequestKind.ValueType  # 0
+REQUEST_KIND_TRACK: RequestKind.ValueType  # 1
+Global___RequestKind: _TypeAlias = RequestKind  # noqa: Y015
+
 @_typing.final
 class Event(_message.Message):
     """One shopping event, field for field the contract's `Event`.
@@ -331,6 +366,248 @@ class CreateEventsResponse(_message.Message):
 Global___CreateEventsResponse: _TypeAlias = CreateEventsResponse  # noqa: Y015
 
 @_typing.final
+class PurchasedProduct(_message.Message):
+    """One line of a purchase (Depict's PurchasedProduct)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    PRICE_NUMBER_FIELD_NUMBER: _builtins.int
+    PRICE_TEXT_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    price_number: _builtins.str
+    """A JSON number, as its text in the request ("89.9", "100", "1e3")."""
+    price_text: _builtins.str
+    """A JSON string, verbatim ("19.50", "19,50 kr")."""
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        price_number: _builtins.str = ...,
+        price_text: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "price_number", b"price_number", "price_text", b"price_text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "price_number", b"price_number", "price_text", b"price_text", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_price: _TypeAlias = _typing.Literal["price_number", "price_text"]  # noqa: Y015
+    _WhichOneofArgType_price: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_price) -> _WhichOneofReturnType_price | None: ...
+
+Global___PurchasedProduct: _TypeAlias = PurchasedProduct  # noqa: Y015
+
+@_typing.final
+class Purchase(_message.Message):
+    """A completed order (Depict's PurchaseEvent): the event that carries revenue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MARKET_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DSID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    market: _builtins.str
+    user_id: _builtins.str
+    session_id: _builtins.str
+    dsid: _builtins.str
+    transaction_id: _builtins.str
+    currency: _builtins.str
+    """ISO 4217, as Depict's pattern admits it."""
+    @_builtins.property
+    def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurchasedProduct]: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        market: _builtins.str = ...,
+        user_id: _builtins.str | None = ...,
+        session_id: _builtins.str | None = ...,
+        dsid: _builtins.str | None = ...,
+        transaction_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        products: _abc.Iterable[Global___PurchasedProduct] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "currency", b"currency", "dsid", b"dsid", "market", b"market", "products", b"products", "session_id", b"session_id", "tenant", b"tenant", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dsid: _TypeAlias = _typing.Literal["dsid"]  # noqa: Y015
+    _WhichOneofArgType__dsid: _TypeAlias = _typing.Literal["_dsid", b"_dsid"]  # noqa: Y015
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    _WhichOneofReturnType__user_id: _TypeAlias = _typing.Literal["user_id"]  # noqa: Y015
+    _WhichOneofArgType__user_id: _TypeAlias = _typing.Literal["_user_id", b"_user_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dsid) -> _WhichOneofReturnType__dsid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user_id) -> _WhichOneofReturnType__user_id | None: ...
+
+Global___Purchase: _TypeAlias = Purchase  # noqa: Y015
+
+@_typing.final
+class TransactionMapping(_message.Message):
+    """Which session a transaction belongs to (Depict's UserTransactionMappingEvent)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MARKET_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DSID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    market: _builtins.str
+    user_id: _builtins.str
+    session_id: _builtins.str
+    dsid: _builtins.str
+    transaction_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        market: _builtins.str = ...,
+        user_id: _builtins.str | None = ...,
+        session_id: _builtins.str | None = ...,
+        dsid: _builtins.str | None = ...,
+        transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "market", b"market", "session_id", b"session_id", "tenant", b"tenant", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dsid: _TypeAlias = _typing.Literal["dsid"]  # noqa: Y015
+    _WhichOneofArgType__dsid: _TypeAlias = _typing.Literal["_dsid", b"_dsid"]  # noqa: Y015
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    _WhichOneofReturnType__user_id: _TypeAlias = _typing.Literal["user_id"]  # noqa: Y015
+    _WhichOneofArgType__user_id: _TypeAlias = _typing.Literal["_user_id", b"_user_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dsid) -> _WhichOneofReturnType__dsid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user_id) -> _WhichOneofReturnType__user_id | None: ...
+
+Global___TransactionMapping: _TypeAlias = TransactionMapping  # noqa: Y015
+
+@_typing.final
+class ProductUnavailable(_message.Message):
+    """A product a shopper could not buy (Depict's ProductUnavailableEvent)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MARKET_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DSID_FIELD_NUMBER: _builtins.int
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    UNAVAILABILITY_TYPE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    market: _builtins.str
+    user_id: _builtins.str
+    session_id: _builtins.str
+    dsid: _builtins.str
+    product_id: _builtins.str
+    unavailability_type: Global___UnavailabilityType.ValueType
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        market: _builtins.str = ...,
+        user_id: _builtins.str | None = ...,
+        session_id: _builtins.str | None = ...,
+        dsid: _builtins.str | None = ...,
+        product_id: _builtins.str = ...,
+        unavailability_type: Global___UnavailabilityType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "market", b"market", "product_id", b"product_id", "session_id", b"session_id", "tenant", b"tenant", "unavailability_type", b"unavailability_type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dsid: _TypeAlias = _typing.Literal["dsid"]  # noqa: Y015
+    _WhichOneofArgType__dsid: _TypeAlias = _typing.Literal["_dsid", b"_dsid"]  # noqa: Y015
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    _WhichOneofReturnType__user_id: _TypeAlias = _typing.Literal["user_id"]  # noqa: Y015
+    _WhichOneofArgType__user_id: _TypeAlias = _typing.Literal["_user_id", b"_user_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dsid) -> _WhichOneofReturnType__dsid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user_id) -> _WhichOneofReturnType__user_id | None: ...
+
+Global___ProductUnavailable: _TypeAlias = ProductUnavailable  # noqa: Y015
+
+@_typing.final
+class TrackedEvent(_message.Message):
+    """One v2 event: exactly one kind is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    TRANSACTION_MAPPING_FIELD_NUMBER: _builtins.int
+    PRODUCT_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def purchase(self) -> Global___Purchase: ...
+    @_builtins.property
+    def transaction_mapping(self) -> Global___TransactionMapping: ...
+    @_builtins.property
+    def product_unavailable(self) -> Global___ProductUnavailable: ...
+    def __init__(
+        self,
+        *,
+        purchase: Global___Purchase | None = ...,
+        transaction_mapping: Global___TransactionMapping | None = ...,
+        product_unavailable: Global___ProductUnavailable | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "product_unavailable", b"product_unavailable", "purchase", b"purchase", "transaction_mapping", b"transaction_mapping"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "product_unavailable", b"product_unavailable", "purchase", b"purchase", "transaction_mapping", b"transaction_mapping"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["purchase", "transaction_mapping", "product_unavailable"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___TrackedEvent: _TypeAlias = TrackedEvent  # noqa: Y015
+
+@_typing.final
+class TrackRequest(_message.Message):
+    """Depict's TrackV2Request over gRPC: each event names its tenant and market (the bridge
+    copies the body's into each), as CreateEventsRequest's events do.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackedEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___TrackedEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackRequest: _TypeAlias = TrackRequest  # noqa: Y015
+
+@_typing.final
 class GatheredRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -380,6 +657,7 @@ class SubRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     WS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     WAITED_US_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     request: _builtins.bytes
     """The serialized CreateEventsRequest; parsed only once its caller is admitted."""
     ws_message_id: _builtins.str
@@ -391,6 +669,8 @@ class SubRequest(_message.Message):
     takes it out of the call's Redis budget, so that a request costs at most that
     budget, queue included, as a call of its own would.
     """
+    kind: Global___RequestKind.ValueType
+    """What `request` holds: a CreateEventsRequest (the default) or a TrackRequest."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The text metadata a CreateEvents call would carry for it: its credentials
@@ -405,10 +685,11 @@ class SubRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ws_message_id: _builtins.str | None = ...,
         waited_us: _builtins.int = ...,
+        kind: Global___RequestKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "metadata", b"metadata", "request", b"request", "waited_us", b"waited_us", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id", "kind", b"kind", "metadata", b"metadata", "request", b"request", "waited_us", b"waited_us", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ws_message_id: _TypeAlias = _typing.Literal["ws_message_id"]  # noqa: Y015
     _WhichOneofArgType__ws_message_id: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id"]  # noqa: Y015
@@ -506,7 +787,8 @@ Global___Trailer: _TypeAlias = Trailer  # noqa: Y015
 @_typing.final
 class Envelope(_message.Message):
     """What is queued on a partition stream (field `e` of each entry): the event
-    plus everything the server knew when it arrived.
+    plus everything the server knew when it arrived. Exactly one of `event` (a
+    CreateEvents event) and the `tracked` kinds (a Track event) is set.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -520,6 +802,9 @@ class Envelope(_message.Message):
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     STOREFRONT_ORIGIN_FIELD_NUMBER: _builtins.int
     WS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    TRANSACTION_MAPPING_FIELD_NUMBER: _builtins.int
+    PRODUCT_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     client_ip: _builtins.str
     """Best-known client address (see the forwarded_hops setting)."""
     user_agent: _builtins.str
@@ -537,6 +822,12 @@ class Envelope(_message.Message):
     def event(self) -> Global___Event: ...
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def purchase(self) -> Global___Purchase: ...
+    @_builtins.property
+    def transaction_mapping(self) -> Global___TransactionMapping: ...
+    @_builtins.property
+    def product_unavailable(self) -> Global___ProductUnavailable: ...
     def __init__(
         self,
         *,
@@ -549,10 +840,13 @@ class Envelope(_message.Message):
         api_key_id: _builtins.str = ...,
         storefront_origin: _builtins.str | None = ...,
         ws_message_id: _builtins.str | None = ...,
+        purchase: Global___Purchase | None = ...,
+        transaction_mapping: Global___TransactionMapping | None = ...,
+        product_unavailable: Global___ProductUnavailable | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "event", b"event", "forwarded_host", b"forwarded_host", "product_unavailable", b"product_unavailable", "purchase", b"purchase", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "tracked", b"tracked", "transaction_mapping", b"transaction_mapping", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "api_key_id", b"api_key_id", "client_ip", b"client_ip", "event", b"event", "forwarded_host", b"forwarded_host", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host", "_referer", b"_referer", "_storefront_origin", b"_storefront_origin", "_user_agent", b"_user_agent", "_ws_message_id", b"_ws_message_id", "api_key_id", b"api_key_id", "client_ip", b"client_ip", "event", b"event", "forwarded_host", b"forwarded_host", "product_unavailable", b"product_unavailable", "purchase", b"purchase", "received_at", b"received_at", "referer", b"referer", "storefront_origin", b"storefront_origin", "tracked", b"tracked", "transaction_mapping", b"transaction_mapping", "user_agent", b"user_agent", "ws_message_id", b"ws_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__forwarded_host: _TypeAlias = _typing.Literal["forwarded_host"]  # noqa: Y015
     _WhichOneofArgType__forwarded_host: _TypeAlias = _typing.Literal["_forwarded_host", b"_forwarded_host"]  # noqa: Y015
@@ -564,6 +858,8 @@ class Envelope(_message.Message):
     _WhichOneofArgType__user_agent: _TypeAlias = _typing.Literal["_user_agent", b"_user_agent"]  # noqa: Y015
     _WhichOneofReturnType__ws_message_id: _TypeAlias = _typing.Literal["ws_message_id"]  # noqa: Y015
     _WhichOneofArgType__ws_message_id: _TypeAlias = _typing.Literal["_ws_message_id", b"_ws_message_id"]  # noqa: Y015
+    _WhichOneofReturnType_tracked: _TypeAlias = _typing.Literal["purchase", "transaction_mapping", "product_unavailable"]  # noqa: Y015
+    _WhichOneofArgType_tracked: _TypeAlias = _typing.Literal["tracked", b"tracked"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__forwarded_host) -> _WhichOneofReturnType__forwarded_host | None: ...
     @_typing.overload
@@ -574,6 +870,8 @@ class Envelope(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__user_agent) -> _WhichOneofReturnType__user_agent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ws_message_id) -> _WhichOneofReturnType__ws_message_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_tracked) -> _WhichOneofReturnType_tracked | None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
 

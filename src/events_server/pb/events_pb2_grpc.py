@@ -39,6 +39,11 @@ class EventsServiceStub:
                 request_serializer=events__server_dot_pb_dot_events__pb2.CreateEventsRequest.SerializeToString,
                 response_deserializer=events__server_dot_pb_dot_events__pb2.CreateEventsResponse.FromString,
                 _registered_method=True)
+        self.Track = channel.unary_unary(
+                '/events.v1.EventsService/Track',
+                request_serializer=events__server_dot_pb_dot_events__pb2.TrackRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.CreateEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EventsServiceServicer:
@@ -52,12 +57,27 @@ class EventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Track(self, request, context):
+        """Depict's v2 events (POST /v2/create-events and /v2/track): purchases, transaction
+        mappings and unavailable products. Validated, authenticated, rate-limited and queued
+        as CreateEvents queues events; a purchase (and, apart, a transaction mapping) is
+        queued once per (tenant, transaction_id) within the dedup window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEvents,
                     request_deserializer=events__server_dot_pb_dot_events__pb2.CreateEventsRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.CreateEventsResponse.SerializeToString,
+            ),
+            'Track': grpc.unary_unary_rpc_method_handler(
+                    servicer.Track,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.TrackRequest.FromString,
                     response_serializer=events__server_dot_pb_dot_events__pb2.CreateEventsResponse.SerializeToString,
             ),
     }
@@ -87,6 +107,33 @@ class EventsService:
             target,
             '/events.v1.EventsService/CreateEvents',
             events__server_dot_pb_dot_events__pb2.CreateEventsRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.CreateEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Track(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.EventsService/Track',
+            events__server_dot_pb_dot_events__pb2.TrackRequest.SerializeToString,
             events__server_dot_pb_dot_events__pb2.CreateEventsResponse.FromString,
             options,
             channel_credentials,

@@ -37,6 +37,12 @@ class EventsServiceStub:
     """Validates every event, then queues each one whose deduplication_id has not
     been seen for its tenant. All-or-nothing on validation; idempotent on retry.
     """
+    Track: _grpc.UnaryUnaryMultiCallable[_events_pb2.TrackRequest, _events_pb2.CreateEventsResponse]
+    """Depict's v2 events (POST /v2/create-events and /v2/track): purchases, transaction
+    mappings and unavailable products. Validated, authenticated, rate-limited and queued
+    as CreateEvents queues events; a purchase (and, apart, a transaction mapping) is
+    queued once per (tenant, transaction_id) within the dedup window.
+    """
 
 @_typing.type_check_only
 class EventsServiceAsyncStub(EventsServiceStub):
@@ -44,6 +50,12 @@ class EventsServiceAsyncStub(EventsServiceStub):
     CreateEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.CreateEventsRequest, _events_pb2.CreateEventsResponse]  # type: ignore[assignment]
     """Validates every event, then queues each one whose deduplication_id has not
     been seen for its tenant. All-or-nothing on validation; idempotent on retry.
+    """
+    Track: _aio.UnaryUnaryMultiCallable[_events_pb2.TrackRequest, _events_pb2.CreateEventsResponse]  # type: ignore[assignment]
+    """Depict's v2 events (POST /v2/create-events and /v2/track): purchases, transaction
+    mappings and unavailable products. Validated, authenticated, rate-limited and queued
+    as CreateEvents queues events; a purchase (and, apart, a transaction mapping) is
+    queued once per (tenant, transaction_id) within the dedup window.
     """
 
 class EventsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -55,6 +67,18 @@ class EventsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_events_pb2.CreateEventsResponse, _abc.Awaitable[_events_pb2.CreateEventsResponse]]:
         """Validates every event, then queues each one whose deduplication_id has not
         been seen for its tenant. All-or-nothing on validation; idempotent on retry.
+        """
+
+    @_abc_1.abstractmethod
+    def Track(
+        self,
+        request: _events_pb2.TrackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.CreateEventsResponse, _abc.Awaitable[_events_pb2.CreateEventsResponse]]:
+        """Depict's v2 events (POST /v2/create-events and /v2/track): purchases, transaction
+        mappings and unavailable products. Validated, authenticated, rate-limited and queued
+        as CreateEvents queues events; a purchase (and, apart, a transaction mapping) is
+        queued once per (tenant, transaction_id) within the dedup window.
         """
 
 def add_EventsServiceServicer_to_server(servicer: EventsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
