@@ -514,6 +514,7 @@ class ProductUnavailable(_message.Message):
     DSID_FIELD_NUMBER: _builtins.int
     PRODUCT_ID_FIELD_NUMBER: _builtins.int
     UNAVAILABILITY_TYPE_FIELD_NUMBER: _builtins.int
+    DEDUPLICATION_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     market: _builtins.str
     user_id: _builtins.str
@@ -521,6 +522,11 @@ class ProductUnavailable(_message.Message):
     dsid: _builtins.str
     product_id: _builtins.str
     unavailability_type: Global___UnavailabilityType.ValueType
+    deduplication_id: _builtins.str
+    """gRPC callers only (Depict's JSON has no such field): as Event's, what makes a
+    resend a duplicate (the Python client sets a uuid4 where it is unset). Purchases
+    and transaction mappings need none: their transaction_id is their identity.
+    """
     def __init__(
         self,
         *,
@@ -531,17 +537,22 @@ class ProductUnavailable(_message.Message):
         dsid: _builtins.str | None = ...,
         product_id: _builtins.str = ...,
         unavailability_type: Global___UnavailabilityType.ValueType = ...,
+        deduplication_id: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_deduplication_id", b"_deduplication_id", "_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "deduplication_id", b"deduplication_id", "dsid", b"dsid", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "dsid", b"dsid", "market", b"market", "product_id", b"product_id", "session_id", b"session_id", "tenant", b"tenant", "unavailability_type", b"unavailability_type", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_deduplication_id", b"_deduplication_id", "_dsid", b"_dsid", "_session_id", b"_session_id", "_user_id", b"_user_id", "deduplication_id", b"deduplication_id", "dsid", b"dsid", "market", b"market", "product_id", b"product_id", "session_id", b"session_id", "tenant", b"tenant", "unavailability_type", b"unavailability_type", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__deduplication_id: _TypeAlias = _typing.Literal["deduplication_id"]  # noqa: Y015
+    _WhichOneofArgType__deduplication_id: _TypeAlias = _typing.Literal["_deduplication_id", b"_deduplication_id"]  # noqa: Y015
     _WhichOneofReturnType__dsid: _TypeAlias = _typing.Literal["dsid"]  # noqa: Y015
     _WhichOneofArgType__dsid: _TypeAlias = _typing.Literal["_dsid", b"_dsid"]  # noqa: Y015
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
     _WhichOneofReturnType__user_id: _TypeAlias = _typing.Literal["user_id"]  # noqa: Y015
     _WhichOneofArgType__user_id: _TypeAlias = _typing.Literal["_user_id", b"_user_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__deduplication_id) -> _WhichOneofReturnType__deduplication_id | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dsid) -> _WhichOneofReturnType__dsid | None: ...
     @_typing.overload
