@@ -20,6 +20,7 @@ from pydantic import WithJsonSchema
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
+from rest_bridge.admission import Admission
 from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ConnectionGuard
@@ -190,8 +191,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
         large_bytes=settings.grpc_gather_pipeline_bytes,
         observe=counters.gathered,
     )
-    create_events = CreateEvents(settings, gatherer, cors, rejected)
-    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected, gatherer)
+    admission = Admission(lambda: api.state.origins, settings)
+    create_events = CreateEvents(settings, gatherer, cors, rejected, admission)
+    ws = WebSocketIngest(
+        settings, lambda: api.state.events, cors, counters, rejected, gatherer, admission
+    )
     bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer)
 
     @api.get("/metrics", include_in_schema=False)

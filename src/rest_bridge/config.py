@@ -161,6 +161,12 @@ class BridgeSettings(BaseSettings):
         description="How long the server's answer on a browser origin (per origin and key)"
         " is reused, seconds.",
     )
+    admission_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long the server's admission of a caller (per key and page origin) is"
+        " reused before a request's body is read, seconds (0: ask for every request).",
+    )
     # Group commit (rest_bridge.gather): requests that arrive while calls are out go together.
     grpc_gather_max_calls: int = Field(
         1,

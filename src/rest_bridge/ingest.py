@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import event_from_dict
 from events_server.wire.rejected import tenants_of
+from rest_bridge.admission import Admission
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
@@ -354,7 +355,8 @@ class CreateEvents:
         settings: BridgeSettings,
         gatherer: Gatherer,
         cors: Cors,
-        rejected: RejectedReporter | None = None,
+        rejected: RejectedReporter | None,
+        admission: Admission,
     ) -> None:
         # (rest_bridge.offload runs this module's validation in its worker processes.)
         from rest_bridge.offload import BodyParser  # noqa: PLC0415
@@ -363,6 +365,7 @@ class CreateEvents:
         self._gatherer = gatherer
         self._cors = cors
         self._rejected = rejected
+        self._admission = admission
         self._parser = BodyParser(settings)
 
     def close(self) -> None:
@@ -384,6 +387,8 @@ class CreateEvents:
         try:
             check_media_type(headers.get(b"content-type"), source)
             gzipped = is_gzipped(headers.get(b"content-encoding"))
+            if (denied := await self._admission.before_body(scope, headers, key)) is not None:
+                raise BodyRefused(denied)  # unread: nothing costly before the caller is known
             async with asyncio.timeout(self._settings.body_timeout_seconds):
                 body = await read_body(
                     receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes

@@ -2,10 +2,12 @@
 
 The negative cache makes a made-up key cost one Redis lookup the first time only; a flood
 of a new made-up key per call would still cost one each, for every caller's Redis. Past
-its allowance, a client address's keys are answered from the cache alone: a key cached
-as found (in use from there lately) still works, anything else is refused as unknown
-without asking Redis, in the same words as any unknown key, so the flood learns nothing
-and costs this process microseconds. Local, not shared through Redis: asking Redis
+its allowance, a client address's keys never found by this process are refused as
+unknown without asking Redis, in the same words as any unknown key, so the flood learns
+nothing and costs this process microseconds. A key found before (its cached answer
+expired or not) is still looked up as usual: the flood's address may be a NAT or a proxy
+that real clients share, and their keys must keep working (a refused key closes Depict's
+WebSocket for good). Local, not shared through Redis: asking Redis
 would be the cost this exists to avoid, and a flood spread over processes is still
 bounded per process.
 """
