@@ -100,6 +100,14 @@ def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseExceptio
         future.set_exception(error)
 
 
+def _expire(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
+    """A request's own deadline passed while the call that carries it is out."""
+    if not future.done():
+        future.set_exception(
+            grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+        )
+
+
 def _ignore(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: no "never retrieved" warning
@@ -296,8 +304,15 @@ class Gatherer:
     async def _call(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        timeout = max(min(p.deadline for p in batch) - now, 0.001)
-        for pending in batch:  # the server counts it in the call's budget
+        # The call lasts as long as its freshest request may: an old one must not cut the
+        # others' time short. Each keeps its own deadline (a timer of its own), and the
+        # server takes each one's wait out of that one's budget.
+        latest = max(p.deadline for p in batch)
+        timeout = max(latest - now, 0.001)
+        expiring = [
+            loop.call_at(p.deadline, _expire, p.future) for p in batch if p.deadline < latest
+        ]
+        for pending in batch:
             pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
             reply = await self._stub().CreateEventsGathered(
@@ -344,6 +359,9 @@ class Gatherer:
                         )
                     )
             raise
+        finally:
+            for timer in expiring:
+                timer.cancel()
         for pending, response in zip(batch, reply.responses, strict=False):
             if pending.future.done():
                 continue
