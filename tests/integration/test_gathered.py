@@ -321,7 +321,7 @@ def test_an_old_request_does_not_cut_short_the_time_of_a_fresh_one_gathered_with
             await asyncio.sleep(0)
             gatherer._timeout = 10  # ...and a fresh one, in the same call
             fresh = send("fresh")
-            return await asyncio.gather(first, old, fresh, return_exceptions=True)
+            return list(await asyncio.gather(first, old, fresh, return_exceptions=True))
 
     first, old, fresh = loop.run(scenario())
     assert isinstance(first, pb.CreateEventsResponse)

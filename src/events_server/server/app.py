@@ -185,7 +185,9 @@ async def create_server(
     )
     # Bounded in bytes as well as in count: records have a most size of their own.
     maxlen = min(settings.rejected_maxlen, settings.rejected_max_bytes // MAX_RECORD_BYTES)
-    rejected = RejectedLog(redis, keys, maxlen, settings.redis_timeout_seconds)
+    rejected = RejectedLog(
+        redis, keys, maxlen, settings.redis_timeout_seconds, settings.rejected_records_per_second
+    )
     auth = Authenticator(
         KeyStore(redis, keys),
         settings.key_cache_seconds,
