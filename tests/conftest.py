@@ -141,7 +141,8 @@ def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
 @pytest.fixture(scope="session")
 def bridge_settings(grpc_target: str) -> BridgeSettings:
     """Bridge settings pointing at the session's gRPC server."""
-    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0)
+    # (rejected_reports_per_second: as the session server's share of records, see settings.)
+    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0, rejected_reports_per_second=0)
 
 
 @pytest.fixture(scope="session")

@@ -178,7 +178,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
-    rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
+    rejected = RejectedReporter(
+        lambda: api.state.rejected,
+        settings.grpc_timeout_seconds,
+        settings.rejected_reports_per_second,
+    )
     cors = Cors(lambda: api.state.origins, settings)
     counters = BridgeMetrics()
     gatherer = Gatherer(

@@ -27,10 +27,10 @@ import grpc
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
+from events_server.ops.allowances import Allowances
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import F_AT, F_ERRORS, F_PAYLOAD, F_SIZE, F_SOURCE, F_TENANT, KeySpace
-from events_server.server.allowances import Allowances
 from events_server.server.auth import Authenticator, Caller
 from events_server.server.errors import IngestError
 from events_server.server.status import abort, call_metadata

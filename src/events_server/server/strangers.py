@@ -14,7 +14,7 @@ bounded per process.
 
 from __future__ import annotations
 
-from events_server.server.allowances import Allowances
+from events_server.ops.allowances import Allowances
 
 
 class UnknownKeyBudget(Allowances):

@@ -1,9 +1,10 @@
 """Per-name allowances in one process: a token bucket for each name, refilled over time.
 
 For what must stay cheap and local (asking Redis would be the cost they exist to avoid): the
-unknown keys one client address may have looked up (``strangers``), the rejected-request
-records one caller may write (``rejected``). A flood spread over processes is still bounded
-per process.
+unknown keys one client address may have looked up (events_server.server.strangers), the
+rejected-request records one caller may write (events_server.server.rejected, and the
+bridge's reports of them, rest_bridge.rejected). A flood spread over processes is still
+bounded per process.
 """
 
 from __future__ import annotations
