@@ -2,8 +2,8 @@
 
 Handshake: a page's ``Origin`` must be one the server allows (Origins.Check through
 rest_bridge.cors, cached); a non-browser client sends a key instead (the ``api_key``
-query parameter or the ``X-API-KEY`` header), which an empty CreateEvents call checks
-(with the Origin, if any) before the socket opens. Neither: 401; a refused origin or
+query parameter or the ``X-API-KEY`` header), which the server checks (with the Origin, if
+any; rest_bridge.admission, cached) before the socket opens. Neither: 401; a refused origin or
 key: 403 or 401; the server unreachable: 503. These are HTTP answers: the client
 never sees an open socket, and Depict's client backs off.
 
