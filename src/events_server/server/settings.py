@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     forwarded_hops: int = Field(
         0,
         ge=0,
-        description="Trusted proxies in front of the REST bridge: the client IP is taken this many"
-        " entries left of the last one in x-forwarded-for.",
+        description="Trusted proxies in front of the REST bridge: the client IP (whose unknown-key"
+        " allowance a call spends) is taken this many entries left of the last one in"
+        " x-forwarded-for.",
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
     log_client_ip: IpMode = Field(
@@ -132,8 +133,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Unknown API keys one client address may have looked up in Redis per"
         " second (bursts of as many), per process; past it, its keys this process never found"
-        " are refused as unknown without a lookup (0: no limit). Behind a proxy, count it in"
-        " forwarded_hops, or every client shares the proxy's allowance.",
+        " are refused as unknown without a lookup (0: no limit). Behind a proxy: see"
+        " forwarded_hops.",
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
