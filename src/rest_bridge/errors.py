@@ -186,13 +186,14 @@ def invalid_body(loc: list[str | int], msg: str, kind: str) -> Reply:
     return unprocessable([validation_detail(loc, msg, kind)])
 
 
-def _field_loc(path: str) -> list[str | int]:
-    """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body."""
+def _field_loc(path: str, events_loc: tuple[str, ...]) -> list[str | int]:
+    """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body, whose
+    events are at ``events_loc`` (v1: the body is the events array; v2: its ``events``)."""
     match = _FIELD_PATH.match(path)
     if match is None:
         return ["body", path]
     event, field, item = match.groups()
-    loc: list[str | int] = ["body"]  # the body is the request's events array
+    loc: list[str | int] = list(events_loc)
     if event is not None:
         loc.append(int(event))
     if field is not None:
@@ -202,9 +203,9 @@ def _field_loc(path: str) -> list[str | int]:
     return loc
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
+def _violations(error: grpc.aio.AioRpcError, events_loc: tuple[str, ...]) -> list[dict[str, Any]]:
     return [
-        validation_detail(_field_loc(v.field), v.description, v.reason or "value_error")
+        validation_detail(_field_loc(v.field, events_loc), v.description, v.reason or "value_error")
         for v in unpack_violations(error.trailing_metadata())  # type: ignore[arg-type]
     ]
 
@@ -217,14 +218,17 @@ def too_large_detail(message: str) -> str:
     )
 
 
-def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> Reply:
-    """The HTTP response for a failed CreateEvents call."""
+def grpc_error_response(
+    error: grpc.aio.AioRpcError, retry_after_seconds: int, events_loc: tuple[str, ...] = ("body",)
+) -> Reply:
+    """The HTTP response for a failed CreateEvents (or Track) call; ``events_loc``: where the
+    request's events are in its JSON body."""
     code = error.code()
     http_status = HTTP_STATUS.get(code, 500)
     message = error.details() or code.name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return unprocessable(
-            _violations(error) or [validation_detail(["body"], message, "value_error")]
+            _violations(error, events_loc) or [validation_detail(["body"], message, "value_error")]
         )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(message):
         return json_reply(REQUEST_TOO_LARGE, {"detail": too_large_detail(message)})

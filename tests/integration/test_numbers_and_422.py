@@ -1,7 +1,7 @@
 """The contract's 422s, checked against a plain FastAPI app written from the contract.
 
 The bridge does not run FastAPI's pipeline for POST /create-events (see
-rest_bridge.ingest), yet it must answer every bad body as FastAPI would. So this
+rest_bridge.routes.v1), yet it must answer every bad body as FastAPI would. So this
 module holds a reference: a minimal FastAPI app whose pydantic models are written
 by hand from contract/create-events.openapi.yaml, with the one rule the contract's
 schema cannot say (a JSON number where a string goes is taken as its text, as
@@ -38,9 +38,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from events_server.wire.codec import OPTIONAL_STRING_FIELDS, event_to_dict
-from rest_bridge.ingest import validate_body
 from rest_bridge.models import Event as BridgeEvent
 from rest_bridge.responses import Reply
+from rest_bridge.validation import validate_body
 from tests.harness.data import CONTRACT
 from tests.harness.keys import create_key
 from tests.harness.streams import queued
