@@ -11,17 +11,17 @@ no JSON reader rounds ``"89.90000000000000000001"``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from events_server.pb import events_pb2 as pb
 
-PURCHASE = "purchase"
-TRANSACTION_MAPPING = "transaction_mapping"
-PRODUCT_UNAVAILABLE = "product_unavailable"
+PURCHASE: Final = "purchase"
+TRANSACTION_MAPPING: Final = "transaction_mapping"
+PRODUCT_UNAVAILABLE: Final = "product_unavailable"
 KINDS = (PURCHASE, TRANSACTION_MAPPING, PRODUCT_UNAVAILABLE)
 """Every v2 kind, in field order."""
 
-EVENT = "event"
+EVENT: Final = "event"
 """What a CreateEvents envelope holds (its ``event`` field), beside the v2 kinds."""
 
 TrackedKind = pb.Purchase | pb.TransactionMapping | pb.ProductUnavailable
