@@ -20,7 +20,12 @@ from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_bod
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
 from rest_bridge.credentials import api_key
-from rest_bridge.errors import REQUEST_TOO_LARGE, grpc_error_response, validation_detail
+from rest_bridge.errors import (
+    REQUEST_TOO_LARGE,
+    grpc_error_response,
+    v1_field_loc,
+    validation_detail,
+)
 from rest_bridge.gather import Gatherer, Metadata
 from rest_bridge.offload import BodyParser, Rules
 from rest_bridge.rejected import RejectedReporter
@@ -67,8 +72,8 @@ def body_timed_out(seconds: float) -> Reply:
 class JsonPost:
     """The ASGI app of one JSON POST route; subclasses say what a whole body becomes."""
 
-    events_loc: tuple[str, ...] = ("body",)
-    """Where the request's events are in its JSON body (the server's violations name them)."""
+    locate: staticmethod[[str], list[str | int]] = staticmethod(v1_field_loc)
+    """Where a field the server's violations name was in the request's JSON body."""
 
     def __init__(
         self,
@@ -146,7 +151,7 @@ class JsonPost:
         try:
             response = await call(request, metadata)
         except grpc.aio.AioRpcError as error:
-            reply = grpc_error_response(error, self._settings.retry_after_seconds, self.events_loc)
+            reply = grpc_error_response(error, self._settings.retry_after_seconds, self.locate)
             if reply.status == REQUEST_TOO_LARGE:
                 message = orjson.loads(reply.body)["detail"]
                 detail = [validation_detail(["body"], message, "request_too_large")]

@@ -10,6 +10,7 @@ from typing import Any
 
 from events_server.pb import events_pb2 as pb
 from events_server.wire.rejected import tenants_of
+from rest_bridge.errors import v2_field_loc
 from rest_bridge.offload import Rules
 from rest_bridge.responses import Reply
 from rest_bridge.routes.steps import JsonPost
@@ -32,7 +33,7 @@ def _tenant(event: pb.TrackedEvent) -> str:
 class Track(JsonPost):
     """The ASGI app of POST /v2/create-events and POST /v2/track."""
 
-    events_loc = ("body", "events")
+    locate = staticmethod(v2_field_loc)
 
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
