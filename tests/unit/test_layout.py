@@ -144,7 +144,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.parametrize("package", ["events_server"])
+@pytest.mark.parametrize("package", ["events_server", "rest_bridge"])
 def test_no_module_imports_one_that_imports_it_back(package: str) -> None:
     graph = import_graph(package)
     assert f"{package}.client.aio" in graph or package != "events_server"
