@@ -347,8 +347,8 @@ class Gatherer:
                 if self._direct_until <= loop.time():
                     log.warning(
                         "the events-server does not take this process for the REST bridge"
-                        " (%s): sending one CreateEvents call per request, whose forwarded"
-                        " client context it ignores, for %g s; give both the same"
+                        " (%s): sending one call per request (CreateEvents or Track), whose"
+                        " forwarded client context it ignores, for %g s; give both the same"
                         " EVENTS_BRIDGE_TOKEN or this bridge a client certificate",
                         error.details(),
                         DIRECT_SECONDS,

@@ -24,6 +24,7 @@ from rest_bridge.config import BridgeSettings
 from rest_bridge.routes.v2 import PATHS
 from tests.harness.keys import create_key, register_storefront
 from tests.harness.rpc import track
+from tests.harness.servers import LoopThread, bridge_settings_for, serving, serving_bridge
 from tests.harness.streams import queued, wait_for_records
 from tests.harness.web import cors_headers
 
@@ -210,6 +211,32 @@ def test_a_purchase_sent_three_times_over_both_paths_and_over_grpc_is_queued_onc
     other = http.post("/v2/create-events", content=body(PURCHASE, tenant="shop-c"))
     assert other.json()["results"][0]["status"] == "accepted"
     assert kinds(rdb, keys) == ["purchase", "purchase"]
+
+
+def test_a_bridge_the_server_does_not_recognise_sends_plain_track_calls(  # noqa: PLR0917
+    loop: LoopThread,
+    settings: Settings,
+    api_key: str,
+    rdb: redis.Redis,
+    keys: KeySpace,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server that wants a bridge token this bridge lacks refuses its gathered calls; the
+    # bridge then sends each request alone, a /v2/ body as a Track call.
+    token = {"bridge_token": "a-bridge-token-of-16+-chars"}
+    with (
+        serving(loop, Settings(**{**settings.model_dump(), **token})) as (_, target),
+        serving_bridge(bridge_settings_for(target)) as url,
+    ):
+        headers = {"x-api-key": api_key, "content-type": "application/json"}
+        first = httpx.post(f"{url}/v2/track", content=body(MAPPING), headers=headers)
+        again = httpx.post(f"{url}/v2/create-events", content=body(MAPPING, PURCHASE),
+                           headers=headers)  # fmt: skip
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    statuses = [r["status"] for r in (*first.json()["results"], *again.json()["results"])]
+    assert statuses == ["accepted", "duplicate", "accepted"]
+    assert sorted(kinds(rdb, keys)) == ["purchase", "transaction_mapping"]
+    assert "does not take this process for the REST bridge" in caplog.text  # the direct path
 
 
 # --- the body: gzip, limits before validation ------------------------------------------------
