@@ -5,9 +5,10 @@ As for v1 (rest_bridge.validation): the stdlib parser FastAPI uses, then the mod
 Python values (``validate_python(from_attributes=True)``, FastAPI's call), so a 422 is
 FastAPI's, union errors included (pydantic names the anyOf member in ``loc``). Before
 the model: the events counted (more than ``max_events_per_request``: refused whole) and
-the nesting bounded. After it, the bridge's own refusals, which FastAPI would take and
-protobuf cannot hold: lone surrogates, quantities past uint64, NaN and the infinities
-(not JSON; the stdlib parser takes them).
+the nesting bounded; NaN and the infinities refused (not JSON, though the stdlib parser
+takes them). After it, what FastAPI would take and protobuf cannot hold: a quantity past
+uint64. (A lone surrogate, "\\ud800", is refused by pydantic itself, ``string_unicode``;
+unlike FastAPI, whose JSON answer cannot hold it, the bridge's 422 writes it escaped.)
 
 Each price goes on as sent: a JSON string verbatim, a JSON number as its text in the
 body (a second parse keeps every number's text), never rounded through a float.
@@ -26,7 +27,6 @@ from events_server.wire.rejected import tenants_of
 from rest_bridge.errors import (
     MAX_LISTED_ERRORS,
     body_errors,
-    invalid_body,
     missing_body,
     unprocessable,
     validation_detail,
@@ -74,24 +74,6 @@ class NumberText(str):
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
-
-
-def _unencodable(value: Any, loc: list[str | int]) -> list[str | int] | None:
-    """Where the parsed body first holds a lone surrogate (JSON allows "\\ud800"; UTF-8 and
-    protobuf do not), if anywhere."""
-    stack: list[tuple[Any, list[str | int]]] = [(value, loc)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode()
-            except UnicodeEncodeError:
-                return where
-        elif isinstance(item, dict):
-            stack.extend((v, [*where, k]) for k, v in reversed(item.items()))
-        elif isinstance(item, list):
-            stack.extend((v, [*where, i]) for i, v in reversed(list(enumerate(item))))
-    return None
 
 
 def _known_and(item: dict[Any, Any], known: frozenset[str], need: int) -> dict[Any, Any]:
@@ -217,10 +199,6 @@ def _tracked(
 
 
 def _as_protobuf(request: TrackV2Request, raw: dict[str, Any]) -> pb.TrackRequest | Reply:
-    if (where := _unencodable(raw, ["body"])) is not None:
-        return invalid_body(
-            where, "String should be valid UTF-8 (no lone surrogates)", "string_unicode"
-        )
     events = []
     for index, (event, sent) in enumerate(zip(request.events, raw["events"], strict=True)):
         tracked = _tracked(event, sent, request.tenant, request.market)

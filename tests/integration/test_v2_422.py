@@ -356,3 +356,20 @@ def test_a_422_of_many_errors_lists_the_first_fifty_as_fastapi_orders_them(
         "msg": f"{len(expected) - 50} more errors not listed: a 422 lists the first 50",
         "type": "too_many_errors",
     }
+
+
+def test_a_lone_surrogate_is_refused_and_written_escaped(
+    http: httpx.Client, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    # JSON allows "\ud800", UTF-8 does not: pydantic refuses it (FastAPI would then fail to
+    # write its own 422, a 500); the bridge writes the echo escaped, as a 422's loc is.
+    sent = b'{"tenant": "t", "market": "m", "events": [{"transaction_id": "\\ud800"}]}'
+    answer = http.post("/v2/track", content=sent)
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0] == {
+        "type": "string_unicode",
+        "loc": ["body", "events", 0, "UserTransactionMappingEvent", "transaction_id"],
+        "msg": "Input should be a valid string, unable to parse raw data as a unicode string",
+        "input": "\\ud800",
+    }
+    assert queued(rdb, keys) == []
