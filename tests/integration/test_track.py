@@ -41,7 +41,10 @@ from tests.harness.streams import queued, wait_for_records
 
 
 def gathered_track(
-    target: str, metadata: dict[str, str], *requests: list[pb.TrackedEvent]
+    target: str,
+    metadata: dict[str, str],
+    *requests: list[pb.TrackedEvent],
+    ws_message_id: str | None = None,
 ) -> list[pb.SubResponse]:
     """One gathered call of TRACK sub-requests, as the REST bridge sends /v2/ bodies."""
     call = pb.GatheredRequest(
@@ -50,6 +53,7 @@ def gathered_track(
                 request=pb.TrackRequest(events=events).SerializeToString(),
                 metadata=metadata,
                 kind=pb.REQUEST_KIND_TRACK,
+                ws_message_id=ws_message_id,
             )
             for events in requests
         ]
@@ -204,6 +208,25 @@ def test_an_unavailable_product_is_deduplicated_on_its_deduplication_id_only(
     )
     assert statuses(reply) == [ACCEPTED, DUPLICATE, ACCEPTED, ACCEPTED]
     assert len(queued(rdb, keys)) == 3
+
+
+def test_a_websocket_frames_resend_is_a_duplicate_by_its_frame_id(
+    grpc_target: str, api_key: str, keys: KeySpace, rdb: redis.Redis
+) -> None:
+    keyed = {MD_API_KEY: api_key}
+    first, again = gathered_track(
+        grpc_target, keyed, [unavailable()], [unavailable()], ws_message_id="f-1"
+    )
+    (other,) = gathered_track(grpc_target, keyed, [unavailable()], ws_message_id="f-2")
+    (two,) = gathered_track(grpc_target, keyed, [unavailable(), mapping()], ws_message_id="f-3")
+    assert [statuses(a.response) for a in (first, again, other)] == [
+        [ACCEPTED],
+        [DUPLICATE],
+        [ACCEPTED],
+    ]
+    found = unpack_violations([(t.key, t.value) for t in two.trailers])
+    assert [(v.field, v.reason) for v in found] == [("events", "ws_one_event")]
+    assert sorted(e.ws_message_id for _, e in queued(rdb, keys)) == ["f-1", "f-2"]
 
 
 # --- tenants and callers -------------------------------------------------------------

@@ -56,7 +56,9 @@ def test_public_packages_export_what_they_declare(package: str) -> None:
 def test_wire_imports_only_protobuf_and_the_standard_library() -> None:
     modules = loaded_after(
         "import events_server.wire.codec, events_server.wire.metadata, events_server.wire.origins,"
-        " events_server.wire.rejected, events_server.wire.validation, events_server.wire.violations"
+        " events_server.wire.rejected, events_server.wire.validation,"
+        " events_server.wire.violations, events_server.wire.tracked,"
+        " events_server.wire.track_validation"
     )
     allowed = (
         "events_server.wire",

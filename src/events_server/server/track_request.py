@@ -34,9 +34,6 @@ class PreparedTrack:
         events = request.events
         if len(events) > limits.max_events_per_request:
             raise too_many(len(events), limits)
-        self.retry_id = passage.retry_id
-        if self.retry_id is not None:
-            check_retry_id(self.retry_id, len(events))
         self.kinds: list[str] = []
         self.messages: list[TrackedKind] = []
         self.serialized: list[bytes] = []
@@ -51,6 +48,9 @@ class PreparedTrack:
             self.serialized.append(data)
         if found:
             raise InvalidEvents(found)
+        self.retry_id = passage.retry_id
+        if self.retry_id is not None:
+            check_retry_id(self.retry_id, len(events))
 
     def tenants(self) -> Iterable[str]:
         return (message.tenant for message in self.messages)
