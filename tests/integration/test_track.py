@@ -123,13 +123,21 @@ def test_each_kind_is_queued_and_a_consumer_reads_it_as_its_typed_message(
     assert envelope.received_at.seconds > 0
 
 
-def test_a_users_events_of_every_kind_share_its_partition(
+def test_an_unavailable_product_shares_its_users_partition_and_an_order_its_transactions(
     stub: events_pb2_grpc.EventsServiceStub, keys: KeySpace, rdb: redis.Redis
 ) -> None:
-    reply = track(stub, purchase(user_id="u-7"), mapping(user_id="u-7", transaction_id="T-2"))
+    reply = track(
+        stub,
+        unavailable(user_id="u-7"),
+        purchase(user_id="u-7", transaction_id="T-2"),
+        mapping(dsid="d-1", transaction_id="T-2"),
+    )
     first = send(stub, ev(user_id="u-7"))
-    assert {r.partition for r in reply.results} == {first.results[0].partition}
+    assert reply.results[0].partition == first.results[0].partition
     assert first.results[0].partition == partition_for(ev(user_id="u-7"), keys.partitions)
+    # An order goes by its transaction, whichever shopper its copies name.
+    by_transaction = partition_for_tracked(purchase(transaction_id="T-2").purchase, keys.partitions)
+    assert reply.results[1].partition == reply.results[2].partition == by_transaction
 
 
 # --- one purchase per transaction ------------------------------------------------------
@@ -167,6 +175,28 @@ def test_a_gathered_purchase_first_makes_the_grpc_one_a_duplicate(
     assert statuses(answer.response) == [ACCEPTED]
     assert statuses(track(stub, purchase(transaction_id="G"))) == [DUPLICATE]
     assert len(queued(rdb, keys)) == 1
+
+
+def test_a_purchase_resent_naming_another_shopper_is_still_a_duplicate(
+    stub: events_pb2_grpc.EventsServiceStub, keys: KeySpace, rdb: redis.Redis
+) -> None:
+    # The thank-you page names a dsid; the shop's backend sends the same order under its
+    # user id; a mapping of the transaction names yet another session.
+    first = track(stub, purchase(transaction_id="T-77"))
+    again = track(
+        stub,
+        purchase(transaction_id="T-77", dsid=None, user_id="customer-9"),
+        purchase(transaction_id="T-77", dsid="another-tab", session_id="s-1"),
+        mapping(transaction_id="T-77", dsid=None, user_id="customer-9"),
+    )
+    assert statuses(first) == [ACCEPTED]
+    assert statuses(again) == [DUPLICATE, DUPLICATE, ACCEPTED]
+    assert again.results[0].entry_id == first.results[0].entry_id
+    # The mapping lands beside its purchase, whoever either names.
+    assert {r.partition for r in (*first.results, *again.results)} == {
+        first.results[0].partition
+    }
+    assert sorted(kind for kind, _ in held(rdb, keys)) == ["purchase", "transaction_mapping"]
 
 
 def test_the_dedup_is_per_tenant_and_per_kind_and_keeps_for_the_dedup_ttl(

@@ -32,22 +32,27 @@ def partition_for(event: pb.Event, partitions: int, *, fallback: str | None = No
 def partition_for_tracked(
     message: TrackedKind, partitions: int, *, fallback: str | None = None
 ) -> int:
-    """Stable partition of a v2 event, as of an Event: its user (or session, or dsid) first,
-    so that a shopper's events of every kind stay in one stream, in order; else its identity
-    (a transaction id, an unavailable product's deduplication_id), else ``fallback``.
+    """Stable partition of a v2 event.
 
-    Its dedup key lives in that partition: a resend that names another user (or names one
-    where the first copy named none) lands elsewhere and is not recognised as a resend.
+    A purchase or a transaction mapping goes by its transaction id: its dedup key (one
+    purchase per (tenant, transaction_id)) must live in the partition's hash slot, and
+    only the transaction is the same in every copy of an order: the thank-you page's
+    beacon may name a dsid, the shop's server a user id. So an order is queued once
+    whoever resends it, and its mapping lands beside it; it is not ordered with its
+    shopper's other events (consumers have its received_at).
+
+    An unavailable product goes as an Event does: its user (or session, or dsid) first,
+    so that a shopper's reports stay in one stream, in order; else its deduplication_id,
+    else ``fallback`` (its retry identity), else anywhere.
     """
     tenant = message.tenant
+    if not isinstance(message, pb.ProductUnavailable):
+        return _hashed(tenant, message.transaction_id, partitions)
     for name in USER_FIELDS:
         if message.HasField(name):  # type: ignore[arg-type]
             return _hashed(tenant, getattr(message, name), partitions)
-    if isinstance(message, pb.ProductUnavailable):
-        if message.HasField("deduplication_id"):
-            return _hashed(tenant, message.deduplication_id, partitions)
-    else:
-        return _hashed(tenant, message.transaction_id, partitions)
+    if message.HasField("deduplication_id"):
+        return _hashed(tenant, message.deduplication_id, partitions)
     if fallback is not None:
         return _hashed(tenant, fallback, partitions)
     return random.randrange(partitions)
