@@ -193,9 +193,7 @@ def test_a_purchase_resent_naming_another_shopper_is_still_a_duplicate(
     assert statuses(again) == [DUPLICATE, DUPLICATE, ACCEPTED]
     assert again.results[0].entry_id == first.results[0].entry_id
     # The mapping lands beside its purchase, whoever either names.
-    assert {r.partition for r in (*first.results, *again.results)} == {
-        first.results[0].partition
-    }
+    assert {r.partition for r in (*first.results, *again.results)} == {first.results[0].partition}
     assert sorted(kind for kind, _ in held(rdb, keys)) == ["purchase", "transaction_mapping"]
 
 
