@@ -19,7 +19,8 @@ from events_server.pb import events_pb2 as pb
 from events_server.server.auth import Authenticator
 from events_server.server.errors import AuthError, IngestError, PermissionDenied
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import OriginsService, client_ip
+from events_server.server.passage import client_ip
+from events_server.server.service import OriginsService
 from events_server.server.status import call_metadata, grpc_status, refuse
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 
