@@ -41,6 +41,7 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+from rest_bridge.deadlines import CallDeadlines
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
 def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
-
-
-def _expire(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
-    """A request's own deadline passed while the call that carries it is out."""
-    if not future.done():
-        future.set_exception(
-            grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
-        )
 
 
 def _ignore(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
@@ -330,13 +323,11 @@ class Gatherer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The call lasts as long as its freshest request may: an old one must not cut the
-        # others' time short. Each keeps its own deadline (a timer of its own), and the
-        # server takes each one's wait out of that one's budget.
+        # others' time short. Each keeps its own deadline (CallDeadlines), and the server
+        # takes each one's wait out of that one's budget.
         latest = max(p.deadline for p in batch)
         timeout = max(latest - now, 0.001)
-        expiring = [
-            loop.call_at(p.deadline, _expire, p.future) for p in batch if p.deadline < latest
-        ]
+        deadlines = CallDeadlines(batch, latest)
         for pending in batch:
             pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
@@ -385,8 +376,7 @@ class Gatherer:
                     )
             raise
         finally:
-            for timer in expiring:
-                timer.cancel()
+            deadlines.cancel()
         for pending, response in zip(batch, reply.responses, strict=False):
             if pending.future.done():
                 continue
