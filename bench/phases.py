@@ -1,5 +1,5 @@
-"""Running one phase: the load from its driver (wrk, the WebSocket generator, or the Python
-generator processes), every process's CPU sampled at the window's two ends."""
+"""Running one phase: the load from its driver (wrk, bench.wsload, bench.httpload or the
+Python generator processes), every process's CPU sampled at the window's two ends."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Phase:
     connections: int | None = None
     """In flight in all: HTTP connections, WebSockets (default: --concurrency)."""
     rate: float | None = None
-    """Requests/s for an open-loop phase (the Python generator)."""
+    """Requests/s for an open-loop phase (bench.httpload)."""
     in_flight: int = 1
     """WebSocket: frames in flight per socket."""
 
@@ -50,7 +50,9 @@ class Runner:
         self.bench.fresh()
         if phase.kind == "ws":
             return self.websocket(phase)
-        if phase.kind == "http" and phase.rate is None and self.use_wrk:
+        if phase.kind == "http" and phase.rate is not None:
+            return self.open_loop(phase)
+        if phase.kind == "http" and self.use_wrk:
             return self.wrk(phase)
         return self.python(phase)
 
@@ -62,7 +64,7 @@ class Runner:
         return (after[1] - before[1]) / calls if calls else None
 
     def python(self, phase: Phase) -> Measured:
-        """The Python generator: --loadgen-procs asyncio processes, closed or open loop."""
+        """The Python generator: --loadgen-procs asyncio processes, closed loop."""
         args, procs = self.args, self.args.loadgen_procs
         jobs = [
             Job(
@@ -91,10 +93,7 @@ class Runner:
                 errors[kind] = errors.get(kind, 0) + count
         cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
         cpu["loadgen"] = sum(r.cpu_seconds for r in results)
-        if phase.rate is not None:
-            load = f"python open loop, {phase.rate:,.0f} req/s"
-        else:
-            load = f"python, {procs} x {max((phase.connections or args.concurrency) // procs, 1)}"
+        load = f"python, {procs} x {max((phase.connections or args.concurrency) // procs, 1)}"
         return Measured(
             requests=sum(r.requests for r in results),
             events=sum(r.events for r in results),
@@ -132,11 +131,27 @@ class Runner:
         )
 
     def websocket(self, phase: Phase) -> Measured:
-        """bench.wsload in a process of its own, its CPU read from /proc like the others'."""
+        """bench.wsload: closed loop, in_flight frames out on each socket."""
         connections = phase.connections or self.args.concurrency
+        return self.generator(
+            "bench.wsload",
+            phase,
+            [f"--connections={connections}", f"--in-flight={phase.in_flight}"],
+            f"ws, {connections} x {phase.in_flight} in flight",
+        )
+
+    def open_loop(self, phase: Phase) -> Measured:
+        """bench.httpload: one-event POSTs at phase.rate."""
+        assert phase.rate is not None
+        return self.generator(
+            "bench.httpload", phase, [f"--rate={phase.rate}"], f"open loop, {phase.rate:,.0f} req/s"
+        )
+
+    def generator(self, module: str, phase: Phase, options: list[str], load: str) -> Measured:
+        """A bench.window generator in a process of its own, its CPU read from /proc like
+        the others', sampled when it says its window opens and closes."""
         argv = [
-            sys.executable, "-m", "bench.wsload", phase.target, self.bench.secret,
-            f"--connections={connections}", f"--in-flight={phase.in_flight}",
+            sys.executable, "-m", module, phase.target, self.bench.secret, *options,
             f"--seconds={self.args.seconds}", f"--warmup={self.args.warmup}",
             f"--seed={zlib.crc32(phase.name.encode())}",
         ]  # fmt: skip
@@ -147,7 +162,7 @@ class Runner:
                 said = gen.stdout.readline() if gen.stdout else b""
                 if said.strip() != line:
                     gen.kill()
-                    raise RuntimeError(f"bench.wsload said {said!r}, not {line!r}")
+                    raise RuntimeError(f"{module} said {said!r}, not {line!r}")
 
             expect(b"measuring")
             cpu0, calls0, t0 = self._window()
@@ -157,18 +172,18 @@ class Runner:
             gen1 = cpu_seconds(gen.pid)
             out = gen.stdout.read()
         if gen.returncode != 0:
-            raise RuntimeError(f"bench.wsload exited {gen.returncode}")
+            raise RuntimeError(f"{module} exited {gen.returncode}")
         result = orjson.loads(out)
         cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
         cpu["loadgen"] = gen1 - gen0
         return Measured(
-            requests=result["frames"],
-            events=result["frames"],
+            requests=result["requests"],
+            events=result["requests"] * phase.batch,
             seconds=result["seconds"],
             latencies_ms=percentiles_ms(result["latencies"]),
             errors=result["errors"],
             cpu=cpu,
             cpu_window=t1 - t0,
             requests_per_call=self._per_call(calls0, calls1),
-            load=f"ws, {connections} x {phase.in_flight} in flight",
+            load=load,
         )

@@ -5,9 +5,9 @@ python -m bench.run [--quick] [--only C1@16,D1@16] [--server-workers N] [--bridg
 
 The HTTP phases C and D are driven by wrk when it is installed (`apt-get install wrk`),
 else by the Python generator, with a warning: it takes a large share of the two cores
-and understates both services. E (open loop) is always the Python generator's, W1 is
-bench.wsload's, A and B the Python generator's. Extra phases kept in modules of their
-own join through EXTRAS.
+and understates both services. E (open loop; wrk is closed-loop and Debian has no
+wrk2) is bench.httpload's, W1 bench.wsload's, A and B the Python generator's. Extra
+phases kept in modules of their own join through EXTRAS.
 """
 
 from __future__ import annotations

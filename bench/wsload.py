@@ -8,9 +8,8 @@ write, and each frame waits for its ``{"id", "status"}`` answer before the next 
 takes its place (closed loop). So its CPU per frame stays a small fraction of what the
 bridge spends on one; `make bench` reads it from /proc and prints it.
 
-It prints ``measuring`` when the warm-up ends and ``stopped`` when the measured window
-ends (the orchestrator samples every process's CPU at each), then one JSON line:
-frames answered ``ok`` in the window, the other answers by status, and latencies.
+It reports as bench.window says: the frames answered ``ok`` in the window (requests),
+the other answers by status, and their latencies.
 """
 
 from __future__ import annotations
@@ -21,34 +20,20 @@ import base64
 import contextlib
 import os
 import random
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
 
 import orjson
 from websockets.speedups import apply_mask
 
+from bench.window import LoadResult, Window, no_delay, run_and_report
 from bench.workload import Batches
 
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
 DRAIN_SECONDS = 5.0
 """After the window, how long frames still out may take to be answered."""
-
-
-@dataclass
-class WsResult:
-    """What the generator saw in the measured window."""
-
-    frames: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -64,16 +49,13 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return head + mask + apply_mask(payload, mask)
 
 
-class Load:
+class Load(Window):
     """The shared state: the window, the frames to send, what came back."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.warmup, args.seconds)
         self.args = args
         self.batches = Batches(args.seed, 0)
-        self.result = WsResult(seconds=args.seconds)
-        now = time.monotonic()
-        self.measure_from = now + args.warmup
-        self.stop = self.measure_from + args.seconds
         self.sockets: list[WsSocket] = []
         self.finished = asyncio.get_running_loop().create_future()
 
@@ -111,9 +93,7 @@ class WsSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but are one.
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # small frames each way: Nagle would hold them for ACKs
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(transport)
         self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,7 +155,7 @@ class WsSocket(asyncio.Protocol):
                     result.error("answer to no frame")
                 elif load.measure_from <= now <= load.stop:
                     if answer.get("status") == "ok":
-                        result.frames += 1
+                        result.requests += 1
                         result.latencies.append(now - sent)
                     else:
                         result.error(f"status {answer.get('status')}")
@@ -199,7 +179,7 @@ class WsSocket(asyncio.Protocol):
             self.transport.close()
 
 
-async def run(args: argparse.Namespace) -> WsResult:
+async def run(args: argparse.Namespace) -> LoadResult:
     """Open every socket, run the window, drain, and report."""
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -214,9 +194,8 @@ async def run(args: argparse.Namespace) -> WsResult:
     await asyncio.gather(*(s.opened for s in load.sockets))
     for sock in load.sockets:
         sock.start()
-    loop.call_at(load.measure_from, lambda: print("measuring", flush=True))
-    await asyncio.sleep(max(load.stop - time.monotonic(), 0))
-    print("stopped", flush=True)
+    load.announce()
+    await load.until_stop()
     load.check_done()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(load.finished), DRAIN_SECONDS)
@@ -237,15 +216,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
-    try:
-        import uvloop  # noqa: PLC0415
-
-        result = uvloop.run(run(args))
-    except ImportError:
-        result = asyncio.run(run(args))
-    sys.stdout.write(orjson.dumps(asdict(result)).decode() + "\n")
-    return 0
+    return run_and_report(run(parser.parse_args()))
 
 
 if __name__ == "__main__":
