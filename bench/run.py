@@ -147,14 +147,7 @@ def wanted(args: argparse.Namespace, name: str) -> bool:
 def main() -> int:
     """Run the benchmark."""
     args = parse_args()
-    if args.http_driver != "wrk" and not args.python_http:
-        print(
-            "WARNING: wrk is not installed (Debian: apt-get install wrk): the HTTP phases C and"
-            " D use the Python generator, which takes a large share of the cores and"
-            " understates both services; their ratios are not the issue's measurement.",
-            file=sys.stderr,
-            flush=True,
-        )
+    warn_without_wrk(args)
     load_before = os.getloadavg()[0]
     rows: list[Row] = []
     extra_checks: list[Check] = []
@@ -191,7 +184,21 @@ def main() -> int:
     if (errors := errors_line(rows)) is not None:
         print(f"\n{errors}")
     write_results(args, rows, found)
+    warn_without_wrk(args)
     return 0
+
+
+def warn_without_wrk(args: argparse.Namespace) -> None:
+    """Say, before and after the tables, when C and D were not driven by wrk."""
+    if args.http_driver != "wrk" and not args.python_http:
+        print(
+            "\nWARNING: wrk is not installed (Debian, Ubuntu: apt-get install wrk), so the HTTP"
+            " phases C and D fell back to the Python generator, which takes a large share of"
+            " the cores and understates both services: their figures and ratios are not"
+            " comparable with wrk's.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def report_progress(done: Row) -> None:
