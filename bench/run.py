@@ -39,12 +39,13 @@ WS_IN_FLIGHT = 8
 HTTP_CONNECTIONS = (16, 64)
 """C1 and D1 run at each; C100 and D100 at the first."""
 
-ExtraPhases = Callable[[Bench, argparse.Namespace], tuple[list[Row], list[Check]]]
+ExtraPhases = Callable[[Runner], tuple[list[Row], list[Check]]]
 EXTRAS: dict[str, ExtraPhases] = {}
-"""Optional phases from modules of their own, run after the others against the same
-running Bench (a fresh Valkey is theirs to ask for: ``bench.fresh()``): each returns its
-rows (bench.report.row) and checks (bench.report.check), which join the tables. Listed
-here by name; ``--only NAME`` runs one alone, ``--skip NAME`` leaves it out."""
+"""Optional phases from modules of their own, by name, run after E with the same Runner
+(runner.bench: the running services; runner.measure(Phase(...)) runs a phase against
+them, or against a target of the extra's own; runner.args: the options). Each returns
+its rows (bench.report.row) and checks (bench.report.check), which join the tables.
+``--only NAME`` runs one alone, ``--skip NAME`` leaves it out."""
 
 
 def phases(bench: Bench) -> list[Phase]:
@@ -167,11 +168,13 @@ def main() -> int:
                     e = Phase("E", label, "http", bench.bridge_url, 1, rate=rate)
                     rows.append(row(e.name, e.label, e.batch, runner.measure(e)))
                     report_progress(rows[-1])
-            for name, extra in EXTRAS.items():
-                if wanted(args, name):
-                    more_rows, more_checks = extra(bench, args)
-                    rows.extend(more_rows)
-                    extra_checks.extend(more_checks)
+                for name, extra in EXTRAS.items():
+                    if wanted(args, name):
+                        more_rows, more_checks = extra(runner)
+                        rows.extend(more_rows)
+                        extra_checks.extend(more_checks)
+                        for done in more_rows:
+                            report_progress(done)
         finally:
             bench.stop()
     found = checks(rows) + extra_checks
