@@ -132,7 +132,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated phases to run (e.g. A,C1@16,E)")
     parser.add_argument("--skip", help="comma-separated phases to leave out")
     args = parser.parse_args()
-    args.seconds = args.seconds or (3.0 if args.quick else 12.0)
+    args.seconds = args.seconds or (2.0 if args.quick else 12.0)
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)
     args.http_driver = "wrk" if wrk_binary() and not args.python_http else "python"
     return args
