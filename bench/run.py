@@ -39,13 +39,13 @@ WS_IN_FLIGHT = 8
 HTTP_CONNECTIONS = (16, 64)
 """C1 and D1 run at each; C100 and D100 at the first."""
 
-ExtraPhases = Callable[[Runner], tuple[list[Row], list[Check]]]
-EXTRAS: dict[str, ExtraPhases] = {}
-"""Optional phases from modules of their own, by name, run after E with the same Runner
-(runner.bench: the running services; runner.measure(Phase(...)) runs a phase against
-them, or against a target of the extra's own; runner.args: the options). Each returns
-its rows (bench.report.row) and checks (bench.report.check), which join the tables.
-``--only NAME`` runs one alone, ``--skip NAME`` leaves it out."""
+ExtraPhase = Callable[[argparse.Namespace], dict[str, Any] | None]
+EXTRAS: dict[str, ExtraPhase] = {}
+"""Optional phases in modules of their own, by phase name, e.g. ``{"R": replication.phase}``.
+Each runs after the tables, once the services above have stopped (it starts what it
+needs), is given the options (--seconds, --warmup, --quick...), prints its own lines,
+and returns what the JSON results keep under its name (None: nothing). ``--only R``
+runs one alone, ``--skip R`` leaves it out."""
 
 
 def phases(bench: Bench) -> list[Phase]:
@@ -151,7 +151,6 @@ def main() -> int:
     warn_without_wrk(args)
     load_before = os.getloadavg()[0]
     rows: list[Row] = []
-    extra_checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         bench = Bench(args, Path(tmp))
         bench.start()
@@ -168,16 +167,9 @@ def main() -> int:
                     e = Phase("E", label, "http", bench.bridge_url, 1, rate=rate)
                     rows.append(row(e.name, e.label, e.batch, runner.measure(e)))
                     report_progress(rows[-1])
-                for name, extra in EXTRAS.items():
-                    if wanted(args, name):
-                        more_rows, more_checks = extra(runner)
-                        rows.extend(more_rows)
-                        extra_checks.extend(more_checks)
-                        for done in more_rows:
-                            report_progress(done)
         finally:
             bench.stop()
-    found = checks(rows) + extra_checks
+    found = checks(rows)
     print()
     print(describe_run(args, load_before))
     print()
@@ -186,7 +178,8 @@ def main() -> int:
     print(check_table(found))
     if (errors := errors_line(rows)) is not None:
         print(f"\n{errors}")
-    write_results(args, rows, found)
+    extras = {name: extra(args) for name, extra in EXTRAS.items() if wanted(args, name)}
+    write_results(args, rows, found, extras)
     warn_without_wrk(args)
     return 0
 
@@ -213,8 +206,10 @@ def report_progress(done: Row) -> None:
     )
 
 
-def write_results(args: argparse.Namespace, rows: list[Row], found: list[Check]) -> None:
-    """bench/results/latest.json: the settings, every row and every check."""
+def write_results(
+    args: argparse.Namespace, rows: list[Row], found: list[Check], extras: dict[str, Any]
+) -> None:
+    """bench/results/latest.json: the settings, every row, every check, the extras'."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     settings: dict[str, Any] = dict(vars(args))
     RESULTS.write_text(
@@ -225,6 +220,7 @@ def write_results(args: argparse.Namespace, rows: list[Row], found: list[Check])
                 "settings": settings,
                 "phases": rows,
                 "checks": found,
+                "extras": extras,
             },
             indent=2,
         )
