@@ -51,6 +51,7 @@ class Load(Window):
         """Open or opening."""
         self.out = 0
         """Requests sent and not answered."""
+        self.opening: set[asyncio.Task[None]] = set()
         self.drained = asyncio.get_running_loop().create_future()
 
     def request(self) -> bytes:
@@ -68,7 +69,9 @@ class Load(Window):
         missing = min(len(self.backlog), self.args.max_connections - self.connections)
         for _ in range(max(missing, 0)):
             self.connections += 1
-            asyncio.get_running_loop().create_task(self.open())
+            task = asyncio.get_running_loop().create_task(self.open())
+            self.opening.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self.opening.discard)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
