@@ -106,6 +106,12 @@ class RejectedReporter:
             return
         if not self._allowances.take(credential[1]):
             self.over_budget += 1  # not a loss: the server would not record it either
+            if self.over_budget & (self.over_budget - 1) == 0:  # 1st, 2nd, 4th...
+                log.warning(
+                    "rejected-request reports not sent (%d so far): a caller had its share"
+                    " (rejected_reports_per_second)",
+                    self.over_budget,
+                )
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self._lose(f"{MAX_IN_FLIGHT} already in flight")
