@@ -203,6 +203,9 @@ def settings(valkey_cluster: ValkeyCluster) -> Settings:
         valkey_cluster.url,
         f"test-{uuid.uuid4().hex[:8]}",
         redis_cluster=True,
+        # These clusters have no replicas (tests/reliability/cluster/test_failover.py starts
+        # its own with them): writes must not wait for replicas here.
+        confirm_replicas=0,
         partitions=16,
         shutdown_grace_seconds=1.0,
         metrics_addr="",  # no fixed port: the session server may hold the default one
