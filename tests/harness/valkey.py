@@ -108,6 +108,28 @@ class ValkeyProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+def in_sync_replicas(port: int) -> int:
+    """Replicas the server on ``port`` lists as online (past their initial sync)."""
+    with redis.Redis(host=HOST, port=port, socket_timeout=5) as client:
+        info = client.info("replication")
+    return sum(1 for k, v in info.items() if k.startswith("slave") and v.get("state") == "online")
+
+
+def start_replica(primary: ValkeyProcess, workdir: Path, *extra: str) -> ValkeyProcess:
+    """A replica of ``primary`` (one Redis, not a cluster), started and in sync."""
+    with redis.Redis(host=HOST, port=primary.port, socket_timeout=5) as client:
+        client.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after 5 s
+    replica = ValkeyProcess(workdir, "--replicaof", HOST, str(primary.port), *extra)
+    replica.start()
+    deadline = time.monotonic() + 20
+    while in_sync_replicas(primary.port) < 1:
+        if time.monotonic() > deadline:
+            replica.kill()
+            raise RuntimeError("the replica did not sync")
+        time.sleep(0.02)
+    return replica
+
+
 @contextlib.contextmanager
 def valkey_process(workdir: Path, *extra: str) -> Iterator[ValkeyProcess]:
     """A Valkey of the test's own, killed however the test ends."""

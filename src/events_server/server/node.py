@@ -49,18 +49,17 @@ class NodeTransport:
         IngestError as its reply instead of failing the others; a failure of the whole
         (connection, timeout, the writes not confirmed) is raised all the same.
         """
-        unconfirmed: list[StoreUnavailable] = []
 
         async def send(commands: list[Command]) -> list[Any]:
             confirm = self._confirmation.command(deadline)
             if confirm is None:
                 return await self._pipeline(commands)
             # Same connection, same send: the confirmation covers exactly the writes above
-            # (and a duplicate's first copy, through the script's barrier write).
+            # (and a duplicate's first copy, through the script's barrier write). A redo
+            # may use another connection: each send's confirmation must hold.
             replies = await self._pipeline([*commands, confirm])
             if (short := self._confirmation.check(self.name, replies[-1])) is not None:
-                # A redo may use another connection: every confirmation must hold.
-                unconfirmed.append(short)
+                raise short  # the whole pipeline's outcome is unknown: no redo either
             return replies[:-1]
 
         try:
@@ -69,8 +68,6 @@ class NodeTransport:
                 replies = [_refusal(r) if isinstance(r, Exception) else r for r in replies]
             else:
                 _raise_refusal(replies)
-            if unconfirmed:
-                raise unconfirmed[0]
         except RedisError as exc:
             await self.forget_idle_connections()
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
