@@ -56,12 +56,16 @@ def _options(bus_port: int) -> list[str]:
 
 
 class ValkeyCluster:
-    """``size`` cluster-enabled Valkey primaries, each owning an equal range of the slots."""
+    """``size`` cluster-enabled Valkey primaries, each owning an equal range of the slots.
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    ``extra`` valkey-server flags go to every node, replicas included.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, *extra: str) -> None:
         self.bus_ports = [free_port() for _ in range(size)]
+        self.extra = extra
         self.nodes = [
-            ValkeyProcess(workdir / f"node{i}", *_options(bus))
+            ValkeyProcess(workdir / f"node{i}", *_options(bus), *extra)
             for i, bus in enumerate(self.bus_ports)
         ]
         self.replicas: list[ValkeyProcess] = []
@@ -129,16 +133,24 @@ class ValkeyCluster:
 
     def add_replica(self, index: int) -> ValkeyProcess:
         """Start a replica of node ``index``, join it, and wait until it is in sync."""
+        return self.add_replica_of(self.nodes[index].port)
+
+    def add_replica_of(self, port: int) -> ValkeyProcess:
+        """Start a fresh replica of the primary on ``port``, join it, wait until it is in sync."""
         bus_port = free_port()
-        replica = ValkeyProcess(self.workdir / f"replica{len(self.replicas)}", *_options(bus_port))
+        replica = ValkeyProcess(
+            self.workdir / f"replica{len(self.replicas)}", *_options(bus_port), *self.extra
+        )
         self.replicas.append(replica)
         replica.start()
-        with self.client(index) as primary:
+        with redis.Redis(port=port, socket_timeout=5) as primary:
             primary_id = primary.execute_command("CLUSTER", "MYID").decode()
             primary.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after 5 s
         with redis.Redis(port=replica.port, socket_timeout=5) as client:
+            # Any node up will do: the others learn of the newcomer through the bus.
+            live = next(i for i, node in enumerate(self.nodes) if node.running())
             client.execute_command(
-                "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0]
+                "CLUSTER", "MEET", "127.0.0.1", self.nodes[live].port, self.bus_ports[live]
             )
             deadline = time.monotonic() + 20
             while True:
