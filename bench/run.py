@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from bench import replication
 from bench.loadgen import Job, Result, run_job
 from bench.workload import TENANTS
 from events_server.server.auth import new_key
@@ -353,6 +354,7 @@ def main() -> int:
             figure = by_name["E"][field]
             ratios[name] = {"value": figure, "target": f"<= {most}", "met": figure <= most}
     print_table(rows, ratios)
+    confirmation = replication.phase(args)  # R: what replica confirmation costs
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -363,6 +365,7 @@ def main() -> int:
                 "settings": {k: v for k, v in vars(args).items()},
                 "phases": rows,
                 "ratios": ratios,
+                "replication": confirmation,
             },
             indent=2,
         )
