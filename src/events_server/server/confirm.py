@@ -22,9 +22,11 @@ from events_server.server.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-MARGIN_MS = 50
-"""How much sooner than the write's own deadline WAIT gives up: its short reply is
-then read and counted, rather than the connection dropped unread."""
+MARGIN = 0.1
+"""How much sooner than the write's own deadline WAIT gives up (a share of the time left,
+at least MIN_MARGIN_MS): its short reply is then read and counted, rather than the
+connection dropped unread, also on a busy host."""
+MIN_MARGIN_MS = 50
 
 RETRY_SAFE = "the events may or may not be stored; retrying with the same deduplication_ids is safe"
 
@@ -59,8 +61,9 @@ class Confirmation:
         remaining = self._timeout
         if deadline is not None:
             remaining = min(remaining, deadline - asyncio.get_running_loop().time())
+        left_ms = remaining * 1000
         # 0 would mean "wait for ever".
-        ms = max(1, int(remaining * 1000) - MARGIN_MS)
+        ms = max(1, int(left_ms - max(MIN_MARGIN_MS, left_ms * MARGIN)))
         if self.fsync:
             return (b"WAITAOF", 1, self.replicas, ms)
         return (b"WAIT", self.replicas, ms)

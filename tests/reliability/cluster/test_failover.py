@@ -22,18 +22,23 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import redis
 
 from events_server.queue.keys import KeySpace
 from events_server.server.auth import ApiKey
+from events_server.server.script import ENQUEUE_SCRIPT
 from events_server.server.settings import Settings
 from tests.harness.cluster import ValkeyCluster, node_of, user_per_partition
+from tests.harness.data import ev
 from tests.harness.failover import GroupReader, Writers, fail_over, pause
 from tests.harness.keys import store_key
 from tests.harness.processes import ServerProcess, events_env
-from tests.harness.servers import own_settings
+from tests.harness.rpc import ACCEPTED, SERVING, health_of, send, statuses
+from tests.harness.servers import LoopThread, own_settings, serving_stub
 from tests.harness.streams import dump
 
 Figures = Callable[[str], None]
@@ -180,3 +185,52 @@ def test_without_replica_confirmation_the_same_fault_loses_acknowledged_events(
     assert run.unhandled == 0
     # What the test above guards against: if this fault lost nothing, it proved nothing.
     assert run.missing > 0, "the fault lost no acknowledged event: it is too mild to prove a thing"
+
+
+@pytest.mark.slow
+def test_fsync_on_a_cluster_waits_for_each_primarys_disk_and_its_replicas(
+    session_key: tuple[ApiKey, str], tmp_path: Path, loop: LoopThread
+) -> None:
+    cluster = ValkeyCluster(tmp_path / "cluster", 3, *VALKEY)
+    cluster.start()
+    try:
+        for index in range(len(cluster.nodes)):
+            cluster.add_replica(index)
+        settings = own_settings(
+            cluster.url,
+            "fsync",
+            redis_cluster=True,
+            partitions=16,
+            durability="fsync",
+            # appendfsync everysec: a disk may confirm a second later, so more than the
+            # tests' usual 1 s (the production default is 2 s).
+            redis_timeout_seconds=3.0,
+        )
+        keys = KeySpace(settings.key_prefix, settings.partitions)
+        store_key(redis.RedisCluster.from_url(cluster.url), settings.key_prefix, session_key[0])
+        users = user_per_partition(keys)
+        with serving_stub(loop, settings, session_key[1]) as (_, channel, stub):
+            assert health_of(channel) == SERVING
+            for index in range(len(cluster.nodes)):
+                with cluster.client(index) as node:
+                    node.script_load(ENQUEUE_SCRIPT)  # no NOSCRIPT round: exact counts
+                    node.config_resetstat()
+            everywhere = [ev(user_id=u, deduplication_id=f"f{p}") for p, u in users.items()]
+            assert statuses(send(stub, *everywhere)) == [ACCEPTED] * len(everywhere)
+            for index in range(len(cluster.nodes)):
+                with cluster.client(index) as node:
+                    stats: Any = node.info("commandstats")
+                # One WAITAOF 1 1 per node the request touched, after its scripts there.
+                assert stats["cmdstat_waitaof"]["calls"] == 1
+            # WAITAOF counts only replicas that fsync: one without its AOF confirms nothing.
+            with redis.Redis(port=cluster.replicas[0].port, socket_timeout=5) as replica:
+                replica.config_set("appendonly", "no")
+            mine = {p for p in users if node_of(cluster, keys, p) == 0}
+            with pytest.raises(grpc.RpcError) as caught:
+                send(stub, ev(user_id=users[min(mine)], deduplication_id="not-on-its-disk"))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "disk of 0 of the 1 replicas" in (caught.value.details() or "")
+            others = min(set(users) - mine)
+            assert statuses(send(stub, ev(user_id=users[others]))) == [ACCEPTED]
+    finally:
+        cluster.stop()
