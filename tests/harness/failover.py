@@ -10,12 +10,16 @@ promoted, and a fresh replica takes the dead primary's place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -25,12 +29,25 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
+from events_server.server.auth import ApiKey
 from events_server.server.settings import Settings
 from tests.harness.cluster import ValkeyCluster
 from tests.harness.consumers import FAST, Entry
 from tests.harness.data import ev
+from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
+from tests.harness.servers import own_settings
 from tests.harness.valkey import ValkeyProcess
+
+PRODUCTION_VALKEY = (
+    "--appendonly", "yes",
+    # A primary without a replica in sync refuses writes at once (NOREPLICAS), rather than
+    # after a WAIT that cannot succeed.
+    "--min-replicas-to-write", "1",
+    # Every acknowledged write is on the replica: it may always take over, however stale.
+    "--cluster-replica-validity-factor", "0",
+)  # fmt: skip
+"""The Valkey settings of docs/scaling.md (cluster-node-timeout is the harness's 1 s)."""
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 """What a client retries (the bridge's 503 and 429); anything else is a failure."""
@@ -175,9 +192,30 @@ class GroupReader:
 
 
 def pause(process: ValkeyProcess, paused: bool) -> None:
-    """SIGSTOP (paused) or SIGCONT a Valkey process."""
-    assert process.proc is not None
-    os.kill(process.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+    """SIGSTOP (paused) or SIGCONT a Valkey process that runs."""
+    if process.running():
+        assert process.proc is not None
+        os.kill(process.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def replicated_cluster(
+    workdir: Path, key: ApiKey, prefix: str, **overrides: Any
+) -> Iterator[tuple[ValkeyCluster, Settings]]:
+    """3 primaries with a replica each at the Valkey settings of docs/scaling.md, holding
+    ``key``; and server settings for it (16 partitions, ``overrides``)."""
+    cluster = ValkeyCluster(workdir / "cluster", 3, *PRODUCTION_VALKEY)
+    cluster.start()
+    try:
+        for index in range(len(cluster.nodes)):
+            cluster.add_replica(index)
+        settings = own_settings(cluster.url, prefix, redis_cluster=True, partitions=16, **overrides)
+        store_key(redis.RedisCluster.from_url(cluster.url), prefix, key)
+        yield cluster, settings
+    finally:
+        for replica in cluster.replicas:
+            pause(replica, False)  # a stopped process would not stop
+        cluster.stop()
 
 
 def is_primary(process: ValkeyProcess) -> bool:

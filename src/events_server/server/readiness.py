@@ -117,12 +117,14 @@ class ReplicaGauges:
         self._last = Readiness(True)
 
     def update(self, readiness: Readiness) -> None:
-        """Keep the probe's figures (a probe that read no INFO keeps the previous ones)."""
-        if readiness.in_sync:
-            self._last = readiness
+        """Keep the probe's figures."""
+        self._last = readiness
 
     def collect(self) -> Iterable[Metric]:
-        """The gauges of the last probe that read INFO."""
+        """The gauges of the last probe; none when it could not read INFO (rather than
+        stale figures)."""
+        if not self._last.in_sync:
+            return []
         in_sync = GaugeMetricFamily(
             "events_redis_replicas_in_sync",
             "Replicas in sync of each Redis primary, as its INFO lists them (read by readiness).",
