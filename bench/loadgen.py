@@ -106,7 +106,8 @@ class HttpConnection:
 async def _script_sender(job: Job) -> Any:
     """Drives our dedup+enqueue script directly through EventStore: envelopes prebuilt."""
     redis = Redis.from_url(job.target)
-    store = store_for(redis, KeySpace(job.key_prefix, job.partitions), 86_400)
+    keys = KeySpace(job.key_prefix, job.partitions)
+    store = store_for(redis, keys, 86_400)
     context = pb.Envelope(client_ip="127.0.0.1", user_agent="bench").SerializeToString()
 
     async def send(batches: Batches) -> int:
@@ -116,11 +117,11 @@ async def _script_sender(job: Job) -> Any:
             payload = batches.proto_bytes[index]
             if dedup is not None:
                 payload += length_delimited(DEDUP_FIELD, dedup)
+            partition = partition_for(event, job.partitions)
             items.append(
                 (
-                    partition_for(event, job.partitions),
-                    event.tenant,
-                    None if dedup is None else dedup.decode(),
+                    partition,
+                    None if dedup is None else keys.dedup(partition, event.tenant, dedup.decode()),
                     envelope_bytes(payload, context),
                 )
             )

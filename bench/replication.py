@@ -39,7 +39,8 @@ async def measure(
     """Events/s and latency of ``IN_FLIGHT`` writers of ``batch`` events, confirmed by
     ``replicas`` replicas."""
     redis = Redis.from_url(url, max_connections=IN_FLIGHT * 2)
-    store = store_for(redis, KeySpace("bench", PARTITIONS), 3600, replicas=replicas)
+    keys = KeySpace("bench", PARTITIONS)
+    store = store_for(redis, keys, 3600, replicas=replicas)
     ids = itertools.count()
     latencies: list[float] = []
     events = 0
@@ -51,7 +52,8 @@ async def measure(
         nonlocal events
         while (now := time.perf_counter()) < until:
             items: list[Item] = [
-                (n % PARTITIONS, "bench", f"r{n}", b"x" * 200) for n in itertools.islice(ids, batch)
+                (n % PARTITIONS, keys.dedup(n % PARTITIONS, "bench", f"r{n}"), b"x" * 200)
+                for n in itertools.islice(ids, batch)
             ]
             await store.append(items)
             if now >= measuring_from:

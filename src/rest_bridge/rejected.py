@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 
 
 def body_tenants(body: bytes) -> list[str]:
-    """The tenants a request body names, when it parses as a JSON array of objects."""
+    """The tenants a request body names, when it parses as a JSON array of objects (v1) or an
+    object with a ``tenant`` (v2)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         # Not JSON (or nested deeper than orjson goes): the server records it for the
         # key's tenants.
         return []
+    if isinstance(value, dict):
+        return tenants_of([value.get("tenant")])
     if not isinstance(value, list):
         return []
     return tenants_of(item.get("tenant") for item in value if isinstance(item, dict))

@@ -39,11 +39,11 @@ from rest_bridge.cors import MAX_ORIGIN_CHARS, Cors
 from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import WWW_AUTHENTICATE, grpc_error_response
 from rest_bridge.gather import Gatherer
-from rest_bridge.ingest import validate_body
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
 from rest_bridge.upstream import forwarded_metadata, metadata_value
+from rest_bridge.validation import validate_body
 from rest_bridge.ws_frames import (
     MAX_CLOSE_REASON_BYTES,
     Connection,

@@ -18,7 +18,7 @@ from events_server.ops.logs import request_id as current_request_id
 from events_server.server.identity import BRIDGE_ONLY_METHODS, BridgeIdentity
 from events_server.server.identity import current as current_identity
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import client_ip
+from events_server.server.passage import client_ip
 from events_server.server.status import call_events
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 

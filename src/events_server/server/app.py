@@ -248,8 +248,8 @@ async def create_server(
         max_request_bytes=settings.max_request_bytes,
         rejected=rejected,
     )
-    # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw
-    # request bytes (no request_deserializer), so that the caller is authenticated and
+    # Not the generated add_EventsServiceServicer_to_server: CreateEvents (and Track) take
+    # the raw request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
     gathered = GatheredService(events, metrics, settings.log_client_ip)
     server.add_generic_rpc_handlers(
@@ -260,7 +260,11 @@ async def create_server(
                     "CreateEvents": grpc.unary_unary_rpc_method_handler(
                         events.CreateEvents,
                         response_serializer=pb.CreateEventsResponse.SerializeToString,
-                    )
+                    ),
+                    "Track": grpc.unary_unary_rpc_method_handler(
+                        events.Track,
+                        response_serializer=pb.CreateEventsResponse.SerializeToString,
+                    ),
                 },
             ),
             # The bridge's gathered calls: raw bytes too, each sub-request's events parsed

@@ -1,11 +1,12 @@
 """BridgeIngest.CreateEventsGathered: the REST bridge's requests, several to a call.
 
 The bridge sends what arrived while its previous calls were out in one call (group
-commit, rest_bridge.gather). Each sub-request takes the steps a CreateEvents call of its
-own takes (``EventsService``: admit its key or storefront origin, parse, validate, check
-its tenants, charge its rate) and gets the status and per-event results that call would
-end with; what they queue is written by one store append (one pipeline of per-partition
-scripts for all of them). A sub-request's refusal touches no other.
+commit, rest_bridge.gather). Each sub-request takes the steps a call of its own takes (a
+CreateEvents call, or a Track call by its kind; ``EventsService``: admit its key or
+storefront origin, parse, validate, check its tenants, charge its rate) and gets the
+status and per-event results that call would end with; what they queue is written by one
+store append (one pipeline of per-partition scripts for all of them). A sub-request's
+refusal touches no other.
 
 Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
 EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
@@ -37,7 +38,8 @@ from events_server.server.access import access_line
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import NO_EVENTS, EventsService, Passage
+from events_server.server.passage import Passage
+from events_server.server.service import EventsService
 from events_server.server.status import QUIET_CODES, abort, grpc_status
 from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
 from events_server.wire.violations import FieldViolation
@@ -51,8 +53,8 @@ BRIDGE_TURNS = "bridge:gathered"
 MAX_SUB_REQUESTS = 1024
 """Most requests one gathered call may carry (the bridge sends at most its gather bound)."""
 
-SUB_METHOD = f"/{SERVICE_NAME}/CreateEvents"
-"""What a sub-request's access line names: the call it stands for."""
+SUB_METHOD = f"/{SERVICE_NAME}/{{}}"
+"""What a sub-request's access line names: the call it stands for (CreateEvents, Track)."""
 
 
 class GatheredService:
@@ -104,7 +106,8 @@ class GatheredService:
                         dict(sub.metadata),
                         peer,
                         sub.ws_message_id if sub.HasField("ws_message_id") else None,
-                        received_at,
+                        received_at=received_at,
+                        kind=sub.kind,
                     )
                     for sub in gathered.requests
                 ]
@@ -162,10 +165,10 @@ class GatheredService:
                 metadata = passage.metadata
                 access_line(
                     logging.INFO,
-                    SUB_METHOD,
+                    SUB_METHOD.format(passage.method),
                     code,
                     seconds=time.time() - passage.received_at.ToNanoseconds() / 1e9,
-                    events=None if passage.request is NO_EVENTS else len(passage.request.events),
+                    events=len(passage.request.events) if passage.parsed else None,
                     response=passage.reply,
                     metadata=metadata,
                     client=client_ip_for_log(passage.client_ip, self._ip_mode),

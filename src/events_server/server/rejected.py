@@ -40,6 +40,7 @@ from events_server.wire.rejected import (
     PAYLOAD_LIMIT,
     tenants_of,
 )
+from events_server.wire.tracked import message_of, tracked_to_dict
 from events_server.wire.violations import FieldViolation
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,27 @@ def tenants_for(named: Iterable[object], caller: Caller) -> list[str]:
     return covered or list(caller.tenants[:MAX_TENANTS])
 
 
-def events_payload(request: pb.CreateEventsRequest) -> tuple[bytes, int]:
-    """The start of a gRPC request's events as contract JSON, and the request's size."""
+def _tenant(event: pb.Event | pb.TrackedEvent) -> str:
+    if isinstance(event, pb.Event):
+        return event.tenant
+    message = message_of(event)
+    return "" if message is None else message.tenant
+
+
+def _to_dict(event: pb.Event | pb.TrackedEvent) -> dict[str, Any]:
+    return event_to_dict(event) if isinstance(event, pb.Event) else tracked_to_dict(event)
+
+
+def events_payload(request: pb.CreateEventsRequest | pb.TrackRequest) -> tuple[bytes, int]:
+    """The start of a gRPC request's events as JSON (a CreateEvents event in the contract's
+    form, a Track event as ``{kind: {...}}``), and the request's size."""
     # The request's own size: a copy of its events to measure would cost more than
     # the parse (seconds for a request of a million tiny events).
     size = request.ByteSize()
     parts: list[bytes] = []
     length = 0
     for event in request.events:
-        part = json.dumps(event_to_dict(event), ensure_ascii=False).encode()
+        part = json.dumps(_to_dict(event), ensure_ascii=False).encode()
         parts.append(part)
         length += len(part) + 1
         if length > PAYLOAD_LIMIT:
@@ -136,10 +149,13 @@ class RejectedLog:
             log.warning("rejected-request record not written: %s: %s", type(exc).__name__, exc)
 
     def record_invalid_events(
-        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], caller: Caller
+        self,
+        request: pb.CreateEventsRequest | pb.TrackRequest,
+        violations: Sequence[FieldViolation],
+        caller: Caller,
     ) -> None:
-        """Record a CreateEvents call refused as invalid (in the background)."""
-        tenants = tenants_for((event.tenant for event in request.events), caller)
+        """Record a CreateEvents or Track call refused as invalid (in the background)."""
+        tenants = tenants_for(map(_tenant, request.events), caller)
         payload, size = events_payload(request)
         self.record_soon(
             pb.RejectedRequest(

@@ -75,7 +75,10 @@ class Settings(BaseSettings):
         " to other partitions.",
     )
     dedup_ttl_seconds: int = Field(
-        86_400, ge=1, description="How long a deduplication_id is remembered per tenant, seconds."
+        86_400,
+        ge=1,
+        description="How long a deduplication_id (and a purchase's or transaction mapping's"
+        " transaction_id) is remembered per tenant, seconds.",
     )
     key_prefix: str = Field(
         "ev", min_length=1, description="Prefix of every Redis key the service writes."
