@@ -7,6 +7,7 @@ tests of its folder.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tests.harness.data import ev
 from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
 from tests.harness.servers import LoopThread, own_settings, started_server, stop
-from tests.harness.valkey import ValkeyProcess, free_port
+from tests.harness.valkey import ValkeyProcess, free_port, wait_for_first_ack
 
 SLOTS = 16384
 
@@ -166,7 +167,27 @@ class ValkeyCluster:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the replica did not sync")
                 time.sleep(0.05)
+        wait_for_first_ack(port, self.key_of(port))
         return replica
+
+    def key_of(self, port: int) -> str:
+        """A key of a slot the primary on ``port`` serves."""
+        with redis.Redis(port=port, socket_timeout=5) as primary:
+            myself = next(
+                line.split()
+                for line in primary.execute_command("CLUSTER", "NODES").decode().splitlines()
+                if "myself" in line.split()[2]
+            )
+        # <id> <addr> <flags> <primary> <ping> <pong> <epoch> <link-state> <slot ranges>...
+        ranges = [
+            (int(first), int(last or first))
+            for first, _, last in (r.partition("-") for r in myself[8:] if r[0].isdigit())
+        ]
+        for n in itertools.count():
+            slot = key_slot((key := f"{{h{n}}}").encode())
+            if any(first <= slot <= last for first, last in ranges):
+                return key
+        raise AssertionError("unreachable")
 
     def restart(self, index: int) -> None:
         """Start a killed node again; it rejoins from its nodes.conf (same id, same slots)."""

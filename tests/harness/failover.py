@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import connect
 from events_server.queue.keys import KeySpace
 from events_server.server.auth import ApiKey
+from events_server.server.routing import partition_for_tracked
 from events_server.server.settings import Settings
 from tests.harness.cluster import ValkeyCluster
 from tests.harness.consumers import FAST, Entry
-from tests.harness.data import ev
+from tests.harness.data import ev, purchase
 from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
 from tests.harness.servers import own_settings
@@ -75,11 +77,14 @@ class Writes:
     """Status codes of the refusals."""
     given_up: int = 0
     """Batches never acknowledged within the writers' bound (a failure)."""
+    purchases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Transaction id -> when its purchase was first sent and when acknowledged."""
 
 
 class Writers:
     """``count`` threads writing batches of ``batch`` events until stopped, each batch retried
-    until acknowledged (or until ``bound`` seconds after the stop: then counted as given up)."""
+    until acknowledged (or until ``bound`` seconds after the stop: then counted as given up);
+    and one buying, when ``purchases`` names the partitions its orders must go to."""
 
     def __init__(
         self,
@@ -90,6 +95,7 @@ class Writers:
         count: int = 6,
         batch: int = 50,
         bound: float = 60.0,
+        purchases: Collection[int] = (),
     ) -> None:
         self.writes = Writes()
         self.burst = threading.Event()
@@ -101,6 +107,8 @@ class Writers:
         self._threads = [
             threading.Thread(target=self._write, args=(w,), daemon=True) for w in range(count)
         ]
+        if purchases:
+            self._threads.append(threading.Thread(target=self._buy, args=(purchases,), daemon=True))
 
     def start(self) -> None:
         """Start writing."""
@@ -125,7 +133,8 @@ class Writers:
                 extra = {"variant_ids": BURST_VARIANTS} if self.burst.is_set() else {}
                 user = self._users[partition]
                 events = [ev(user_id=user, deduplication_id=d, **extra) for d in ids]
-                if not self.send(stub, pb.CreateEventsRequest(events=events), partition):
+                request = pb.CreateEventsRequest(events=events)
+                if not self.send(stub.CreateEvents, request, partition):
                     return
                 with self.writes.lock:
                     self.writes.acked.update(ids)
@@ -133,16 +142,31 @@ class Writers:
                     self.writes.acks.append((now, partition))
                 n += 1
 
-    def send(
-        self,
-        stub: events_pb2_grpc.EventsServiceStub,
-        request: pb.CreateEventsRequest,
-        partition: int,
-    ) -> bool:
+    def _buy(self, partitions: Collection[int]) -> None:
+        """One purchase after another, each of a new transaction routed to ``partitions``,
+        each resent until acknowledged (a shopper's thank-you page reloaded, or the shop's
+        backend retrying)."""
+        with keyed_channel(self._target, self._secret) as channel:
+            stub = events_pb2_grpc.EventsServiceStub(channel)
+            for n in itertools.count():
+                if self._stop.is_set():
+                    return
+                order = purchase(transaction_id=f"T-{n}")
+                partition = partition_for_tracked(order.purchase, len(self._users))
+                if partition not in partitions:
+                    continue
+                sent = time.monotonic()
+                if not self.send(stub.Track, pb.TrackRequest(events=[order]), partition):
+                    return
+                with self.writes.lock:
+                    self.writes.purchases[order.purchase.transaction_id] = (sent, time.monotonic())
+                time.sleep(0.01)
+
+    def send(self, call: Any, request: Any, partition: int) -> bool:
         """Send until acknowledged: True; False when refused for good or past the bound."""
         while True:
             try:
-                stub.CreateEvents(request, timeout=5)
+                call(request, timeout=5)
                 return True
             except grpc.RpcError as error:
                 with self.writes.lock:

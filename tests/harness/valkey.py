@@ -127,7 +127,28 @@ def start_replica(primary: ValkeyProcess, workdir: Path, *extra: str) -> ValkeyP
             replica.kill()
             raise RuntimeError("the replica did not sync")
         time.sleep(0.02)
+    wait_for_first_ack(primary.port)
     return replica
+
+
+def wait_for_first_ack(port: int, key: str = "harness:first-ack") -> None:
+    """Until a replica of the primary on ``port`` has acknowledged a write (of ``key``, which
+    must be the primary's own on a cluster): a replica just synced answers its first WAIT
+    only at its next periodic acknowledgement, up to a second later."""
+    deadline = time.monotonic() + 10
+    with redis.Redis(host=HOST, port=port, socket_timeout=10) as client:
+        while True:
+            try:
+                # WAIT covers this connection's writes: without one it would answer at once.
+                client.set(key, 1)
+                client.delete(key)
+                break
+            except redis.ResponseError as refused:  # NOREPLICAS: min-replicas-to-write
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the primary refuses writes") from refused
+                time.sleep(0.05)
+        if client.execute_command("WAIT", 1, 5000) < 1:
+            raise RuntimeError("the replica acknowledged nothing")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ MARGIN = 0.1
 """How much sooner than the write's own deadline WAIT gives up (a share of the time left,
 at least MIN_MARGIN_MS): its short reply is then read and counted, rather than the
 connection dropped unread, also on a busy host."""
-MIN_MARGIN_MS = 50
+MIN_MARGIN_MS = 100
 
 RETRY_SAFE = "the events may or may not be stored; retrying with the same deduplication_ids is safe"
 

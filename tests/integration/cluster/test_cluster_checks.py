@@ -82,7 +82,7 @@ def test_primaries_without_the_replicas_writes_need_refuse_them(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The production default on a cluster (a replica per primary), on one that has none.
-    wanting = settings.model_copy(update={"confirm_replicas": "auto", "redis_timeout_seconds": 0.5})
+    wanting = settings.model_copy(update={"confirm_replicas": "auto"})
     assert wanting.replicas_to_confirm == 1
     with (
         caplog.at_level(logging.WARNING, logger="events_server"),
