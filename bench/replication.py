@@ -1,7 +1,7 @@
 """What replica confirmation costs: the enqueue store on a primary with one replica, each
 write acknowledged at once (EVENTS_CONFIRM_REPLICAS=0) or after WAIT 1 on its connection.
 
-python -m bench.replication [--seconds S]   (make bench runs it after its phases)
+python -m bench.replication [--seconds S]   (make bench runs it last, as phase R)
 
 The store's own write path (EventStore, one pipeline per request), at 1 and 100 events a
 request, 32 requests in flight from one process, best of two interleaved runs each: the
@@ -116,10 +116,8 @@ def run(seconds: float = 4.0, warmup: float = 1.0) -> dict[str, Any]:
 
 
 def phase(args: argparse.Namespace) -> dict[str, Any] | None:
-    """make bench's phase R (after the others, on a Valkey pair of its own), unless
-    ``--only`` leaves it out."""
-    if args.only and "R" not in args.only.split(","):
-        return None
+    """make bench's phase R (bench.run's EXTRAS: after the others, on a Valkey pair of its
+    own): its rows and ratios, for the JSON results."""
     return run(min(args.seconds, 3.0), min(args.warmup, 0.5))
 
 

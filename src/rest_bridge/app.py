@@ -20,6 +20,7 @@ from pydantic import WithJsonSchema
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
+from rest_bridge.admission import Admission
 from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ConnectionGuard
@@ -219,7 +220,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
-    rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
+    rejected = RejectedReporter(
+        lambda: api.state.rejected,
+        settings.grpc_timeout_seconds,
+        settings.rejected_reports_per_second,
+    )
     cors = Cors(lambda: api.state.origins, settings)
     counters = BridgeMetrics()
     gatherer = Gatherer(
@@ -233,9 +238,12 @@ def create_app(settings: BridgeSettings) -> Bridge:
         observe=counters.gathered,
     )
     parser = BodyParser(settings)  # one pool of parse processes for every route
-    create_events = v1.CreateEvents(settings, gatherer, cors, parser, rejected)
-    track = v2.Track(settings, gatherer, cors, parser, rejected)
-    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected, gatherer)
+    admission = Admission(lambda: api.state.origins, settings)  # who, before any body is read
+    create_events = v1.CreateEvents(settings, gatherer, cors, parser, rejected, admission)
+    track = v2.Track(settings, gatherer, cors, parser, rejected, admission)
+    ws = WebSocketIngest(
+        settings, lambda: api.state.events, cors, counters, rejected, gatherer, admission
+    )
     bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer, track)
 
     @api.get("/metrics", include_in_schema=False)

@@ -41,6 +41,7 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+from rest_bridge.deadlines import CallDeadlines
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +322,13 @@ class Gatherer:
     async def _call(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        timeout = max(min(p.deadline for p in batch) - now, 0.001)
-        for pending in batch:  # the server counts it in the call's budget
+        # The call lasts as long as its freshest request may: an old one must not cut the
+        # others' time short. Each keeps its own deadline (CallDeadlines), and the server
+        # takes each one's wait out of that one's budget.
+        latest = max(p.deadline for p in batch)
+        timeout = max(latest - now, 0.001)
+        deadlines = CallDeadlines(batch, latest)
+        for pending in batch:
             pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
             reply = await self._stub().CreateEventsGathered(
@@ -369,6 +375,8 @@ class Gatherer:
                         )
                     )
             raise
+        finally:
+            deadlines.cancel()
         for pending, response in zip(batch, reply.responses, strict=False):
             if pending.future.done():
                 continue

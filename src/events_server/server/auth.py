@@ -299,8 +299,12 @@ class Authenticator:
                 " registered storefront origin",
                 "missing_key",
             )
-        asks = self._strangers.allows(peer)
-        key = await self._lookup(digest_of(secret), fetch=asks)
+        digest = digest_of(secret)
+        # A key found before is looked up again whatever its address spent: a flood of
+        # made-up keys from a client's address (one NAT, or a proxy not counted in
+        # EVENTS_FORWARDED_HOPS) must not lock out the keys in use there.
+        asks = self._strangers.allows(peer) or self._lookup.found_before(digest)
+        key = await self._lookup(digest, fetch=asks)
         if key is None:
             if asks:  # refusals past the allowance cost nothing, so they take nothing
                 self._strangers.spend(peer)

@@ -87,16 +87,16 @@ class GatheredService:
             # Parsed before its turn (from the bridge alone, and cheap: each sub-request's
             # events stay bytes), to learn how long its requests already waited there.
             gathered = _parse(raw)
-            # One budget, as for a call of its own, from when its oldest request arrived
-            # at the bridge: a hung Redis costs a request the budget once, its wait for
-            # this call included, not the budget on top of the wait.
-            waited = max((sub.waited_us for sub in gathered.requests), default=0) / 1e6
-            if waited >= events.write_seconds:
-                raise StoreUnavailable(
-                    f"the call's requests waited {waited:.3f}s in the REST bridge, past the"
-                    f" server's budget ({events.write_seconds:g}s); nothing was queued"
-                )
-            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited
+            # A budget per request, as for a call of its own, from when it arrived at the
+            # bridge: a hung Redis costs a request the budget once, its wait for this call
+            # included. One that waited it all is refused alone (see ``_stale``); the call
+            # works to the freshest's deadline, so an old request never fails fresh ones.
+            budget_us = int(events.write_seconds * 1e6)
+            waited = min(
+                (sub.waited_us for sub in gathered.requests if sub.waited_us < budget_us),
+                default=0,
+            )
+            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
             async with events.limiter.turn(BRIDGE_TURNS, deadline):
                 received_at = Timestamp()
                 received_at.FromNanoseconds(time.time_ns())
@@ -112,7 +112,7 @@ class GatheredService:
                     for sub in gathered.requests
                 ]
                 self._metrics.gathered(len(passages))
-                await self._work(passages, deadline)
+                await self._work(_stale(passages, gathered, events.write_seconds), deadline)
         except IngestError as error:  # no turn came, or not a GatheredRequest: the whole call
             code, message, _ = grpc_status(error)
             if code not in QUIET_CODES:
@@ -194,6 +194,23 @@ def _request_id(passage: Passage) -> str:
     if passage.request_id is None:
         passage.request_id = accept_request_id(passage.metadata.get(REQUEST_ID_HEADER))
     return passage.request_id
+
+
+def _stale(passages: list[Passage], gathered: pb.GatheredRequest, budget: float) -> list[Passage]:
+    """The passages to work on; those whose request waited the whole budget in the bridge
+    are refused, each alone, as its own call would have timed out."""
+    fresh = []
+    for passage, sub in zip(passages, gathered.requests, strict=True):
+        if sub.waited_us >= budget * 1e6:
+            passage.fail(
+                StoreUnavailable(
+                    f"the request waited {sub.waited_us / 1e6:.3f}s in the REST bridge, past"
+                    f" the server's budget ({budget:g}s); nothing was queued"
+                )
+            )
+        else:
+            fresh.append(passage)
+    return fresh
 
 
 def _parse(raw: bytes) -> pb.GatheredRequest:

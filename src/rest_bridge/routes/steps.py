@@ -16,6 +16,7 @@ import grpc
 import orjson
 
 from events_server.pb import events_pb2 as pb
+from rest_bridge.admission import Admission
 from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
@@ -75,15 +76,17 @@ class JsonPost:
     locate: staticmethod[[str], list[str | int]] = staticmethod(v1_field_loc)
     """Where a field the server's violations name was in the request's JSON body."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917
         self,
         settings: BridgeSettings,
         gatherer: Gatherer,
         cors: Cors,
         parser: BodyParser,
-        rejected: RejectedReporter | None = None,
+        rejected: RejectedReporter | None,
+        admission: Admission,
     ) -> None:
         self._settings = settings
+        self._admission = admission
         self._gatherer = gatherer
         self._cors = cors
         self._rejected = rejected
@@ -104,6 +107,8 @@ class JsonPost:
         try:
             check_media_type(headers.get(b"content-type"), source)
             gzipped = is_gzipped(headers.get(b"content-encoding"))
+            if (denied := await self._admission.before_body(scope, headers, key)) is not None:
+                raise BodyRefused(denied)  # unread: nothing costly before the caller is known
             async with asyncio.timeout(self._settings.body_timeout_seconds):
                 body = await read_body(
                     receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
