@@ -54,8 +54,8 @@ PRODUCTION_VALKEY = (
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 """What a client retries (the bridge's 503 and 429); anything else is a failure."""
 
-BURST_VARIANTS = [f"variant-{n:03d}-{'x' * 52}" for n in range(200)]
-"""A listing's worth of variant ids: about 12 KB of an event."""
+BURST_VARIANTS = [f"variant-{n:03d}-{'x' * 52}" for n in range(400)]
+"""A long listing's worth of variant ids: about 24 KB of an event."""
 
 READER = FAST.model_copy(update={"batch_size": 200, "max_deliveries": 100})
 """Quick reclaims; big batches to keep up with the writers; no dead letters (never fails)."""
@@ -84,7 +84,8 @@ class Writes:
 class Writers:
     """``count`` threads writing batches of ``batch`` events until stopped, each batch retried
     until acknowledged (or until ``bound`` seconds after the stop: then counted as given up);
-    and one buying, when ``purchases`` names the partitions its orders must go to."""
+    and one buying, each order to a partition of ``shard``, when it names some. During a
+    ``burst`` the batches go to ``shard`` too, with larger events."""
 
     def __init__(
         self,
@@ -95,11 +96,12 @@ class Writers:
         count: int = 6,
         batch: int = 50,
         bound: float = 60.0,
-        purchases: Collection[int] = (),
+        shard: Collection[int] = (),
     ) -> None:
         self.writes = Writes()
         self.burst = threading.Event()
-        """Set: events carry BURST_VARIANTS too (about 12 KB each)."""
+        """Set: batches go to ``shard`` (when given) and carry BURST_VARIANTS (~24 KB an event)."""
+        self._shard = sorted(shard)
         self._target, self._secret, self._users = target, secret, users
         self._batch, self._bound = batch, bound
         self._stop = threading.Event()
@@ -107,8 +109,8 @@ class Writers:
         self._threads = [
             threading.Thread(target=self._write, args=(w,), daemon=True) for w in range(count)
         ]
-        if purchases:
-            self._threads.append(threading.Thread(target=self._buy, args=(purchases,), daemon=True))
+        if shard:
+            self._threads.append(threading.Thread(target=self._buy, args=(shard,), daemon=True))
 
     def start(self) -> None:
         """Start writing."""
@@ -128,9 +130,11 @@ class Writers:
             stub = events_pb2_grpc.EventsServiceStub(channel)
             n = 0
             while not self._stop.is_set():
-                partition = partitions[(writer + n) % len(partitions)]
+                burst = self.burst.is_set()
+                among = self._shard if burst and self._shard else partitions
+                partition = among[(writer + n) % len(among)]
                 ids = [f"w{writer}-{n}-{i}" for i in range(self._batch)]
-                extra = {"variant_ids": BURST_VARIANTS} if self.burst.is_set() else {}
+                extra = {"variant_ids": BURST_VARIANTS} if burst else {}
                 user = self._users[partition]
                 events = [ev(user_id=user, deduplication_id=d, **extra) for d in ids]
                 request = pb.CreateEventsRequest(events=events)
@@ -261,8 +265,8 @@ def fail_over(
 
     A SIGKILLed process's socket still delivers what the kernel holds of its replication
     stream, several MB on loopback (a dead host's would not): only what the primary's own
-    buffer holds is lost. The writers' burst of larger events during the pause is what
-    fills the kernel's buffers, so that the replica really lags.
+    buffer holds is lost. The writers' burst of larger events to that shard during the
+    pause is what fills the kernel's buffers, so that the replica really lags.
     """
     replica = cluster.replicas[index]
     pause(replica, True)

@@ -3,11 +3,15 @@
 A 3-primary + 3-replica cluster at the Valkey settings docs/scaling.md gives, the server
 (a process of its own) at its production settings (EVENTS_REDIS_CLUSTER=true, replica
 confirmation at its default), six writers whose events all carry a deduplication_id and
-are retried until acknowledged, and a consumer group reading all along. The replica of
-the busiest primary is paused for a second, so that it lags; that primary is SIGKILLed;
+are retried until acknowledged, one resending purchases until acknowledged, and a
+consumer group reading all along. The replica of the busiest primary is paused for a
+second, while the writers send larger events to that shard (on loopback the kernel's
+socket buffers, which survive a killed process, would otherwise hold the whole lag: see
+tests/harness/failover.py), so that it lags; that primary is SIGKILLed;
 its replica takes over (automatically, or by CLUSTER FAILOVER TAKEOVER when that does not
 come in time), a fresh replica replaces the dead primary, and writing goes on. Then every
-acknowledged event is in the streams exactly once, and the consumers handled each entry.
+acknowledged event and purchase is in the streams exactly once, and the consumers
+handled each entry.
 
 The same fault with EVENTS_CONFIRM_REPLICAS=0 must lose acknowledged events: without
 that, the fault would prove nothing. This folder's conftest.py is not used here: each run
@@ -110,7 +114,7 @@ def fault(
     shards = Counter(node_of(cluster, keys, p) for p in range(keys.partitions))
     busiest = shards.most_common(1)[0][0]
     theirs = {p for p in range(keys.partitions) if node_of(cluster, keys, p) == busiest}
-    writers = Writers(target, secret, user_per_partition(keys), purchases=theirs)
+    writers = Writers(target, secret, user_per_partition(keys), shard=theirs)
     reader = GroupReader(settings, keys, "failover")
     reader.start()
     writers.start()
