@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import replication
 from bench.phases import Phase, Runner
 from bench.report import Check, Row, check, check_table, errors_line, phase_table, row
 from bench.services import Bench
@@ -40,7 +41,7 @@ HTTP_CONNECTIONS = (16, 64)
 """C1 and D1 run at each; C100 and D100 at the first."""
 
 ExtraPhase = Callable[[argparse.Namespace], dict[str, Any] | None]
-EXTRAS: dict[str, ExtraPhase] = {}
+EXTRAS: dict[str, ExtraPhase] = {"R": replication.phase}
 """Optional phases in modules of their own, by phase name, e.g. ``{"R": replication.phase}``.
 Each runs after the tables, once the services above have stopped (it starts what it
 needs), is given the options (--seconds, --warmup, --quick...), prints its own lines,

@@ -7,6 +7,7 @@ tests of its folder.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tests.harness.data import ev
 from tests.harness.keys import store_key
 from tests.harness.rpc import keyed_channel
 from tests.harness.servers import LoopThread, own_settings, started_server, stop
-from tests.harness.valkey import ValkeyProcess, free_port
+from tests.harness.valkey import ValkeyProcess, free_port, wait_for_first_ack
 
 SLOTS = 16384
 
@@ -56,12 +57,16 @@ def _options(bus_port: int) -> list[str]:
 
 
 class ValkeyCluster:
-    """``size`` cluster-enabled Valkey primaries, each owning an equal range of the slots."""
+    """``size`` cluster-enabled Valkey primaries, each owning an equal range of the slots.
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    ``extra`` valkey-server flags go to every node, replicas included.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, *extra: str) -> None:
         self.bus_ports = [free_port() for _ in range(size)]
+        self.extra = extra
         self.nodes = [
-            ValkeyProcess(workdir / f"node{i}", *_options(bus))
+            ValkeyProcess(workdir / f"node{i}", *_options(bus), *extra)
             for i, bus in enumerate(self.bus_ports)
         ]
         self.replicas: list[ValkeyProcess] = []
@@ -129,16 +134,24 @@ class ValkeyCluster:
 
     def add_replica(self, index: int) -> ValkeyProcess:
         """Start a replica of node ``index``, join it, and wait until it is in sync."""
+        return self.add_replica_of(self.nodes[index].port)
+
+    def add_replica_of(self, port: int) -> ValkeyProcess:
+        """Start a fresh replica of the primary on ``port``, join it, wait until it is in sync."""
         bus_port = free_port()
-        replica = ValkeyProcess(self.workdir / f"replica{len(self.replicas)}", *_options(bus_port))
+        replica = ValkeyProcess(
+            self.workdir / f"replica{len(self.replicas)}", *_options(bus_port), *self.extra
+        )
         self.replicas.append(replica)
         replica.start()
-        with self.client(index) as primary:
+        with redis.Redis(port=port, socket_timeout=5) as primary:
             primary_id = primary.execute_command("CLUSTER", "MYID").decode()
             primary.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after 5 s
         with redis.Redis(port=replica.port, socket_timeout=5) as client:
+            # Any node up will do: the others learn of the newcomer through the bus.
+            live = next(i for i, node in enumerate(self.nodes) if node.running())
             client.execute_command(
-                "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0]
+                "CLUSTER", "MEET", "127.0.0.1", self.nodes[live].port, self.bus_ports[live]
             )
             deadline = time.monotonic() + 20
             while True:
@@ -154,7 +167,27 @@ class ValkeyCluster:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the replica did not sync")
                 time.sleep(0.05)
+        wait_for_first_ack(port, self.key_of(port))
         return replica
+
+    def key_of(self, port: int) -> str:
+        """A key of a slot the primary on ``port`` serves."""
+        with redis.Redis(port=port, socket_timeout=5) as primary:
+            myself = next(
+                line.split()
+                for line in primary.execute_command("CLUSTER", "NODES").decode().splitlines()
+                if "myself" in line.split()[2]
+            )
+        # <id> <addr> <flags> <primary> <ping> <pong> <epoch> <link-state> <slot ranges>...
+        ranges = [
+            (int(first), int(last or first))
+            for first, _, last in (r.partition("-") for r in myself[8:] if r[0].isdigit())
+        ]
+        for n in itertools.count():
+            slot = key_slot((key := f"{{h{n}}}").encode())
+            if any(first <= slot <= last for first, last in ranges):
+                return key
+        raise AssertionError("unreachable")
 
     def restart(self, index: int) -> None:
         """Start a killed node again; it rejoins from its nodes.conf (same id, same slots)."""
@@ -203,6 +236,9 @@ def settings(valkey_cluster: ValkeyCluster) -> Settings:
         valkey_cluster.url,
         f"test-{uuid.uuid4().hex[:8]}",
         redis_cluster=True,
+        # These clusters have no replicas (tests/reliability/cluster/test_failover.py starts
+        # its own with them): writes must not wait for replicas here.
+        confirm_replicas=0,
         partitions=16,
         shutdown_grace_seconds=1.0,
         metrics_addr="",  # no fixed port: the session server may hold the default one

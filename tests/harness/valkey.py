@@ -108,6 +108,49 @@ class ValkeyProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+def in_sync_replicas(port: int) -> int:
+    """Replicas the server on ``port`` lists as online (past their initial sync)."""
+    with redis.Redis(host=HOST, port=port, socket_timeout=5) as client:
+        info = client.info("replication")
+    return sum(1 for k, v in info.items() if k.startswith("slave") and v.get("state") == "online")
+
+
+def start_replica(primary: ValkeyProcess, workdir: Path, *extra: str) -> ValkeyProcess:
+    """A replica of ``primary`` (one Redis, not a cluster), started and in sync."""
+    with redis.Redis(host=HOST, port=primary.port, socket_timeout=5) as client:
+        client.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after 5 s
+    replica = ValkeyProcess(workdir, "--replicaof", HOST, str(primary.port), *extra)
+    replica.start()
+    deadline = time.monotonic() + 20
+    while in_sync_replicas(primary.port) < 1:
+        if time.monotonic() > deadline:
+            replica.kill()
+            raise RuntimeError("the replica did not sync")
+        time.sleep(0.02)
+    wait_for_first_ack(primary.port)
+    return replica
+
+
+def wait_for_first_ack(port: int, key: str = "harness:first-ack") -> None:
+    """Until a replica of the primary on ``port`` has acknowledged a write (of ``key``, which
+    must be the primary's own on a cluster): a replica just synced answers its first WAIT
+    only at its next periodic acknowledgement, up to a second later."""
+    deadline = time.monotonic() + 10
+    with redis.Redis(host=HOST, port=port, socket_timeout=10) as client:
+        while True:
+            try:
+                # WAIT covers this connection's writes: without one it would answer at once.
+                client.set(key, 1)
+                client.delete(key)
+                break
+            except redis.ResponseError as refused:  # NOREPLICAS: min-replicas-to-write
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the primary refuses writes") from refused
+                time.sleep(0.05)
+        if client.execute_command("WAIT", 1, 5000) < 1:
+            raise RuntimeError("the replica acknowledged nothing")
+
+
 @contextlib.contextmanager
 def valkey_process(workdir: Path, *extra: str) -> Iterator[ValkeyProcess]:
     """A Valkey of the test's own, killed however the test ends."""

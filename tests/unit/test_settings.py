@@ -25,9 +25,23 @@ def test_max_request_bytes_must_hold_one_event_of_max_event_bytes() -> None:
         Settings(**{**base, "max_request_bytes": 65_536})
 
 
-def test_fsync_durability_is_refused_on_a_cluster() -> None:
-    with pytest.raises(ValidationError, match="not supported with redis_cluster"):
-        Settings(durability="fsync", redis_cluster=True)
+def test_replica_confirmation_is_on_by_default_on_a_cluster_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The documented deployment (a cluster, a replica per primary) acknowledges only
+    # replicated writes; one Redis with no replica (make run) keeps working as it did.
+    assert Settings().replicas_to_confirm == 0
+    assert Settings(redis_cluster=True).replicas_to_confirm == 1
+    monkeypatch.setenv("EVENTS_CONFIRM_REPLICAS", "0")
+    assert Settings(redis_cluster=True).replicas_to_confirm == 0
+    monkeypatch.setenv("EVENTS_CONFIRM_REPLICAS", "2")
+    assert Settings().replicas_to_confirm == 2
+    monkeypatch.setenv("EVENTS_CONFIRM_REPLICAS", "Auto")
+    assert Settings(durability="fsync", redis_cluster=True).replicas_to_confirm == 1
+    for wrong in ("-1", "some", "17"):
+        monkeypatch.setenv("EVENTS_CONFIRM_REPLICAS", wrong)
+        with pytest.raises(ValidationError, match="confirm_replicas"):
+            Settings()
 
 
 @pytest.mark.parametrize(

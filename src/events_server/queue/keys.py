@@ -8,7 +8,8 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
                                         string, value = the entry id of the tenant's
                                         purchase (or, apart, transaction_mapping) of that
                                         transaction; expires (seconds), as dedup keys do
-    ev:{p7}:fsync-barrier               string, rewritten to order WAITAOF (durability=fsync)
+    ev:{p7}:barrier                     string, rewritten by a dedup hit, so that the WAIT or
+                                        WAITAOF after it covers the duplicate's first copy
     ev:rejected:<tenant>                stream of rejected requests, capped (MAXLEN ~)
     ev:{p7}:dead:<group>                stream: entries <group> gave up on (dead letters)
     ev:{p7}:owner:<group>               string: the consumer of <group> that owns the
@@ -88,9 +89,10 @@ class KeySpace:
         """SCAN pattern matching every transaction dedup key (for operators and tests)."""
         return f"{self.prefix}:{{p*}}:tx:*"
 
-    def fsync_barrier(self, partition: int) -> str:
-        """A string written (durability=fsync) so that WAITAOF covers a duplicate's first copy."""
-        return f"{self.prefix}:{self.tag(partition)}:fsync-barrier"
+    def barrier(self, partition: int) -> str:
+        """A string the enqueue script writes on a dedup hit: a write of the caller's own
+        connection, so that its WAIT / WAITAOF also covers the first copy (never expires)."""
+        return f"{self.prefix}:{self.tag(partition)}:barrier"
 
     def dedup_pattern(self) -> str:
         """SCAN pattern matching every dedup key (for operators and tests)."""

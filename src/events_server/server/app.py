@@ -23,7 +23,7 @@ from events_server.server.identity import BridgeIdentity
 from events_server.server.limits import Limiter, Rates
 from events_server.server.lookups import CachedLookup
 from events_server.server.metrics import ServerMetrics
-from events_server.server.readiness import Readiness, probe
+from events_server.server.readiness import Readiness, ReplicaGauges, probe
 from events_server.server.rejected import RejectedLog, RejectedServicer
 from events_server.server.sampler import RedisSampler
 from events_server.server.service import EventsService
@@ -67,7 +67,8 @@ class EventsServer:
         self.grpc = server
         self.metrics = metrics
         self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
-        self.scrape = scrape_registry(metrics.registry, self.sampler)
+        self.replicas = ReplicaGauges()
+        self.scrape = scrape_registry(metrics.registry, self.sampler, self.replicas)
         self.metrics_endpoint = (
             MetricsEndpoint(settings.metrics_addr, self.scrape) if settings.metrics_addr else None
         )
@@ -89,7 +90,7 @@ class EventsServer:
 
     async def start(self) -> None:
         """Start serving (and /metrics); readiness and metrics follow Redis from here on."""
-        await self._apply(await probe(self._store, self._settings.durability))
+        await self._apply(await self._probe())
         self.listen_for_metrics()
         await self.grpc.start()
         self._tasks = [asyncio.create_task(self._watch_redis(), name="redis-readiness")]
@@ -127,6 +128,7 @@ class EventsServer:
         """Report a probe's result: health, the store's refusal, a log line for each change."""
         was = self._readiness
         self._readiness = now
+        self.replicas.update(now)
         # A Redis set up against our promise gets no writes at all: with fsync asked and
         # AOF off, a write would be queued but never acknowledged, and retried forever.
         self._store.refusal = now.reason if now.misconfigured else None
@@ -143,7 +145,11 @@ class EventsServer:
     async def _watch_redis(self) -> None:
         while True:
             await asyncio.sleep(self._settings.health_interval_seconds)
-            await self._apply(await probe(self._store, self._settings.durability))
+            await self._apply(await self._probe())
+
+    async def _probe(self) -> Readiness:
+        settings = self._settings
+        return await probe(self._store, settings.durability, settings.replicas_to_confirm)
 
 
 def rates_for(caller: Caller, settings: Settings) -> Rates:
@@ -181,6 +187,8 @@ async def create_server(
         settings.dedup_ttl_seconds,
         timeout_seconds=settings.redis_timeout_seconds,
         durability=settings.durability,
+        replicas=settings.replicas_to_confirm,
+        on_unconfirmed=metrics.unconfirmed_write,
         observe_script=metrics.observe_script,
     )
     # Bounded in bytes as well as in count: records have a most size of their own.

@@ -1,8 +1,9 @@
 """The enqueue path on Redis Cluster: per-node pipelines and script caches, partial outages.
 
 Every key of a partition carries the partition's hash tag, so each script call runs
-on the one node that serves that slot and never meets CROSSSLOT. A node that is down
-fails only the calls that touch its partitions; calls for the other partitions go on.
+on the one node that serves that slot and never meets CROSSSLOT. A node that is down,
+or whose writes its replicas do not confirm, fails only the calls that touch its
+partitions; calls for the other partitions go on.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.asyncio.cluster import ClusterNode, PipelineCommand
+from redis.exceptions import ConnectionError, MovedError, RedisError, ResponseError, TimeoutError
 
 from events_server.queue.connection import CLUSTER_ERRORS
 from events_server.queue.scripts import Command
+from events_server.server.confirm import Confirmation
 from events_server.server.errors import StoreUnavailable
 from events_server.server.script import ENQUEUE, Call
 
@@ -33,19 +35,29 @@ class ClusterTransport:
 
     one_node = False
 
-    def __init__(self, redis: RedisCluster) -> None:
+    def __init__(
+        self, redis: RedisCluster, confirmation: Confirmation, *, timeout_seconds: float = 2.0
+    ) -> None:
         self._cluster = redis
+        self._confirmation = confirmation
+        self._timeout = timeout_seconds
         self._down: list[str] = []
         self._refreshed_at = 0.0
 
-    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
+    async def run(
+        self, calls: Sequence[Call], *, partial: bool = False, deadline: float | None = None
+    ) -> list[Any]:
         """Every call, pipelined per node; EVAL where a node lacks the script.
 
-        ``partial``: a call that failed (its node down, or refusing) has a StoreUnavailable
-        as its reply instead of failing the others.
+        ``partial``: a call that failed (its node down, refusing, or not confirming the
+        write) has a StoreUnavailable as its reply instead of failing the others.
         """
+
+        async def send(commands: list[Command]) -> list[Any]:
+            return await self._pipeline(commands, deadline)
+
         try:
-            replies = await ENQUEUE.run_all(self._pipeline, [argv for _, argv in calls])
+            replies = await ENQUEUE.run_all(send, [argv for _, argv in calls])
         except CLUSTER_ERRORS as exc:
             # The nodes that did answer may have queued their partitions' events: the
             # client's retry finds those as duplicates (by deduplication_id).
@@ -56,17 +68,68 @@ class ClusterTransport:
             if any(isinstance(reply, ConnectionError | TimeoutError) for reply in failed):
                 await self.forget_idle_connections()
             if not partial:
-                first = failed[0]
-                raise StoreUnavailable(f"redis: {type(first).__name__}: {first}") from first
+                raise _unavailable(failed[0])
             return [_unavailable(r) if isinstance(r, Exception) else r for r in replies]
         return replies
 
-    async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        async with self._cluster.pipeline() as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+    async def _pipeline(self, commands: list[Command], deadline: float | None) -> list[Any]:
+        """Each node's commands back to back on one of its connections, then their
+        confirmation on that same connection (redis-py's cluster pipeline would send a WAIT
+        to some other node). Replies in order, errors as exceptions; a MOVED call is sent
+        once more, to the node the redirection names."""
+        await self._cluster.initialize()
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        for attempt in range(2):
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                try:
+                    node = self._cluster.nodes_manager.get_node_from_slot(
+                        self._cluster.keyslot(commands[i][3])  # (EVALSHA, sha, numkeys, key)
+                    )
+                except CLUSTER_ERRORS as exc:
+                    replies[i] = exc
+                    continue
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            answers = await asyncio.gather(
+                *(self._node_pipeline(node, [commands[i] for i in at], deadline)
+                  for node, at in by_node.values())
+            )  # fmt: skip
+            for (_, at), answered in zip(by_node.values(), answers, strict=True):
+                for i, reply in zip(at, answered, strict=True):
+                    replies[i] = reply
+            moved = [i for i in todo if isinstance(replies[i], MovedError)]
+            if not moved or attempt:
+                break
+            for i in moved:
+                await self._cluster.nodes_manager.move_slot(replies[i])
+            todo = moved
+        return replies
+
+    async def _node_pipeline(
+        self, node: ClusterNode, commands: list[Command], deadline: float | None
+    ) -> list[Any]:
+        """One node's commands and their confirmation: replies, errors as exceptions (every
+        write the node's confirmation does not cover answered with its refusal)."""
+        stack = [PipelineCommand(n, *command) for n, command in enumerate(commands)]
+        confirm = self._confirmation.command(deadline)
+        if confirm is not None:
+            stack.append(PipelineCommand(len(stack), *confirm))
+        try:
+            await node.execute_pipeline(stack)
+        except (*CLUSTER_ERRORS, OSError) as exc:
+            return [exc] * len(commands)
+        replies = [command.result for command in stack[: len(commands)]]
+        if confirm is None:
             return replies
+        outcome: Any = stack[-1].result
+        if isinstance(outcome, Exception) and not isinstance(outcome, ResponseError):
+            refusal: Exception | None = outcome  # the connection failed: not a confirmation
+        else:
+            refusal = self._confirmation.check(node.name, outcome)
+        if refusal is None:
+            return replies
+        return [r if isinstance(r, Exception) else refusal for r in replies]
 
     async def ping(self) -> bool:
         """True while at least one primary answers: the other nodes' partitions still work."""
@@ -87,9 +150,25 @@ class ClusterTransport:
             await self._refresh_slots()
         return len(down) < len(primaries)
 
-    async def info(self, *sections: str) -> dict[str, Any] | None:
-        """None: INFO is per node on a cluster, so the AOF and eviction checks are skipped."""
-        return None
+    async def info(self, *sections: str) -> dict[str, dict[str, Any]] | None:
+        """INFO fields of every primary that answers, by node name; None when one refuses
+        INFO (ACLs). Raises RedisError when none answers."""
+        await self._cluster.initialize()
+        primaries = self._cluster.get_primaries()
+        async with asyncio.timeout(self._timeout):
+            answers = await asyncio.gather(
+                *(node.execute_command("INFO", *sections) for node in primaries),
+                return_exceptions=True,
+            )
+        found: dict[str, dict[str, Any]] = {}
+        for node, answer in zip(primaries, answers, strict=True):
+            if isinstance(answer, ResponseError):
+                return None
+            if isinstance(answer, dict):
+                found[node.name] = answer
+        if not found:
+            raise RedisError("no redis cluster primary answers INFO")
+        return found
 
     async def forget_idle_connections(self) -> None:
         # After a node restarts, every pooled socket to it is dead; dropping the idle
@@ -113,6 +192,8 @@ class ClusterTransport:
 
 
 def _unavailable(reply: Exception) -> StoreUnavailable:
+    if isinstance(reply, StoreUnavailable):
+        return reply
     error = StoreUnavailable(f"redis: {type(reply).__name__}: {reply}")
     error.__cause__ = reply
     return error

@@ -181,6 +181,15 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.unconfirmed = Counter(
+            "events_redis_confirmations_timed_out",
+            "Pipelines of writes refused (503) because their Redis primary did not confirm"
+            " them in time: fewer replicas than EVENTS_CONFIRM_REPLICAS had them (or, with"
+            " durability=fsync, had them on disk), by primary.",
+            ["node"],
+            registry=self.registry,
+        )
+
     def count_events(
         self,
         events: Sequence[pb.Event] | Sequence[pb.TrackedEvent],
@@ -229,6 +238,10 @@ class ServerMetrics:
     def gathered_request(self, code: str) -> None:
         """Count one request of a gathered call, by the status code it ended with."""
         self._children.get(self.gathered_requests, (code,)).inc()
+
+    def unconfirmed_write(self, node: str) -> None:
+        """Count one pipeline of writes ``node`` did not confirm (nodes: the primaries)."""
+        self._children.get(self.unconfirmed, (node,)).inc()
 
     def observe_script(self, seconds: float) -> None:
         """Record one round trip of script calls to Redis."""

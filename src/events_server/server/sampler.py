@@ -49,10 +49,18 @@ class RedisSampler:
                 pipe.xlen(stream)
             for stream in streams:
                 pipe.xinfo_groups(stream)
-            pipe.info("keyspace")
+            if isinstance(self._redis, Redis):
+                pipe.info("keyspace")
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        lengths, groups, keyspace = replies[: len(streams)], replies[len(streams) : -1], replies[-1]
-        for reply in (*lengths, keyspace):
+        lengths, groups = replies[: len(streams)], replies[len(streams) : 2 * len(streams)]
+        if isinstance(self._redis, Redis):
+            keyspaces = replies[2 * len(streams) :]
+        else:
+            # INFO has no key to route by: each primary's, for the keys it holds.
+            keyspaces = await asyncio.gather(
+                *(node.execute_command("INFO", "keyspace") for node in self._redis.get_primaries())
+            )
+        for reply in (*lengths, *keyspaces):
             if isinstance(reply, Exception):
                 raise reply
 
@@ -82,7 +90,8 @@ class RedisSampler:
             "events_dedup_keys",
             "Keys with a TTL in the Redis db: the dedup keys, when the db is the service's own.",
         )
-        dedup.add_metric([], float(keyspace.get(f"db{self._db}", {}).get("expires", 0)))
+        expiring = sum(info.get(f"db{self._db}", {}).get("expires", 0) for info in keyspaces)
+        dedup.add_metric([], float(expiring))
         self._families = [length, lag, pending, dedup]
 
     async def run(self) -> None:

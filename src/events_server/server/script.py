@@ -1,5 +1,10 @@
 """The enqueue script: dedup check, append, then the dedup key, per event of a partition
-(after the rate charge of a request written in one batch, when there is one)."""
+(after the rate charge of a request written in one batch, when there is one).
+
+A dedup hit writes the partition's barrier key: the WAIT / WAITAOF that follows the script
+on its connection waits only for that connection's writes, and the duplicate's first copy
+came from another one (a retry after a refused confirmation). Writing the barrier moves
+this connection past that first copy, so the confirmation covers it too."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from events_server.queue.scripts import LuaScript
 from events_server.server.limits import GCRA_FUNCTION
 
 # KEYS[1]   partition stream
-# KEYS[2..] dedup keys of the events that carry a deduplication_id, and the limiter key
+# KEYS[2]   partition barrier (keys.barrier), written once when any event is a duplicate
+# KEYS[3..] dedup keys of the events that carry a deduplication_id, and the limiter key
 #           of a charged batch
 # ARGV[1]   dedup TTL, seconds
 # ARGV[2]   index into KEYS of the limiter key to charge first ("0": no charge)
@@ -42,6 +48,7 @@ if limiter > 0 then
 end
 local ttl = ARGV[1]
 local out = {}
+local hit = false
 for i = 7, #ARGV, 2 do
   local k = tonumber(ARGV[i])
   local seen = false
@@ -49,6 +56,7 @@ for i = 7, #ARGV, 2 do
     seen = redis.call('GET', KEYS[k])
   end
   if seen then
+    hit = true
     out[#out + 1] = 0
     out[#out + 1] = seen
   else
@@ -59,6 +67,9 @@ for i = 7, #ARGV, 2 do
     out[#out + 1] = 1
     out[#out + 1] = id
   end
+end
+if hit then
+  redis.call('SET', KEYS[2], '1')
 end
 return out
 """

@@ -16,6 +16,10 @@ from events_server.wire.origins import normalize_origin
 Durability = Annotated[
     Literal["none", "fsync"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
 ]
+ConfirmReplicas = Annotated[
+    Literal["auto"] | Annotated[int, Field(ge=0, le=16)],
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+]
 
 
 class Settings(BaseSettings):
@@ -123,7 +127,14 @@ class Settings(BaseSettings):
     durability: Durability = Field(
         "none",
         description="When to acknowledge: 'none' once Redis has the events in memory; 'fsync'"
-        " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes).",
+        " once Redis has also written them to its AOF on disk (WAITAOF; needs appendonly yes),"
+        " and, with confirm_replicas, so have the replicas.",
+    )
+    confirm_replicas: ConfirmReplicas = Field(
+        "auto",
+        description="Replicas that must have each write (WAIT after the scripts, on the same"
+        " connection) before it is acknowledged; fewer in time: refused as retryable (503)."
+        " 'auto': 1 with redis_cluster (a replica per primary), 0 on one Redis.",
     )
     key_cache_seconds: float = Field(
         5.0,
@@ -250,6 +261,13 @@ class Settings(BaseSettings):
             max_connections=self.redis_max_connections,
         )
 
+    @property
+    def replicas_to_confirm(self) -> int:
+        """How many replicas must have a write before it is acknowledged."""
+        if self.confirm_replicas == "auto":
+            return 1 if self.redis_cluster else 0
+        return self.confirm_replicas
+
     @model_validator(mode="before")
     @classmethod
     def _request_limit_from_event_limits(cls, data: object) -> object:
@@ -277,13 +295,6 @@ class Settings(BaseSettings):
                 f"max_request_bytes ({self.max_request_bytes}) must hold one event of"
                 f" max_event_bytes ({self.max_event_bytes}): at least {largest}"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _fsync_needs_one_redis(self) -> Settings:
-        # The cluster write path sends no WAITAOF: it would acknowledge unsynced writes.
-        if self.durability == "fsync" and self.redis_cluster:
-            raise ValueError("durability=fsync is not supported with redis_cluster yet")
         return self
 
     @model_validator(mode="after")

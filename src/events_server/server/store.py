@@ -20,6 +20,7 @@ from redis.asyncio import RedisCluster
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.cluster import ClusterTransport
+from events_server.server.confirm import Confirmation
 from events_server.server.errors import IngestError, StoreUnavailable
 from events_server.server.limits import Charge
 from events_server.server.node import NodeTransport
@@ -42,15 +43,20 @@ class Transport(Protocol):
     """Every key on one server: a script may touch a caller's limiter key beside a
     partition's stream (on a cluster they hash to different slots)."""
 
-    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
-        """Each call's reply, in order; every call ran, or an error is raised (``partial``:
-        a call Redis refused has an IngestError as its reply, the others stand)."""
+    async def run(
+        self, calls: Sequence[Call], *, partial: bool = False, deadline: float | None = None
+    ) -> list[Any]:
+        """Each call's reply, in order; every call ran and its write was confirmed as the
+        settings require, or an error is raised (``partial``: a call Redis refused, or did
+        not confirm, has an IngestError as its reply, the others stand). ``deadline`` (loop
+        time): when the confirmation must have answered."""
 
     async def ping(self) -> bool:
         """True when Redis (on a cluster: any primary) answers."""
 
-    async def info(self, *sections: str) -> dict[str, Any] | None:
-        """INFO fields, or None where they cannot be had (ACLs, a cluster)."""
+    async def info(self, *sections: str) -> dict[str, dict[str, Any]] | None:
+        """INFO fields of every primary that answers, by node name, or None where they
+        cannot be had (ACLs)."""
 
     async def forget_idle_connections(self) -> None:
         """Drop pooled sockets that may be dead (after a restart or a timeout)."""
@@ -121,7 +127,7 @@ class EventStore:
                 place = (partition, -1 if charge is None else owner)
                 group = groups.get(place)
                 if group is None:
-                    keys: list[Any] = [self._keys.stream(partition)]
+                    keys: list[Any] = [self._keys.stream(partition), self._keys.barrier(partition)]
                     head: list[Any] = [self._ttl, *NO_CHARGE]
                     if charge is not None:
                         assert self.charges_in_write(items), "a charged batch spans partitions"
@@ -146,13 +152,13 @@ class EventStore:
         if not calls:
             return [[] for _ in batches]
         try:
-            # One bound for the whole write (connect, scripts, reload, WAITAOF): socket
+            # One bound for the whole write (connect, scripts, reload, WAIT): socket
             # timeouts apply per read, so a hung Redis could otherwise cost several.
             loop_deadline = asyncio.get_running_loop().time() + self._timeout
             if deadline is not None:
                 loop_deadline = min(loop_deadline, deadline)
             async with asyncio.timeout_at(loop_deadline):
-                replies = await self.transport.run(calls, partial=True)
+                replies = await self.transport.run(calls, partial=True, deadline=loop_deadline)
         except TimeoutError as exc:
             await self.transport.forget_idle_connections()
             raise StoreUnavailable(
@@ -181,8 +187,8 @@ class EventStore:
         """True when Redis answers."""
         return await self.transport.ping()
 
-    async def info(self, *sections: str) -> dict[str, Any] | None:
-        """Redis INFO fields of the given sections, or None when they cannot be had.
+    async def info(self, *sections: str) -> dict[str, dict[str, Any]] | None:
+        """Redis INFO fields of the given sections by primary, or None when they cannot be had.
 
         Raises RedisError or TimeoutError when Redis does not answer.
         """
@@ -197,17 +203,29 @@ def store_for(
     timeout_seconds: float = 2.0,
     observe_script: Callable[[float], None] | None = None,
     durability: Literal["none", "fsync"] = "none",
+    replicas: int = 0,
+    on_unconfirmed: Callable[[str], None] | None = None,
 ) -> EventStore:
-    """The EventStore that fits the client: per-node pipelines for a RedisCluster."""
+    """The EventStore that fits the client: per-node pipelines for a RedisCluster.
+
+    Each write is acknowledged once ``replicas`` replicas have it too (and, with
+    ``durability="fsync"``, once it is in the AOF on disk of each); ``on_unconfirmed`` is
+    told the node of each write whose confirmation fell short.
+    """
+    confirmation = Confirmation(
+        replicas,
+        durability == "fsync",
+        timeout_seconds=timeout_seconds,
+        on_unconfirmed=on_unconfirmed,
+    )
     transport: Transport
     if isinstance(redis, RedisCluster):
-        transport = ClusterTransport(redis)
+        transport = ClusterTransport(redis, confirmation, timeout_seconds=timeout_seconds)
     else:
         transport = NodeTransport(
             redis,
-            keys,
+            confirmation,
             observe_script=observe_script,
             timeout_seconds=timeout_seconds,
-            durability=durability,
         )
     return EventStore(transport, keys, dedup_ttl_seconds, timeout_seconds=timeout_seconds)
