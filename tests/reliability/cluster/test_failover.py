@@ -189,10 +189,18 @@ def test_no_acknowledged_event_is_lost_when_a_primary_dies(
 def test_without_replica_confirmation_the_same_fault_loses_acknowledged_events(
     session_key: tuple[ApiKey, str], tmp_path: Path, figures: Figures
 ) -> None:
-    run = stage(tmp_path, session_key, EVENTS_CONFIRM_REPLICAS="0")
-    figures(f"replica confirmation off: {run.line()}")
-    assert run.given_up == 0
-    assert run.unhandled == 0
+    # Whether an unconfirmed write is lost depends on what the replica had read off its
+    # socket when its primary died (loopback buffers hold megabytes): the fault is staged
+    # up to three times, and must lose acknowledged events in one of them.
+    for attempt in range(1, 4):
+        workdir = tmp_path / str(attempt)
+        workdir.mkdir()
+        run = stage(workdir, session_key, EVENTS_CONFIRM_REPLICAS="0")
+        figures(f"replica confirmation off (attempt {attempt}): {run.line()}")
+        assert run.given_up == 0
+        assert run.unhandled == 0
+        if run.missing > 0:
+            break
     # What the test above guards against: if this fault lost nothing, it proved nothing.
     assert run.missing > 0, "the fault lost no acknowledged event: it is too mild to prove a thing"
 
