@@ -154,6 +154,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             yield
             await rejected.drain()
             create_events.close()
+            ws.close()
 
     # No redirect of /create-events/ to /create-events: its Location would repeat the
     # query, api_key included (any path with a trailing slash is a 404).
