@@ -209,8 +209,8 @@ class BridgeSettings(BaseSettings):
         10,
         ge=1,
         description="Pings and pongs one WebSocket client may send in a second (the bridge"
-        " pings every ws_ping_interval_seconds, browsers never do); past it the connection"
-        " is closed with code 1008.",
+        " pings every ws_ping_interval_seconds, browsers never do); past it they are dropped"
+        " (a ping is not answered) and the socket is not read for the rest of the second.",
     )
     ws_write_timeout_seconds: float = Field(
         10.0,

@@ -22,8 +22,11 @@ GuardedWebSocketProtocol is the same protocol with:
 - reading stops while the write buffer is above its high-water mark (pongs and answers
   wait for the client to read them), and a socket whose buffer stays there for
   ``ws_write_timeout_seconds`` is dropped (aborted: no close frame could be written);
-- at most ``ws_max_fragments`` fragments per message and
-  ``ws_max_control_frames_per_second`` pings and pongs (close 1009, 1008 past them);
+- at most ``ws_max_fragments`` fragments per message (close 1009 past it);
+- at most ``ws_max_control_frames_per_second`` pings and pongs: past it they are dropped
+  (a ping unanswered) and the socket is not read until the second is over, so a flood
+  of them costs a few parses a second, and no reconnection (closing it would invite
+  a flood of handshakes instead);
 - every close is followed, ``ws_write_timeout_seconds`` later, by an abort if the socket
   is not gone by then;
 - the bytes it holds (read and unparsed, in the parser, queued, handled by the app) are
@@ -53,7 +56,6 @@ FEED_BYTES = 4096
 """Bytes handed to the parser at a time: at most this much is parsed past a message."""
 
 CLOSE_TOO_BIG = 1009
-CLOSE_POLICY = 1008
 
 
 class SocketBytes(Protocol):
@@ -116,6 +118,8 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.control_second = 0.0
         self.write_timer: asyncio.TimerHandle | None = None
         self.feeding: asyncio.Handle | None = None
+        self.throttle: asyncio.TimerHandle | None = None
+        """Set while the socket is not read, past its control frames for the second."""
         self.reading = True
 
     # --- the transport ----------------------------------------------------------------
@@ -127,12 +131,11 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # (it closes the transport: the abort timer is set)
         wrapped = cast(_AbortingTransport, self.transport)
-        self._cancel(wrapped.timer, self.write_timer, self.feeding)
+        self._cancel(wrapped.timer, self.write_timer, self.feeding, self.throttle)
         self.budget.forget(self._wake)
         self.pending = b""
         self.frames = []
-        self.queued = self.taken = 0
-        self._recount()
+        self._recount()  # what the app still holds stays counted until it releases it
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -160,7 +163,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _feed(self) -> None:
         """Parse pending bytes until a message waits for the app (or none are left)."""
         self.feeding = None
-        while self.pending and self.queue.empty() and not self.transport.is_closing():
+        while self.pending and self.queue.empty() and self._may_parse():
             piece, self.pending = self.pending[:FEED_BYTES], self.pending[FEED_BYTES:]
             super().data_received(piece)
         if self.transport.is_closing():
@@ -168,10 +171,23 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._recount()
         self._set_reading()
 
+    def _may_parse(self) -> bool:
+        """Whether the next message may be parsed: it becomes the app's, held as text, as
+        JSON, as protobuf, so the budget is asked as for a read (with what the app holds
+        of this socket as its own: one frame in flight at a time always goes through)."""
+        if self.throttle is not None or self.transport.is_closing():
+            return False
+        if self.budget.may_read(self.taken):
+            return True
+        self.budget.wait(self._wake)
+        return False
+
     def _recount(self) -> None:
         """Count what the socket holds now in the budget."""
-        held = len(self.pending) + len(self.conn.reader.buffer) + self.queued + self.taken
-        held += sum(len(f) for f in self.frames)
+        held = self.queued + self.taken
+        if not self.disconnected:  # (once it is, the parser's bytes are garbage)
+            held += len(self.pending) + len(self.conn.reader.buffer)
+            held += sum(len(f) for f in self.frames)
         if held > self.held:
             self.budget.take(held - self.held)
         elif held < self.held:
@@ -184,6 +200,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.disconnected:
             return
         wanted = not self.pending and self.queue.empty() and self.writable.is_set()
+        wanted = wanted and self.throttle is None
         if wanted and not self.budget.may_read(self.held):
             self.budget.wait(self._wake)
             wanted = False
@@ -195,7 +212,10 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.transport.pause_reading()
 
     def _wake(self) -> None:
-        self._set_reading()
+        if self.pending and self.queue.empty() and self.feeding is None:
+            self._feed()
+        else:
+            self._set_reading()
 
     async def receive(self) -> Any:
         message = await self.queue.get()
@@ -265,19 +285,23 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             super().handle_pong(event)
 
     def _control_frame(self) -> bool:
-        """Count a ping or pong; False (and the socket closed) past the limit."""
+        """Count a ping or pong; False past the limit: it is dropped (a ping's pong with it),
+        and the socket is not read again before the second is over."""
         now = self.loop.time()
         if now - self.control_second >= 1.0:
             self.control_second, self.control = now, 0
         self.control += 1
         if self.control <= self.max_control:
             return True
-        self._fail(
-            CLOSE_POLICY,
-            f"more than {self.max_control} pings and pongs a second"
-            " (ws_max_control_frames_per_second)",
-        )
+        self.conn.data_to_send()  # websockets queued the pong as it parsed the ping: dropped
+        if self.throttle is None:
+            due = self.control_second + 1.0
+            self.throttle = self.loop.call_at(due, self._unthrottle)
         return False
+
+    def _unthrottle(self) -> None:
+        self.throttle = None
+        self._feed()
 
     def _fail(self, code: int, reason: str) -> None:
         """Close the socket for what the client sent (the app is told, as for a 1009)."""

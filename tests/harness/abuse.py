@@ -1,8 +1,9 @@
 """Abusive WebSocket clients of /ws/create-events, as a process of their own.
 
-``python -m tests.harness.abuse ATTACK BASE KEY SECONDS [SOCKETS]`` prints "ready" once
-its first socket is open, attacks until SECONDS have passed (opening a new socket when
-the bridge closes one) and prints what it saw as JSON. Its sockets speak raw RFC 6455
+``python -m tests.harness.abuse ATTACK BASE KEY SECONDS [SOCKETS]`` (KEY may be
+``origin=https://...``: a page's socket) prints "ready" once its SOCKETS are open (the
+onset is not what is measured), attacks until SECONDS have passed (opening a new socket
+when the bridge closes one) and prints what it saw as JSON. Its sockets speak raw RFC 6455
 (frames masked with a zero key), so that it sends what no library would: pings back to
 back, a message never finished, floods of pongs.
 
@@ -11,6 +12,7 @@ ATTACK is one of ATTACKS: the rows of the front-door issue (19).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -22,6 +24,9 @@ from typing import Any
 
 PATH = "/ws/create-events"
 TEXT, CONT, PING, PONG = 0x1, 0x0, 0x9, 0xA
+
+ORIGIN = "origin="
+"""A KEY argument that starts so is a page's origin instead: the sockets send it, no key."""
 
 COSTLY_VARIANTS = 5_000
 """Empty objects as variant ids: a frame of ~10 KiB, under the 16 KiB frame limit, costly
@@ -103,9 +108,18 @@ def costly_frame(n: int) -> bytes:
 
 
 def held_frame(n: int) -> bytes:
-    """A valid event of ~15 KiB (its URL), under the 16 KiB frame limit."""
-    url = "https://shop.example/" + "p" * 15_000
-    event = {"tenant": "shop-x", "market": "us", "type": "page_view", "user_id": "a", "url": url}
+    """A valid event of ~15 KiB (its URL and variant ids: strings of at most the server's
+    8,192 characters), under the 16 KiB frame limit."""
+    url = "https://shop.example/" + "p" * 7_000
+    variants = [f"v{i}-" + "x" * 400 for i in range(19)]
+    event = {
+        "tenant": "shop-x",
+        "market": "us",
+        "type": "page_view",
+        "user_id": "a",
+        "url": url,
+        "variant_ids": variants,
+    }
     return ws_frame(TEXT, json.dumps({"id": f"held-{n}", "event": event}).encode())
 
 
@@ -117,7 +131,8 @@ def unread_frame(n: int) -> bytes:
 class Attack:
     """One attack's sockets, their threads and the tally."""
 
-    def __init__(self, base: str, key: str, seconds: float) -> None:
+    def __init__(self, base: str, key: str, seconds: float, sockets: int = 1) -> None:
+        self.sockets = sockets
         self.base, self.key = base, key
         self.end = time.monotonic() + seconds
         self.seen: dict[str, int] = {"opened": 0, "refused": 0, "ended": 0, "bytes_sent": 0}
@@ -133,7 +148,10 @@ class Attack:
     def connect(self, rcvbuf: int | None = None) -> socket.socket | None:
         while time.monotonic() < self.end:
             try:
-                sock = open_ws(self.base, self.key, rcvbuf=rcvbuf)
+                if self.key.startswith(ORIGIN):  # a page's socket: its Origin, no key
+                    sock = open_ws(self.base, origin=self.key[len(ORIGIN) :], rcvbuf=rcvbuf)
+                else:
+                    sock = open_ws(self.base, self.key, rcvbuf=rcvbuf)
             except OSError:
                 self.count("refused")
                 time.sleep(0.05)
@@ -141,12 +159,16 @@ class Attack:
             self.count("opened")
             with self.lock:
                 self.socks[sock] = time.monotonic()
-            self.ready.set()
+                if self.seen["opened"] >= self.sockets:  # every socket is up: the attack is on
+                    self.ready.set()
             return sock
         return None
 
-    def send_forever(self, make: Callable[[int], bytes], rcvbuf: int | None = None) -> None:
-        """Send what ``make`` gives, back to back, on a socket reopened when it ends."""
+    def send_forever(
+        self, make: Callable[[int], bytes], rcvbuf: int | None = None, again: bool = True
+    ) -> None:
+        """Send what ``make`` gives, back to back, on a socket reopened when it ends (when
+        ``again``)."""
         while (sock := self.connect(rcvbuf)) is not None:
             n = 0  # each socket starts its own sequence
             opened = time.monotonic()
@@ -161,6 +183,8 @@ class Attack:
                     self.count("ended")
                     self.lived(time.monotonic() - opened)
             self.drop(sock)
+            if not again:
+                return
 
     def lived(self, seconds: float) -> None:
         """A socket the bridge ended lived ``seconds``: the longest such life is kept."""
@@ -206,10 +230,8 @@ class Attack:
             ages = [now - opened for opened in self.socks.values()]
             self.seen["oldest_open_ms"] = round(max(ages, default=0) * 1000)
             for sock in self.socks:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def _pings(attack: Attack, _: int) -> None:
@@ -227,8 +249,8 @@ def _costly(attack: Attack, _: int) -> None:
 
 
 def _invalid(attack: Attack, _: int) -> None:
-    burst = ws_frame(TEXT, b"x") * 1024
-    attack.in_flight(lambda n: burst, 1)
+    invalid = ws_frame(TEXT, b"x")
+    attack.in_flight(lambda n: invalid, 256)
 
 
 def _pongs(attack: Attack, _: int) -> None:
@@ -241,7 +263,7 @@ def _held(attack: Attack, _: int) -> None:
 
 
 def _unread(attack: Attack, _: int) -> None:
-    attack.send_forever(unread_frame, rcvbuf=4096)
+    attack.send_forever(unread_frame, rcvbuf=4096, again=False)
 
 
 ATTACKS: dict[str, Callable[[Attack, int], None]] = {
@@ -258,7 +280,7 @@ ATTACKS: dict[str, Callable[[Attack, int], None]] = {
 def main(argv: list[str]) -> dict[str, Any]:
     name, base, key, seconds = argv[:4]
     sockets = int(argv[4]) if len(argv) > 4 else 1
-    attack = Attack(base, key, float(seconds))
+    attack = Attack(base, key, float(seconds), sockets)
     threads = [
         threading.Thread(target=ATTACKS[name], args=(attack, i), daemon=True)
         for i in range(sockets)

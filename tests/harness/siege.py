@@ -81,7 +81,7 @@ async def _legit_ws(base: str, key: str, until: float, got: Legit) -> None:
             try:
                 await ws.send(frame(f"legit-{n}", event(user_id="legit")))
                 answer = json.loads(await asyncio.wait_for(ws.recv(), LEGIT_TIMEOUT))
-            except Exception as error:  # noqa: BLE001  (a closed socket too: a failure)
+            except Exception as error:  # a closed socket too: a failure
                 got.failures.append(type(error).__name__)
                 return
             if answer.get("status") != "ok":
@@ -151,7 +151,7 @@ class _Sampler(threading.Thread):
                 return
 
 
-def siege(  # noqa: PLR0913
+def siege(  # noqa: PLR0917
     bridge: BridgeProcess,
     attack: str,
     legit_key: str,
