@@ -2,7 +2,7 @@
 
 ``python -m tests.harness.abuse ATTACK BASE KEY SECONDS [SOCKETS]`` (KEY may be
 ``origin=https://...``: a page's socket) prints "ready" once its SOCKETS are open (the
-onset is not what is measured), attacks until SECONDS have passed (opening a new socket
+onset is not what is measured; or after ONSET_SECONDS), attacks until SECONDS have passed (opening a new socket
 when the bridge closes one) and prints what it saw as JSON. Its sockets speak raw RFC 6455
 (frames masked with a zero key), so that it sends what no library would: pings back to
 back, a message never finished, floods of pongs.
@@ -27,6 +27,8 @@ TEXT, CONT, PING, PONG = 0x1, 0x0, 0x9, 0xA
 
 ORIGIN = "origin="
 """A KEY argument that starts so is a page's origin instead: the sockets send it, no key."""
+
+ONSET_SECONDS = 5.0
 
 COSTLY_VARIANTS = 5_000
 """Empty objects as variant ids: a frame of ~10 KiB, under the 16 KiB frame limit, costly
@@ -287,7 +289,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     ]
     for thread in threads:
         thread.start()
-    if attack.ready.wait(max(0.0, attack.end - time.monotonic())):
+    # Ready once every socket is up, or after ONSET_SECONDS (a bridge that cannot take
+    # them all is attacked by as many as it took).
+    if attack.ready.wait(ONSET_SECONDS) or attack.seen["opened"]:
         print("ready", flush=True)
     attack.stop_at_end()
     for thread in threads:
