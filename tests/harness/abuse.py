@@ -2,8 +2,9 @@
 
 ``python -m tests.harness.abuse ATTACK BASE KEY SECONDS [SOCKETS]`` (KEY may be
 ``origin=https://...``: a page's socket) prints "ready" once its SOCKETS are open (the
-onset is not what is measured; or after ONSET_SECONDS), attacks until SECONDS have passed (opening a new socket
-when the bridge closes one) and prints what it saw as JSON. Its sockets speak raw RFC 6455
+onset is not what is measured; or after ONSET_SECONDS), attacks until SECONDS have
+passed (opening a new socket when the bridge closes one) and prints what it saw as
+JSON. Its sockets speak raw RFC 6455
 (frames masked with a zero key), so that it sends what no library would: pings back to
 back, a message never finished, floods of pongs.
 
