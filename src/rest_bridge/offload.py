@@ -61,17 +61,13 @@ Parsed = tuple[list[pb.Event] | Reply, list[str] | None]
 
 ORPHAN_CHECK_SECONDS = 1.0
 
-WORKER_NICENESS = 10
 
-
-def _worker_started(bridge_pid: int) -> None:
+def _worker_started(bridge_pid: int, niceness: int) -> None:
     """In each worker process, first: it lives no longer than the bridge process."""
     # Ctrl-C reaches the whole process group: the bridge shuts its workers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Costly bodies and frames yield the CPU to the event loop, which answers everyone
-    # else: 4 sockets of costly frames kept a worker busy and the loop's p99 near 400 ms
-    # on a 2-core box at the same priority.
-    os.nice(WORKER_NICENESS)
+    if niceness:
+        os.nice(niceness)
 
     # A bridge killed outright (SIGKILL, OOM) cannot: a worker waits on a queue whose
     # writing end it holds itself, so it would wait forever. It leaves once orphaned.
@@ -101,7 +97,9 @@ def _busy(why: str, retry_after: int) -> Reply:
 class BodyParser:
     """Parses request bodies, the large ones in worker processes started on first need."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, niceness: int = 0) -> None:
+        self._niceness = niceness
+        """Added to the workers' niceness: work they may yield to the event loop."""
         self._processes = settings.parse_processes
         self._max_depth = settings.max_json_depth
         self._max_events = settings.max_events_per_request
@@ -150,7 +148,7 @@ class BodyParser:
                 self._processes,
                 multiprocessing.get_context("spawn"),
                 initializer=_worker_started,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), self._niceness),
             )
         return self._pool
 

@@ -22,8 +22,6 @@ from tests.harness.keys import create_key, register_storefront
 from tests.harness.processes import BridgeProcess
 from tests.harness.siege import MIB, Outcome, bridge_process, siege
 
-pytestmark = pytest.mark.slow
-
 ATTACK_SECONDS = 15.0
 LEGIT_P99 = 0.5
 """Seconds: what a storefront's event may take at worst beside an attack."""
@@ -49,6 +47,7 @@ def legit_served(outcome: Outcome) -> None:
         assert got.p99() <= LEGIT_P99, outcome
 
 
+@pytest.mark.slow
 def test_pings_from_a_client_that_never_reads_cost_bounded_memory(
     default_bridge: BridgeProcess, api_key: str, attacker_key: str, figures: Callable[[str], None]
 ) -> None:
@@ -59,6 +58,7 @@ def test_pings_from_a_client_that_never_reads_cost_bounded_memory(
     legit_served(outcome)
 
 
+@pytest.mark.slow
 def test_a_message_never_finished_costs_bounded_memory_and_time(
     default_bridge: BridgeProcess, api_key: str, attacker_key: str, figures: Callable[[str], None]
 ) -> None:
@@ -69,6 +69,7 @@ def test_a_message_never_finished_costs_bounded_memory_and_time(
     legit_served(outcome)
 
 
+@pytest.mark.slow
 def test_frames_costly_to_validate_do_not_hold_the_loop(
     default_bridge: BridgeProcess, api_key: str, attacker_key: str, figures: Callable[[str], None]
 ) -> None:
@@ -79,6 +80,7 @@ def test_frames_costly_to_validate_do_not_hold_the_loop(
     legit_served(outcome)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["invalid", "pongs"])
 def test_a_flood_of_small_frames_does_not_hold_the_loop(
     default_bridge: BridgeProcess,
@@ -98,6 +100,7 @@ HELD_SOCKETS = 256
 IN_FLIGHT = 16  # ws_max_in_flight, the default
 
 
+@pytest.mark.slow
 def test_frames_in_flight_on_many_sockets_stay_within_the_budget(
     grpc_target: str,
     settings: Settings,
@@ -128,6 +131,7 @@ def test_frames_in_flight_on_many_sockets_stay_within_the_budget(
 HELD_ORIGIN = "https://held.example"
 
 
+@pytest.mark.slow
 def test_sockets_that_never_read_their_answers_are_dropped(
     grpc_target: str,
     api_key: str,
