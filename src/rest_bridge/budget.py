@@ -4,7 +4,8 @@ Each bound of a connection (a frame's size, frames in flight, a body's size) is 
 but the caps on connections multiply them: 3,072 WebSockets with 16 frames of 64 KiB in
 flight each held 3.7-4.3x those bytes (1,024 sockets: 3.7 GB), as a frame is held as
 read, as text, as parsed JSON, as protobuf. So the bytes a process holds for data it
-has read and not answered yet are counted here, and a connection reads more only while
+has read and not answered yet (frames: rest_bridge.ws_protocol; request bodies:
+rest_bridge.http_budget) are counted here, and a connection reads more only while
 the sum is within ``max_bytes_in_flight``, or while it holds less than its own share
 (``ByteBudget.share``): one frame or one small body at a time always goes through, so
 a legitimate client is slowed by a flood at most by the time the process takes to work

@@ -231,10 +231,10 @@ class BridgeSettings(BaseSettings):
     max_bytes_in_flight: int = Field(
         128 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Bytes this process may hold for WebSocket frames read and not yet"
-        " answered, summed over its connections (rest_bridge.budget); past it a socket is"
-        " read only while it holds less than one ws_max_frame_bytes (the others wait, their"
-        " frames in their own buffers).",
+        description="Bytes this process may hold for request bodies and WebSocket frames read"
+        " and not yet answered, summed over its connections (rest_bridge.budget); past it a"
+        " connection is read only while it holds less than one ws_max_frame_bytes (the others"
+        " wait, their bytes in their own buffers).",
     )
     ws_max_in_flight: int = Field(
         16,

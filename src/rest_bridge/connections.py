@@ -110,7 +110,7 @@ class ConnectionGuard:
                 FD_RESERVE,
             )
         self.budget = ByteBudget(settings.max_bytes_in_flight, settings.ws_max_frame_bytes)
-        """The bytes of frames in flight (rest_bridge.ws_protocol), per process."""
+        """The bytes of bodies and frames in flight (rest_bridge.budget), per process."""
         self.ws_limits = settings
         """The WebSocket bounds its protocol applies (rest_bridge.ws_protocol)."""
         self.max_header_bytes = settings.max_header_bytes
