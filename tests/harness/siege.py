@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import ClientConnection
 
 from tests.harness.processes import BridgeProcess, rss_kib
 from tests.harness.ws import event, frame, opened
@@ -73,22 +74,29 @@ class Outcome:
 
 
 async def _legit_ws(base: str, key: str, until: float, got: Legit) -> None:
-    async with opened(base, key) as ws:
-        n = 0
-        while time.monotonic() < until:
-            began = time.monotonic()
-            n += 1
-            try:
-                await ws.send(frame(f"legit-{n}", event(user_id="legit")))
-                answer = json.loads(await asyncio.wait_for(ws.recv(), LEGIT_TIMEOUT))
-            except Exception as error:  # a closed socket too: a failure
-                got.failures.append(type(error).__name__)
-                return
-            if answer.get("status") != "ok":
-                got.failures.append(str(answer)[:200])
-            else:
-                got.latencies.append(time.monotonic() - began)
-            await asyncio.sleep(max(0.0, began + 1 / LEGIT_RATE - time.monotonic()))
+    try:
+        async with opened(base, key) as ws:
+            await _legit_frames(ws, until, got)
+    except Exception as error:  # a handshake that fails or times out: a failure too
+        got.failures.append(f"handshake: {type(error).__name__}")
+
+
+async def _legit_frames(ws: ClientConnection, until: float, got: Legit) -> None:
+    n = 0
+    while time.monotonic() < until:
+        began = time.monotonic()
+        n += 1
+        try:
+            await ws.send(frame(f"legit-{n}", event(user_id="legit")))
+            answer = json.loads(await asyncio.wait_for(ws.recv(), LEGIT_TIMEOUT))
+        except Exception as error:  # a closed socket too: a failure
+            got.failures.append(type(error).__name__)
+            return
+        if answer.get("status") != "ok":
+            got.failures.append(str(answer)[:200])
+        else:
+            got.latencies.append(time.monotonic() - began)
+        await asyncio.sleep(max(0.0, began + 1 / LEGIT_RATE - time.monotonic()))
 
 
 async def _legit_post(base: str, key: str, until: float, got: Legit) -> None:
