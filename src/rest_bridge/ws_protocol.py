@@ -44,13 +44,17 @@ from typing import Any, Protocol, cast
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
-from websockets.frames import Frame
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
 
 from rest_bridge.budget import ByteBudget
 from rest_bridge.connections import guard_of
 
 SOCKET = "rest_bridge.socket"
 """The scope extension that holds the socket's SocketBytes."""
+
+PONG_HEAD = b"\x8a"
+"""The first byte of a pong the server sends (FIN, opcode 0xA, never compressed)."""
 
 FEED_BYTES = 4096
 """Bytes handed to the parser at a time: at most this much is parsed past a message."""
@@ -106,7 +110,8 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.write_timeout = limits.ws_write_timeout_seconds
         self.close_timeout = limits.ws_write_timeout_seconds
         self.pending = b""
-        """Bytes read and not parsed yet."""
+        """Bytes read and not all parsed yet: those from ``parsed`` on."""
+        self.parsed = 0
         self.held = 0
         """Bytes of this socket counted in the budget."""
         self.queued = 0
@@ -133,7 +138,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         wrapped = cast(_AbortingTransport, self.transport)
         self._cancel(wrapped.timer, self.write_timer, self.feeding, self.throttle)
         self.budget.forget(self._wake)
-        self.pending = b""
+        self.pending, self.parsed = b"", 0
         self.frames = []
         self._recount()  # what the app still holds stays counted until it releases it
 
@@ -157,17 +162,22 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     # --- reading ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.pending = self.pending + data if self.pending else data
+        # (Not read while bytes are pending: only a read's worth is ever pending.)
+        self.pending = self.pending[self.parsed :] + data if self.pending else data
+        self.parsed = 0
         self._feed()
 
     def _feed(self) -> None:
         """Parse pending bytes until a message waits for the app (or none are left)."""
         self.feeding = None
         while self.pending and self.queue.empty() and self._may_parse():
-            piece, self.pending = self.pending[:FEED_BYTES], self.pending[FEED_BYTES:]
+            start, self.parsed = self.parsed, self.parsed + FEED_BYTES
+            piece = self.pending[start : self.parsed]
+            if self.parsed >= len(self.pending):
+                self.pending, self.parsed = b"", 0
             super().data_received(piece)
         if self.transport.is_closing():
-            self.pending = b""
+            self.pending, self.parsed = b"", 0
         self._recount()
         self._set_reading()
 
@@ -186,7 +196,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         """Count what the socket holds now in the budget."""
         held = self.queued + self.taken
         if not self.disconnected:  # (once it is, the parser's bytes are garbage)
-            held += len(self.pending) + len(self.conn.reader.buffer)
+            held += len(self.pending) + len(self.conn.reader.buffer)  # (all of it is held)
             held += sum(len(f) for f in self.frames)
         if held > self.held:
             self.budget.take(held - self.held)
@@ -276,24 +286,52 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         super().handle_cont(event)
 
-    def handle_ping(self) -> None:
-        if self._control_frame():
-            super().handle_ping()
-
-    def handle_pong(self, event: Frame) -> None:
-        if self._control_frame():
-            super().handle_pong(event)
+    def handle_events(self) -> None:
+        events = self.conn.events_received()
+        # websockets queued a pong for each ping as it parsed it (and a close's echo,
+        # always last): only the pongs of the pings within the cap are sent.
+        replies = self.conn.data_to_send()
+        pongs = iter([r for r in replies if r[:1] == PONG_HEAD])
+        out: list[bytes] = []
+        handled: list[Request | Frame] = []
+        for event in events:
+            if isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG):
+                allowed = self._control_frame()
+                if event.opcode is Opcode.PING:
+                    pong = next(pongs, b"")
+                    if allowed:
+                        out.append(pong)
+                    continue
+                if not allowed:
+                    continue
+            if isinstance(event, Request | Frame):  # (a server receives no Response)
+                handled.append(event)
+        out += [r for r in replies if r[:1] != PONG_HEAD]
+        if out:
+            self.transport.write(b"".join(out))
+        for event in handled:  # as uvicorn's handle_events, but for pings (answered above)
+            if isinstance(event, Request):
+                self.handle_connect(event)
+            elif event.opcode is Opcode.PONG:
+                self.handle_pong(event)
+            elif event.opcode is Opcode.CONT:
+                self.handle_cont(event)
+            elif event.opcode is Opcode.TEXT:
+                self.handle_text(event)
+            elif event.opcode is Opcode.BINARY:
+                self.handle_bytes(event)
+            elif event.opcode is Opcode.CLOSE:
+                self.handle_close(event)
 
     def _control_frame(self) -> bool:
         """Count a ping or pong; False past the limit: it is dropped (a ping's pong with it),
-        and the socket is not read again before the second is over."""
+        and no more is parsed or read before the second is over."""
         now = self.loop.time()
         if now - self.control_second >= 1.0:
             self.control_second, self.control = now, 0
         self.control += 1
         if self.control <= self.max_control:
             return True
-        self.conn.data_to_send()  # websockets queued the pong as it parsed the ping: dropped
         if self.throttle is None:
             due = self.control_second + 1.0
             self.throttle = self.loop.call_at(due, self._unthrottle)

@@ -4,6 +4,7 @@ storefront origins in Unicode, frame ids outside Latin-1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -14,12 +15,13 @@ from websockets.exceptions import ConnectionClosed
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from events_server.wire.origins import normalize_origin
-from tests.harness.abuse import open_ws
+from tests.harness.abuse import CONT, PING, PONG, TEXT, open_ws, read_frame, ws_frame
 from tests.harness.processes import run_events_server
 from tests.harness.streams import queued
 from tests.harness.ws import ask, event, frame, opened, own_bridge, run, with_ws_id
 
 SLOTS = 8
+CLOSE = 0x8
 
 
 def test_silent_sockets_cannot_keep_a_storefront_out(grpc_target: str, api_key: str) -> None:
@@ -101,3 +103,43 @@ def test_a_storefront_added_in_unicode_opens_from_its_browser_origin(
             return await ask(ws, frame("idn", event("shop-a")))
 
     assert run(scenario()) == {"id": "idn", "status": "ok"}
+
+
+def test_a_message_in_too_many_fragments_closes_the_socket_with_1009(
+    bridge: str, api_key: str
+) -> None:
+    sock = open_ws(bridge, api_key)
+    try:
+        sock.settimeout(10)
+        text = frame("split", event()).encode()
+        pieces = [text[i : i + 4] for i in range(0, 4 * 17, 4)]  # 17 fragments, unfinished
+        sock.sendall(
+            ws_frame(TEXT, pieces[0], fin=False)
+            + b"".join(ws_frame(CONT, p, fin=False) for p in pieces[1:])
+        )
+        opcode, payload = read_frame(sock)
+    finally:
+        sock.close()
+    assert opcode == CLOSE
+    assert int.from_bytes(payload[:2], "big") == 1009
+    assert payload[2:] == b"a message in more than 16 frames (ws_max_fragments)"
+
+
+def test_pings_past_ten_a_second_go_unanswered(bridge: str, api_key: str) -> None:
+    sock = open_ws(bridge, api_key)
+    try:
+        sock.settimeout(2)
+        sock.sendall(b"".join(ws_frame(PING, b"%d" % n) for n in range(30)))
+        pongs = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                opcode, payload = read_frame(sock)
+                assert opcode == PONG
+                pongs.append(payload)
+        sock.sendall(ws_frame(PING, b"later"))  # the next second: answered again
+        sock.settimeout(5)
+        after = read_frame(sock)
+    finally:
+        sock.close()
+    assert pongs == [b"%d" % n for n in range(10)]
+    assert after == (PONG, b"later")
