@@ -110,14 +110,14 @@ def test_frames_in_flight_on_many_sockets_stay_within_the_budget(
 ) -> None:
     # Row 5: 256 sockets of a registered storefront origin (anyone can forge one) keeping
     # 16 frames of ~15 KiB in flight each (60 MiB), past the origin's rate: the server
-    # holds each refusal up to 1 s. The bridge's budget here is 16 MiB (and connections
-    # 1,024, so that each one's share of it fits).
+    # holds each refusal up to 1 s. The bridge's budget here is 8 MiB (and connections
+    # 512, so that each one's share of it fits).
     register_storefront(settings, "shop-x", HELD_ORIGIN)
     in_flight = HELD_SOCKETS * IN_FLIGHT * len(held_frame(0))
     env = {
-        "EVENTS_MAX_BYTES_IN_FLIGHT": str(16 * MIB),
-        "EVENTS_MAX_CONNECTIONS": "1024",
-        "EVENTS_WS_MAX_CONNECTIONS": "768",
+        "EVENTS_MAX_BYTES_IN_FLIGHT": str(8 * MIB),
+        "EVENTS_MAX_CONNECTIONS": "512",
+        "EVENTS_WS_MAX_CONNECTIONS": "384",
     }
     with bridge_process(grpc_target, tmp_path, **env) as bridge:
         page = f"{ORIGIN}{HELD_ORIGIN}"
