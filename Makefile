@@ -48,7 +48,9 @@ proto-check: proto
 	git diff --exit-code -- src/events_server/pb
 	test -z "$$(git status --porcelain -- src/events_server/pb)"
 
-# Throughput and latency against our own ceiling and a naive peer (~2.5 min; bench-quick < 60 s).
+# Throughput and latency against our own ceiling and a naive peer (~3 min; bench-quick < 60 s).
+# The HTTP phases need wrk (apt-get install wrk); without it they fall back to a Python
+# generator, with a warning.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import orjson
 from redis.asyncio import Redis
-from websockets.asyncio.client import connect as ws_connect
 
 from bench.workload import DEDUP_FIELD, Batches
 from events_server.pb import events_pb2 as pb
@@ -32,7 +30,7 @@ REQUEST_TIMEOUT = 30.0
 class Job:
     """What one load-generator process runs."""
 
-    kind: str  # "script" | "grpc" | "http"
+    kind: str  # "script" | "grpc" | "http" (WebSockets: bench.wsload)
     target: str  # redis URL, grpc target, or http://host:port
     batch: int
     concurrency: int
@@ -44,8 +42,6 @@ class Job:
     partitions: int = 16
     key_prefix: str = "ev"
     api_key: str = ""
-    in_flight: int = 1
-    """WebSocket jobs: frames in flight per connection (``concurrency`` counts connections)."""
 
 
 @dataclass
@@ -106,7 +102,8 @@ class HttpConnection:
 async def _script_sender(job: Job) -> Any:
     """Drives our dedup+enqueue script directly through EventStore: envelopes prebuilt."""
     redis = Redis.from_url(job.target)
-    store = store_for(redis, KeySpace(job.key_prefix, job.partitions), 86_400)
+    keys = KeySpace(job.key_prefix, job.partitions)
+    store = store_for(redis, keys, 86_400)
     context = pb.Envelope(client_ip="127.0.0.1", user_agent="bench").SerializeToString()
 
     async def send(batches: Batches) -> int:
@@ -116,11 +113,11 @@ async def _script_sender(job: Job) -> Any:
             payload = batches.proto_bytes[index]
             if dedup is not None:
                 payload += length_delimited(DEDUP_FIELD, dedup)
+            partition = partition_for(event, job.partitions)
             items.append(
                 (
-                    partition_for(event, job.partitions),
-                    event.tenant,
-                    None if dedup is None else dedup.decode(),
+                    partition,
+                    None if dedup is None else keys.dedup(partition, event.tenant, dedup.decode()),
                     envelope_bytes(payload, context),
                 )
             )
@@ -166,81 +163,10 @@ async def _http_sender(job: Job) -> Any:
     return send, close
 
 
-class WsError(Exception):
-    """A frame answered other than ``ok``."""
-
-
-class WsConnection:
-    """One WebSocket to /ws/create-events: frames out, answers matched to them by id."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.socket: Any = None
-        self.waiting: dict[str, asyncio.Future[bytes]] = {}
-        self.reader: asyncio.Task[None] | None = None
-        self.opening: asyncio.Lock = asyncio.Lock()
-        self.busy = 0
-
-    async def _read(self) -> None:
-        try:
-            async for message in self.socket:
-                answer = orjson.loads(message)
-                future = self.waiting.pop(str(answer.get("id")), None)
-                if future is not None and not future.done():
-                    future.set_result(answer.get("status", "").encode())
-        finally:
-            for future in self.waiting.values():
-                if not future.done():
-                    future.set_exception(WsError("connection closed"))
-            self.waiting.clear()
-            self.socket = None
-
-    async def send(self, frame_id: str, frame: bytes) -> None:
-        async with self.opening:
-            if self.socket is None:
-                self.socket = await ws_connect(self.url, compression=None, max_size=2**20)
-                self.reader = asyncio.create_task(self._read())
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.waiting[frame_id] = future
-        await self.socket.send(frame.decode())
-        status = await future
-        if status != b"ok":
-            raise WsError(status.decode())
-
-    async def close(self) -> None:
-        if self.socket is not None:
-            await self.socket.close()
-        if self.reader is not None:
-            await asyncio.gather(self.reader, return_exceptions=True)
-
-
-async def _ws_sender(job: Job) -> Any:
-    url = job.target.replace("http://", "ws://") + f"/ws/create-events?api_key={job.api_key}"
-    connections = [WsConnection(url) for _ in range(max(job.concurrency // job.in_flight, 1))]
-
-    async def send(batches: Batches) -> int:
-        # concurrency = connections x in_flight sender coroutines: taking the least busy
-        # connection keeps each at in_flight frames out at most.
-        conn = min(connections, key=lambda c: c.busy)
-        conn.busy += 1
-        try:
-            frame_id, frame = batches.ws_frame()
-            await asyncio.wait_for(conn.send(frame_id, frame), REQUEST_TIMEOUT)
-        finally:
-            conn.busy -= 1
-        return 1
-
-    async def close() -> None:
-        await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
-
-    return send, close
-
-
 SENDERS = {
     "script": _script_sender,
     "grpc": _grpc_sender,
     "http": _http_sender,
-    "ws": _ws_sender,
 }
 
 

@@ -55,6 +55,9 @@ def settings(valkey: SessionValkey) -> Settings:
         shutdown_grace_seconds=1.0,
         metrics_addr="127.0.0.1:0",
         key_cache_seconds=1.0,  # the revocation test waits this long
+        # Every test's refusals are the session key's: its share of rejected records would
+        # run out over the suite (the share has tests of its own, on servers of their own).
+        rejected_records_per_second=0,
     )
 
 
@@ -138,7 +141,8 @@ def stub(channel: grpc.Channel) -> events_pb2_grpc.EventsServiceStub:
 @pytest.fixture(scope="session")
 def bridge_settings(grpc_target: str) -> BridgeSettings:
     """Bridge settings pointing at the session's gRPC server."""
-    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0)
+    # (rejected_reports_per_second: as the session server's share of records, see settings.)
+    return bridge_settings_for(grpc_target, grpc_timeout_seconds=3.0, rejected_reports_per_second=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The REST bridge app: the contract's POST /create-events, WebSocket /ws/create-events, docs,
-health."""
+"""The REST bridge app: the contract's POST /create-events, Depict's v2 POST /v2/create-events and
+/v2/track, WebSocket /ws/create-events, docs, health."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pydantic import WithJsonSchema
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
+from rest_bridge.admission import Admission
 from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ConnectionGuard
@@ -27,13 +28,16 @@ from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
 from rest_bridge.gather import Gatherer
 from rest_bridge.https import server_context
-from rest_bridge.ingest import CreateEvents
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
+from rest_bridge.models_v2 import TrackV2Request
+from rest_bridge.offload import BodyParser
 from rest_bridge.rejected import RejectedReporter
+from rest_bridge.routes import v1, v2
+from rest_bridge.routes.steps import JsonPost
 from rest_bridge.ws import WS_PATH, WebSocketIngest
 
-CONTRACT_PATH = "/create-events"
+CONTRACT_PATH = v1.PATH
 
 # gRPC's default reconnect backoff grows to 120 s: after a server restart the bridge
 # could keep answering 503 for minutes. The server is near; trying each second is cheap.
@@ -48,8 +52,8 @@ OptionalHeader = Annotated[str | None, WithJsonSchema({"type": "string"}), Heade
 
 
 class Bridge:
-    """The ASGI app: POST /create-events, its preflight and WebSocket /ws/create-events to
-    lean handlers, the rest to FastAPI.
+    """The ASGI app: POST /create-events, /v2/create-events and /v2/track, their preflights
+    and WebSocket /ws/create-events to lean handlers, the rest to FastAPI.
 
     Every HTTP request passes AccessMiddleware first (request id, access line, metrics);
     the WebSocket endpoint writes its own lines.
@@ -58,12 +62,13 @@ class Bridge:
     def __init__(  # noqa: PLR0917
         self,
         api: FastAPI,
-        create_events: CreateEvents,
+        create_events: v1.CreateEvents,
         cors: Cors,
         settings: BridgeSettings,
         ws: WebSocketIngest | None = None,
         metrics: BridgeMetrics | None = None,
         gatherer: Gatherer | None = None,
+        track: v2.Track | None = None,
     ) -> None:
         self.api = api
         self.gatherer = gatherer
@@ -71,17 +76,20 @@ class Bridge:
         self.cors = cors
         self.ws = ws
         self.metrics = metrics if metrics is not None else BridgeMetrics()
+        self._posts: dict[str, JsonPost] = {CONTRACT_PATH: create_events}
+        if track is not None:
+            self._posts.update(dict.fromkeys(v2.PATHS, track))
         self._entry = AccessMiddleware(
-            self._dispatch, self.metrics, settings.log_client_ip, routes=(CONTRACT_PATH,)
+            self._dispatch, self.metrics, settings.log_client_ip, routes=tuple(self._posts)
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._entry(scope, receive, send)
 
     async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == CONTRACT_PATH:
+        if scope["type"] == "http" and (post := self._posts.get(scope["path"])) is not None:
             if scope["method"] == "POST":
-                await self.create_events(scope, receive, send)
+                await post(scope, receive, send)
                 return
             if scope["method"] == "OPTIONS" and is_preflight(scope):
                 await self.cors.preflight(scope, send)
@@ -119,8 +127,10 @@ def _document_contract(api: FastAPI) -> None:
         key_in_header: str | None = Security(APIKeyHeader(name="X-API-KEY", auto_error=False)),
         key_in_cookie: str | None = Security(APIKeyCookie(name="X-API-KEY", auto_error=False)),
     ) -> None:
-        # Never called: Bridge sends every POST here to rest_bridge.ingest.CreateEvents.
+        # Never called: Bridge sends every POST here to rest_bridge.routes.v1.CreateEvents.
         raise NotImplementedError
+
+    _document_v2(api)
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
@@ -135,6 +145,39 @@ def _document_contract(api: FastAPI) -> None:
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
+
+
+V2_TAG = "Events (v2)"
+
+
+def _document_v2(api: FastAPI) -> None:
+    """Declare Depict's two v2 operations exactly as its spec does (contract/
+    create-events-v2.openapi.yaml); rest_bridge.routes.v2.Track serves both."""
+    keys = {
+        "key_in_query": Security(APIKeyQuery(name="api_key", auto_error=False)),
+        "key_in_header": Security(APIKeyHeader(name="X-API-KEY", auto_error=False)),
+        "key_in_cookie": Security(APIKeyCookie(name="X-API-KEY", auto_error=False)),
+    }
+
+    @api.post(v2.CREATE_EVENTS_PATH, tags=[V2_TAG], summary="Create Events V2", response_model=None)
+    async def create_events_v2(
+        request: TrackV2Request,
+        key_in_query: str | None = keys["key_in_query"],
+        key_in_header: str | None = keys["key_in_header"],
+        key_in_cookie: str | None = keys["key_in_cookie"],
+    ) -> None:
+        raise NotImplementedError  # never called (see above)
+
+    @api.post(
+        v2.TRACK_PATH, tags=[V2_TAG], summary="Track V2", response_model=None, deprecated=True
+    )
+    async def track_v2(
+        request: TrackV2Request,
+        key_in_query: str | None = keys["key_in_query"],
+        key_in_header: str | None = keys["key_in_header"],
+        key_in_cookie: str | None = keys["key_in_cookie"],
+    ) -> None:
+        raise NotImplementedError  # never called (see above)
 
 
 def create_app(settings: BridgeSettings) -> Bridge:
@@ -153,7 +196,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             gc.freeze()
             yield
             await rejected.drain()
-            create_events.close()
+            parser.close()
             ws.close()
 
     # No redirect of /create-events/ to /create-events: its Location would repeat the
@@ -178,7 +221,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return JSONResponse({"status": name}, status_code=200 if ready else 503)
 
-    rejected = RejectedReporter(lambda: api.state.rejected, settings.grpc_timeout_seconds)
+    rejected = RejectedReporter(
+        lambda: api.state.rejected,
+        settings.grpc_timeout_seconds,
+        settings.rejected_reports_per_second,
+    )
     cors = Cors(lambda: api.state.origins, settings)
     counters = BridgeMetrics()
     gatherer = Gatherer(
@@ -191,9 +238,14 @@ def create_app(settings: BridgeSettings) -> Bridge:
         large_bytes=settings.grpc_gather_pipeline_bytes,
         observe=counters.gathered,
     )
-    create_events = CreateEvents(settings, gatherer, cors, rejected)
-    ws = WebSocketIngest(settings, lambda: api.state.events, cors, counters, rejected, gatherer)
-    bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer)
+    parser = BodyParser(settings)  # one pool of parse processes for every route
+    admission = Admission(lambda: api.state.origins, settings)  # who, before any body is read
+    create_events = v1.CreateEvents(settings, gatherer, cors, parser, rejected, admission)
+    track = v2.Track(settings, gatherer, cors, parser, rejected, admission)
+    ws = WebSocketIngest(
+        settings, lambda: api.state.events, cors, counters, rejected, gatherer, admission
+    )
+    bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer, track)
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -161,6 +161,19 @@ class BridgeSettings(BaseSettings):
         description="How long the server's answer on a browser origin (per origin and key)"
         " is reused, seconds.",
     )
+    admission_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long the server's admission of a caller (per key and page origin) is"
+        " reused before a request's body is read, seconds (0: ask for every request).",
+    )
+    rejected_reports_per_second: float = Field(
+        1.0,
+        ge=0,
+        description="Reports of refused requests (for the server's rejected-requests record)"
+        " sent per second per key or page origin, in bursts of ten seconds' worth (0: no"
+        " limit); the server records at most its own share of each caller anyway.",
+    )
     # Group commit (rest_bridge.gather): requests that arrive while calls are out go together.
     grpc_gather_max_calls: int = Field(
         1,

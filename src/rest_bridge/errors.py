@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -186,13 +187,14 @@ def invalid_body(loc: list[str | int], msg: str, kind: str) -> Reply:
     return unprocessable([validation_detail(loc, msg, kind)])
 
 
-def _field_loc(path: str) -> list[str | int]:
-    """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body."""
+def v1_field_loc(path: str) -> list[str | int]:
+    """``events[3].tenant`` -> ``["body", 3, "tenant"]``: where it was in the JSON body (v1:
+    the body is the events array)."""
     match = _FIELD_PATH.match(path)
     if match is None:
         return ["body", path]
     event, field, item = match.groups()
-    loc: list[str | int] = ["body"]  # the body is the request's events array
+    loc: list[str | int] = ["body"]
     if event is not None:
         loc.append(int(event))
     if field is not None:
@@ -202,9 +204,31 @@ def _field_loc(path: str) -> list[str | int]:
     return loc
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[dict[str, Any]]:
+# events[0].purchase.products[1].price_number: names, each with an optional index.
+_TRACK_PATH = re.compile(r"^events(\[\d+\])?(\.\w+(\[\d+\])?)*$")
+_TRACK_PART = re.compile(r"(\w+)|\[(\d+)\]")
+_PRICE_FIELDS = frozenset({"price_number", "price_text"})
+
+
+def v2_field_loc(path: str) -> list[str | int]:
+    """``events[0].purchase.products[1].price_number`` -> ``["body", "events", 0, "products",
+    1, "price"]``: where it was in a v2 JSON body (no kind around an event; one ``price``)."""
+    if _TRACK_PATH.match(path) is None:
+        return ["body", path]
+    parts: list[str | int] = [
+        int(index) if index else name for name, index in _TRACK_PART.findall(path)
+    ]
+    if len(parts) > 2 and parts[2] in {"purchase", "transaction_mapping", "product_unavailable"}:
+        del parts[2]  # the TrackedEvent's oneof: the JSON event is the kind itself
+    return ["body", *("price" if part in _PRICE_FIELDS else part for part in parts)]
+
+
+FieldLoc = Callable[[str], list[str | int]]
+
+
+def _violations(error: grpc.aio.AioRpcError, locate: FieldLoc) -> list[dict[str, Any]]:
     return [
-        validation_detail(_field_loc(v.field), v.description, v.reason or "value_error")
+        validation_detail(locate(v.field), v.description, v.reason or "value_error")
         for v in unpack_violations(error.trailing_metadata())  # type: ignore[arg-type]
     ]
 
@@ -217,14 +241,17 @@ def too_large_detail(message: str) -> str:
     )
 
 
-def grpc_error_response(error: grpc.aio.AioRpcError, retry_after_seconds: int) -> Reply:
-    """The HTTP response for a failed CreateEvents call."""
+def grpc_error_response(
+    error: grpc.aio.AioRpcError, retry_after_seconds: int, locate: FieldLoc = v1_field_loc
+) -> Reply:
+    """The HTTP response for a failed CreateEvents (or Track) call; ``locate``: where a field
+    the server names was in the request's JSON body."""
     code = error.code()
     http_status = HTTP_STATUS.get(code, 500)
     message = error.details() or code.name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return unprocessable(
-            _violations(error) or [validation_detail(["body"], message, "value_error")]
+            _violations(error, locate) or [validation_detail(["body"], message, "value_error")]
         )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(message):
         return json_reply(REQUEST_TOO_LARGE, {"detail": too_large_detail(message)})

@@ -1,7 +1,8 @@
 """Group commit: the bridge's requests to the server, several to a call while it is busy.
 
 Every POST /create-events and every WebSocket frame becomes one sub-request: its
-serialized CreateEventsRequest, the metadata a CreateEvents call of its own would carry
+serialized CreateEventsRequest (a POST /v2/...: its TrackRequest, of ``kind`` TRACK), the
+metadata a CreateEvents call of its own would carry
 (credentials, request id, the client context) and its frame id. No timer: a request
 that finds fewer than ``max_calls`` calls out is sent at once, alone; the ones that
 arrive while every call is out wait, and go together in the next call to leave (up to
@@ -40,6 +41,7 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+from rest_bridge.deadlines import CallDeadlines
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ tries a gathered call again."""
 class Pending:
     """One request waiting for its answer."""
 
-    request: pb.CreateEventsRequest
+    request: pb.CreateEventsRequest | pb.TrackRequest
     metadata: Metadata
     sub: pb.SubRequest
     size: int
@@ -154,12 +156,29 @@ class Gatherer:
     ) -> pb.CreateEventsResponse:
         """The server's answer to one request, as CreateEvents would give it (raises
         grpc.aio.AioRpcError as CreateEvents would)."""
+        return await self._request(request, metadata, ws_message_id)
+
+    async def track(self, request: pb.TrackRequest, metadata: Metadata) -> pb.CreateEventsResponse:
+        """The server's answer to one Track request, as Track would give it."""
+        return await self._request(request, metadata, None)
+
+    async def _request(
+        self,
+        request: pb.CreateEventsRequest | pb.TrackRequest,
+        metadata: Metadata,
+        ws_message_id: str | None,
+    ) -> pb.CreateEventsResponse:
         loop = asyncio.get_running_loop()
         if self._direct_until > loop.time():
             return await self._create_directly(request, metadata, ws_message_id)
         raw = request.SerializeToString()
         meta = dict(metadata)
-        sub = pb.SubRequest(request=raw, metadata=meta, ws_message_id=ws_message_id)
+        kind = (
+            pb.REQUEST_KIND_TRACK
+            if isinstance(request, pb.TrackRequest)
+            else pb.REQUEST_KIND_CREATE_EVENTS
+        )
+        sub = pb.SubRequest(request=raw, metadata=meta, ws_message_id=ws_message_id, kind=kind)
         pending = Pending(
             request,
             metadata,
@@ -266,13 +285,20 @@ class Gatherer:
         task.add_done_callback(lambda done: self._sent(done, started))
 
     async def _create_directly(
-        self, request: pb.CreateEventsRequest, metadata: Metadata, ws_message_id: str | None
+        self,
+        request: pb.CreateEventsRequest | pb.TrackRequest,
+        metadata: Metadata,
+        ws_message_id: str | None,
     ) -> pb.CreateEventsResponse:
         if ws_message_id is not None:
             metadata = (*metadata, (MD_WS_MESSAGE_ID, ws_message_id))
-        response: pb.CreateEventsResponse = await self._direct().CreateEvents(
-            request, timeout=self._timeout, metadata=metadata
-        )
+        response: pb.CreateEventsResponse
+        if isinstance(request, pb.TrackRequest):
+            response = await self._direct().Track(request, timeout=self._timeout, metadata=metadata)
+        else:
+            response = await self._direct().CreateEvents(
+                request, timeout=self._timeout, metadata=metadata
+            )
         return response
 
     async def _answer_directly(self, pending: Pending) -> None:
@@ -296,8 +322,13 @@ class Gatherer:
     async def _call(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        timeout = max(min(p.deadline for p in batch) - now, 0.001)
-        for pending in batch:  # the server counts it in the call's budget
+        # The call lasts as long as its freshest request may: an old one must not cut the
+        # others' time short. Each keeps its own deadline (CallDeadlines), and the server
+        # takes each one's wait out of that one's budget.
+        latest = max(p.deadline for p in batch)
+        timeout = max(latest - now, 0.001)
+        deadlines = CallDeadlines(batch, latest)
+        for pending in batch:
             pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
         try:
             reply = await self._stub().CreateEventsGathered(
@@ -322,8 +353,8 @@ class Gatherer:
                 if self._direct_until <= loop.time():
                     log.warning(
                         "the events-server does not take this process for the REST bridge"
-                        " (%s): sending one CreateEvents call per request, whose forwarded"
-                        " client context it ignores, for %g s; give both the same"
+                        " (%s): sending one call per request (CreateEvents or Track), whose"
+                        " forwarded client context it ignores, for %g s; give both the same"
                         " EVENTS_BRIDGE_TOKEN or this bridge a client certificate",
                         error.details(),
                         DIRECT_SECONDS,
@@ -344,6 +375,8 @@ class Gatherer:
                         )
                     )
             raise
+        finally:
+            deadlines.cancel()
         for pending, response in zip(batch, reply.responses, strict=False):
             if pending.future.done():
                 continue

@@ -48,7 +48,7 @@ class Text:
     - other encoders' exponent forms come back as repr's (``1E3`` -> ``1000.0``), and
       a float without fraction keeps its ``.0`` (``100.0``, as Python clients send it).
 
-    pydantic's JSON parser and the stdlib's (rest_bridge.ingest uses both) give the
+    pydantic's JSON parser and the stdlib's (rest_bridge.validation uses both) give the
     same int or float, so the text never depends on the path. (pydantic's own
     ``coerce_numbers_to_str`` does not: in JSON mode it writes floats with Rust's
     formatting, ``1.0`` -> ``"1"``; and it takes NaN, as ``"NaN"``.)

@@ -9,14 +9,16 @@ docs/performance.md, a body costs about 0.5 µs per comma when it is valid and u
 the stdlib pass that gives FastAPI's exact 422, then as a dict): 0.9 ms for a valid
 100-event body, 8 ms for 500 events, 31 ms for a valid 1 MiB one of 330,000 short
 strings, 12 s for 1 MiB of empty objects before the count and the error cap
-(rest_bridge.ingest).
+(rest_bridge.validation).
 
 So a body of at most INLINE_MAX_BYTES and INLINE_MAX_COMMAS (a beacon, a batch of a
 few events) is parsed on the loop, at most ~2 ms; so is one of at most
 VALID_INLINE_MAX_COMMAS that is valid (checked at a bounded cost). Any other goes to one
-of ``parse_processes`` worker processes (ingest.validate_large_body: the events counted
+of ``parse_processes`` worker processes (validation.validate_large_body: the events counted
 first, the errors capped), and only its result comes back: the serialized events, or
-the refusal and the tenants it names. Handing a body to a worker costs the loop ~0.6 ms
+the refusal and the tenants it names. Each contract gives its own Rules (its validation
+on the loop and in a worker); the v2 contract's (rest_bridge.validation_v2) has no
+``quick`` step: its bodies are beacons. Handing a body to a worker costs the loop ~0.6 ms
 for 100 events, ~1.7 ms for 500 (the executor's threads, pickling, rebuilding the
 protobuf events): worth it only for the bodies that would cost more.
 """
@@ -30,12 +32,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from events_server.pb import events_pb2 as pb
 from rest_bridge.config import BridgeSettings
-from rest_bridge.ingest import accepted_events, valid_events, validate_body, validate_large_body
 from rest_bridge.responses import Reply, json_reply
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ of the worst invalid body (empty objects, three errors each), about 2 ms at most
 
 VALID_INLINE_MAX_COMMAS = 4096
 """A larger body of at most this many commas is validated on the event loop too, by
-pydantic stopping at its first invalid event (ingest.valid_events): ~2 ms when valid
+pydantic stopping at its first invalid event (validation.valid_events): ~2 ms when valid
 (a benchmark body of 100 events has ~1,900 commas, 215 of them ~4,000), at most ~3 ms
 when not (one event of 4,090 bad variant ids). Only an invalid one goes to a worker for
 its 422."""
@@ -55,8 +58,27 @@ its 422."""
 MAX_QUEUED_PER_PROCESS = 64
 """Bodies waiting for (or in) each parse process; past that a large body is answered 503."""
 
-Parsed = tuple[list[pb.Event] | Reply, list[str] | None]
-"""The events, or the reply refusing them and (when known) the tenants the body names."""
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+WorkerResult = bytes | tuple[Reply, list[str]]
+"""From a worker: the serialized request, or the reply refusing the body and the tenants it
+names (for its rejected-request record)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rules(Generic[T_co]):
+    """How one contract's bodies are validated: ``T_co`` is what a valid body becomes."""
+
+    inline: Callable[[bytes, int, int], T_co | Reply]
+    """(body, max_depth, max_events): a body cheap enough for the event loop."""
+    in_worker: Callable[[bytes, int, int], WorkerResult]
+    """The same for any body, in a worker process (a module-level function: pickled by name)."""
+    decode: Callable[[bytes], T_co]
+    """A worker's serialized request back into ``T_co``."""
+    quick: Callable[[bytes, int], T_co | Reply | None] | None = None
+    """(body, max_events): a bounded try on the loop at a larger body, None when it is not
+    valid (then a worker answers it)."""
 
 
 ORPHAN_CHECK_SECONDS = 1.0
@@ -77,17 +99,6 @@ def _worker_started(bridge_pid: int, niceness: int) -> None:
         os._exit(0)
 
     threading.Thread(target=leave_when_orphaned, daemon=True).start()
-
-
-def parse_in_worker(
-    body: bytes, max_depth: int, max_events: int
-) -> bytes | tuple[Reply, list[str]]:
-    """In a worker process: the body's events as a serialized CreateEventsRequest, or the
-    reply refusing it and the tenants it names (for its rejected-request record)."""
-    result, tenants = validate_large_body(body, max_depth, max_events)
-    if isinstance(result, Reply):
-        return result, tenants
-    return pb.CreateEventsRequest(events=result).SerializeToString()
 
 
 def _busy(why: str, retry_after: int) -> Reply:
@@ -114,21 +125,22 @@ class BodyParser:
             len(body) <= INLINE_MAX_BYTES and body.count(b",") <= INLINE_MAX_COMMAS
         )
 
-    async def parse(self, body: bytes) -> Parsed:
-        """The body's events, or the reply refusing them."""
+    async def parse(self, body: bytes, rules: Rules[T]) -> tuple[T | Reply, list[str] | None]:
+        """What the body becomes by ``rules``, or the reply refusing it and (when known) the
+        tenants it names."""
         if self.parses_inline(body):
-            return validate_body(body, self._max_depth, self._max_events), None
-        if self._processes and body.count(b",") <= VALID_INLINE_MAX_COMMAS:
-            events = valid_events(body)
-            if events is not None:
-                return accepted_events(events, self._max_events), None
+            return rules.inline(body, self._max_depth, self._max_events), None
+        if self._processes and rules.quick and body.count(b",") <= VALID_INLINE_MAX_COMMAS:
+            quick = rules.quick(body, self._max_events)
+            if quick is not None:
+                return quick, None
         if self._queued >= self._max_queued:
             why = f"{self._queued} large bodies are being parsed already: retry shortly"
             return _busy(why, self._retry_after), None
         self._queued += 1
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self._executor(), parse_in_worker, body, self._max_depth, self._max_events
+                self._executor(), rules.in_worker, body, self._max_depth, self._max_events
             )
         except BrokenProcessPool:
             # A worker died (killed, out of memory): the next body gets a new pool.
@@ -138,7 +150,7 @@ class BodyParser:
         finally:
             self._queued -= 1
         if isinstance(result, bytes):
-            return list(pb.CreateEventsRequest.FromString(result).events), None
+            return rules.decode(result), None
         return result
 
     def _executor(self) -> ProcessPoolExecutor:

@@ -6,6 +6,11 @@ sent is dropped with a log line. Requests the server refuses are recorded by
 the server itself, so each rejection is recorded once; the exception is a request
 gRPC refuses as too large before the server sees it (the bridge's 413), which the
 bridge reports too.
+
+Each credential (key, or page origin) may have ``rejected_reports_per_second`` reports sent
+(in bursts of ten seconds' worth): the server records at most its own share of each caller
+anyway (EVENTS_REJECTED_RECORDS_PER_SECOND), and a flood of invalid frames must not cost a
+call to the server each.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import grpc
 import orjson
 
+from events_server.ops.allowances import Allowances
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
@@ -34,13 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def body_tenants(body: bytes) -> list[str]:
-    """The tenants a request body names, when it parses as a JSON array of objects."""
+    """The tenants a request body names, when it parses as a JSON array of objects (v1) or an
+    object with a ``tenant`` (v2)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         # Not JSON (or nested deeper than orjson goes): the server records it for the
         # key's tenants.
         return []
+    if isinstance(value, dict):
+        return tenants_of([value.get("tenant")])
     if not isinstance(value, list):
         return []
     return tenants_of(item.get("tenant") for item in value if isinstance(item, dict))
@@ -57,12 +66,16 @@ class RejectedReporter:
         self,
         stub: Callable[[], events_pb2_grpc.RejectedEventsAsyncStub],
         timeout_seconds: float,
+        per_credential_per_second: float = 0.0,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        self._allowances = Allowances(per_credential_per_second, per_credential_per_second * 10)
         self.lost = 0
         """Reports dropped (too many in flight) or not accepted by the server."""
+        self.over_budget = 0
+        """Reports not sent: their credential had had its share."""
 
     def _lose(self, why: str) -> None:
         self.lost += 1
@@ -90,6 +103,15 @@ class RejectedReporter:
         elif origin:
             credential = (MD_ORIGIN, metadata_value(origin))
         else:
+            return
+        if not self._allowances.take(credential[1]):
+            self.over_budget += 1  # not a loss: the server would not record it either
+            if self.over_budget & (self.over_budget - 1) == 0:  # 1st, 2nd, 4th...
+                log.warning(
+                    "rejected-request reports not sent (%d so far): a caller had its share"
+                    " (rejected_reports_per_second)",
+                    self.over_budget,
+                )
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self._lose(f"{MAX_IN_FLIGHT} already in flight")

@@ -2,8 +2,8 @@
 
 Handshake: a page's ``Origin`` must be one the server allows (Origins.Check through
 rest_bridge.cors, cached); a non-browser client sends a key instead (the ``api_key``
-query parameter or the ``X-API-KEY`` header), which an empty CreateEvents call checks
-(with the Origin, if any) before the socket opens. Neither: 401; a refused origin or
+query parameter or the ``X-API-KEY`` header), which the server checks (with the Origin, if
+any; rest_bridge.admission, cached) before the socket opens. Neither: 401; a refused origin or
 key: 403 or 401; the server unreachable: 503. These are HTTP answers: the client
 never sees an open socket, and Depict's client backs off.
 
@@ -33,6 +33,7 @@ from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log,
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.access import MAX_LOGGED_CHARS, redact_query
+from rest_bridge.admission import Admission
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ws_connection_cap
 from rest_bridge.cors import MAX_ORIGIN_CHARS, Cors
@@ -43,6 +44,7 @@ from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.offload import BodyParser
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
+from rest_bridge.routes.v1 import RULES as V1_RULES
 from rest_bridge.upstream import forwarded_metadata
 from rest_bridge.ws_frames import (
     MAX_CLOSE_REASON_BYTES,
@@ -105,11 +107,13 @@ class WebSocketIngest:
         metrics: BridgeMetrics,
         rejected: RejectedReporter | None,
         gatherer: Gatherer,
+        admission: Admission,
     ) -> None:
         self._settings = settings
         self._max_open = ws_connection_cap(settings)
         self._stub = stub
         self._gatherer = gatherer
+        self._admission = admission
         self._cors = cors
         self._metrics = metrics
         self._rejected = rejected
@@ -201,16 +205,8 @@ class WebSocketIngest:
         origin: bytes | None,
     ) -> Reply | None:
         try:
-            if key is not None:
-                # Queues nothing: the server authenticates the key and checks the page's
-                # origin against it, as it does for every write.
-                client = scope.get("client")
-                await self._stub().CreateEvents(
-                    pb.CreateEventsRequest(),
-                    timeout=self._settings.grpc_timeout_seconds,
-                    metadata=forwarded_metadata(headers, client[0] if client else "", key),
-                )
-                return None
+            if key is not None:  # the key, and the page's origin against it (cached)
+                return await self._admission.refusal(scope, headers, key)
             assert origin is not None
             decision = await self._cors.decide(origin.decode("latin-1"), None)
         except grpc.aio.AioRpcError as error:
@@ -346,7 +342,7 @@ class WebSocketIngest:
         """What became of the frame's event, and the answer to send (None: none)."""
         if not frame.has_event:
             return self._not_ok(conn, frame, missing_event_detail())
-        events, _ = await self._parser.parse(frame.body)
+        events, _ = await self._parser.parse(frame.body, V1_RULES)
         if isinstance(events, Reply):
             if events.status != UNPROCESSABLE:  # the parse workers are busy: retry later
                 return "unanswered", None

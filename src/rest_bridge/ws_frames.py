@@ -8,7 +8,7 @@ unanswered. A frame that cannot be read as one (not JSON, not an object, no stri
 id) gets ``{"status": "error", "detail": ...}``.
 
 The event is validated as the body ``[event]`` of a one-event POST would be, by
-rest_bridge.ingest, so a ``not-ok`` carries the very 422 detail list a POST gets.
+rest_bridge.validation, so a ``not-ok`` carries the very 422 detail list a POST gets.
 ``Connection`` is one open socket's state: its frames in flight, its answers, its close.
 """
 

@@ -1,304 +1,166 @@
-"""Abusive WebSocket clients of /ws/create-events, as a process of their own.
+"""A legitimate client beside an attack: what it got, and the attacker as a child process.
 
-``python -m tests.harness.abuse ATTACK BASE KEY SECONDS [SOCKETS]`` (KEY may be
-``origin=https://...``: a page's socket) prints "ready" once its SOCKETS are open (the
-onset is not what is measured; or after ONSET_SECONDS), attacks until SECONDS have
-passed (opening a new socket when the bridge closes one) and prints what it saw as
-JSON. Its sockets speak raw RFC 6455
-(frames masked with a zero key), so that it sends what no library would: pings back to
-back, a message never finished, floods of pongs.
-
-ATTACK is one of ATTACKS: the rows of the front-door issue (19).
+``Legit`` is what the adversarial pass of issue 19 ran beside each attack: a keyed
+WebSocket sending one frame at a time and keyed one-event POSTs, each about 20 a second,
+from the same address as the attacker (loopback). ``Attack`` runs tests.harness.attacker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import socket
-import struct
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-PATH = "/ws/create-events"
-TEXT, CONT, PING, PONG = 0x1, 0x0, 0x9, 0xA
+import httpx
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-ORIGIN = "origin="
-"""A KEY argument that starts so is a page's origin instead: the sockets send it, no key."""
+from tests.harness.processes import rss_kib
 
-ONSET_SECONDS = 5.0
-
-COSTLY_VARIANTS = 5_000
-"""Empty objects as variant ids: a frame of ~10 KiB, under the 16 KiB frame limit, costly
-to validate (one error each)."""
+RATE = 20.0
 
 
-def ws_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
-    """A client frame (masked with a zero key: the payload is sent as it is)."""
-    first = (0x80 if fin else 0) | opcode
-    size = len(payload)
-    if size < 126:
-        head = bytes([first, 0x80 | size])
-    elif size < 65536:
-        head = bytes([first, 0x80 | 126]) + struct.pack("!H", size)
-    else:
-        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", size)
-    return head + b"\0\0\0\0" + payload
+@dataclass
+class Fared:
+    """How one kind of legitimate request fared: each outcome, and the good ones' latency."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+
+    def good(self, outcome: str, seconds: float) -> None:
+        self.outcomes[outcome] += 1
+        self.latencies.append(seconds)
+
+    def p99(self) -> float:
+        """The 99th percentile of the good ones' latency, seconds (0 without any)."""
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
+
+    def summary(self) -> str:
+        return f"{dict(self.outcomes)} p99 {self.p99() * 1000:.0f} ms"
 
 
-def open_ws(
-    base: str, key: str | None = None, origin: str | None = None, rcvbuf: int | None = None
-) -> socket.socket:
-    """A socket past its WebSocket handshake (ConnectionError when it is refused)."""
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    if rcvbuf is not None:  # a small window: what the bridge writes backs up at once
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(5)
-    sock.connect((host, int(port)))
-    lines = [
-        f"GET {PATH}{f'?api_key={key}' if key else ''} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *([f"Origin: {origin}"] if origin else []),
-    ]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            sock.close()
-            raise ConnectionError("closed during the handshake")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        sock.close()
-        raise ConnectionError(head.split(b"\r\n", 1)[0].decode())
-    sock.settimeout(None)
-    return sock
+class Legit:
+    """Keyed POSTs and a keyed WebSocket at ``RATE`` a second each, in threads of their own."""
 
+    def __init__(self, url: str, key: str, tenant: str = "shop-x") -> None:
+        self.url = url
+        self.key = key
+        self.tenant = tenant
+        self.posts = Fared()
+        self.frames = Fared()
+        self.closed: tuple[int, str] | None = None
+        """The WebSocket's close code and reason, if it was closed."""
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._post, daemon=True),
+            threading.Thread(target=lambda: asyncio.run(self._socket()), daemon=True),
+        ]
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """The next server frame (opcode, payload); ConnectionError once the socket ends."""
+    def __enter__(self) -> Legit:
+        for thread in self._threads:
+            thread.start()
+        return self
 
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
 
-    first, second = exactly(2)
-    size = second & 0x7F
-    if size == 126:
-        size = struct.unpack("!H", exactly(2))[0]
-    elif size == 127:
-        size = struct.unpack("!Q", exactly(8))[0]
-    return first & 0x0F, exactly(size)
+    def event(self, n: int) -> dict[str, Any]:
+        return {"tenant": self.tenant, "market": "us", "type": "page_view", "user_id": f"l{n}"}
 
+    def _post(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10, headers={"x-api-key": self.key}) as http:
+            start, n = time.monotonic(), 0
+            while not self._stop.is_set():
+                began = time.monotonic()
+                try:
+                    status = str(http.post("/create-events", json=[self.event(n)]).status_code)
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                if status == "200":
+                    self.posts.good(status, time.monotonic() - began)
+                else:
+                    self.posts.outcomes[status] += 1
+                n += 1
+                self._stop.wait(max(0.0, start + n / RATE - time.monotonic()))
 
-def costly_frame(n: int) -> bytes:
-    variants = ",".join(["{}"] * COSTLY_VARIANTS)
-    event = f'{{"tenant":"shop-x","market":"us","type":"click","variant_ids":[{variants}]}}'
-    return ws_frame(TEXT, f'{{"id":"costly-{n}","event":{event}}}'.encode())
-
-
-def held_frame(n: int) -> bytes:
-    """A valid event of ~15 KiB (its URL and variant ids: strings of at most the server's
-    8,192 characters), under the 16 KiB frame limit."""
-    url = "https://shop.example/" + "p" * 7_000
-    variants = [f"v{i}-" + "x" * 400 for i in range(19)]
-    event = {
-        "tenant": "shop-x",
-        "market": "us",
-        "type": "page_view",
-        "user_id": "a",
-        "url": url,
-        "variant_ids": variants,
-    }
-    return ws_frame(TEXT, json.dumps({"id": f"held-{n}", "event": event}).encode())
-
-
-def unread_frame(n: int) -> bytes:
-    """A frame refused with its (long) id repeated: a 12 KiB answer for 12 KiB sent."""
-    return ws_frame(TEXT, json.dumps({"id": f"{n}-" + "u" * 12_000}).encode())
+    async def _socket(self) -> None:
+        ws = self.url.replace("http://", "ws://", 1) + f"/ws/create-events?api_key={self.key}"
+        try:
+            async with connect(ws, compression=None) as socket:
+                start, n = time.monotonic(), 0
+                while not self._stop.is_set():
+                    began = time.monotonic()
+                    frame_id = f"legit-{n}"
+                    await socket.send(json.dumps({"id": frame_id, "event": self.event(n)}))
+                    try:
+                        answer = json.loads(await asyncio.wait_for(socket.recv(), 5))
+                    except TimeoutError:
+                        self.frames.outcomes["unanswered"] += 1
+                    else:
+                        if answer.get("status") == "ok" and answer.get("id") == frame_id:
+                            self.frames.good("ok", time.monotonic() - began)
+                        else:
+                            self.frames.outcomes[str(answer.get("status"))] += 1
+                    n += 1
+                    await asyncio.sleep(max(0.0, start + n / RATE - time.monotonic()))
+        except ConnectionClosed as closed:
+            rcvd = closed.rcvd
+            self.closed = (rcvd.code, rcvd.reason) if rcvd else (1006, "")
+        except OSError as error:
+            self.closed = (0, f"{type(error).__name__}: {error}")
 
 
 class Attack:
-    """One attack's sockets, their threads and the tally."""
+    """tests.harness.attacker as a child process; ``result()`` waits for its answers."""
 
-    def __init__(self, base: str, key: str, seconds: float, sockets: int = 1) -> None:
-        self.sockets = sockets
-        self.base, self.key = base, key
-        self.end = time.monotonic() + seconds
-        self.seen: dict[str, int] = {"opened": 0, "refused": 0, "ended": 0, "bytes_sent": 0}
-        self.ready = threading.Event()
-        self.lock = threading.Lock()
-        self.socks: dict[socket.socket, float] = {}
-        """Open sockets, and when each opened."""
+    def __init__(self, kind: str, url: str, seconds: float, connections: int, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.harness.attacker", kind, url, str(seconds),
+             str(connections), *extra],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
 
-    def count(self, what: str, n: int = 1) -> None:
-        with self.lock:
-            self.seen[what] = self.seen.get(what, 0) + n
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
-    def connect(self, rcvbuf: int | None = None) -> socket.socket | None:
-        while time.monotonic() < self.end:
-            try:
-                if self.key.startswith(ORIGIN):  # a page's socket: its Origin, no key
-                    sock = open_ws(self.base, origin=self.key[len(ORIGIN) :], rcvbuf=rcvbuf)
-                else:
-                    sock = open_ws(self.base, self.key, rcvbuf=rcvbuf)
-            except OSError:
-                self.count("refused")
-                time.sleep(0.05)
-                continue
-            self.count("opened")
-            with self.lock:
-                self.socks[sock] = time.monotonic()
-                if self.seen["opened"] >= self.sockets:  # every socket is up: the attack is on
-                    self.ready.set()
-            return sock
-        return None
+    def stop(self) -> None:
+        """Kill it (an attack that already did its harm)."""
+        if self.running():
+            self.proc.kill()
+        self.proc.wait(10)
 
-    def send_forever(
-        self, make: Callable[[int], bytes], rcvbuf: int | None = None, again: bool = True
-    ) -> None:
-        """Send what ``make`` gives, back to back, on a socket reopened when it ends (when
-        ``again``)."""
-        while (sock := self.connect(rcvbuf)) is not None:
-            n = 0  # each socket starts its own sequence
-            opened = time.monotonic()
-            try:
-                while time.monotonic() < self.end:
-                    data = make(n)
-                    n += 1
-                    sock.sendall(data)
-                    self.count("bytes_sent", len(data))
-            except OSError:
-                if time.monotonic() < self.end:  # the bridge ended it, not stop_at_end
-                    self.count("ended")
-                    self.lived(time.monotonic() - opened)
-            self.drop(sock)
-            if not again:
-                return
-
-    def lived(self, seconds: float) -> None:
-        """A socket the bridge ended lived ``seconds``: the longest such life is kept."""
-        with self.lock:
-            self.seen["longest_life_ms"] = max(
-                self.seen.get("longest_life_ms", 0), round(seconds * 1000)
-            )
-
-    def in_flight(self, make: Callable[[int], bytes], window: int) -> None:
-        """Keep ``window`` frames unanswered on a socket: a new one per answer."""
-        n = 0
-        while (sock := self.connect()) is not None:
-            try:
-                for _ in range(window):
-                    sock.sendall(make(n))
-                    n += 1
-                while time.monotonic() < self.end:
-                    opcode, payload = read_frame(sock)
-                    if opcode == PING:
-                        sock.sendall(ws_frame(PONG, payload))
-                    elif opcode == TEXT:
-                        self.count("answers")
-                        sock.sendall(make(n))
-                        n += 1
-                    else:
-                        break
-            except OSError:
-                pass
-            self.count("ended")
-            self.drop(sock)
-
-    def drop(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.socks.pop(sock, None)
-        sock.close()
-
-    def stop_at_end(self) -> None:
-        """At the end, shut every socket: blocked sends and reads return."""
-        time.sleep(max(0.0, self.end - time.monotonic()))
-        with self.lock:
-            self.seen["open_at_end"] = len(self.socks)
-            now = time.monotonic()
-            ages = [now - opened for opened in self.socks.values()]
-            self.seen["oldest_open_ms"] = round(max(ages, default=0) * 1000)
-            for sock in self.socks:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+    def result(self, timeout: float = 60) -> dict[str, int]:
+        """How its requests were answered (empty when it was stopped)."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        lines = out.strip().splitlines()
+        return json.loads(lines[-1]) if lines and self.proc.returncode == 0 else {}
 
 
-def _pings(attack: Attack, _: int) -> None:
-    burst = ws_frame(PING, b"p" * 125) * 64
-    attack.send_forever(lambda n: burst, rcvbuf=4096)
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (the bridge's parse workers), KiB."""
+    total = 0
+    for each in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError, RuntimeError):  # gone meanwhile
+            total += rss_kib(each)
+    return total
 
 
-def _fragments(attack: Attack, _: int) -> None:
-    empty = ws_frame(CONT, b"", fin=False) * 1024
-    attack.send_forever(lambda n: ws_frame(TEXT, b'{"id"', fin=False) if n == 0 else empty)
-
-
-def _costly(attack: Attack, _: int) -> None:
-    attack.in_flight(costly_frame, 16)
-
-
-def _invalid(attack: Attack, _: int) -> None:
-    invalid = ws_frame(TEXT, b"x")
-    attack.in_flight(lambda n: invalid, 256)
-
-
-def _pongs(attack: Attack, _: int) -> None:
-    burst = ws_frame(PONG, b"") * 1024
-    attack.send_forever(lambda n: burst)
-
-
-def _held(attack: Attack, _: int) -> None:
-    attack.send_forever(held_frame)
-
-
-def _unread(attack: Attack, _: int) -> None:
-    attack.send_forever(unread_frame, rcvbuf=4096, again=False)
-
-
-ATTACKS: dict[str, Callable[[Attack, int], None]] = {
-    "pings": _pings,
-    "fragments": _fragments,
-    "costly": _costly,
-    "invalid": _invalid,
-    "pongs": _pongs,
-    "held": _held,
-    "unread": _unread,
-}
-
-
-def main(argv: list[str]) -> dict[str, Any]:
-    name, base, key, seconds = argv[:4]
-    sockets = int(argv[4]) if len(argv) > 4 else 1
-    attack = Attack(base, key, float(seconds), sockets)
-    threads = [
-        threading.Thread(target=ATTACKS[name], args=(attack, i), daemon=True)
-        for i in range(sockets)
-    ]
-    for thread in threads:
-        thread.start()
-    # Ready once every socket is up, or after ONSET_SECONDS (a bridge that cannot take
-    # them all is attacked by as many as it took).
-    if attack.ready.wait(ONSET_SECONDS) or attack.seen["opened"]:
-        print("ready", flush=True)
-    attack.stop_at_end()
-    for thread in threads:
-        thread.join(10)
-    return attack.seen
-
-
-if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])), flush=True)
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in found]

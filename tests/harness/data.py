@@ -90,3 +90,56 @@ def event_of_size(size: int, longest: int, **fields: object) -> pb.Event:
 def request_size(events: list[pb.Event]) -> int:
     """Bytes of the CreateEventsRequest carrying ``events``."""
     return pb.CreateEventsRequest(events=events).ByteSize()
+
+
+# --- Depict's v2 kinds, as TrackedEvents -------------------------------------------
+
+
+def product(sku: str = "white-socks-xl", price: str = "89.9", quantity: int = 1) -> dict[str, Any]:
+    """A purchased product's fields; ``price`` is a JSON number's text (see ``text_price``)."""
+    return {"sku": sku, "price_number": price, "quantity": quantity}
+
+
+def text_price(sku: str, price: str, quantity: int = 1) -> dict[str, Any]:
+    """A purchased product whose price was sent as a JSON string."""
+    return {"sku": sku, "price_text": price, "quantity": quantity}
+
+
+def purchase(*products: dict[str, Any], **fields: object) -> pb.TrackedEvent:
+    """A valid purchase (one product unless given); keyword arguments override its fields."""
+    base: dict[str, object] = {
+        "tenant": "shop-a",
+        "market": "se",
+        "dsid": "3n0kq7c1x9s",
+        "transaction_id": "T-1001",
+        "currency": "SEK",
+        "products": [pb.PurchasedProduct(**p) for p in products or (product(quantity=12),)],
+    }
+    base.update(fields)
+    return pb.TrackedEvent(purchase=pb.Purchase(**base))  # type: ignore[arg-type]
+
+
+def mapping(**fields: object) -> pb.TrackedEvent:
+    """A valid transaction mapping; keyword arguments override its fields."""
+    base: dict[str, object] = {
+        "tenant": "shop-a",
+        "market": "se",
+        "dsid": "3n0kq7c1x9s",
+        "transaction_id": "T-1001",
+    }
+    base.update(fields)
+    return pb.TrackedEvent(transaction_mapping=pb.TransactionMapping(**base))  # type: ignore[arg-type]
+
+
+def unavailable(**fields: object) -> pb.TrackedEvent:
+    """A valid product_unavailable report; keyword arguments override its fields."""
+    base: dict[str, object] = {
+        "tenant": "shop-a",
+        "market": "se",
+        "user_id": "user-1",
+        "dsid": "3n0kq7c1x9s",
+        "product_id": "p-17",
+        "unavailability_type": pb.UNAVAILABILITY_TYPE_OUT_OF_STOCK,
+    }
+    base.update(fields)
+    return pb.TrackedEvent(product_unavailable=pb.ProductUnavailable(**base))  # type: ignore[arg-type]

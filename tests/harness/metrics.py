@@ -36,9 +36,10 @@ def server_metrics_url(server: EventsServer) -> str:
     return f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
 
 
-def calls(server: EventsServer, code: str = "OK") -> float:
-    """CreateEvents calls an in-process server has answered with ``code`` so far."""
+def calls(server: EventsServer, code: str = "OK", method: str = CREATE) -> float:
+    """CreateEvents calls (or ``method``'s) an in-process server has answered with ``code``
+    so far."""
     value = server.metrics.registry.get_sample_value(
-        "events_grpc_requests_total", {"method": CREATE, "code": code}
+        "events_grpc_requests_total", {"method": method, "code": code}
     )
     return value or 0.0

@@ -1,4 +1,5 @@
-"""gRPC calls as the tests make them: keyed channels, CreateEvents, health, rich statuses."""
+"""gRPC calls as the tests make them: keyed channels, CreateEvents, Track, health, rich
+statuses."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ def send(
     """CreateEvents with these events (and metadata); the reply."""
     reply: pb.CreateEventsResponse = stub.CreateEvents(
         pb.CreateEventsRequest(events=events), metadata=metadata, timeout=5
+    )
+    return reply
+
+
+def track(
+    stub: events_pb2_grpc.EventsServiceStub,
+    *events: pb.TrackedEvent,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> pb.CreateEventsResponse:
+    """Track with these v2 events (and metadata); the reply."""
+    reply: pb.CreateEventsResponse = stub.Track(
+        pb.TrackRequest(events=events), metadata=metadata, timeout=5
     )
     return reply
 

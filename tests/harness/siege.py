@@ -1,4 +1,4 @@
-"""An attack on a bridge process (tests.harness.abuse) with a legitimate client beside it.
+"""An attack on a bridge process (tests.harness.ws_attacks) with a legitimate client beside it.
 
 The bridge runs as a process of its own (its memory measured alone), in front of the
 session's gRPC server; the attacker is another process. The legitimate client, in the
@@ -173,7 +173,7 @@ def siege(  # noqa: PLR0917
     before = rss_kib(bridge.pid)
     sampler = _Sampler(bridge.pid)
     sampler.start()
-    argv = [sys.executable, "-m", "tests.harness.abuse", attack, bridge.url, attacker_key]
+    argv = [sys.executable, "-m", "tests.harness.ws_attacks", attack, bridge.url, attacker_key]
     attacker = subprocess.Popen(
         [*argv, str(seconds), str(sockets)], stdout=subprocess.PIPE, text=True
     )

@@ -45,13 +45,15 @@ def stream_contents(client: Client, keys: KeySpace) -> dict[str, list[str]]:
 
 
 def orphan_dedup_keys(client: Client, keys: KeySpace) -> list[str]:
-    """Dedup keys whose entry id is on no stream: they would swallow a retry."""
+    """Dedup keys (of events and of transactions) whose entry id is on no stream: they would
+    swallow a retry."""
     on_streams = {entry_id for _, entry_id, _ in dump(client, keys)}
     orphans = []
-    for key in client.scan_iter(match=keys.dedup_pattern(), count=1000):
-        value: Any = client.get(key)
-        if value is None or value.decode() not in on_streams:
-            orphans.append(key.decode())
+    for pattern in (keys.dedup_pattern(), keys.transaction_pattern()):
+        for key in client.scan_iter(match=pattern, count=1000):
+            value: Any = client.get(key)
+            if value is None or value.decode() not in on_streams:
+                orphans.append(key.decode())
     return orphans
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -330,3 +331,34 @@ def test_a_flood_of_made_up_keys_costs_redis_little_and_keys_in_use_keep_working
         # allowance to come back (a fifth of a second for one lookup at 5/s).
         fresh = create_key(settings.redis_url, settings.key_prefix, ["shop-a"], "fresh")
         eventually(lambda: answer(fresh)[0] == grpc.StatusCode.OK, within=3)
+
+
+def test_a_key_found_before_keeps_working_once_its_address_spent_its_unknown_key_allowance(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis
+) -> None:
+    # The flood's address is the client's (one NAT, or a proxy not counted in
+    # EVENTS_FORWARDED_HOPS): its allowance (one lookup per 5 s) is spent at once.
+    in_use = create_key(settings.redis_url, settings.key_prefix, ["shop-a"], "in use")
+    shared = settings.model_copy(
+        update={"peer_unknown_keys_per_second": 0.2, "key_cache_seconds": 0.05}
+    )
+    with serving(loop, shared) as (_, target), grpc.insecure_channel(target) as channel:
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+
+        def answer(secret: str) -> grpc.StatusCode:
+            try:
+                send(stub, ev(), metadata=(("x-api-key", secret),))
+            except grpc.RpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        assert answer(in_use) == grpc.StatusCode.OK
+        assert {answer(f"{SECRET_PREFIX}made-up-{n}") for n in range(20)} == {
+            grpc.StatusCode.UNAUTHENTICATED
+        }
+        time.sleep(0.1)  # the key's cached answer has expired: it is looked up again
+        assert answer(in_use) == grpc.StatusCode.OK
+        # A key revoked meanwhile is found revoked, allowance or not.
+        rdb.hdel(KeySpace(settings.key_prefix, 1).api_key_digests(), digest_of(in_use))
+        time.sleep(0.1)
+        assert answer(in_use) == grpc.StatusCode.UNAUTHENTICATED

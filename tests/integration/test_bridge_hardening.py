@@ -27,8 +27,8 @@ import pytest
 import trustme
 
 from rest_bridge.errors import MAX_422_BYTES, MAX_LISTED_ERRORS, TOO_MANY_ERRORS
-from rest_bridge.ingest import validate_body, validate_large_body
 from rest_bridge.responses import Reply
+from rest_bridge.validation import validate_body, validate_large_body
 from tests.harness.metrics import scrape, value
 from tests.harness.processes import BridgeProcess
 from tests.harness.servers import bridged

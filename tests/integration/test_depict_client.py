@@ -2,15 +2,20 @@
 
 A product page served from a loopback origin of its own loads the client's bundle; the page's
 origin is registered as a storefront for its tenant, and no key exists anywhere. Chromium then
-does what a shopper does: views the product, sees a recommendation, clicks it, adds to cart.
-The client sends those events over its WebSocket (``wss://ws.depict.ai/ws/create-events``, a
-literal in its code) and, for the click, a ``sendBeacon`` too. Chromium resolves ws.depict.ai to
+does what a shopper does: views the product, sees a recommendation, clicks it, adds to cart,
+buys (``sendPurchaseEvent``, then the same order again through ``dpq("purchase", ...)``, as a
+reloaded thank-you page would). The client sends those events over its WebSocket
+(``wss://ws.depict.ai/ws/create-events``, a literal in its code) and, for the click and the
+purchase, a ``sendBeacon`` too (the purchase to ``/v2/create-events``). The page then calls
+utilishared's ``send_transaction_id_to_depict`` and ``send_product_unavailable_to_depict``,
+which beacon their bodies to ``/v2/track``. Chromium resolves ws.depict.ai to
 the bridge, served over TLS with a throwaway certificate (only that certificate's key is
 trusted). The bundle's ``BASE_URL`` is the same TLS bridge: beacons go over HTTPS, as they must
 from a real (HTTPS) storefront, and one bridge app serves both transports.
 
-What is checked is the queue: every event the client sent, each exactly once, with the page's
-origin and no key, field for field what the client sent (its numbers as their JSON text).
+What is checked is the queue: every event the client sent, each exactly once (the purchase
+sent twice is queued once), with the page's origin and no key, field for field what the client
+sent (its numbers as their JSON text).
 """
 
 from __future__ import annotations
@@ -59,6 +64,21 @@ EXPECTED = {
 }
 """Each event type the four actions send, once, and the id it must carry."""
 
+ORDER = {
+    "transaction_id": "T-1001",
+    "currency": "SEK",
+    "items": [
+        {"item_id": "white-socks-xl", "price": 89.9, "quantity": 12},
+        {"item_id": PRODUCT, "price": 0, "quantity": 1},
+    ],
+}
+"""The order the page reports (GA4's purchase shape, what sendPurchaseEvent takes)."""
+
+TRACKED = ("purchase", "transaction_mapping", "product_unavailable")
+"""The v2 kinds the page sends by beacon: each queued once."""
+
+V2_PATHS = ("/v2/create-events", "/v2/track")
+
 
 @pytest.fixture(scope="session")
 def tools() -> tuple[str, str]:
@@ -96,12 +116,14 @@ class Wire:
     """What the page sent and got, as Chromium saw it (DevTools gives a beacon's body)."""
 
     def __init__(self, page: Page, bridge: str) -> None:
-        self.beacon_url = f"{bridge}/create-events"
+        self.beacon_urls = {f"{bridge}{path}": path for path in ("/create-events", *V2_PATHS)}
         self.sockets: list[str] = []
         self.frames: list[dict[str, Any]] = []
         self.replies: list[dict[str, Any]] = []
         self.posts: dict[str, int | None] = {}
         """DevTools request id -> HTTP status (None until answered) of each POST to the bridge."""
+        self.paths: dict[str, str] = {}
+        """DevTools request id -> the path of each POST to the bridge."""
         self.notes: list[str] = []
         """Page errors, console errors and warnings, HTTP errors, failed requests, closes."""
         page.on("websocket", self._socket)
@@ -131,8 +153,9 @@ class Wire:
 
     def _request(self, sent: dict[str, Any]) -> None:
         request = sent["request"]
-        if request["method"] == "POST" and request["url"] == self.beacon_url:
+        if request["method"] == "POST" and request["url"] in self.beacon_urls:
             self.posts[sent["requestId"]] = None
+            self.paths[sent["requestId"]] = self.beacon_urls[request["url"]]
 
     def _answered(self, received: dict[str, Any]) -> None:
         if received["requestId"] in self.posts:
@@ -150,10 +173,17 @@ class Wire:
         replies = Counter(reply.get("id") for reply in self.replies)
         return self.answered() and all(replies[i] >= n for i, n in sent.items())
 
-    def beacons(self) -> list[tuple[int | None, Any]]:
-        """(status, JSON body) of each POST to the bridge's /create-events."""
+    def sent(self, path: str) -> int:
+        """POSTs to the bridge's ``path`` so far."""
+        return list(self.paths.values()).count(path)
+
+    def beacons(self, path: str = "/create-events") -> list[tuple[int | None, Any]]:
+        """(status, JSON body) of each POST to the bridge's ``path``, in the order sent."""
         found = []
-        for request_id, status in self.posts.items():
+        # A copy: asking DevTools lets Playwright's events (more POSTs) arrive meanwhile.
+        for request_id, status in list(self.posts.items()):
+            if self.paths[request_id] != path:
+                continue
             body = self.devtools.send("Network.getRequestPostData", {"requestId": request_id})
             found.append((status, json.loads(body["postData"])))
         return found
@@ -201,13 +231,19 @@ def poll(page: Page, done: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
+def kind(envelope: pb.Envelope) -> str:
+    """What an envelope holds: a v1 event's type, or a v2 kind (purchase, ...)."""
+    tracked = envelope.WhichOneof("tracked")
+    return tracked if tracked else str(event_to_dict(envelope.event)["type"])
+
+
 def wait_until(
     page: Page, wire: Wire, what: str, done: Callable[[], bool], envelopes: Callable[[], Envelopes]
 ) -> None:
     """Poll until ``done``, failing after DEADLINE with what was queued and what was sent."""
     if not poll(page, done, DEADLINE):
-        queued_types = [event_to_dict(e.event)["type"] for e in envelopes()]
-        pytest.fail(f"no {what} within {DEADLINE}s; queued: {queued_types}\n{wire}")
+        queued_kinds = [kind(e) for e in envelopes()]
+        pytest.fail(f"no {what} within {DEADLINE}s; queued: {queued_kinds}\n{wire}")
 
 
 def as_sent(sent: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +278,7 @@ def test_depicts_client_events_are_queued_once_from_a_registered_storefront(  # 
         return [envelope for _, envelope in queued(rdb, keys)]
 
     def queued_types() -> Counter[str]:
-        return Counter(event_to_dict(e.event)["type"] for e in envelopes())
+        return Counter(kind(e) for e in envelopes())
 
     def step(what: str, *types: str) -> None:
         wait_until(page, wire, what, lambda: all(queued_types()[t] for t in types), envelopes)
@@ -259,21 +295,30 @@ def test_depicts_client_events_are_queued_once_from_a_registered_storefront(  # 
     step("recommendation click (beacon and frame)", "click", "ws_click")
     page.locator("#add-to-cart").click()
     step("add to cart", "add_to_cart")
+    buy(page, wire, step, envelopes)
     # Every frame answered: the client sends no more. A resend that went out before the answer
     # may still be on its way to Redis: it is answered too, or done within twice the bridge's
     # gRPC deadline.
     wait_until(page, wire, "answer to every frame and beacon", wire.answered, envelopes)
     poll(page, wire.settled, 2 * tls_bridge.settings.grpc_timeout_seconds)
     beacons = wire.beacons()
-    seen = f"{wire}\nbeacons: {beacons}"
+    purchases = wire.beacons("/v2/create-events")
+    tracks = wire.beacons("/v2/track")
+    seen = f"{wire}\nbeacons: {beacons}\npurchases: {purchases}\ntracks: {tracks}"
     assert f"wss://{WS_HOST}/ws/create-events" in wire.sockets, seen
     assert {reply.get("status") for reply in wire.replies} == {"ok"}, seen
-    assert [status for status, _ in beacons] == [200], seen
+    assert [status for status, _ in beacons + purchases + tracks] == [200] * 5, seen
     assert wire.notes == [], seen  # no page error, console error or warning, failed request
 
-    final = envelopes()
+    everything = envelopes()
+    # 6 of 6 client events, each once (the purchase sent twice too), and utilishared's two.
+    assert Counter(kind(e) for e in everything) == Counter([*EXPECTED, *TRACKED]), seen
+    for envelope in everything:
+        assert envelope.storefront_origin == storefront.origin, envelope
+        assert envelope.api_key_id == "", envelope
+    check_tracked([e for e in everything if e.WhichOneof("tracked")], purchases, tracks)
+    final = [e for e in everything if not e.WhichOneof("tracked")]
     events = [event_to_dict(envelope.event) for envelope in final]
-    assert Counter(e["type"] for e in events) == Counter(list(EXPECTED)), seen
     for envelope, event in zip(final, events, strict=True):
         name, value = EXPECTED[event["type"]]
         assert event[name] == value, event
@@ -294,3 +339,78 @@ def test_depicts_client_events_are_queued_once_from_a_registered_storefront(  # 
     [(_, [beaconed])] = beacons  # one POST of one event
     [unframed] = [event_to_dict(e.event) for e in final if not e.HasField("ws_message_id")]
     assert as_queued(unframed, beaconed) == as_sent(beaconed), beaconed
+
+
+def buy(
+    page: Page, wire: Wire, step: Callable[..., None], envelopes: Callable[[], Envelopes]
+) -> None:
+    """The page reports an order twice (the client's two purchase APIs), then calls
+    utilishared's two /v2/track senders; ``step`` waits for each kind to be queued."""
+    page.evaluate("order => window.dpc.sendPurchaseEvent(order)", ORDER)
+    step("purchase (sendPurchaseEvent)", "purchase")
+    # The same order again, through the page's queue: a reloaded thank-you page.
+    page.evaluate("order => window.dpq('purchase', order)", ORDER)
+    wait_until(page, wire, "answer to the second purchase",
+               lambda: wire.sent("/v2/create-events") == 2 and wire.answered(),
+               envelopes)  # fmt: skip
+    # utilishared's /v2/track senders, as an integration calls them (a Tenant-like t).
+    shop = {"tenant": TENANT, "market": "se"}
+    page.evaluate("t => window.utilishared.send_transaction_id_to_depict(t, 'T-1001')", shop)
+    page.evaluate(
+        "t => window.utilishared.send_product_unavailable_to_depict("
+        "{...t, get_product_id: () => t.product}, 'out_of_stock')",
+        {**shop, "product": PRODUCT},
+    )
+    step(
+        "mapping and unavailable product (/v2/track)", "transaction_mapping", "product_unavailable"
+    )
+
+
+def check_tracked(
+    tracked: Envelopes,
+    purchases: list[tuple[int | None, Any]],
+    tracks: list[tuple[int | None, Any]],
+) -> None:
+    """The v2 kinds queued are what the client's beacons carried, field for field."""
+    by_kind = {envelope.WhichOneof("tracked"): envelope for envelope in tracked}
+    first, again = (body for _, body in purchases)
+    assert first == again  # byte for byte the same order: one queued
+    [sent] = first["events"]
+    purchase = by_kind["purchase"].purchase
+    assert (
+        (first["tenant"], first["market"]) == (purchase.tenant, purchase.market) == (TENANT, "se")
+    )
+    assert (sent["transaction_id"], sent["currency"]) == (purchase.transaction_id, "SEK")
+    assert (sent["dsid"], sent["user_id"], sent["session_id"]) == (
+        purchase.dsid,
+        purchase.user_id,
+        purchase.session_id,
+    )
+    assert (
+        [(p.sku, p.price_number, p.quantity) for p in purchase.products]
+        == [(p["sku"], json.dumps(p["price"]), p["quantity"]) for p in sent["products"]]
+        == [("white-socks-xl", "89.9", 12), (PRODUCT, "0", 1)]
+    )
+    [(_, mapping_body), (_, unavailable_body)] = tracks
+    [mapping_sent] = mapping_body["events"]
+    mapping = by_kind["transaction_mapping"].transaction_mapping
+    assert mapping_sent == {
+        "event_type": "transaction_mapping",
+        "transaction_id": mapping.transaction_id,
+        "dsid": mapping.dsid,
+    }
+    assert mapping.transaction_id == "T-1001"
+    assert mapping.dsid == purchase.dsid
+    [unavailable_sent] = unavailable_body["events"]
+    unavailable = by_kind["product_unavailable"].product_unavailable
+    assert unavailable_sent == {
+        "event_type": "product_unavailable",
+        "product_id": PRODUCT,
+        "unavailability_type": "out_of_stock",
+        "user_id": unavailable.user_id,
+        "dsid": unavailable.dsid,
+    }
+    assert unavailable.product_id == PRODUCT
+    assert unavailable.unavailability_type == pb.UNAVAILABILITY_TYPE_OUT_OF_STOCK
+    for body in (mapping_body, unavailable_body):
+        assert (body["tenant"], body["market"]) == (TENANT, "se")

@@ -267,23 +267,66 @@ def test_large_requests_waiting_send_a_second_call_while_the_first_is_out(
     assert requests == 7
 
 
-def test_a_call_whose_requests_waited_past_the_budget_is_refused_and_queues_nothing(
+def test_a_request_that_waited_past_the_budget_is_refused_alone_and_fresh_ones_are_queued(
     own_server: str, settings: Settings, api_key: str, rdb: redis.Redis, keys: KeySpace
 ) -> None:
-    sub = pb.SubRequest(
-        request=pb.CreateEventsRequest(events=[ev()]).SerializeToString(),
-        metadata={"x-api-key": api_key},
-        waited_us=int(settings.redis_timeout_seconds * 1e6),
-    )
+    budget_us = int(settings.redis_timeout_seconds * 1e6)
+
+    def sub(user: str, waited_us: int) -> pb.SubRequest:
+        return pb.SubRequest(
+            request=pb.CreateEventsRequest(events=[ev(user_id=user)]).SerializeToString(),
+            metadata={"x-api-key": api_key},
+            waited_us=waited_us,
+        )
+
     with grpc.insecure_channel(own_server) as channel:
         rpc = channel.unary_unary(
             GATHERED_METHOD,
             request_serializer=pb.GatheredRequest.SerializeToString,
             response_deserializer=pb.GatheredResponse.FromString,
         )
-        with pytest.raises(grpc.RpcError) as refused:
-            rpc(pb.GatheredRequest(requests=[sub]), timeout=10)
-    # The budget counts the bridge's queue: a hung Redis costs a request it once.
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "waited" in (refused.value.details() or "")
-    assert queued(rdb, keys) == []
+        reply = rpc(
+            pb.GatheredRequest(
+                requests=[sub("stale", budget_us), sub("fresh", 0), sub("older", budget_us // 2)]
+            ),
+            timeout=10,
+        )
+    codes = [grpc.StatusCode.OK.value[0], grpc.StatusCode.UNAVAILABLE.value[0]]
+    # The budget counts the bridge's queue: a hung Redis costs a request it once. The one
+    # that spent it all is refused alone; the others of the call keep theirs.
+    assert [r.code for r in reply.responses] == [codes[1], codes[0], codes[0]]
+    assert "waited" in reply.responses[0].details
+    assert sorted(e.event.user_id for _, e in queued(rdb, keys)) == ["fresh", "older"]
+
+
+def test_an_old_request_does_not_cut_short_the_time_of_a_fresh_one_gathered_with_it(
+    loop: LoopThread, grpc_target: str, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    async def scenario() -> list[Any]:
+        async with grpc.aio.insecure_channel(grpc_target) as channel:
+            gatherer = gatherer_on(channel, max_requests=64)
+            metadata = (("x-api-key", api_key),)
+
+            def send(user: str) -> asyncio.Task[pb.CreateEventsResponse]:
+                request = pb.CreateEventsRequest(events=[ev(user_id=user)])
+                return asyncio.create_task(gatherer.create_events(request, metadata))
+
+            # Redis stalls for half a second (within the server's 1 s budget): the first
+            # call stays out, and the two after it go out together once it is stalled.
+            await asyncio.to_thread(rdb.client_pause, 500)
+            first = send("first")
+            await asyncio.sleep(0)
+            gatherer._timeout = 0.2  # a request with little time left...
+            old = send("old")
+            await asyncio.sleep(0)
+            gatherer._timeout = 10  # ...and a fresh one, in the same call
+            fresh = send("fresh")
+            return list(await asyncio.gather(first, old, fresh, return_exceptions=True))
+
+    first, old, fresh = loop.run(scenario())
+    assert isinstance(first, pb.CreateEventsResponse)
+    assert isinstance(old, grpc.aio.AioRpcError)
+    assert old.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its own deadline, alone
+    assert isinstance(fresh, pb.CreateEventsResponse)  # not failed with it
+    assert fresh.accepted == 1
+    assert "fresh" in {e.event.user_id for _, e in queued(rdb, keys)}

@@ -84,6 +84,27 @@ def test_the_callers_request_id_flows_from_bridge_to_server(
 
 
 @pytest.mark.usefixtures("rdb")
+@pytest.mark.parametrize("path", ["/v2/create-events", "/v2/track"])
+def test_a_v2_request_has_its_access_line_in_each_process(
+    http: httpx.Client, access_lines: Callable[[], list[dict[str, Any]]], path: str
+) -> None:
+    body = {"tenant": "my_store", "market": "us", "events": [{"transaction_id": "T-1"}]}
+    answer = http.post(f"{path}?api_key=secret", json=body, headers={"X-Request-ID": "req-v2"})
+    assert answer.status_code == 200, answer.text
+    bridge_line, server_line = sorted(
+        _lines_of(access_lines, "req-v2"), key=lambda x: x["logger"], reverse=True
+    )
+    assert (bridge_line["method"], bridge_line["path"], bridge_line["status"]) == (
+        "POST",
+        path,
+        200,
+    )
+    assert bridge_line["query"] == "api_key=[REDACTED]"
+    assert server_line["method"] == "/events.v1.EventsService/Track"
+    assert (server_line["code"], server_line["events"], server_line["accepted"]) == ("OK", 1, 1)
+
+
+@pytest.mark.usefixtures("rdb")
 def test_a_request_id_is_made_when_none_or_a_bad_one_was_sent(
     http: httpx.Client, access_lines: Callable[[], list[dict[str, Any]]]
 ) -> None:

@@ -248,7 +248,7 @@ def test_bridge_workers_report_the_figures_of_all_workers(grpc_target: str, api_
             posted = httpx.post(
                 f"{base}/create-events", json=[event], headers={"x-api-key": api_key}
             )
-            assert posted.status_code == 200
+            assert posted.status_code == 200, posted.text
         totals = [
             value(
                 scrape(f"{base}/metrics"),

@@ -1,7 +1,7 @@
 """The contract's 422s, checked against a plain FastAPI app written from the contract.
 
 The bridge does not run FastAPI's pipeline for POST /create-events (see
-rest_bridge.ingest), yet it must answer every bad body as FastAPI would. So this
+rest_bridge.routes.v1), yet it must answer every bad body as FastAPI would. So this
 module holds a reference: a minimal FastAPI app whose pydantic models are written
 by hand from contract/create-events.openapi.yaml, with the one rule the contract's
 schema cannot say (a JSON number where a string goes is taken as its text, as
@@ -20,9 +20,6 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any
@@ -30,7 +27,6 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import redis
-import uvicorn
 import yaml
 from fastapi import FastAPI
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -38,11 +34,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from events_server.wire.codec import OPTIONAL_STRING_FIELDS, event_to_dict
-from rest_bridge.ingest import validate_body
 from rest_bridge.models import Event as BridgeEvent
 from rest_bridge.responses import Reply
+from rest_bridge.validation import validate_body
 from tests.harness.data import CONTRACT
 from tests.harness.keys import create_key
+from tests.harness.reference import serving
 from tests.harness.streams import queued
 
 # --- the reference: a plain FastAPI app written from the contract -------------------
@@ -108,25 +105,8 @@ async def create_events(request: list[Event]) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def plain() -> Iterator[httpx.Client]:
     """A client of the reference app, served by uvicorn on loopback as the bridge is."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    # "critical": its 500s (below) are expected, their tracebacks noise.
-    server = uvicorn.Server(uvicorn.Config(reference, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    host, port = sock.getsockname()
-    try:
-        with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving(reference) as client:
+        yield client
 
 
 def _shape(schema: Any) -> Any:

@@ -32,6 +32,7 @@ from tests.harness.rpc import keyed_channel, send
 from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import records, wait_for_records
 from tests.harness.valkey import SessionValkey
+from tests.harness.waiting import eventually
 from tests.harness.web import keyed_client
 
 
@@ -129,9 +130,10 @@ def test_a_request_without_a_valid_key_is_not_recorded(
 ) -> None:
     body = [{"tenant": "shop-o", "market": "us", "type": "x"}]
     with httpx.Client(base_url=bridge, timeout=10) as anonymous:
-        assert anonymous.post("/create-events", json=body).status_code == 422
+        # Refused before the body is read (rest_bridge.admission): who comes first.
+        assert anonymous.post("/create-events", json=body).status_code == 401
         wrong = {"x-api-key": "evk_not-a-key"}
-        assert anonymous.post("/create-events", json=body, headers=wrong).status_code == 422
+        assert anonymous.post("/create-events", json=body, headers=wrong).status_code == 401
     # A recorded rejection sent last: once it is there, the others had their chance.
     http.post("/create-events", json=[{"tenant": "shop-last", "market": "us", "type": "x"}])
     wait_for_records(rdb, keys, "shop-last")
@@ -245,3 +247,32 @@ def test_a_request_over_a_limit_is_recorded_with_the_limit(
     assert "max_events_per_request" in error["description"]
     assert int(record[b"payload_size"]) == pb.CreateEventsRequest(events=events).ByteSize()
     assert len(record[b"payload"]) == PAYLOAD_LIMIT
+
+
+def test_a_callers_records_are_held_to_its_share_and_another_callers_are_still_written(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    flooding = create_key(settings.redis_url, settings.key_prefix, ["shop-share"], "flood")
+    other = create_key(settings.redis_url, settings.key_prefix, ["shop-share"], "other")
+    with serving(loop, settings, rejected_records_per_second=1) as (_, target):
+        with keyed_channel(target, flooding) as channel:
+            stub = events_pb2_grpc.EventsServiceStub(channel)
+            started = time.monotonic()
+            for n in range(40):
+                with pytest.raises(grpc.RpcError) as caught:
+                    send(stub, ev(tenant="shop-share", type=99, user_id=f"flood-{n}"))
+                # Refused as ever, recorded or not.
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            took = time.monotonic() - started
+        with keyed_channel(target, other) as channel, pytest.raises(grpc.RpcError):
+            send(
+                events_pb2_grpc.EventsServiceStub(channel),
+                ev(tenant="shop-share", type=99, user_id="other"),
+            )
+        eventually(
+            lambda: any(b'"other"' in r[b"payload"] for r in records(rdb, keys, "shop-share"))
+        )
+        time.sleep(0.2)  # the flood's last records were written before, in the background
+    flood = [r for r in records(rdb, keys, "shop-share") if b'"flood-' in r[b"payload"]]
+    # A burst of ten, then one a second.
+    assert 10 <= len(flood) <= 10 + int(took) + 1

@@ -15,10 +15,10 @@ from websockets.exceptions import ConnectionClosed
 from events_server.queue.keys import KeySpace
 from events_server.server.settings import Settings
 from events_server.wire.origins import normalize_origin
-from tests.harness.abuse import CONT, PING, PONG, TEXT, open_ws, read_frame, ws_frame
 from tests.harness.processes import run_events_server
 from tests.harness.streams import queued
 from tests.harness.ws import ask, event, frame, opened, own_bridge, run, with_ws_id
+from tests.harness.ws_attacks import CONT, PING, PONG, TEXT, open_ws, read_frame, ws_frame
 
 SLOTS = 8
 CLOSE = 0x8

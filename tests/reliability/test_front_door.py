@@ -1,7 +1,7 @@
 """The storefront front door under abuse (issue 19, rows 1-6): one client's attack on
 /ws/create-events, a legitimate storefront beside it, the bridge a process of its own.
 
-Each test runs an attack of tests.harness.abuse for ATTACK_SECONDS against a bridge with
+Each test runs an attack of tests.harness.ws_attacks for ATTACK_SECONDS against a bridge with
 the default settings (but where a row says otherwise), and asserts what the legitimate
 client got (every frame and POST answered, p99 within LEGIT_P99) and what the attack
 cost the bridge. Before the bridge's WebSocket bounds (rest_bridge.ws_protocol,
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from events_server.server.settings import Settings
-from tests.harness.abuse import ORIGIN, held_frame
 from tests.harness.data import TEST_TENANTS
 from tests.harness.keys import create_key, register_storefront
 from tests.harness.processes import BridgeProcess
 from tests.harness.siege import MIB, Outcome, bridge_process, siege
+from tests.harness.ws_attacks import ORIGIN, held_frame
 
 ATTACK_SECONDS = 15.0
 LEGIT_P99 = 0.5

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from events_server.pb import events_pb2 as pb
-from rest_bridge.gather import Gatherer
+from rest_bridge.gather import Gatherer, Pending
 
 
 def _never() -> Any:
@@ -43,7 +43,7 @@ def test_a_call_takes_the_credentials_waiting_round_robin() -> None:
         await asyncio.sleep(0)
         calls = []
         while batch := gatherer._take():
-            calls.append([p.request.events[0].user_id for p in batch])
+            calls.append([_user(p) for p in batch])
         for task in (*waiting, light):
             task.cancel()
         await asyncio.gather(*waiting, light, return_exceptions=True)
@@ -88,7 +88,7 @@ def test_a_request_out_of_time_or_given_up_on_is_never_sent() -> None:
         gatherer._timeout = 5
         fresh = asyncio.create_task(gatherer.create_events(_request(3), (("x-api-key", "k"),)))
         await asyncio.sleep(0)
-        taken = [p.request.events[0].user_id for p in gatherer._take()]
+        taken = [_user(p) for p in gatherer._take()]
         fresh.cancel()
         results = await asyncio.gather(stale, gone, fresh, return_exceptions=True)
         return (
@@ -102,3 +102,8 @@ def test_a_request_out_of_time_or_given_up_on_is_never_sent() -> None:
     assert isinstance(stale_error, grpc.aio.AioRpcError)
     assert stale_error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert gone_cancelled
+
+
+def _user(pending: Pending) -> str:
+    assert isinstance(pending.request, pb.CreateEventsRequest)
+    return pending.request.events[0].user_id

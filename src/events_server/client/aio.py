@@ -1,4 +1,4 @@
-"""``EventsClient``: CreateEvents with retries of UNAVAILABLE within one deadline."""
+"""``EventsClient``: CreateEvents and Track with retries of UNAVAILABLE within one deadline."""
 
 from __future__ import annotations
 
@@ -7,26 +7,32 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 import grpc
+from google.protobuf.message import Message
 
+from events_server.client.batcher import Batcher
 from events_server.client.errors import error_from_rpc
 from events_server.client.lifecycle import AsyncClosing
-from events_server.client.options import ClientOptions, EventLike, Options, build_request
+from events_server.client.options import (
+    ClientOptions,
+    EventLike,
+    Options,
+    TrackedLike,
+    build_request,
+    build_track_request,
+)
 from events_server.client.tls import channel_credentials, name_options
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, REQUEST_ID_HEADER, new_request_id
 
-if TYPE_CHECKING:
-    from events_server.client.batcher import Batcher
-
 log = logging.getLogger("events_server.client")
 
 
 class EventsClient(AsyncClosing):
-    """Async CreateEvents client. Create it inside the event loop that will use it."""
+    """Async CreateEvents and Track client. Create it inside the event loop that will use it."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
         self._options = opts = Options(**options)
@@ -60,10 +66,31 @@ class EventsClient(AsyncClosing):
         """Queue ``events``: one result per event, in order (accepted, or duplicate)."""
         return await self.send_request(build_request(events), deadline_seconds=deadline_seconds)
 
+    async def track(
+        self, events: Iterable[TrackedLike], *, deadline_seconds: float | None = None
+    ) -> pb.CreateEventsResponse:
+        """Queue Depict's v2 events (purchases, transaction mappings, unavailable products):
+        one result per event, in order (accepted, or duplicate: a purchase already queued
+        for its transaction, say)."""
+        return await self.send_track_request(
+            build_track_request(events), deadline_seconds=deadline_seconds
+        )
+
     async def send_request(
         self, request: pb.CreateEventsRequest, *, deadline_seconds: float | None = None
     ) -> pb.CreateEventsResponse:
         """Send a built request as it is, retrying UNAVAILABLE until the deadline."""
+        return await self._call(self._stub.CreateEvents, "CreateEvents", request, deadline_seconds)
+
+    async def send_track_request(
+        self, request: pb.TrackRequest, *, deadline_seconds: float | None = None
+    ) -> pb.CreateEventsResponse:
+        """Send a built Track request as it is, retrying UNAVAILABLE until the deadline."""
+        return await self._call(self._stub.Track, "Track", request, deadline_seconds)
+
+    async def _call(
+        self, method: Any, name: str, request: Message, deadline_seconds: float | None
+    ) -> pb.CreateEventsResponse:
         request_id = new_request_id()
         metadata: list[tuple[str, str]] = [(REQUEST_ID_HEADER, request_id)]
         opts = self._options
@@ -74,7 +101,7 @@ class EventsClient(AsyncClosing):
         attempt = 0
         while True:
             try:
-                reply: pb.CreateEventsResponse = await self._stub.CreateEvents(
+                reply: pb.CreateEventsResponse = await method(
                     request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
                 )
                 return reply
@@ -91,7 +118,8 @@ class EventsClient(AsyncClosing):
                     raise error_from_rpc(error, request_id) from error
                 attempt += 1
                 log.info(
-                    "CreateEvents unavailable (%s), retry %d in %.3fs",
+                    "%s unavailable (%s), retry %d in %.3fs",
+                    name,
                     error.details(),
                     attempt,
                     pause,
@@ -103,9 +131,6 @@ class EventsClient(AsyncClosing):
         self, *, max_events: int = 500, max_delay_seconds: float = 0.2, max_in_flight: int = 4
     ) -> Batcher:
         """A Batcher sending through this client."""
-        # batcher imports this module (a Batcher sends through an EventsClient).
-        from events_server.client.batcher import Batcher  # noqa: PLC0415
-
         return Batcher(
             self,
             max_events=max_events,

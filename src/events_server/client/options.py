@@ -11,10 +11,20 @@ from typing import Any, TypedDict
 from events_server.client.errors import InvalidEventsError
 from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import fill_event
+from events_server.wire.tracked import PRODUCT_UNAVAILABLE, PURCHASE, TRANSACTION_MAPPING
 from events_server.wire.violations import FieldViolation
 
 EventLike = pb.Event | Mapping[str, Any]
 """What the client takes: a typed Event, or a dict in the contract's JSON form."""
+
+TrackedLike = pb.TrackedEvent | pb.Purchase | pb.TransactionMapping | pb.ProductUnavailable
+"""What ``track`` takes: a TrackedEvent, or the message of one of Depict's v2 kinds."""
+
+_KIND_OF: dict[type[Any], str] = {
+    pb.Purchase: PURCHASE,
+    pb.TransactionMapping: TRANSACTION_MAPPING,
+    pb.ProductUnavailable: PRODUCT_UNAVAILABLE,
+}
 
 
 class ClientOptions(TypedDict, total=False):
@@ -65,6 +75,41 @@ def with_dedup_id(event: pb.Event) -> pb.Event:
     if not event.HasField("deduplication_id"):
         event.deduplication_id = str(uuid.uuid4())
     return event
+
+
+def tracked_copy(item: object, path: str) -> pb.TrackedEvent:
+    """A TrackedEvent of ``item`` (a copy), its retry identity fixed: a product_unavailable
+    without a deduplication_id gets a uuid4 (a purchase's and a mapping's is their
+    transaction_id). InvalidEventsError naming ``path`` when it is none of TrackedLike."""
+    event = pb.TrackedEvent()
+    if isinstance(item, pb.TrackedEvent):
+        event.CopyFrom(item)
+    elif (kind := _KIND_OF.get(type(item))) is not None:
+        getattr(event, kind).CopyFrom(item)
+    else:
+        found = [
+            FieldViolation(
+                path,
+                "a v2 event is a pb.TrackedEvent, pb.Purchase, pb.TransactionMapping or"
+                f" pb.ProductUnavailable, not {type(item).__name__}",
+                "type",
+            )
+        ]
+        raise InvalidEventsError(f"invalid event: {path}", found, None)
+    if event.HasField(PRODUCT_UNAVAILABLE):
+        report = event.product_unavailable
+        if not report.HasField("deduplication_id"):
+            # Fixed before the first attempt, as an Event's: every retry carries the same id.
+            report.deduplication_id = str(uuid.uuid4())
+    return event
+
+
+def build_track_request(events: Iterable[TrackedLike]) -> pb.TrackRequest:
+    """The Track request for ``events`` (copies, ids filled in); InvalidEventsError for an item
+    that is no v2 event."""
+    return pb.TrackRequest(
+        events=[tracked_copy(item, f"events[{index}]") for index, item in enumerate(events)]
+    )
 
 
 def build_request(events: Iterable[EventLike]) -> pb.CreateEventsRequest:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, Unpack
 from events_server.client.aio import EventsClient
 from events_server.client.batcher import Batcher
 from events_server.client.lifecycle import Closing
-from events_server.client.options import ClientOptions, EventLike
+from events_server.client.options import ClientOptions, EventLike, TrackedLike
 from events_server.pb import events_pb2 as pb
 
 T = TypeVar("T")
@@ -50,6 +50,12 @@ class SyncEventsClient(Closing):
         """Queue ``events``; see EventsClient.send."""
         return self._run(self._client.send(list(events), deadline_seconds=deadline_seconds))
 
+    def track(
+        self, events: Iterable[TrackedLike], *, deadline_seconds: float | None = None
+    ) -> pb.CreateEventsResponse:
+        """Queue Depict's v2 events; see EventsClient.track."""
+        return self._run(self._client.track(list(events), deadline_seconds=deadline_seconds))
+
     def batcher(
         self, *, max_events: int = 500, max_delay_seconds: float = 0.2, max_in_flight: int = 4
     ) -> SyncBatcher:
@@ -83,6 +89,15 @@ class SyncBatcher(Closing):
 
     def add(self, event: EventLike) -> concurrent.futures.Future[pb.EventResult]:
         """Queue one event; its future resolves when its batch is answered."""
+        return self._added(self._batcher.add(event))
+
+    def track(self, event: TrackedLike) -> concurrent.futures.Future[pb.EventResult]:
+        """Queue one v2 event; its future resolves when its batch is answered."""
+        return self._added(self._batcher.track(event))
+
+    def _added(
+        self, adding: Coroutine[Any, Any, asyncio.Future[pb.EventResult]]
+    ) -> concurrent.futures.Future[pb.EventResult]:
         result: concurrent.futures.Future[pb.EventResult] = concurrent.futures.Future()
 
         def copy(done: asyncio.Future[pb.EventResult]) -> None:
@@ -93,7 +108,7 @@ class SyncBatcher(Closing):
             else:
                 result.set_result(done.result())
 
-        self._client._run(self._batcher.add(event)).add_done_callback(copy)
+        self._client._run(adding).add_done_callback(copy)
         return result
 
     def flush(self) -> None:

@@ -10,17 +10,68 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from events_server.pb import events_pb2 as pb
+from events_server.wire.tracked import (
+    EVENT,
+    PRODUCT_UNAVAILABLE,
+    PURCHASE,
+    TRANSACTION_MAPPING,
+    TrackedKind,
+    envelope_kind,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One queued envelope, as handed to the handler."""
+    """One queued envelope, as handed to the handler.
+
+    ``kind`` says what it holds: ``event`` (a CreateEvents event: ``message.event``) or one
+    of Depict's v2 kinds (Track): ``purchase``, ``transaction_mapping`` or
+    ``product_unavailable``, each with its typed accessor (None when it holds another)::
+
+        if message.kind == "purchase":
+            order = message.purchase  # pb.Purchase
+    """
 
     partition: int
     entry_id: str
     envelope: pb.Envelope
     deliveries: int
     """1 the first time; more when the entry is handed out again (after a failure or crash)."""
+
+    @property
+    def kind(self) -> str:
+        """``event``, ``purchase``, ``transaction_mapping`` or ``product_unavailable``."""
+        return envelope_kind(self.envelope)
+
+    @property
+    def event(self) -> pb.Event | None:
+        """The CreateEvents event, when it holds one."""
+        return self.envelope.event if self.kind == EVENT else None
+
+    @property
+    def purchase(self) -> pb.Purchase | None:
+        """The purchase, when it holds one."""
+        envelope = self.envelope
+        return envelope.purchase if envelope.HasField(PURCHASE) else None
+
+    @property
+    def transaction_mapping(self) -> pb.TransactionMapping | None:
+        """The transaction mapping, when it holds one."""
+        envelope = self.envelope
+        return envelope.transaction_mapping if envelope.HasField(TRANSACTION_MAPPING) else None
+
+    @property
+    def product_unavailable(self) -> pb.ProductUnavailable | None:
+        """The unavailable product report, when it holds one."""
+        envelope = self.envelope
+        return envelope.product_unavailable if envelope.HasField(PRODUCT_UNAVAILABLE) else None
+
+    @property
+    def tenant(self) -> str:
+        """The tenant of what it holds, whichever kind."""
+        kind = self.kind
+        held: pb.Event | TrackedKind = getattr(self.envelope, kind)
+        return held.tenant
 
 
 Handler = Callable[[Message], Awaitable[None]]

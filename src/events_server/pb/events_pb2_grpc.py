@@ -334,6 +334,11 @@ class OriginsStub:
                 request_serializer=events__server_dot_pb_dot_events__pb2.OriginCheckRequest.SerializeToString,
                 response_deserializer=events__server_dot_pb_dot_events__pb2.OriginCheckResponse.FromString,
                 _registered_method=True)
+        self.Admit = channel.unary_unary(
+                '/events.v1.Origins/Admit',
+                request_serializer=events__server_dot_pb_dot_events__pb2.AdmitRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.AdmitResponse.FromString,
+                _registered_method=True)
 
 
 class OriginsServicer:
@@ -347,6 +352,16 @@ class OriginsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Admit(self, request, context):
+        """Is the caller known, asked by the REST bridge before it reads a request's body: its
+        key (x-api-key; with a page's grpcgateway-origin, one the key allows) or, keyless, a
+        registered storefront origin. OK, or the UNAUTHENTICATED / PERMISSION_DENIED a
+        CreateEvents call would end with; nothing is parsed, charged or written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OriginsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -354,6 +369,11 @@ def add_OriginsServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=events__server_dot_pb_dot_events__pb2.OriginCheckRequest.FromString,
                     response_serializer=events__server_dot_pb_dot_events__pb2.OriginCheckResponse.SerializeToString,
+            ),
+            'Admit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Admit,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.AdmitRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.AdmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -385,6 +405,33 @@ class Origins:
             '/events.v1.Origins/Check',
             events__server_dot_pb_dot_events__pb2.OriginCheckRequest.SerializeToString,
             events__server_dot_pb_dot_events__pb2.OriginCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Admit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.Origins/Admit',
+            events__server_dot_pb_dot_events__pb2.AdmitRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.AdmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -179,6 +179,12 @@ class OriginsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OriginsAsyncStub: ...
     Check: _grpc.UnaryUnaryMultiCallable[_events_pb2.OriginCheckRequest, _events_pb2.OriginCheckResponse]
+    Admit: _grpc.UnaryUnaryMultiCallable[_events_pb2.AdmitRequest, _events_pb2.AdmitResponse]
+    """Is the caller known, asked by the REST bridge before it reads a request's body: its
+    key (x-api-key; with a page's grpcgateway-origin, one the key allows) or, keyless, a
+    registered storefront origin. OK, or the UNAUTHENTICATED / PERMISSION_DENIED a
+    CreateEvents call would end with; nothing is parsed, charged or written.
+    """
 
 @_typing.type_check_only
 class OriginsAsyncStub(OriginsStub):
@@ -188,6 +194,12 @@ class OriginsAsyncStub(OriginsStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Check: _aio.UnaryUnaryMultiCallable[_events_pb2.OriginCheckRequest, _events_pb2.OriginCheckResponse]  # type: ignore[assignment]
+    Admit: _aio.UnaryUnaryMultiCallable[_events_pb2.AdmitRequest, _events_pb2.AdmitResponse]  # type: ignore[assignment]
+    """Is the caller known, asked by the REST bridge before it reads a request's body: its
+    key (x-api-key; with a page's grpcgateway-origin, one the key allows) or, keyless, a
+    registered storefront origin. OK, or the UNAUTHENTICATED / PERMISSION_DENIED a
+    CreateEvents call would end with; nothing is parsed, charged or written.
+    """
 
 class OriginsServicer(metaclass=_abc_1.ABCMeta):
     """CORS for browser callers, asked by the REST bridge: may a page from `origin` call
@@ -200,5 +212,17 @@ class OriginsServicer(metaclass=_abc_1.ABCMeta):
         request: _events_pb2.OriginCheckRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.OriginCheckResponse, _abc.Awaitable[_events_pb2.OriginCheckResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Admit(
+        self,
+        request: _events_pb2.AdmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.AdmitResponse, _abc.Awaitable[_events_pb2.AdmitResponse]]:
+        """Is the caller known, asked by the REST bridge before it reads a request's body: its
+        key (x-api-key; with a page's grpcgateway-origin, one the key allows) or, keyless, a
+        registered storefront origin. OK, or the UNAUTHENTICATED / PERMISSION_DENIED a
+        CreateEvents call would end with; nothing is parsed, charged or written.
+        """
 
 def add_OriginsServicer_to_server(servicer: OriginsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,6 +4,10 @@ Layout (prefix ``ev`` by default, partition ``p`` in ``0..P-1``)::
 
     ev:{p7}:events                      stream of Envelope bytes, field ``e``
     ev:{p7}:dedup:<len>:<tenant>:<id>   string, value = the entry id; expires (seconds)
+    ev:{p7}:tx:<kind>:<len>:<tenant>:<transaction id>
+                                        string, value = the entry id of the tenant's
+                                        purchase (or, apart, transaction_mapping) of that
+                                        transaction; expires (seconds), as dedup keys do
     ev:{p7}:fsync-barrier               string, rewritten to order WAITAOF (durability=fsync)
     ev:rejected:<tenant>                stream of rejected requests, capped (MAXLEN ~)
     ev:{p7}:dead:<group>                stream: entries <group> gave up on (dead letters)
@@ -71,6 +75,18 @@ class KeySpace:
         # id "c" and tenant "a" + id "b:c" would share a key, and one store
         # could suppress another's events.
         return f"{self.prefix}:{self.tag(partition)}:dedup:{len(tenant)}:{tenant}:{dedup_id}"
+
+    def transaction(self, partition: int, tenant: str, kind: str, transaction_id: str) -> str:
+        """Dedup key of one tenant's transaction, per ``kind`` (``purchase`` or
+        ``transaction_mapping``: each is queued once per transaction, apart from the other)."""
+        # Length-prefixed tenant, as in dedup(); the kind is one of a fixed few names.
+        return (
+            f"{self.prefix}:{self.tag(partition)}:tx:{kind}:{len(tenant)}:{tenant}:{transaction_id}"
+        )
+
+    def transaction_pattern(self) -> str:
+        """SCAN pattern matching every transaction dedup key (for operators and tests)."""
+        return f"{self.prefix}:{{p*}}:tx:*"
 
     def fsync_barrier(self, partition: int) -> str:
         """A string written (durability=fsync) so that WAITAOF covers a duplicate's first copy."""

@@ -18,14 +18,17 @@ from events_server.ops.logs import request_id as current_request_id
 from events_server.server.identity import BRIDGE_ONLY_METHODS, BridgeIdentity
 from events_server.server.identity import current as current_identity
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import client_ip
+from events_server.server.passage import client_ip
 from events_server.server.status import call_events
-from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
+from events_server.wire.metadata import ADMIT_METHOD, MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
 log = logging.getLogger("events_server.access")
 
 # Probes and reflection are frequent and dull: their lines are DEBUG.
 QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+# Quiet when OK: the bridge's admission of a request's caller, whose own line follows.
+QUIET_WHEN_OK = frozenset({ADMIT_METHOD})
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
@@ -58,6 +61,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         )
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         bridge_only = method in BRIDGE_ONLY_METHODS
+        quiet_when_ok = method in QUIET_WHEN_OK
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -83,9 +87,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or code  # set by abort(), or by the handler
                 seconds = time.perf_counter() - started
                 self._metrics.observe_rpc(method, code.name, seconds)
-                if log.isEnabledFor(level):
+                ok = code is grpc.StatusCode.OK
+                if log.isEnabledFor(line := logging.DEBUG if quiet_when_ok and ok else level):
                     self._log(
-                        level,
+                        line,
                         method,
                         code,
                         seconds=seconds,

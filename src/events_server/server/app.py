@@ -16,6 +16,7 @@ from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
 from events_server.server.access import AccessInterceptor
+from events_server.server.admission import AdmittingOrigins
 from events_server.server.auth import Authenticator, Caller, KeyStore
 from events_server.server.gathered import GatheredService
 from events_server.server.identity import BridgeIdentity
@@ -25,7 +26,7 @@ from events_server.server.metrics import ServerMetrics
 from events_server.server.readiness import Readiness, probe
 from events_server.server.rejected import RejectedLog, RejectedServicer
 from events_server.server.sampler import RedisSampler
-from events_server.server.service import EventsService, OriginsService
+from events_server.server.service import EventsService
 from events_server.server.settings import Settings
 from events_server.server.store import EventStore, store_for
 from events_server.server.storefronts import StorefrontStore
@@ -184,7 +185,9 @@ async def create_server(
     )
     # Bounded in bytes as well as in count: records have a most size of their own.
     maxlen = min(settings.rejected_maxlen, settings.rejected_max_bytes // MAX_RECORD_BYTES)
-    rejected = RejectedLog(redis, keys, maxlen, settings.redis_timeout_seconds)
+    rejected = RejectedLog(
+        redis, keys, maxlen, settings.redis_timeout_seconds, settings.rejected_records_per_second
+    )
     auth = Authenticator(
         KeyStore(redis, keys),
         settings.key_cache_seconds,
@@ -240,8 +243,8 @@ async def create_server(
         max_request_bytes=settings.max_request_bytes,
         rejected=rejected,
     )
-    # Not the generated add_EventsServiceServicer_to_server: CreateEvents takes the raw
-    # request bytes (no request_deserializer), so that the caller is authenticated and
+    # Not the generated add_EventsServiceServicer_to_server: CreateEvents (and Track) take
+    # the raw request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
     gathered = GatheredService(events, metrics, settings.log_client_ip)
     server.add_generic_rpc_handlers(
@@ -252,7 +255,11 @@ async def create_server(
                     "CreateEvents": grpc.unary_unary_rpc_method_handler(
                         events.CreateEvents,
                         response_serializer=pb.CreateEventsResponse.SerializeToString,
-                    )
+                    ),
+                    "Track": grpc.unary_unary_rpc_method_handler(
+                        events.Track,
+                        response_serializer=pb.CreateEventsResponse.SerializeToString,
+                    ),
                 },
             ),
             # The bridge's gathered calls: raw bytes too, each sub-request's events parsed
@@ -269,7 +276,9 @@ async def create_server(
         )
     )
     events_pb2_grpc.add_RejectedEventsServicer_to_server(RejectedServicer(rejected, auth), server)
-    events_pb2_grpc.add_OriginsServicer_to_server(OriginsService(auth), server)
+    events_pb2_grpc.add_OriginsServicer_to_server(
+        AdmittingOrigins(auth, metrics, settings.forwarded_hops), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -128,8 +128,15 @@ def _shown(tenant: str) -> str:
     return repr(tenant if len(tenant) <= 100 else tenant[:100] + "...")
 
 
-def check_tenants(caller: Caller, tenants: Iterable[str]) -> None:
-    """Raise PermissionDenied naming the first event whose tenant the caller does not cover."""
+def _event_tenant(index: int) -> str:
+    return f"events[{index}].tenant"
+
+
+def check_tenants(
+    caller: Caller, tenants: Iterable[str], field: Callable[[int], str] = _event_tenant
+) -> None:
+    """Raise PermissionDenied naming the first event whose tenant the caller does not cover
+    (``field``: where event ``index`` names its tenant)."""
     covered = caller.tenants
     for index, tenant in enumerate(tenants):
         if tenant not in covered:
@@ -142,7 +149,7 @@ def check_tenants(caller: Caller, tenants: Iterable[str]) -> None:
                 why = f"{caller.describe()} is not registered for tenant {_shown(tenant)}"
                 fix = " (events-server storefronts add)"
             raise PermissionDenied(
-                f"events[{index}].tenant: {why} (it covers {shown}{more}){fix}; nothing was queued",
+                f"{field(index)}: {why} (it covers {shown}{more}){fix}; nothing was queued",
                 "tenant_not_allowed",
             )
 
@@ -292,8 +299,12 @@ class Authenticator:
                 " registered storefront origin",
                 "missing_key",
             )
-        asks = self._strangers.allows(peer)
-        key = await self._lookup(digest_of(secret), fetch=asks)
+        digest = digest_of(secret)
+        # A key found before is looked up again whatever its address spent: a flood of
+        # made-up keys from a client's address (one NAT, or a proxy not counted in
+        # EVENTS_FORWARDED_HOPS) must not lock out the keys in use there.
+        asks = self._strangers.allows(peer) or self._lookup.found_before(digest)
+        key = await self._lookup(digest, fetch=asks)
         if key is None:
             if asks:  # refusals past the allowance cost nothing, so they take nothing
                 self._strangers.spend(peer)

@@ -1,11 +1,12 @@
 """BridgeIngest.CreateEventsGathered: the REST bridge's requests, several to a call.
 
 The bridge sends what arrived while its previous calls were out in one call (group
-commit, rest_bridge.gather). Each sub-request takes the steps a CreateEvents call of its
-own takes (``EventsService``: admit its key or storefront origin, parse, validate, check
-its tenants, charge its rate) and gets the status and per-event results that call would
-end with; what they queue is written by one store append (one pipeline of per-partition
-scripts for all of them). A sub-request's refusal touches no other.
+commit, rest_bridge.gather). Each sub-request takes the steps a call of its own takes (a
+CreateEvents call, or a Track call by its kind; ``EventsService``: admit its key or
+storefront origin, parse, validate, check its tenants, charge its rate) and gets the
+status and per-event results that call would end with; what they queue is written by one
+store append (one pipeline of per-partition scripts for all of them). A sub-request's
+refusal touches no other.
 
 Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
 EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
@@ -37,7 +38,8 @@ from events_server.server.access import access_line
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
-from events_server.server.service import NO_EVENTS, EventsService, Passage
+from events_server.server.passage import Passage
+from events_server.server.service import EventsService
 from events_server.server.status import QUIET_CODES, abort, grpc_status
 from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
 from events_server.wire.violations import FieldViolation
@@ -51,8 +53,8 @@ BRIDGE_TURNS = "bridge:gathered"
 MAX_SUB_REQUESTS = 1024
 """Most requests one gathered call may carry (the bridge sends at most its gather bound)."""
 
-SUB_METHOD = f"/{SERVICE_NAME}/CreateEvents"
-"""What a sub-request's access line names: the call it stands for."""
+SUB_METHOD = f"/{SERVICE_NAME}/{{}}"
+"""What a sub-request's access line names: the call it stands for (CreateEvents, Track)."""
 
 
 class GatheredService:
@@ -85,16 +87,16 @@ class GatheredService:
             # Parsed before its turn (from the bridge alone, and cheap: each sub-request's
             # events stay bytes), to learn how long its requests already waited there.
             gathered = _parse(raw)
-            # One budget, as for a call of its own, from when its oldest request arrived
-            # at the bridge: a hung Redis costs a request the budget once, its wait for
-            # this call included, not the budget on top of the wait.
-            waited = max((sub.waited_us for sub in gathered.requests), default=0) / 1e6
-            if waited >= events.write_seconds:
-                raise StoreUnavailable(
-                    f"the call's requests waited {waited:.3f}s in the REST bridge, past the"
-                    f" server's budget ({events.write_seconds:g}s); nothing was queued"
-                )
-            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited
+            # A budget per request, as for a call of its own, from when it arrived at the
+            # bridge: a hung Redis costs a request the budget once, its wait for this call
+            # included. One that waited it all is refused alone (see ``_stale``); the call
+            # works to the freshest's deadline, so an old request never fails fresh ones.
+            budget_us = int(events.write_seconds * 1e6)
+            waited = min(
+                (sub.waited_us for sub in gathered.requests if sub.waited_us < budget_us),
+                default=0,
+            )
+            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
             async with events.limiter.turn(BRIDGE_TURNS, deadline):
                 received_at = Timestamp()
                 received_at.FromNanoseconds(time.time_ns())
@@ -104,12 +106,13 @@ class GatheredService:
                         dict(sub.metadata),
                         peer,
                         sub.ws_message_id if sub.HasField("ws_message_id") else None,
-                        received_at,
+                        received_at=received_at,
+                        kind=sub.kind,
                     )
                     for sub in gathered.requests
                 ]
                 self._metrics.gathered(len(passages))
-                await self._work(passages, deadline)
+                await self._work(_stale(passages, gathered, events.write_seconds), deadline)
         except IngestError as error:  # no turn came, or not a GatheredRequest: the whole call
             code, message, _ = grpc_status(error)
             if code not in QUIET_CODES:
@@ -162,10 +165,10 @@ class GatheredService:
                 metadata = passage.metadata
                 access_line(
                     logging.INFO,
-                    SUB_METHOD,
+                    SUB_METHOD.format(passage.method),
                     code,
                     seconds=time.time() - passage.received_at.ToNanoseconds() / 1e9,
-                    events=None if passage.request is NO_EVENTS else len(passage.request.events),
+                    events=len(passage.request.events) if passage.parsed else None,
                     response=passage.reply,
                     metadata=metadata,
                     client=client_ip_for_log(passage.client_ip, self._ip_mode),
@@ -191,6 +194,23 @@ def _request_id(passage: Passage) -> str:
     if passage.request_id is None:
         passage.request_id = accept_request_id(passage.metadata.get(REQUEST_ID_HEADER))
     return passage.request_id
+
+
+def _stale(passages: list[Passage], gathered: pb.GatheredRequest, budget: float) -> list[Passage]:
+    """The passages to work on; those whose request waited the whole budget in the bridge
+    are refused, each alone, as its own call would have timed out."""
+    fresh = []
+    for passage, sub in zip(passages, gathered.requests, strict=True):
+        if sub.waited_us >= budget * 1e6:
+            passage.fail(
+                StoreUnavailable(
+                    f"the request waited {sub.waited_us / 1e6:.3f}s in the REST bridge, past"
+                    f" the server's budget ({budget:g}s); nothing was queued"
+                )
+            )
+        else:
+            fresh.append(passage)
+    return fresh
 
 
 def _parse(raw: bytes) -> pb.GatheredRequest:

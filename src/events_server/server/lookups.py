@@ -39,6 +39,10 @@ class CachedLookup(Generic[T]):
         self._missing: dict[str, tuple[float, T | None]] = {}
         self._pending: dict[str, asyncio.Future[T | None]] = {}
 
+    def found_before(self, name: str) -> bool:
+        """Whether ``name`` was found when last looked up (its answer may have expired)."""
+        return name in self._found
+
     async def __call__(self, name: str, *, fetch: bool = True) -> T | None:
         """The answer for ``name``; without ``fetch``, only a cached one (else None)."""
         now = time.monotonic()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -19,6 +20,7 @@ from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache
 from events_server.pb import events_pb2 as pb
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.wire.codec import TYPE_NAMES
+from events_server.wire.tracked import message_of
 
 OTHER_TENANT = "_other"
 """Tenant label of every tenant past the cap (and of all of them when the cap is 0)."""
@@ -52,6 +54,19 @@ _STATUS_OUTCOME = {
     pb.EventResult.STATUS_DUPLICATE: DUPLICATE,
 }
 _TENANT_TYPE = operator.attrgetter("tenant", "type")
+
+
+def _tracked_tenant_kind(event: pb.TrackedEvent) -> tuple[str, str]:
+    """A Track event's tenant and kind (its type label: purchase, transaction_mapping, ...)."""
+    message = message_of(event)
+    return ("", "unknown") if message is None else (message.tenant, event.WhichOneof("kind") or "")
+
+
+def _type_label(kind: int | str) -> str:
+    """The type label: an Event's type name, or a Track event's kind."""
+    return kind if isinstance(kind, str) else TYPE_NAMES.get(kind, "unknown")
+
+
 _FIELD_INDEX = re.compile(r"^events\[(\d+)\]")
 
 
@@ -103,7 +118,8 @@ class ServerMetrics:
         self.events = Counter(
             "events",
             "Events by tenant, type and outcome (accepted, duplicate, rejected); reason says why"
-            " one was rejected.",
+            " one was rejected. A Track event's type is its kind (purchase, transaction_mapping,"
+            " product_unavailable).",
             ["tenant", "type", "outcome", "reason"],
             registry=self.registry,
         )
@@ -167,30 +183,35 @@ class ServerMetrics:
 
     def count_events(
         self,
-        events: Sequence[pb.Event],
+        events: Sequence[pb.Event] | Sequence[pb.TrackedEvent],
         reply: pb.CreateEventsResponse | None,
         error: IngestError | None = None,
     ) -> None:
-        """Count a call's events by outcome: from its reply, or from the error that ended it."""
-        counts: dict[tuple[str, int, str, str], int] = {}
+        """Count a call's events (CreateEvents' or Track's) by outcome: from its reply, or from
+        the error that ended it."""
+        kinds: Callable[[Any], tuple[str, int | str]] = (
+            _TENANT_TYPE if not events or isinstance(events[0], pb.Event) else _tracked_tenant_kind
+        )
+        counts: dict[tuple[str, int | str, str, str], int] = {}
         if reply is not None and (reply.duplicates == 0 or reply.accepted == 0):
             # One outcome for all (the usual case): no need to walk the results.
             outcome = ACCEPTED if reply.duplicates == 0 else DUPLICATE
-            for (tenant, kind), n in collections.Counter(map(_TENANT_TYPE, events)).items():
+            for (tenant, kind), n in collections.Counter(map(kinds, events)).items():
                 counts[tenant, kind, outcome, ""] = n
         elif reply is not None:
             for event, result in zip(events, reply.results, strict=False):
-                key = (event.tenant, event.type, _STATUS_OUTCOME.get(result.status, "unknown"), "")
+                outcome = _STATUS_OUTCOME.get(result.status, "unknown")
+                key = (*kinds(event), outcome, "")
                 counts[key] = counts.get(key, 0) + 1
         elif error is not None:
             for event, reason in zip(events, _reasons(len(events), error), strict=True):
-                key = (event.tenant, event.type, REJECTED, reason)
+                key = (*kinds(event), REJECTED, reason)
                 counts[key] = counts.get(key, 0) + 1
         # One increment per distinct key, not per event.
         for (tenant, kind, outcome, reason), n in counts.items():
             labels = (
                 self.tenant_label(tenant, admit=outcome != REJECTED),
-                TYPE_NAMES.get(kind, "unknown"),
+                _type_label(kind),
                 outcome,
                 reason,
             )

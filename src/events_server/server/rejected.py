@@ -7,7 +7,11 @@ stream: the time, where it came from, the errors, and the start of the payload.
 Every stream is capped with ``XADD MAXLEN ~``: this record is the one place
 where trimming is right, as it holds diagnostics, not events anyone consumes.
 
-Recording is best effort and never delays or changes the rejection itself.
+Recording is best effort and never delays or changes the rejection itself. Each record is
+charged to the caller whose request it files (its key, or its storefront origin), at most
+``rejected_records_per_second`` per process: a stream holds a few thousand records, and a
+caller sending nothing but invalid requests (anyone may forge a storefront's origin) would
+otherwise replace the store's real diagnostics with its own within seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import grpc
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
+from events_server.ops.allowances import Allowances
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import F_AT, F_ERRORS, F_PAYLOAD, F_SIZE, F_SOURCE, F_TENANT, KeySpace
@@ -40,6 +45,7 @@ from events_server.wire.rejected import (
     PAYLOAD_LIMIT,
     tenants_of,
 )
+from events_server.wire.tracked import message_of, tracked_to_dict
 from events_server.wire.violations import FieldViolation
 
 log = logging.getLogger(__name__)
@@ -53,15 +59,27 @@ def tenants_for(named: Iterable[object], caller: Caller) -> list[str]:
     return covered or list(caller.tenants[:MAX_TENANTS])
 
 
-def events_payload(request: pb.CreateEventsRequest) -> tuple[bytes, int]:
-    """The start of a gRPC request's events as contract JSON, and the request's size."""
+def _tenant(event: pb.Event | pb.TrackedEvent) -> str:
+    if isinstance(event, pb.Event):
+        return event.tenant
+    message = message_of(event)
+    return "" if message is None else message.tenant
+
+
+def _to_dict(event: pb.Event | pb.TrackedEvent) -> dict[str, Any]:
+    return event_to_dict(event) if isinstance(event, pb.Event) else tracked_to_dict(event)
+
+
+def events_payload(request: pb.CreateEventsRequest | pb.TrackRequest) -> tuple[bytes, int]:
+    """The start of a gRPC request's events as JSON (a CreateEvents event in the contract's
+    form, a Track event as ``{kind: {...}}``), and the request's size."""
     # The request's own size: a copy of its events to measure would cost more than
     # the parse (seconds for a request of a million tiny events).
     size = request.ByteSize()
     parts: list[bytes] = []
     length = 0
     for event in request.events:
-        part = json.dumps(event_to_dict(event), ensure_ascii=False).encode()
+        part = json.dumps(_to_dict(event), ensure_ascii=False).encode()
         parts.append(part)
         length += len(part) + 1
         if length > PAYLOAD_LIMIT:
@@ -73,15 +91,37 @@ class RejectedLog:
     """Writes rejected-request records to the tenants' capped streams."""
 
     def __init__(
-        self, redis: Redis | RedisCluster, keys: KeySpace, maxlen: int, timeout_seconds: float
+        self,
+        redis: Redis | RedisCluster,
+        keys: KeySpace,
+        maxlen: int,
+        timeout_seconds: float,
+        per_caller_per_second: float = 0.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._maxlen = maxlen
         self._timeout = timeout_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        self._allowances = Allowances(per_caller_per_second, per_caller_per_second * 10)
         self.dropped = 0
         """Records not written because too many were in flight."""
+        self.over_budget = 0
+        """Records not written because their caller had written its share."""
+
+    def charge(self, caller: Caller) -> bool:
+        """Whether a record of ``caller``'s may be written (one is taken from its share)."""
+        if self._allowances.take(caller.limiter_id):
+            return True
+        self.over_budget += 1
+        if self.over_budget & (self.over_budget - 1) == 0:  # 1st, 2nd, 4th...: no log flood
+            log.warning(
+                "rejected-request records not written (%d so far): %s wrote its share"
+                " (rejected_records_per_second)",
+                self.over_budget,
+                caller.describe(),
+            )
+        return False
 
     async def record(self, request: pb.RejectedRequest, source: str) -> None:
         """Append the record to each named tenant's stream (raises RedisError, TimeoutError)."""
@@ -136,10 +176,16 @@ class RejectedLog:
             log.warning("rejected-request record not written: %s: %s", type(exc).__name__, exc)
 
     def record_invalid_events(
-        self, request: pb.CreateEventsRequest, violations: Sequence[FieldViolation], caller: Caller
+        self,
+        request: pb.CreateEventsRequest | pb.TrackRequest,
+        violations: Sequence[FieldViolation],
+        caller: Caller,
     ) -> None:
-        """Record a CreateEvents call refused as invalid (in the background)."""
-        tenants = tenants_for((event.tenant for event in request.events), caller)
+        """Record a CreateEvents or Track call refused as invalid (in the background), within
+        its caller's share."""
+        if not self.charge(caller):
+            return
+        tenants = tenants_for(map(_tenant, request.events), caller)
         payload, size = events_payload(request)
         self.record_soon(
             pb.RejectedRequest(
@@ -179,6 +225,8 @@ class RejectedServicer(events_pb2_grpc.RejectedEventsServicer):
             caller = await self._auth.admit(metadata.get(MD_API_KEY), metadata.get(MD_ORIGIN))
         except IngestError as error:
             await abort(context, error)
+        if not self._rejected.charge(caller):
+            return pb.RecordRejectedResponse()  # the report is taken; its record is not written
         tenants = tenants_for(request.tenants, caller)
         del request.tenants[:]
         request.tenants.extend(tenants)

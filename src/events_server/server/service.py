@@ -9,11 +9,9 @@ import asyncio
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -26,10 +24,11 @@ from events_server.server.errors import (
     RequestTooLarge,
     StoreUnavailable,
 )
+from events_server.server.events_request import PreparedEvents
 from events_server.server.limits import Charge, Limiter, Rates
 from events_server.server.metrics import ServerMetrics
+from events_server.server.passage import CREATE_EVENTS, TRACK, Passage, Prepared, client_ip
 from events_server.server.rejected import RejectedLog
-from events_server.server.routing import partition_for
 from events_server.server.status import (
     QUIET_CODES,
     Trailers,
@@ -39,12 +38,10 @@ from events_server.server.status import (
     grpc_status,
     refuse,
 )
-from events_server.server.store import EventStore, Item
-from events_server.server.validation import parse_request, validate_events
-from events_server.wire.codec import envelope_bytes
+from events_server.server.store import EventStore
+from events_server.server.track_request import PreparedTrack
 from events_server.wire.metadata import (
     MD_API_KEY,
-    MD_FORWARDED_FOR,
     MD_FORWARDED_HOST,
     MD_ORIGIN,
     MD_REFERER,
@@ -58,125 +55,29 @@ log = logging.getLogger(__name__)
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
-NO_EVENTS = pb.CreateEventsRequest()
 
 RATE_HOLD_SECONDS = 1.0
 """The longest a rate-limited call is held before its refusal is sent."""
-
-WS_DEDUP_PREFIX = "ws:"
-"""Frame ids dedup in their own namespace: a client's deduplication_id never meets one."""
-
-MAX_RETRY_ID_CHARS = 256
-
-
-def check_retry_id(retry_id: str, events: int) -> None:
-    """A WebSocket frame id names one event, and is short (it becomes part of a Redis key)."""
-    if events != 1:
-        raise InvalidEvents(
-            [
-                FieldViolation(
-                    "events",
-                    f"a call with {MD_WS_MESSAGE_ID} carries one event, not {events}",
-                    "ws_one_event",
-                )
-            ]
-        )
-    if not retry_id or len(retry_id) > MAX_RETRY_ID_CHARS:
-        raise InvalidEvents(
-            [
-                FieldViolation(
-                    "id",
-                    f"the frame id must be 1 to {MAX_RETRY_ID_CHARS} characters long,"
-                    f" not {len(retry_id)}",
-                    "ws_id_length",
-                )
-            ]
-        )
-
-
-def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
-    """The client address: from x-forwarded-for, skipping trusted proxies, else the peer."""
-    chain = [hop.strip() for hop in metadata.get(MD_FORWARDED_FOR, "").split(",") if hop.strip()]
-    if chain:
-        # Only the right end of the chain was written by proxies we trust; anything
-        # further left came from the client and could be forged.
-        return chain[max(len(chain) - 1 - forwarded_hops, 0)]
-    # grpc peers look like "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path".
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    return rest or peer
-
 
 NO_REPLY = pb.CreateEventsResponse()
 """What a refused call returns, beside its status (see ``status.refuse``)."""
 
 
-class Passage:
-    """One request on its way through the server: a CreateEvents call, or one sub-request of
-    the bridge's gathered call. Each step fills in what it learnt; ``error`` ends it."""
-
-    __slots__ = (
-        "caller",
-        "charge",
-        "client_ip",
-        "error",
-        "items",
-        "metadata",
-        "peer",
-        "raw",
-        "received_at",
-        "reply",
-        "request",
-        "request_id",
-        "retry_id",
+def _unknown_kind(kind: int) -> InvalidEvents:
+    return InvalidEvents(
+        [
+            FieldViolation(
+                "kind",
+                f"request kind {kind} is not one this server knows (CREATE_EVENTS, TRACK)",
+                "enum",
+            )
+        ]
     )
-
-    def __init__(
-        self,
-        raw: bytes,
-        metadata: dict[str, str],
-        peer: str,
-        retry_id: str | None,
-        received_at: Timestamp | None = None,
-    ) -> None:
-        self.raw = raw
-        self.metadata = metadata
-        self.peer = peer
-        self.retry_id = retry_id
-        """The WebSocket frame id, for an event without a deduplication_id."""
-        if received_at is None:
-            received_at = Timestamp()
-            received_at.FromNanoseconds(time.time_ns())
-        self.received_at = received_at
-        """When the server received it (the call that carried it)."""
-        self.request = NO_EVENTS
-        self.request_id: str | None = None
-        """Its request id, once checked (gathered sub-requests: see ``gathered``)."""
-        self.client_ip = ""
-        """The client's address (see ``client_ip``), once admitted."""
-        self.caller: Caller | None = None
-        self.items: list[Item] = []
-        self.reply: pb.CreateEventsResponse | None = None
-        self.error: IngestError | None = None
-        self.charge: Charge | None = None
-        """Its rate charge, when taken in its write's own script (see ``plan_charge``)."""
-
-    def fail(self, error: IngestError) -> None:
-        """End the request with ``error``.
-
-        Kept without its traceback: the traceback holds the frames that hold this passage,
-        a reference cycle only a full collection frees, and a flood of refusals (held up
-        to a second each, so they outlive the young generations) made those collections
-        stall every call for tens of ms.
-        """
-        self.error = error.with_traceback(None)
 
 
 class EventsService:
-    """Serves CreateEvents (from raw request bytes: see app.create_server) on an EventStore.
+    """Serves CreateEvents and Track (from raw request bytes: see app.create_server) on an
+    EventStore.
 
     Every request takes the same steps, alone or gathered: ``admit``, ``prepare`` (parse,
     validate, tenants, envelopes), ``charge`` (its rate), ``write`` (one store append for
@@ -215,8 +116,19 @@ class EventsService:
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateEventsResponse:
         """CreateEvents from the request's bytes: the caller is known before they are parsed."""
+        return await self._serve(raw, context, CREATE_EVENTS)
+
+    async def Track(
+        self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateEventsResponse:
+        """Track (Depict's v2 kinds) from the request's bytes, as CreateEvents."""
+        return await self._serve(raw, context, TRACK)
+
+    async def _serve(
+        self, raw: bytes, context: grpc.aio.ServicerContext[object, object], kind: int
+    ) -> pb.CreateEventsResponse:
         metadata = call_metadata(context)
-        passage = Passage(raw, metadata, context.peer(), metadata.get(MD_WS_MESSAGE_ID))
+        passage = Passage(raw, metadata, context.peer(), metadata.get(MD_WS_MESSAGE_ID), kind=kind)
         try:
             # Who first: an unauthenticated caller learns nothing, not even what is
             # invalid, and costs no parsing.
@@ -231,7 +143,7 @@ class EventsService:
                 await self.write([passage], deadline)
         except IngestError as error:
             passage.fail(error)
-        if passage.request is not NO_EVENTS:  # parsed: the access line counts its events
+        if passage.parsed:  # the access line counts its events
             call_events.set(len(passage.request.events))
         code, message, trailers = self.finish(passage)
         if passage.reply is None:
@@ -264,21 +176,21 @@ class EventsService:
         """
         caller = passage.caller
         assert caller is not None
-        request = NO_EVENTS
-        retry_id = passage.retry_id
+        prepared: Prepared
         try:
-            request = passage.request = parse_request(passage.raw, self._limits)
-            events = request.events
-            serialized = validate_events(events, self._limits)
-            if retry_id is not None:
-                check_retry_id(retry_id, len(events))
+            if passage.kind == CREATE_EVENTS:
+                prepared = PreparedEvents(passage, self._limits)
+            elif passage.kind == TRACK:
+                prepared = PreparedTrack(passage, self._limits)
+            else:
+                raise _unknown_kind(passage.kind)
         except InvalidEvents as error:
             if self._rejected is not None:
-                self._rejected.record_invalid_events(request, error.violations, caller)
+                self._rejected.record_invalid_events(passage.request, error.violations, caller)
             raise
         # After validation, so an empty or missing tenant reads as invalid, not as foreign.
-        check_tenants(caller, (event.tenant for event in events))
-        if not events:
+        check_tenants(caller, prepared.tenants(), prepared.tenant_field)
+        if not passage.request.events:
             passage.reply = pb.CreateEventsResponse()
             return
         self._metrics.admitted(caller.auth)
@@ -292,36 +204,9 @@ class EventsService:
             forwarded_host=metadata.get(MD_FORWARDED_HOST),
             api_key_id=caller.key_id,
             storefront_origin=caller.storefront.origin if caller.storefront else None,
-            ws_message_id=retry_id,
+            ws_message_id=passage.retry_id,
         ).SerializeToString()
-        partitions = self._partitions
-        if retry_id is None:
-            passage.items = [
-                (
-                    partition_for(event, partitions),
-                    event.tenant,
-                    event.deduplication_id if event.HasField("deduplication_id") else None,
-                    envelope_bytes(data, shared),
-                )
-                for event, data in zip(events, serialized, strict=True)
-            ]
-        else:
-            # A WebSocket frame's resends carry its id: an event without a deduplication_id
-            # is deduplicated on it, and routed by it, so a resend meets its first copy.
-            (event,), (data,) = events, serialized
-            dedup_id = (
-                event.deduplication_id
-                if event.HasField("deduplication_id")
-                else WS_DEDUP_PREFIX + retry_id
-            )
-            passage.items = [
-                (
-                    partition_for(event, partitions, fallback=dedup_id),
-                    event.tenant,
-                    dedup_id,
-                    envelope_bytes(data, shared),
-                )
-            ]
+        passage.items = prepared.items(shared, self._store.keys, self._partitions)
 
     def plan_charge(self, passage: Passage) -> Charge | None:
         """The request's rate charge, when it takes a round trip of its own before the write.
@@ -404,7 +289,7 @@ class EventsService:
             self._metrics.rate_limited(passage.caller.auth, passage.caller.limiter_id)
         code, message, trailers = grpc_status(error)
         if code not in QUIET_CODES and not isinstance(error, RequestTooLarge):
-            log.warning("CreateEvents failed: %s: %s", code.name, message)
+            log.warning("%s failed: %s: %s", passage.method, code.name, message)
         return code, message, trailers
 
 

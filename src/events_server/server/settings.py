@@ -71,7 +71,10 @@ class Settings(BaseSettings):
         " to other partitions.",
     )
     dedup_ttl_seconds: int = Field(
-        86_400, ge=1, description="How long a deduplication_id is remembered per tenant, seconds."
+        86_400,
+        ge=1,
+        description="How long a deduplication_id (and a purchase's or transaction mapping's"
+        " transaction_id) is remembered per tenant, seconds.",
     )
     key_prefix: str = Field(
         "ev", min_length=1, description="Prefix of every Redis key the service writes."
@@ -94,8 +97,9 @@ class Settings(BaseSettings):
     forwarded_hops: int = Field(
         0,
         ge=0,
-        description="Trusted proxies in front of the REST bridge: the client IP is taken this many"
-        " entries left of the last one in x-forwarded-for.",
+        description="Trusted proxies in front of the REST bridge: the client IP (whose unknown-key"
+        " allowance a call spends) is taken this many entries left of the last one in"
+        " x-forwarded-for.",
     )
     log_level: LogLevel = Field("INFO", description="Python logging level.")
     log_client_ip: IpMode = Field(
@@ -131,8 +135,9 @@ class Settings(BaseSettings):
         20.0,
         ge=0,
         description="Unknown API keys one client address may have looked up in Redis per"
-        " second (bursts of as many), per process; past it, its keys not cached as found are"
-        " refused as unknown without a lookup (0: no limit).",
+        " second (bursts of as many), per process; past it, its keys this process never found"
+        " are refused as unknown without a lookup (0: no limit). Behind a proxy: see"
+        " forwarded_hops.",
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
@@ -152,6 +157,14 @@ class Settings(BaseSettings):
         description="Bytes one tenant's rejected-requests stream may hold, about: with records"
         " of at most ~8.5 KiB (payload 4 KiB, errors 4 KiB), it keeps at most this / 8.5 KiB"
         " records when that is fewer than rejected_maxlen.",
+    )
+    rejected_records_per_second: float = Field(
+        1.0,
+        ge=0,
+        description="Rejected-request records one caller (an API key, a storefront origin) may"
+        " write per second, in bursts of ten seconds' worth, per process; past it its"
+        " refusals are answered as ever but not recorded, so that no caller can flush a"
+        " store's diagnostics (0: no limit).",
     )
 
     max_events_per_request: int = Field(

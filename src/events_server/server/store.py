@@ -25,8 +25,9 @@ from events_server.server.limits import Charge
 from events_server.server.node import NodeTransport
 from events_server.server.script import NO_CHARGE, REFUSED, Call
 
-Item = tuple[int, str, str | None, bytes]
-"""One event to queue: (partition, tenant, deduplication_id or None, envelope bytes)."""
+Item = tuple[int, str | None, bytes]
+"""One event to queue: (partition, its dedup key or None, envelope bytes). The key (see
+``KeySpace.dedup`` and ``KeySpace.transaction``) is in the partition's hash tag."""
 
 Outcome = tuple[bool, str, int]
 """What happened to one event: (accepted now? else a duplicate, entry id, partition)."""
@@ -114,7 +115,7 @@ class EventStore:
         groups: dict[tuple[int, int], tuple[list[tuple[int, int]], list[Any], list[Any]]] = {}
         for owner, items in enumerate(batches):
             charge = charges[owner] if owner < len(charges) else None
-            for index, (partition, tenant, dedup_id, payload) in enumerate(items):
+            for index, (partition, dedup_key, payload) in enumerate(items):
                 # A charged request's batch is a script call of its own; the others share
                 # one per partition.
                 place = (partition, -1 if charge is None else owner)
@@ -129,10 +130,10 @@ class EventStore:
                     group = groups[place] = ([], keys, head)
                 places, keys, args = group
                 places.append((owner, index))
-                if dedup_id is None:
+                if dedup_key is None:
                     args.append(0)
                 else:
-                    keys.append(self._keys.dedup(partition, tenant, dedup_id))
+                    keys.append(dedup_key)
                     args.append(len(keys))
                 args.append(payload)
 

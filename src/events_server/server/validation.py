@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -38,9 +39,12 @@ MAX_OTHER_FIELDS = 64
 """Top-level fields other than events a request may carry (unknown ones, dropped)."""
 
 
-def event_spans(raw: bytes, most: int) -> list[tuple[int, int]] | None:
-    """Where each event of a serialized CreateEventsRequest lies, from its wire format alone;
-    None once there are more than ``most`` (so the walk stops there: at most ``most`` steps).
+def event_spans(
+    raw: bytes, most: int, request: str = "CreateEventsRequest"
+) -> list[tuple[int, int]] | None:
+    """Where each event of a serialized ``request`` (a CreateEventsRequest or a TrackRequest:
+    events are field 1 of both) lies, from its wire format alone; None once there are more
+    than ``most`` (so the walk stops there: at most ``most`` steps).
 
     Raises InvalidEvents when the bytes are not a protobuf message.
     """
@@ -71,7 +75,7 @@ def event_spans(raw: bytes, most: int) -> list[tuple[int, int]] | None:
         if pos != end:
             raise ValueError("truncated")
     except (ValueError, IndexError) as error:
-        raise _not_protobuf("events", "CreateEventsRequest", str(error)) from None
+        raise _not_protobuf("events", request, str(error)) from None
     return spans
 
 
@@ -96,24 +100,35 @@ def parse_request(raw: bytes, limits: Limits) -> pb.CreateEventsRequest:
     costs at most max_events_per_request steps, whatever the request holds. Fields
     Event does not have are dropped: the queue holds only what the contract defines.
     """
+    return parse(raw, limits, pb.CreateEventsRequest, pb.Event)
+
+
+Request = TypeVar("Request", pb.CreateEventsRequest, pb.TrackRequest)
+
+
+def parse(
+    raw: bytes, limits: Limits, kind: type[Request], item: type[pb.Event | pb.TrackedEvent]
+) -> Request:
+    """A request of ``kind`` (its events of type ``item``) from its bytes, as parse_request."""
     # Up to a few times the limit the request is parsed, and refused as usual (naming
     # its count, recorded by tenant); past that it is refused unparsed.
     ceiling = PARSED_MULTIPLE * limits.max_events_per_request
-    spans = event_spans(raw, ceiling)
+    spans = event_spans(raw, ceiling, kind.DESCRIPTOR.name)
     if spans is None:
         raise too_many(ceiling, limits, counted_up_to=True)
     try:
-        request = pb.CreateEventsRequest.FromString(raw)
+        request = kind.FromString(raw)
     except DecodeError:
         # Name the events that do not parse (invalid UTF-8 in a string, say).
         bad = []
         for index, (start, stop) in enumerate(spans):
             try:
-                pb.Event.FromString(raw[start:stop])
+                item.FromString(raw[start:stop])
             except DecodeError as error:
-                bad.append(_not_protobuf(f"events[{index}]", "Event", _why(error)).violations[0])
+                name = item.DESCRIPTOR.name
+                bad.append(_not_protobuf(f"events[{index}]", name, _why(error)).violations[0])
         if not bad:
-            bad = _not_protobuf("events", "CreateEventsRequest", "it does not parse").violations
+            bad = _not_protobuf("events", kind.DESCRIPTOR.name, "it does not parse").violations
         raise InvalidEvents(bad) from None
     request.DiscardUnknownFields()
     return request

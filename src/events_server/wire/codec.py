@@ -15,6 +15,7 @@ from datetime import UTC
 from typing import Any
 
 from events_server.pb import events_pb2 as pb
+from events_server.wire.tracked import EVENT, envelope_kind, kind_to_dict
 from events_server.wire.violations import FieldViolation
 
 TYPE_NAMES: dict[int, str] = {
@@ -57,13 +58,14 @@ def length_delimited(field_number: int, payload: bytes) -> bytes:
     return varint(field_number << 3 | 2) + varint(len(payload)) + payload
 
 
-def envelope_bytes(event: bytes, context: bytes) -> bytes:
-    """A serialized Envelope from a serialized Event and the serialized rest of the Envelope.
+def envelope_bytes(event: bytes, context: bytes, field: int = ENVELOPE_EVENT_FIELD) -> bytes:
+    """A serialized Envelope from a serialized Event (or, in ``field``, a v2 kind's message:
+    see ``tracked.ENVELOPE_FIELDS``) and the serialized rest of the Envelope.
 
     Protobuf parses fields in any order, so the request's shared context is
     serialized once and each event is prefixed to it: no per-event copies.
     """
-    return length_delimited(ENVELOPE_EVENT_FIELD, event) + context
+    return length_delimited(field, event) + context
 
 
 def event_from_dict(data: Mapping[str, Any]) -> pb.Event:
@@ -98,7 +100,8 @@ def event_to_dict(event: pb.Event) -> dict[str, Any]:
 
 
 def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
-    """JSON form of a queued envelope, for people and for JSONL sinks."""
+    """JSON form of a queued envelope, for people and for JSONL sinks: the context, and what
+    it holds under the name of its kind (``event``, or a v2 kind: see ``tracked``)."""
     received = envelope.received_at.ToDatetime(tzinfo=UTC)
     out: dict[str, Any] = {
         "received_at": received.isoformat(timespec="microseconds").replace("+00:00", "Z"),
@@ -112,7 +115,11 @@ def envelope_to_dict(envelope: pb.Envelope) -> dict[str, Any]:
         out["storefront_origin"] = envelope.storefront_origin
     if envelope.HasField("ws_message_id"):
         out["ws_message_id"] = envelope.ws_message_id
-    out["event"] = event_to_dict(envelope.event)
+    kind = envelope_kind(envelope)
+    if kind == EVENT:
+        out[EVENT] = event_to_dict(envelope.event)
+    else:
+        out[kind] = kind_to_dict(getattr(envelope, kind))
     return out
 
 

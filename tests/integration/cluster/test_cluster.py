@@ -24,6 +24,7 @@ from tests.harness.data import ev
 from tests.harness.processes import run_events_server
 from tests.harness.rpc import keyed_channel, send
 from tests.integration import test_service as core
+from tests.integration import test_track as track
 
 # --- the core dedup and enqueue scenarios, on the cluster ----------------------------
 
@@ -58,6 +59,12 @@ test_failed_append_leaves_no_dedup_key_and_a_retry_queues_once = (
 test_script_is_reloaded_when_redis_lost_it = core.test_script_is_reloaded_when_redis_lost_it
 
 
+# One purchase per transaction: its key in its partition's slot, beside the stream.
+test_the_dedup_is_per_tenant_and_per_kind_and_keeps_for_the_dedup_ttl = (
+    track.test_the_dedup_is_per_tenant_and_per_kind_and_keeps_for_the_dedup_ttl
+)
+
+
 # --- cluster specifics ------------------------------------------------------------------
 
 
@@ -68,6 +75,7 @@ def test_every_key_of_a_partition_is_in_one_slot_and_partitions_cover_every_node
         slot = key_slot(keys.stream(partition).encode())
         others = (
             keys.dedup(partition, "a:b", "c"),
+            keys.transaction(partition, "a:b", "purchase", "T-1"),
             keys.dead_letters(partition, "analytics"),
             keys.owner(partition, "analytics"),
         )

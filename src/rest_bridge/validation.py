@@ -1,124 +1,57 @@
-"""POST /create-events as a lean ASGI handler.
+"""The v1 contract's request body (a JSON array of ``Event``) validated as FastAPI validates it.
 
-FastAPI documents the route (rest_bridge.app) but does not serve it: its generic
-pipeline (middleware stack, dependency solving, stdlib JSON, Starlette responses)
-cost more CPU than parsing, validating and forwarding the events themselves. This
-handler keeps FastAPI's observable behaviour, 422 bodies included (``input`` and
-``ctx`` too): a body pydantic's JSON validation refuses is parsed again by the
-stdlib parser FastAPI uses, and validated as FastAPI validates it (the same
-TypeAdapter, ``validate_python(from_attributes=True)``), with two bounds FastAPI
-lacks: a body of more than ``max_events_per_request`` items is refused before any is
-validated, and a 422 lists at most MAX_LISTED_ERRORS errors (the others counted, not
-built). Before any of that, rest_bridge.body takes the body: media type, gzip, size
-limits; rest_bridge.offload decides where it is parsed (on the event loop, or in a
-worker process when that would hold the loop). The WebSocket path validates its
+FastAPI documents POST /create-events (rest_bridge.app) but does not serve it
+(rest_bridge.routes.v1): its generic pipeline cost more CPU than parsing, validating and
+forwarding the events themselves. This module keeps FastAPI's observable behaviour, 422
+bodies included (``input`` and ``ctx`` too): a body pydantic's JSON validation refuses is
+parsed again by the stdlib parser FastAPI uses (rest_bridge.jsonbody), and validated as
+FastAPI validates it (the same TypeAdapter, ``validate_python(from_attributes=True)``),
+with two bounds FastAPI lacks: a body of more than ``max_events_per_request`` items is
+refused before any is validated, and a 422 lists at most MAX_LISTED_ERRORS errors (the
+others counted, not built). rest_bridge.offload decides where it runs (on the event loop,
+or in a worker process when that would hold the loop). The WebSocket path validates its
 frames' events with ``validate_body``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 from dataclasses import dataclass
 from itertools import islice
 from typing import Annotated, Any
 
-import grpc
-import orjson
 from pydantic import FailFast, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import event_from_dict
 from events_server.wire.rejected import tenants_of
-from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
-from rest_bridge.config import BridgeSettings
-from rest_bridge.cors import Cors
-from rest_bridge.credentials import api_key
 from rest_bridge.errors import (
     MAX_LISTED_ERRORS,
-    REQUEST_TOO_LARGE,
     body_errors,
-    grpc_error_response,
-    invalid_body,
-    json_invalid,
     missing_body,
     unprocessable,
     validation_detail,
 )
-from rest_bridge.gather import Gatherer
+from rest_bridge.jsonbody import nests_deeper, parse_json, too_deep, too_many_events
 from rest_bridge.models import Event, String, unencodable_locations
-from rest_bridge.rejected import RejectedReporter
-from rest_bridge.responses import Reply, json_reply
-from rest_bridge.upstream import forwarded_metadata
+from rest_bridge.responses import Reply
 
 EVENTS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 UNTIL_INVALID: TypeAdapter[list[Event]] = TypeAdapter(Annotated[list[Event], FailFast()])
-
-UNPROCESSABLE = 422
-
-STATUS_NAMES = {
-    pb.EventResult.STATUS_ACCEPTED: "accepted",
-    pb.EventResult.STATUS_DUPLICATE: "duplicate",
-}
-
-
-def _parse_json(body: bytes, max_depth: int) -> Any:
-    """The body as Python values as FastAPI parses it, or a 422 Reply when it does not parse
-    (its depth is left to the caller: see _checked_json)."""
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError as error:
-        return unprocessable(json_invalid(error.pos, error.msg))
-    except UnicodeDecodeError as error:
-        # FastAPI answers 400 "There was an error parsing the body", a status the
-        # contract does not have, naming nothing. JSON must be UTF-8: say where it is not.
-        return invalid_body(
-            ["body", error.start], "JSON decode error: invalid UTF-8", "json_invalid"
-        )
-    except RecursionError:
-        # The parser gives up near 1000 levels, far past any allowed max_depth.
-        return _too_deep(max_depth)
-    except ValueError as error:
-        # Python refuses to convert integers of over 4300 digits (a guard against
-        # quadratic parsing); FastAPI would answer that 400 too.
-        return invalid_body(["body"], f"JSON decode error: {error}", "json_invalid")
-    return value
 
 
 def _checked_json(body: bytes, max_depth: int, max_events: int | None) -> Any:
     """The body parsed as FastAPI parses it, or the 422 Reply of: JSON that does not
     parse, more than ``max_events`` events (counted first: a count is cheap, the rest is
     not), nesting past ``max_depth``."""
-    value = _parse_json(body, max_depth)
+    value = parse_json(body, max_depth)
     if isinstance(value, Reply):
         return value
     if max_events is not None and isinstance(value, list) and len(value) > max_events:
         return too_many_events(len(value), max_events)
     if nests_deeper(value, max_depth):
-        return _too_deep(max_depth)
+        return too_deep(max_depth)
     return value
-
-
-def _too_deep(max_depth: int) -> Reply:
-    return invalid_body(
-        ["body"],
-        f"JSON is nested deeper than the limit of {max_depth} levels of arrays and objects"
-        " (max_json_depth)",
-        "json_too_deep",
-    )
-
-
-def nests_deeper(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than ``limit`` deep (a loop: no recursion)."""
-    stack = [(value, 1)] if isinstance(value, list | dict) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
-    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,16 +75,6 @@ def _as_protobuf(events: list[Event]) -> list[pb.Event] | Unprocessable:
                 for loc in unencodable_locations(events)
             ]
         )
-
-
-def too_many_events(count: int, max_events: int) -> Reply:
-    """The server's own refusal of a request of more than ``max_events`` events."""
-    return invalid_body(
-        ["body"],
-        f"the request has {count} events; at most {max_events} are allowed"
-        " (max_events_per_request)",
-        "too_many_events",
-    )
 
 
 EVENT: TypeAdapter[Event] = TypeAdapter(Event)
@@ -263,6 +186,13 @@ def valid_events(body: bytes) -> list[Event] | None:
         return None
 
 
+def quick_events(body: bytes, max_events: int) -> list[pb.Event] | Reply | None:
+    """The events of ``body`` when pydantic's JSON validation takes them (stopped at the
+    first invalid event: a bounded cost), else None."""
+    events = valid_events(body)
+    return None if events is None else accepted_events(events, max_events)
+
+
 def accepted_events(events: list[Event], max_events: int | None) -> list[pb.Event] | Reply:
     """Valid events as protobuf, or the 422 of too many of them (or of lone surrogates)."""
     if max_events is not None and len(events) > max_events:
@@ -314,7 +244,7 @@ def validate_large_body(
     if body.count(b",") <= WORKER_FIRST_TRY_COMMAS and (events := valid_events(body)) is not None:
         tenants = tenants_of(e.tenant for e in islice(events, max_events))
         return accepted_events(events, max_events), tenants
-    value = _parse_json(body, max_depth)
+    value = parse_json(body, max_depth)
     if isinstance(value, Reply):
         return value, []
     tenants = []
@@ -326,120 +256,21 @@ def validate_large_body(
     result = validate_events(value)
     # Valid events nest MIN_JSON_DEPTH deep at most: only a refusal needs the (costly) walk.
     if isinstance(result, Unprocessable) and nests_deeper(value, max_depth):
-        return _too_deep(max_depth), tenants
+        return too_deep(max_depth), tenants
     return _refused(result), tenants
 
 
-def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
-    """JSON body of a 200: the counts, then one result per event in request order."""
-    return {
-        "accepted": reply.accepted,
-        "duplicates": reply.duplicates,
-        "results": [
-            {
-                "status": STATUS_NAMES.get(r.status, "unknown"),
-                "entry_id": r.entry_id,
-                "partition": r.partition,
-            }
-            for r in reply.results
-        ],
-    }
+def events_in_worker(
+    body: bytes, max_depth: int, max_events: int
+) -> bytes | tuple[Reply, list[str]]:
+    """In a worker process: the body's events as a serialized CreateEventsRequest, or the
+    reply refusing it and the tenants it names (for its rejected-request record)."""
+    result, tenants = validate_large_body(body, max_depth, max_events)
+    if isinstance(result, Reply):
+        return result, tenants
+    return pb.CreateEventsRequest(events=result).SerializeToString()
 
 
-class CreateEvents:
-    """The ASGI app of POST /create-events."""
-
-    def __init__(
-        self,
-        settings: BridgeSettings,
-        gatherer: Gatherer,
-        cors: Cors,
-        rejected: RejectedReporter | None = None,
-    ) -> None:
-        # (rest_bridge.offload runs this module's validation in its worker processes.)
-        from rest_bridge.offload import BodyParser  # noqa: PLC0415
-
-        self._settings = settings
-        self._gatherer = gatherer
-        self._cors = cors
-        self._rejected = rejected
-        self._parser = BodyParser(settings)
-
-    def close(self) -> None:
-        """Stop the body-parsing processes (at shutdown)."""
-        self._parser.close()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        headers = dict(scope["headers"])
-        key, source = api_key(headers, scope.get("query_string", b""))
-        cors: list[tuple[bytes, bytes]] = []
-        if (origin := headers.get(b"origin")) is not None:  # browsers only: not the hot path
-            try:
-                decision = await self._cors.decide(origin.decode("latin-1"), key)
-            except grpc.aio.AioRpcError as error:
-                await grpc_error_response(error, self._settings.retry_after_seconds).send(send)
-                return
-            # On every answer, the bridge's own 413/415/422 too: the page can read them.
-            cors = self._cors.response_headers(origin, decision)
-        try:
-            check_media_type(headers.get(b"content-type"), source)
-            gzipped = is_gzipped(headers.get(b"content-encoding"))
-            async with asyncio.timeout(self._settings.body_timeout_seconds):
-                body = await read_body(
-                    receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
-                )
-        except BodyRefused as refused:
-            reply = refused.reply
-        except TimeoutError:
-            reply = _body_timed_out(self._settings.body_timeout_seconds)
-        else:
-            reply = await self.handle(scope, headers, key, body)
-        await reply.send(send, cors)
-
-    async def handle(
-        self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
-    ) -> Reply:
-        """The reply to one request with its whole (inflated) JSON body."""
-        events, tenants = await self._parser.parse(body)
-        if isinstance(events, Reply):
-            if events.status == UNPROCESSABLE:
-                self._report(body, orjson.loads(events.body)["detail"], key, headers, tenants)
-            return events
-        call = pb.CreateEventsRequest(events=events)
-        client = scope.get("client")
-        metadata = forwarded_metadata(headers, client[0] if client else "", key)
-        try:
-            response = await self._gatherer.create_events(call, metadata)
-        except grpc.aio.AioRpcError as error:
-            reply = grpc_error_response(error, self._settings.retry_after_seconds)
-            if reply.status == REQUEST_TOO_LARGE:
-                # gRPC refused it before the server could record it: the bridge does.
-                message = orjson.loads(reply.body)["detail"]
-                detail = [validation_detail(["body"], message, "request_too_large")]
-                self._report(body, detail, key, headers, tenants_of(e.tenant for e in events))
-            return reply
-        return json_reply(200, response_body(response))
-
-    def _report(
-        self,
-        body: bytes,
-        detail: list[dict[str, Any]],
-        key: str | None,
-        headers: dict[bytes, bytes],
-        tenants: list[str] | None,
-    ) -> None:
-        """Report ``body`` (the inflated one, at most max_body_bytes, never a gzip bomb) in
-        the background; ``tenants``: those it names, when known (else read from it)."""
-        if self._rejected is not None:
-            origin = headers.get(b"origin")
-            page = origin.decode("latin-1") if origin else None
-            self._rejected.report(body, detail, key, page, tenants)
-
-
-def _body_timed_out(seconds: float) -> Reply:
-    return json_reply(
-        408,
-        {"detail": f"the body did not arrive within {seconds:g} seconds (body_timeout_seconds)"},
-        # The rest of the body is not read: the connection cannot be reused.
-        {"Connection": "close"},
-    )
+def decode_events(raw: bytes) -> list[pb.Event]:
+    """What events_in_worker serialized, as the events again."""
+    return list(pb.CreateEventsRequest.FromString(raw).events)

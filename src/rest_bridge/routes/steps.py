@@ -1,0 +1,180 @@
+"""The steps every JSON POST route shares, whatever its contract: the key, CORS, the body,
+the call to the server, the answer, the rejected record.
+
+A route (rest_bridge.routes.v1, rest_bridge.routes.v2) is a JsonPost that says what its
+body becomes (``handle``): FastAPI documents the routes (rest_bridge.app) but does not serve
+them, its generic pipeline costing more CPU than the work itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+
+from events_server.pb import events_pb2 as pb
+from rest_bridge.admission import Admission
+from rest_bridge.body import BodyRefused, check_media_type, is_gzipped, read_body
+from rest_bridge.config import BridgeSettings
+from rest_bridge.cors import Cors
+from rest_bridge.credentials import api_key
+from rest_bridge.errors import (
+    REQUEST_TOO_LARGE,
+    grpc_error_response,
+    v1_field_loc,
+    validation_detail,
+)
+from rest_bridge.gather import Gatherer, Metadata
+from rest_bridge.offload import BodyParser, Rules
+from rest_bridge.rejected import RejectedReporter
+from rest_bridge.responses import Reply, json_reply
+from rest_bridge.upstream import forwarded_metadata
+
+UNPROCESSABLE = 422
+
+STATUS_NAMES = {
+    pb.EventResult.STATUS_ACCEPTED: "accepted",
+    pb.EventResult.STATUS_DUPLICATE: "duplicate",
+}
+
+R = TypeVar("R", pb.CreateEventsRequest, pb.TrackRequest)
+T = TypeVar("T")
+
+
+def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
+    """JSON body of a 200: the counts, then one result per event in request order."""
+    return {
+        "accepted": reply.accepted,
+        "duplicates": reply.duplicates,
+        "results": [
+            {
+                "status": STATUS_NAMES.get(r.status, "unknown"),
+                "entry_id": r.entry_id,
+                "partition": r.partition,
+            }
+            for r in reply.results
+        ],
+    }
+
+
+def body_timed_out(seconds: float) -> Reply:
+    """The 408 of a body that did not arrive in time."""
+    return json_reply(
+        408,
+        {"detail": f"the body did not arrive within {seconds:g} seconds (body_timeout_seconds)"},
+        # The rest of the body is not read: the connection cannot be reused.
+        {"Connection": "close"},
+    )
+
+
+class JsonPost:
+    """The ASGI app of one JSON POST route; subclasses say what a whole body becomes."""
+
+    locate: staticmethod[[str], list[str | int]] = staticmethod(v1_field_loc)
+    """Where a field the server's violations name was in the request's JSON body."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        settings: BridgeSettings,
+        gatherer: Gatherer,
+        cors: Cors,
+        parser: BodyParser,
+        rejected: RejectedReporter | None,
+        admission: Admission,
+    ) -> None:
+        self._settings = settings
+        self._admission = admission
+        self._gatherer = gatherer
+        self._cors = cors
+        self._rejected = rejected
+        self._parser = parser
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        key, source = api_key(headers, scope.get("query_string", b""))
+        cors: list[tuple[bytes, bytes]] = []
+        if (origin := headers.get(b"origin")) is not None:  # browsers only: not the hot path
+            try:
+                decision = await self._cors.decide(origin.decode("latin-1"), key)
+            except grpc.aio.AioRpcError as error:
+                await grpc_error_response(error, self._settings.retry_after_seconds).send(send)
+                return
+            # On every answer, the bridge's own 413/415/422 too: the page can read them.
+            cors = self._cors.response_headers(origin, decision)
+        try:
+            check_media_type(headers.get(b"content-type"), source)
+            gzipped = is_gzipped(headers.get(b"content-encoding"))
+            if (denied := await self._admission.before_body(scope, headers, key)) is not None:
+                raise BodyRefused(denied)  # unread: nothing costly before the caller is known
+            async with asyncio.timeout(self._settings.body_timeout_seconds):
+                body = await read_body(
+                    receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
+                )
+        except BodyRefused as refused:
+            reply = refused.reply
+        except TimeoutError:
+            reply = body_timed_out(self._settings.body_timeout_seconds)
+        else:
+            reply = await self.handle(scope, headers, key, body)
+        await reply.send(send, cors)
+
+    async def handle(
+        self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
+    ) -> Reply:
+        """The reply to one request with its whole (inflated) JSON body."""
+        raise NotImplementedError
+
+    async def parse(
+        self, body: bytes, rules: Rules[T], key: str | None, headers: dict[bytes, bytes]
+    ) -> T | Reply:
+        """What ``body`` becomes by ``rules``, or its refusal (a 422 recorded as rejected)."""
+        result, tenants = await self._parser.parse(body, rules)
+        if isinstance(result, Reply) and result.status == UNPROCESSABLE:
+            self.report(body, orjson.loads(result.body)["detail"], key, headers, tenants)
+        return result
+
+    async def forward(  # noqa: PLR0917
+        self,
+        call: Callable[[R, Metadata], Awaitable[pb.CreateEventsResponse]],
+        request: R,
+        tenants: Callable[[], list[str]],
+        scope: dict[str, Any],
+        headers: dict[bytes, bytes],
+        key: str | None,
+        body: bytes,
+    ) -> Reply:
+        """The server's answer to ``request`` (sent by ``call``) as the HTTP reply.
+
+        ``tenants``: those the request names, for the record of a request gRPC refuses as
+        too large before the server sees it (which the bridge records itself).
+        """
+        client = scope.get("client")
+        metadata = forwarded_metadata(headers, client[0] if client else "", key)
+        try:
+            response = await call(request, metadata)
+        except grpc.aio.AioRpcError as error:
+            reply = grpc_error_response(error, self._settings.retry_after_seconds, self.locate)
+            if reply.status == REQUEST_TOO_LARGE:
+                message = orjson.loads(reply.body)["detail"]
+                detail = [validation_detail(["body"], message, "request_too_large")]
+                self.report(body, detail, key, headers, tenants())
+            return reply
+        return json_reply(200, response_body(response))
+
+    def report(
+        self,
+        body: bytes,
+        detail: list[dict[str, Any]],
+        key: str | None,
+        headers: dict[bytes, bytes],
+        tenants: list[str] | None,
+    ) -> None:
+        """Report ``body`` (the inflated one, at most max_body_bytes, never a gzip bomb) in
+        the background; ``tenants``: those it names, when known (else read from it)."""
+        if self._rejected is not None:
+            origin = headers.get(b"origin")
+            page = origin.decode("latin-1") if origin else None
+            self._rejected.report(body, detail, key, page, tenants)
