@@ -197,6 +197,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             yield
             await rejected.drain()
             parser.close()
+            ws.close()
 
     # No redirect of /create-events/ to /create-events: its Location would repeat the
     # query, api_key included (any path with a trailing slash is a 404).

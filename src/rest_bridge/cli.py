@@ -94,10 +94,11 @@ def uvicorn_options(settings: BridgeSettings) -> dict[str, Any]:
         # Logging is ours (JSON, see setup_logging); AccessMiddleware writes the access lines.
         "log_config": None,
         "access_log": False,
-        # WebSockets (rest_bridge.ws). The Sans-I/O implementation stops reading a socket
-        # while a received message waits for the app: the bridge's in-flight bound relies
-        # on it. It enforces the size limit on each frame's header, before reading it.
-        "ws": "websockets-sansio",
+        # WebSockets (rest_bridge.ws): uvicorn's Sans-I/O implementation, which stops
+        # reading a socket while a received message waits for the app and enforces the
+        # size limit on each frame's header, with the bounds it lacks
+        # (rest_bridge.ws_protocol).
+        "ws": "rest_bridge.ws_protocol:GuardedWebSocketProtocol",
         "ws_max_size": settings.ws_max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval_seconds,
         "ws_ping_timeout": settings.ws_ping_timeout_seconds,

@@ -202,12 +202,52 @@ class BridgeSettings(BaseSettings):
         " more per call).",
     )
     # WebSocket /ws/create-events (rest_bridge.ws): every bound is per bridge process.
+    # Depict's events are a few hundred bytes; 16 KiB still holds a URL of 8 KiB or some
+    # 700 variant ids, and keeps what 16 frames in flight on 3,072 sockets can hold small.
     ws_max_frame_bytes: int = Field(
-        65536,
+        16384,
         ge=1024,
         le=MAX_BODY_BYTES_CEILING,
         description="Largest WebSocket message accepted on /ws/create-events, in bytes (one"
         " event in a frame); a bigger one closes the connection with code 1009.",
+    )
+    ws_max_fragments: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Frames one WebSocket message may be sent in (browsers send one); past it"
+        " the connection is closed with code 1009, as for a message too large.",
+    )
+    ws_max_control_frames_per_second: int = Field(
+        10,
+        ge=1,
+        description="Pings and pongs one WebSocket client may send in a second (the bridge"
+        " pings every ws_ping_interval_seconds, browsers never do); past it they are dropped"
+        " (a ping is not answered) and the socket is not read for the rest of the second.",
+    )
+    ws_write_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a WebSocket's answers (and pongs) may wait for a client that does"
+        " not read them, past the write buffer's 64 KiB, seconds; then the socket is dropped"
+        " (no close frame: it could not be written either). Also how long a closing handshake"
+        " may take before the socket is dropped.",
+    )
+    ws_silent_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A WebSocket connection that has sent no frame since it opened is closed"
+        " with code 1000 after this long, seconds (Depict's client sends its first event at"
+        " once); at ws_max_connections, the one silent longest is closed (1013) to admit a"
+        " new one.",
+    )
+    max_bytes_in_flight: int = Field(
+        128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes this process may hold for request bodies and WebSocket frames read"
+        " and not yet answered, summed over its connections (rest_bridge.budget); past it a"
+        " connection is read only while it holds less than one ws_max_frame_bytes (the others"
+        " wait, their bytes in their own buffers).",
     )
     ws_max_in_flight: int = Field(
         16,
@@ -256,6 +296,18 @@ class BridgeSettings(BaseSettings):
                 f"ws_max_connections ({self.ws_max_connections}) must be below max_connections"
                 f" ({self.max_connections}), which WebSockets count in: else they could take"
                 " every connection, and beacons and POSTs would be refused"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _budget_holds_every_share(self) -> BridgeSettings:
+        # Each connection may always hold one frame (rest_bridge.budget): all of them
+        # together must stay within the budget.
+        if self.max_connections * self.ws_max_frame_bytes > self.max_bytes_in_flight:
+            raise ValueError(
+                f"max_bytes_in_flight ({self.max_bytes_in_flight}) must hold max_connections"
+                f" ({self.max_connections}) times ws_max_frame_bytes ({self.ws_max_frame_bytes}):"
+                " each connection may always hold one frame"
             )
         return self
 

@@ -47,6 +47,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from rest_bridge.budget import ByteBudget
 from rest_bridge.config import BridgeSettings
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,10 @@ class ConnectionGuard:
                 self.max_connections + FD_RESERVE,
                 FD_RESERVE,
             )
+        self.budget = ByteBudget(settings.max_bytes_in_flight, settings.ws_max_frame_bytes)
+        """The bytes of bodies and frames in flight (rest_bridge.budget), per process."""
+        self.ws_limits = settings
+        """The WebSocket bounds its protocol applies (rest_bridge.ws_protocol)."""
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout_seconds
         self.retry_after = str(settings.retry_after_seconds)
@@ -225,7 +230,7 @@ class Handshake(Protocol):
         """Close it now, handshake unfinished."""
 
 
-def _guard_of(app: Any) -> ConnectionGuard:
+def guard_of(app: Any) -> ConnectionGuard:
     """The guard of the bridge app uvicorn serves (through any middleware it wrapped it in)."""
     while app is not None:
         guard = getattr(app, "connection_guard", None)
@@ -246,7 +251,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.guard = _guard_of(self.app)
+        self.guard = guard_of(self.app)
         self._in_head = True  # the next bytes are a request line and headers
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None

@@ -25,6 +25,7 @@ from uvicorn.server import ServerState
 
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import REFUSED, ConnectionGuard, GuardedHttpToolsProtocol
+from rest_bridge.http_budget import BudgetedHttpProtocol
 
 
 def server_context(settings: BridgeSettings) -> ssl.SSLContext | None:
@@ -91,9 +92,10 @@ def bridge_protocol(
     app_state: dict[str, Any],
     _loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.BaseProtocol:
-    """What uvicorn serves each connection with: the guarded HTTP protocol, over TLS when
-    the bridge has a certificate (uvicorn's ``http`` option)."""
-    http = GuardedHttpToolsProtocol(config, server_state, app_state, _loop)
+    """What uvicorn serves each connection with: the guarded HTTP protocol (its bodies
+    within the byte budget), over TLS when the bridge has a certificate (uvicorn's
+    ``http`` option)."""
+    http = BudgetedHttpProtocol(config, server_state, app_state, _loop)
     guard = http.guard
     if guard.tls is None:
         return http

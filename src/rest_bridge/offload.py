@@ -84,10 +84,12 @@ class Rules(Generic[T_co]):
 ORPHAN_CHECK_SECONDS = 1.0
 
 
-def _worker_started(bridge_pid: int) -> None:
+def _worker_started(bridge_pid: int, niceness: int) -> None:
     """In each worker process, first: it lives no longer than the bridge process."""
     # Ctrl-C reaches the whole process group: the bridge shuts its workers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if niceness:
+        os.nice(niceness)
 
     # A bridge killed outright (SIGKILL, OOM) cannot: a worker waits on a queue whose
     # writing end it holds itself, so it would wait forever. It leaves once orphaned.
@@ -106,7 +108,9 @@ def _busy(why: str, retry_after: int) -> Reply:
 class BodyParser:
     """Parses request bodies, the large ones in worker processes started on first need."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, niceness: int = 0) -> None:
+        self._niceness = niceness
+        """Added to the workers' niceness: work they may yield to the event loop."""
         self._processes = settings.parse_processes
         self._max_depth = settings.max_json_depth
         self._max_events = settings.max_events_per_request
@@ -156,7 +160,7 @@ class BodyParser:
                 self._processes,
                 multiprocessing.get_context("spawn"),
                 initializer=_worker_started,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), self._niceness),
             )
         return self._pool
 

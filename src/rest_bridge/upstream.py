@@ -21,7 +21,7 @@ from events_server.wire.metadata import (
 MAX_FORWARDED_CHARS = 2048
 
 # Printable ASCII but "%": what may pass into gRPC metadata unescaped.
-_METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 def metadata_value(value: str, limit: int = MAX_FORWARDED_CHARS) -> str:
@@ -30,7 +30,7 @@ def metadata_value(value: str, limit: int = MAX_FORWARDED_CHARS) -> str:
     if value.isascii() and value.isprintable():
         return value
     # Header bytes are decoded as latin-1, so this recovers the raw bytes.
-    return quote(value.encode("latin-1", "replace"), safe=_METADATA_SAFE)[:limit]
+    return quote(value.encode("latin-1", "replace"), safe=METADATA_SAFE)[:limit]
 
 
 def forwarded_metadata(

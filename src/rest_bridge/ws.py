@@ -32,7 +32,7 @@ import grpc
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log, request_id
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from rest_bridge.access import MAX_LOGGED_CHARS, REDACTED, redact_query
+from rest_bridge.access import MAX_LOGGED_CHARS, redact_query
 from rest_bridge.admission import Admission
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ws_connection_cap
@@ -41,14 +41,16 @@ from rest_bridge.credentials import KeySource, api_key
 from rest_bridge.errors import WWW_AUTHENTICATE, grpc_error_response
 from rest_bridge.gather import Gatherer
 from rest_bridge.metrics import BridgeMetrics
+from rest_bridge.offload import BodyParser
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
-from rest_bridge.upstream import forwarded_metadata, metadata_value
-from rest_bridge.validation import validate_body
+from rest_bridge.routes.v1 import RULES as V1_RULES
+from rest_bridge.upstream import forwarded_metadata
 from rest_bridge.ws_frames import (
     MAX_CLOSE_REASON_BYTES,
     Connection,
     Frame,
+    id_metadata,
     missing_event_detail,
     not_ok_answer,
     ok_answer,
@@ -56,51 +58,20 @@ from rest_bridge.ws_frames import (
     refusal,
     reply_detail,
 )
+from rest_bridge.ws_logging import quiet_uvicorn
+from rest_bridge.ws_protocol import SOCKET, SocketBytes
 
 WS_PATH = "/ws/create-events"
 
 CLOSE_CREDENTIALS = 4100
 """Close code for a key the server refuses: Depict's client never reconnects after it."""
 CLOSE_IDLE = 1000
+UNPROCESSABLE = 422
+FRAME_WORKER_NICENESS = 10
+CLOSE_TRY_AGAIN = 1013
+"""Close code for a silent socket closed to admit a new one at ws_max_connections."""
 
 log = logging.getLogger("rest_bridge.access")
-
-
-# Headers whose values are secrets, as websockets logs a handshake (at DEBUG).
-_SECRET_HEADERS = frozenset({"x-api-key", "cookie", "authorization"})
-
-
-class _UvicornWsLines(logging.Filter):
-    """Keeps keys out of what uvicorn and websockets log about a handshake.
-
-    uvicorn's own WebSocket access lines (INFO) hold the query string: they are dropped
-    (the endpoint writes its own). At DEBUG, websockets logs the request line and every
-    header: the query's key and secret headers are redacted.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg, args = record.msg, record.args
-        if not isinstance(msg, str):
-            return True
-        if msg.startswith('%s - "WebSocket'):
-            return False
-        if msg == "< %s %s %s" and isinstance(args, tuple) and len(args) == 3:
-            path, _, query = str(args[1]).partition("?")
-            record.args = (args[0], f"{path}?{redact_query(query)}" if query else path, args[2])
-        elif (
-            msg in ("< %s: %s", "> %s: %s")
-            and isinstance(args, tuple)
-            and len(args) == 2
-            and str(args[0]).lower() in _SECRET_HEADERS
-        ):
-            record.args = (args[0], REDACTED)
-        return True
-
-
-def _quiet_uvicorn() -> None:
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _UvicornWsLines) for f in uvicorn_log.filters):
-        uvicorn_log.addFilter(_UvicornWsLines())
 
 
 async def _deny(scope: dict[str, Any], send: Any, reply: Reply) -> None:
@@ -147,9 +118,17 @@ class WebSocketIngest:
         self._metrics = metrics
         self._rejected = rejected
         self._ip_mode: IpMode = settings.log_client_ip
+        # Frames costly to validate go to worker processes of their own, as POST bodies'
+        # do, and at a lower priority: a storefront's events are small and parsed inline,
+        # so those workers' frames are an attacker's. They yield the CPU to the loop that
+        # answers everyone else (4 sockets of costly frames: a storefront's p99 140-400 ms
+        # at the same priority, ~160 ms below it, on the 2-core box).
+        self._parser = BodyParser(settings, niceness=FRAME_WORKER_NICENESS)
+        self._silent: dict[Connection, None] = {}
+        """Open sockets that have sent no frame yet, the oldest first."""
         self.open = 0
         """Connections open or being admitted in this process."""
-        _quiet_uvicorn()
+        quiet_uvicorn()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -168,10 +147,13 @@ class WebSocketIngest:
                 self._metrics.ws_handshake(refused.status)
                 self._log(scope, f"{refused.status}", started, status=refused.status)
                 return
+            conn = self._connection(scope, send, headers, key)
             try:
-                await self._serve(scope, receive, send, headers, key, started)
+                await self._serve(scope, receive, conn, started)
             finally:
-                self.open -= 1
+                self._silent.pop(conn, None)
+                if conn.counted:
+                    self.open -= 1
         finally:
             request_id.reset(token)
 
@@ -182,7 +164,16 @@ class WebSocketIngest:
     ) -> Reply | None:
         """None when the socket may open (and it is counted as open), else the refusal."""
         limit = self._max_open
-        if self.open >= limit:
+        if self.open >= limit and self._silent:
+            # Sockets that never send a frame cannot keep a storefront out (as idle HTTP
+            # connections cannot, rest_bridge.connections): the one silent longest goes.
+            victim = next(iter(self._silent))
+            del self._silent[victim]
+            reason = "closed to admit another: it sent no frame (ws_max_connections reached)"
+            victim.closer = victim.loop.create_task(victim.close(CLOSE_TRY_AGAIN, reason))
+            self.open -= 1  # counted out now: its descriptor goes within ws_write_timeout
+            victim.counted = False
+        elif self.open >= limit:
             detail = (
                 f"this bridge process has {limit} WebSocket connections open, its limit"
                 " (ws_max_connections): try again later"
@@ -224,27 +215,30 @@ class WebSocketIngest:
 
     # --- the open socket --------------------------------------------------------------
 
-    async def _serve(  # noqa: PLR0917
-        self,
-        scope: dict[str, Any],
-        receive: Any,
-        send: Any,
-        headers: dict[bytes, bytes],
-        key: str | None,
-        started: float,
-    ) -> None:
+    def _connection(
+        self, scope: dict[str, Any], send: Any, headers: dict[bytes, bytes], key: str | None
+    ) -> Connection:
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         origin = headers.get(b"origin")
         page = origin.decode("latin-1") if origin is not None else None
         conn = Connection(send, metadata, (key, page), self._settings.ws_max_in_flight)
-        await send({"type": "websocket.accept"})
+        socket: SocketBytes | None = scope.get("extensions", {}).get(SOCKET)
+        if socket is not None:
+            conn.release = socket.release
+        return conn
+
+    async def _serve(
+        self, scope: dict[str, Any], receive: Any, conn: Connection, started: float
+    ) -> None:
+        await conn.send({"type": "websocket.accept"})
         self._metrics.ws_handshake(101)
         self._metrics.ws_open.inc()
         self._log(scope, "101", started, status=101)
-        conn.timer = conn.loop.call_at(
-            conn.last_active + self._settings.ws_idle_timeout_seconds, self._idle_check, conn
-        )
+        self._silent[conn] = None
+        limits = self._settings
+        first = min(limits.ws_idle_timeout_seconds, limits.ws_silent_timeout_seconds)
+        conn.timer = conn.loop.call_at(conn.last_active + first, self._idle_check, conn)
         try:
             await self._read(conn, receive)
         finally:
@@ -282,42 +276,51 @@ class WebSocketIngest:
                     conn.close_reason = message.get("reason") or ""
                 return
             conn.last_active = conn.loop.time()
-            if conn.closing:  # we closed it: the client sends this again on a new socket
-                conn.slots.release()
-                continue
             data = message.get("text")
-            frame = parse_frame(data if data is not None else message.get("bytes") or b"")
+            if data is None:
+                data = message.get("bytes") or b""
+            if not conn.spoke:
+                conn.spoke = True
+                self._silent.pop(conn, None)
+            if conn.closing:  # we closed it: the client sends this again on a new socket
+                conn.done(len(data))
+                continue
+            frame = parse_frame(data)
             if isinstance(frame, str):
                 conn.counts["error"] += 1
                 metrics.ws_frame("error")
                 await conn.answer(frame)
-                conn.slots.release()
+                conn.done(len(data))
             elif frame.id in conn.in_flight:  # a resend of a frame being handled
                 conn.counts["resend_in_flight"] += 1
                 metrics.ws_frame("resend_in_flight")
-                conn.slots.release()
+                conn.done(len(data))
             else:
                 conn.in_flight.add(frame.id)
                 metrics.ws_in_flight.inc()
-                task = conn.loop.create_task(self._handle(conn, frame, time.perf_counter()))
+                task = conn.loop.create_task(
+                    self._handle(conn, frame, time.perf_counter(), len(data))
+                )
                 conn.tasks.add(task)
                 task.add_done_callback(conn.finished)
 
     def _idle_check(self, conn: Connection) -> None:
         if conn.closing:
             return
-        idle = self._settings.ws_idle_timeout_seconds
+        idle, setting = self._settings.ws_idle_timeout_seconds, "ws_idle_timeout_seconds"
+        if not conn.spoke and self._settings.ws_silent_timeout_seconds < idle:
+            idle, setting = self._settings.ws_silent_timeout_seconds, "ws_silent_timeout_seconds"
         now = conn.loop.time()
         due = conn.last_active + idle
         if conn.tasks or now < due:
             conn.timer = conn.loop.call_at(max(due, now + 1.0), self._idle_check, conn)
             return
-        reason = f"idle for {idle:g} s (ws_idle_timeout_seconds)"
+        reason = f"idle for {idle:g} s ({setting})"
         conn.closer = conn.loop.create_task(conn.close(CLOSE_IDLE, reason))
 
     # --- one frame --------------------------------------------------------------------
 
-    async def _handle(self, conn: Connection, frame: Frame, started: float) -> None:
+    async def _handle(self, conn: Connection, frame: Frame, started: float, size: int) -> None:
         try:
             outcome, answer = await self._outcome(conn, frame)
         except Exception:  # a bug; the frame stays unanswered and the client resends it
@@ -326,8 +329,11 @@ class WebSocketIngest:
         finally:
             conn.in_flight.discard(frame.id)
             self._metrics.ws_in_flight.dec()
-        if answer is not None:
-            await conn.answer(answer)
+        try:
+            if answer is not None:
+                await conn.answer(answer)
+        finally:
+            conn.release(size)
         conn.last_active = conn.loop.time()
         conn.counts[outcome] += 1
         self._metrics.ws_frame(outcome, time.perf_counter() - started)
@@ -336,12 +342,14 @@ class WebSocketIngest:
         """What became of the frame's event, and the answer to send (None: none)."""
         if not frame.has_event:
             return self._not_ok(conn, frame, missing_event_detail())
-        events = validate_body(frame.body, self._settings.max_json_depth)
+        events, _ = await self._parser.parse(frame.body, V1_RULES)
         if isinstance(events, Reply):
+            if events.status != UNPROCESSABLE:  # the parse workers are busy: retry later
+                return "unanswered", None
             return self._not_ok(conn, frame, reply_detail(events))
         try:
             response = await self._gatherer.create_events(
-                pb.CreateEventsRequest(events=events), conn.metadata, metadata_value(frame.id)
+                pb.CreateEventsRequest(events=events), conn.metadata, id_metadata(frame.id)
             )
         except grpc.aio.AioRpcError as error:
             refused = refusal(error)
@@ -362,6 +370,10 @@ class WebSocketIngest:
         if self._rejected is not None:
             self._rejected.report(frame.body, detail, conn.key, conn.origin)
         return "not_ok", not_ok_answer(frame.id, detail)
+
+    def close(self) -> None:
+        """Stop the frame-parsing processes (at shutdown)."""
+        self._parser.close()
 
     def _log(self, scope: dict[str, Any], what: str, started: float, **fields: Any) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import orjson
@@ -33,6 +34,7 @@ from rest_bridge.errors import (
     validation_detail,
 )
 from rest_bridge.responses import Reply
+from rest_bridge.upstream import METADATA_SAFE
 
 MAX_CLOSE_REASON_BYTES = 123
 """What a close frame can carry (RFC 6455)."""
@@ -61,6 +63,15 @@ class Frame:
     body: bytes
     """``[event]`` as JSON; ``[frame]`` when the frame holds no event (for the record)."""
     has_event: bool = True
+
+
+def id_metadata(frame_id: str) -> str:
+    """The frame id as gRPC metadata (printable ASCII), on which the server deduplicates.
+
+    Every character that is not printable ASCII, and ``%``, is percent-encoded as UTF-8:
+    distinct ids stay distinct (``x€1`` is not ``x?1``, nor ``x%E2%82%AC1``).
+    """
+    return quote(frame_id, safe=METADATA_SAFE)
 
 
 def _id_field(frame: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +249,17 @@ class Connection:
         self.close_code = 1005
         self.close_reason = ""
         self.counts: Counter[str] = Counter()
+        self.spoke = False
+        """Whether it has sent a frame."""
+        self.counted = True
+        """Whether it counts among the open sockets (not once closed to admit another)."""
+        self.release: Callable[[int], None] = _held_nowhere
+        """Says that the bytes of a frame taken are no longer held (rest_bridge.ws_protocol)."""
+
+    def done(self, size: int) -> None:
+        """A frame of ``size`` was dealt with at once: its bytes and its slot are free."""
+        self.release(size)
+        self.slots.release()
 
     def finished(self, task: asyncio.Task[None]) -> None:
         """A frame's task is done: its slot is free for the next frame."""
@@ -263,3 +285,7 @@ class Connection:
             await self.send(
                 {"type": "websocket.close", "code": code, "reason": close_reason(reason)}
             )
+
+
+def _held_nowhere(size: int) -> None:
+    """Under a WebSocket protocol other than the bridge's, no bytes are counted."""

@@ -280,7 +280,7 @@ def test_uvicorn_gets_the_websocket_settings() -> None:
             ws_max_frame_bytes=4096, ws_ping_interval_seconds=7, ws_ping_timeout_seconds=9
         )
     )
-    assert options["ws"] == "websockets-sansio"
+    assert options["ws"] == "rest_bridge.ws_protocol:GuardedWebSocketProtocol"
     assert (options["ws_max_size"], options["ws_ping_interval"], options["ws_ping_timeout"]) == (
         4096,
         7,

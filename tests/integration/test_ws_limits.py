@@ -173,7 +173,9 @@ def test_past_the_connection_limit_the_handshake_is_refused_503(
     with own_bridge(grpc_target, ws_max_connections=2) as base:
 
         async def scenario() -> None:
-            async with opened(base, api_key), opened(base, api_key):
+            async with opened(base, api_key) as one, opened(base, api_key) as two:
+                for ws in (one, two):  # in use: a silent one would be closed to admit more
+                    assert (await ask(ws, frame("in-use", event())))["status"] == "ok"
                 answer = await asyncio.to_thread(refused, base, api_key)
                 assert answer.status_code == 503
                 assert answer.headers["Retry-After"] == "1"

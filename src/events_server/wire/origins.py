@@ -19,7 +19,8 @@ REFUSED = OriginDecision(allowed=False, credentials=False)
 
 
 def normalize_origin(value: str) -> str:
-    """An origin as browsers send it (``scheme://host[:port]``, lower case, no default port)."""
+    """An origin as browsers send it (``scheme://host[:port]``, lower case, no default port,
+    an international host name in punycode)."""
     parts = urlsplit(value.strip())
     try:
         port = parts.port
@@ -39,7 +40,17 @@ def normalize_origin(value: str) -> str:
             f"origin {value!r} must look like https://shop.example or http://localhost:3000"
         )
     default = {"http": 80, "https": 443}[parts.scheme]
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    host = parts.hostname
+    if not host.isascii():
+        # Browsers send an international name in its ASCII form (punycode): stored in
+        # Unicode, it would never match what they send.
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(
+                f"origin {value!r} has a host name that is not a valid international domain name"
+            ) from None
+    host = host if ":" not in host else f"[{host}]"
     return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
