@@ -287,15 +287,21 @@ def test_a_request_that_waited_past_the_budget_is_refused_alone_and_fresh_ones_a
         )
         reply = rpc(
             pb.GatheredRequest(
-                requests=[sub("stale", budget_us), sub("fresh", 0), sub("older", budget_us // 2)]
+                requests=[
+                    sub("stale", budget_us),
+                    sub("fresh", 0),
+                    sub("older", budget_us // 4),
+                    sub("past-half", budget_us * 3 // 4),
+                ]
             ),
             timeout=10,
         )
     codes = [grpc.StatusCode.OK.value[0], grpc.StatusCode.UNAVAILABLE.value[0]]
-    # The budget counts the bridge's queue: a hung Redis costs a request it once. The one
-    # that spent it all is refused alone; the others of the call keep theirs.
-    assert [r.code for r in reply.responses] == [codes[1], codes[0], codes[0]]
+    # The budget counts the bridge's queue: a hung Redis costs a request it once. The ones
+    # that spent more than half of it are refused alone; the others of the call keep theirs.
+    assert [r.code for r in reply.responses] == [codes[1], codes[0], codes[0], codes[1]]
     assert "waited" in reply.responses[0].details
+    assert "waited" in reply.responses[3].details
     assert sorted(e.event.user_id for _, e in queued(rdb, keys)) == ["fresh", "older"]
 
 

@@ -89,11 +89,12 @@ class GatheredService:
             gathered = _parse(raw)
             # A budget per request, as for a call of its own, from when it arrived at the
             # bridge: a hung Redis costs a request the budget once, its wait for this call
-            # included. One that waited it all is refused alone (see ``_stale``); the call
-            # works to the freshest's deadline, so an old request never fails fresh ones.
+            # included, so the call works to its oldest request's deadline. A request that
+            # waited more than STALE_SHARE of it is refused alone (see ``_stale``): an old
+            # request never leaves the fresh ones less than the rest of the budget.
             budget_us = int(events.write_seconds * 1e6)
-            waited = min(
-                (sub.waited_us for sub in gathered.requests if sub.waited_us < budget_us),
+            waited = max(
+                (sub.waited_us for sub in gathered.requests if not _is_stale(sub, budget_us)),
                 default=0,
             )
             deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
@@ -196,16 +197,28 @@ def _request_id(passage: Passage) -> str:
     return passage.request_id
 
 
+STALE_SHARE = 0.5
+"""A sub-request that waited in the bridge more than this share of the server's budget is
+refused alone (it would shorten the write of every request gathered with it); the bridge
+sends what waits at most STALL_SECONDS (25 ms), so only an overwhelmed bridge gets here."""
+
+
+def _is_stale(sub: pb.SubRequest, budget_us: int) -> bool:
+    return sub.waited_us > budget_us * STALE_SHARE
+
+
 def _stale(passages: list[Passage], gathered: pb.GatheredRequest, budget: float) -> list[Passage]:
-    """The passages to work on; those whose request waited the whole budget in the bridge
-    are refused, each alone, as its own call would have timed out."""
+    """The passages to work on; those whose request waited more than STALE_SHARE of the
+    budget in the bridge are refused, each alone (retryable, nothing queued)."""
     fresh = []
+    budget_us = int(budget * 1e6)
     for passage, sub in zip(passages, gathered.requests, strict=True):
-        if sub.waited_us >= budget * 1e6:
+        if _is_stale(sub, budget_us):
             passage.fail(
                 StoreUnavailable(
                     f"the request waited {sub.waited_us / 1e6:.3f}s in the REST bridge, past"
-                    f" the server's budget ({budget:g}s); nothing was queued"
+                    f" {STALE_SHARE:.0%} of the server's budget ({budget:g}s); nothing was"
+                    " queued"
                 )
             )
         else:
