@@ -158,6 +158,14 @@ def _declared(content_length: bytes | None) -> int:
         return 0  # the server's HTTP parser refuses these anyway; counting still applies
 
 
+def body_arrived(receive: Any) -> bool:
+    """Whether the whole body is in already, so that reading it cannot wait (and needs no
+    timer): uvicorn's request cycle, whose ``receive`` this is, says so once the request
+    is complete (as a beacon's is, its body in the packet of its headers). Anything else
+    (another server, a body still on its way) is read under the body timeout."""
+    return getattr(getattr(receive, "__self__", None), "more_body", True) is False
+
+
 async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, limit: int) -> bytes:
     """The whole body (inflated when gzipped), or BodyRefused as soon as it passes ``limit``."""
     if _declared(content_length) > limit:

@@ -6,7 +6,8 @@ gRPC overwrites a forwarded ``user-agent`` with its own, hence the prefixed name
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 
 from events_server.pb import events_pb2
 
@@ -53,5 +54,25 @@ ADMIT_METHOD = f"/{ORIGINS_SERVICE_NAME}/Admit"
 
 
 def new_request_id() -> str:
-    """A fresh request id."""
-    return uuid.uuid4().hex
+    """A fresh request id: 32 hex digits, as a uuid4's hex, from a random prefix of this
+    process's and a counter (uuid4 reads the OS's randomness for each: a system call per
+    request, ~5% of the bridge's work on a beacon)."""
+    return f"{_ids.prefix}{next(_ids.counter):016x}"
+
+
+class _Ids:
+    """This process's request id prefix and counter (new ones in a forked child: workers
+    must not repeat each other's ids)."""
+
+    def __init__(self) -> None:
+        self.prefix = ""
+        self.counter = itertools.count()
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reseed)
