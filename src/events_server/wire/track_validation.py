@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from events_server.pb import events_pb2 as pb
 from events_server.wire.tracked import KINDS, UNAVAILABILITY_NAMES, USER_FIELDS, TrackedKind
-from events_server.wire.validation import Limits
+from events_server.wire.validation import Limits, size_violations
 from events_server.wire.violations import FieldViolation
 
 CURRENCY_PATTERN = (
@@ -66,15 +66,16 @@ def price_number_problem(text: str) -> tuple[str, str] | None:
     return None
 
 
-def _long_strings(message: Message, path: str, limit: int) -> Iterator[tuple[str, int]]:
-    """(field path, length) of each string set in ``message`` (and in its sub-messages) that
-    is longer than ``limit``."""
+def _long_strings(message: Message, path: str, limit: int) -> Iterator[tuple[str, str]]:
+    """(field path, what is too long) for each string set in ``message`` (and in its
+    sub-messages) that is longer than ``limit``."""
     for field, value in message.ListFields():
         name = f"{path}.{field.name}"
         if field.type == FieldDescriptor.TYPE_STRING:
             for i, text in enumerate(value if field.is_repeated else (value,)):
                 if len(text) > limit:
-                    yield (f"{name}[{i}]" if field.is_repeated else name), len(text)
+                    where = f"{name}[{i}]" if field.is_repeated else name
+                    yield where, f"{where.rpartition('.')[2]} is {len(text)} characters long"
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             for i, sub in enumerate(value if field.is_repeated else (value,)):
                 yield from _long_strings(sub, f"{name}[{i}]" if field.is_repeated else name, limit)
@@ -104,27 +105,8 @@ def tracked_violations(
     if limits is None:
         return found
     size = message.ByteSize() if size is None else size
-    if size > limits.max_event_bytes:
-        found.append(
-            FieldViolation(
-                f"events[{index}]",
-                f"the event is {size} bytes as protobuf; at most {limits.max_event_bytes} are"
-                " allowed (max_event_bytes)",
-                "event_too_large",
-            )
-        )
-    # A string of n characters takes at least n UTF-8 bytes: a small event has no long one.
-    if size > limits.max_string_length:
-        for field, length in _long_strings(message, path, limits.max_string_length):
-            found.append(
-                FieldViolation(
-                    field,
-                    f"{field.rpartition('.')[2]} is {length} characters long; at most"
-                    f" {limits.max_string_length} are allowed (max_string_length)",
-                    "string_too_long",
-                )
-            )
-    return found
+    long_strings = _long_strings(message, path, limits.max_string_length)
+    return found + size_violations(index, size, limits, long_strings)
 
 
 def _kind_violations(path: str, message: TrackedKind) -> list[FieldViolation]:

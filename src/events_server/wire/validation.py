@@ -6,7 +6,7 @@ before sending.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -52,21 +52,56 @@ def _shown(key: str) -> str:
     return repr(key if len(key) <= _KEY_SHOWN else key[:_KEY_SHOWN] + "...")
 
 
-def _long_strings(event: pb.Event, limit: int) -> Iterator[tuple[str, str]]:
+def _long_strings(event: pb.Event, path: str, limit: int) -> Iterator[tuple[str, str]]:
     """(field path, what is too long) for each string of the event longer than ``limit``."""
     for name in _SCALARS:
         if len(value := getattr(event, name)) > limit:
-            yield name, f"{name} is {len(value)} characters long"
+            yield f"{path}.{name}", f"{name} is {len(value)} characters long"
     for name in _LISTS:
         for i, item in enumerate(getattr(event, name)):
             if len(item) > limit:
-                yield f"{name}[{i}]", f"{name}[{i}] is {len(item)} characters long"
+                yield f"{path}.{name}[{i}]", f"{name}[{i}] is {len(item)} characters long"
     for name in _MAPS:
         for key, value in getattr(event, name).items():
             if len(key) > limit:
-                yield name, f"a key of {name} ({_shown(key)}) is {len(key)} characters long"
+                yield (
+                    f"{path}.{name}",
+                    f"a key of {name} ({_shown(key)}) is {len(key)} characters long",
+                )
             if len(value) > limit:
-                yield name, f"{name}[{_shown(key)}] is {len(value)} characters long"
+                yield f"{path}.{name}", f"{name}[{_shown(key)}] is {len(value)} characters long"
+
+
+def size_violations(
+    index: int, size: int, limits: Limits, long_strings: Iterable[tuple[str, str]]
+) -> list[FieldViolation]:
+    """The size rules for event ``index``, ``size`` bytes as protobuf.
+
+    ``long_strings`` gives (field path, what is too long) for each string of the event
+    longer than ``limits.max_string_length``; it is read only when the event is large
+    enough to hold one.
+    """
+    found: list[FieldViolation] = []
+    if size > limits.max_event_bytes:
+        found.append(
+            FieldViolation(
+                f"events[{index}]",
+                f"the event is {size} bytes as protobuf; at most {limits.max_event_bytes} are"
+                " allowed (max_event_bytes)",
+                "event_too_large",
+            )
+        )
+    # A string of n characters takes at least n UTF-8 bytes: a small event has no long one.
+    if size > limits.max_string_length:
+        for field, what in long_strings:
+            found.append(
+                FieldViolation(
+                    field,
+                    f"{what}; at most {limits.max_string_length} are allowed (max_string_length)",
+                    "string_too_long",
+                )
+            )
+    return found
 
 
 def event_violations(
@@ -94,21 +129,5 @@ def event_violations(
     if limits is None:
         return found
     size = event.ByteSize() if size is None else size
-    if size > limits.max_event_bytes:
-        found.append(
-            FieldViolation(
-                f"events[{index}]",
-                f"the event is {size} bytes as protobuf; at most {limits.max_event_bytes} are"
-                " allowed (max_event_bytes)",
-                "event_too_large",
-            )
-        )
-    # A string of n characters takes at least n UTF-8 bytes: a small event has no long one.
-    if size > limits.max_string_length:
-        for field, what in _long_strings(event, limits.max_string_length):
-            bad(
-                field,
-                f"{what}; at most {limits.max_string_length} are allowed (max_string_length)",
-                "string_too_long",
-            )
-    return found
+    long_strings = _long_strings(event, f"events[{index}]", limits.max_string_length)
+    return found + size_violations(index, size, limits, long_strings)
