@@ -9,6 +9,7 @@
 - ``data``, ``rpc``, ``web``, ``keys``: events, gRPC calls, HTTP to the bridge, API keys
 - ``streams``: the one stream dumper, and the rejected-requests record
 - ``consumers``, ``consumer_worker``: consumers under test, and a consumer process
+- ``fuzz``: hypothesis' settings for arbitrary requests, and each gRPC answer judged
 - ``load``, ``metrics``, ``waiting``: retrying and fixed-rate load, scrapes, polling
 - ``ws``: a client of the bridge's WebSocket endpoint, as Depict's client behaves
 - ``tls``: throwaway certificates as files, HTTPS client contexts, a TLS front for Valkey

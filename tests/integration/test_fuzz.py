@@ -19,9 +19,7 @@ import pytest
 import requests
 import schemathesis
 from google.protobuf.descriptor import FieldDescriptor
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -35,6 +33,8 @@ from events_server.pb import events_pb2_grpc
 from events_server.server.settings import Settings
 from events_server.wire.codec import TYPE_NAMES
 from tests.harness.data import TEST_TENANTS
+from tests.harness.fuzz import fuzz_settings, judged_call
+from tests.harness.rpc import violations
 
 Figures = Callable[[str], None]
 
@@ -56,12 +56,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     seen: Counter[int] = Counter()
     session = requests.Session()
 
-    @settings(
-        max_examples=SCHEMATHESIS_CASES,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(SCHEMATHESIS_CASES)
     @given(case=cases)
     def check(case: schemathesis.Case[Any]) -> None:
         response = case.call(
@@ -181,37 +176,15 @@ def test_arbitrary_protobuf_events_get_ok_invalid_argument_or_permission_denied(
 ) -> None:
     seen: Counter[str] = Counter()
 
-    @settings(
-        max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
+    @fuzz_settings(300)
     @given(events=st.lists(any_event(), max_size=3))
     def check(events: list[pb.Event]) -> None:
         request = pb.CreateEventsRequest(events=events)
-        failed: Any = None
-        try:
-            reply = stub.CreateEvents(request, timeout=10)
-        except grpc.RpcError as error:
-            failed = error
         ours = all(e.tenant in TEST_TENANTS for e in events)
-        if failed is None:
-            seen["OK"] += 1
-            assert all(_valid(e, limits) for e in events)
-            assert ours
-            assert len(reply.results) == len(events)
-            return
-        code = failed.code()
-        seen[code.name] += 1
-        if code == grpc.StatusCode.PERMISSION_DENIED:  # valid, but another store's
-            assert all(_valid(e, limits) for e in events)
-            assert not ours
-            return
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, failed
-        assert not all(_valid(e, limits) for e in events)
-        status = rpc_status.from_call(failed)
-        assert status is not None
-        bad_request = error_details_pb2.BadRequest()
-        assert status.details[0].Unpack(bad_request)
-        assert bad_request.field_violations
+        every_valid = all(_valid(e, limits) for e in events)
+        answer = judged_call(stub.CreateEvents, request, every_valid, ours, seen)
+        if isinstance(answer, grpc.RpcError):
+            assert violations(answer)
 
     check()
     figures(f"arbitrary Event requests={seen.total()}, codes={dict(seen)}")

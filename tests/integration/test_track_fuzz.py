@@ -7,15 +7,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.server.settings import Settings
 from tests.harness.data import TEST_TENANTS
+from tests.harness.fuzz import fuzz_settings, judged_call
 from tests.harness.rpc import violations
 
 Figures = Callable[[str], None]
@@ -120,37 +120,20 @@ def test_arbitrary_tracked_events_get_ok_invalid_argument_or_permission_denied(
 ) -> None:
     seen: Counter[str] = Counter()
 
-    @settings(
-        max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
+    @fuzz_settings(300)
     @given(events=st.lists(any_tracked(), max_size=3))
     def check(events: list[pb.TrackedEvent]) -> None:
-        failed: Any = None
-        try:
-            reply = stub.Track(pb.TrackRequest(events=events), timeout=10)
-        except grpc.RpcError as error:
-            failed = error
         ours = all(
             getattr(e, e.WhichOneof("kind") or "purchase").tenant in TEST_TENANTS for e in events
         )
+        request = pb.TrackRequest(events=events)
         every_valid = all(valid(e, limits) for e in events)
-        if failed is None:
-            seen["OK"] += 1
-            seen["events accepted"] += reply.accepted
-            assert every_valid
-            assert ours
-            assert len(reply.results) == len(events)
-            return
-        code = failed.code()
-        seen[code.name] += 1
-        if code == grpc.StatusCode.PERMISSION_DENIED:  # valid, but another store's
-            assert every_valid
-            assert not ours
-            return
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, failed
-        assert not every_valid
-        named = {int(field[7 : field.index("]")]) for field, _ in violations(failed)}
-        assert named == {i for i, e in enumerate(events) if not valid(e, limits)}
+        answer = judged_call(stub.Track, request, every_valid, ours, seen)
+        if isinstance(answer, pb.CreateEventsResponse):
+            seen["events accepted"] += answer.accepted
+        elif answer is not None:
+            named = {int(field[7 : field.index("]")]) for field, _ in violations(answer)}
+            assert named == {i for i, e in enumerate(events) if not valid(e, limits)}
 
     check()
     figures(f"arbitrary Track requests, codes and events accepted: {dict(seen)}")
