@@ -1,5 +1,5 @@
-"""gRPC calls as the tests make them: keyed channels, CreateEvents, Track, health, rich
-statuses."""
+"""gRPC calls as the tests make them: keyed channels, CreateEvents, Track, gathered calls,
+health, rich statuses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.wire.metadata import SERVICE_NAME
+from events_server.wire.metadata import GATHERED_METHOD, SERVICE_NAME
 
 ACCEPTED = pb.EventResult.STATUS_ACCEPTED
 DUPLICATE = pb.EventResult.STATUS_DUPLICATE
@@ -61,6 +61,18 @@ def track(
     reply: pb.CreateEventsResponse = stub.Track(
         pb.TrackRequest(events=events), metadata=metadata, timeout=5
     )
+    return reply
+
+
+def gathered_call(target: str, call: pb.GatheredRequest) -> pb.GatheredResponse:
+    """One CreateEventsGathered call, as the REST bridge makes it, on a channel of its own."""
+    with grpc.insecure_channel(target) as channel:
+        rpc = channel.unary_unary(
+            GATHERED_METHOD,
+            request_serializer=pb.GatheredRequest.SerializeToString,
+            response_deserializer=pb.GatheredResponse.FromString,
+        )
+        reply: pb.GatheredResponse = rpc(call, timeout=10)
     return reply
 
 

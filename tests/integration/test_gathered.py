@@ -22,6 +22,7 @@ from rest_bridge.gather import Gatherer
 from tests.harness.data import ev
 from tests.harness.keys import create_key
 from tests.harness.metrics import scrape, server_metrics_url, value
+from tests.harness.rpc import gathered_call
 from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import queued
 
@@ -72,13 +73,7 @@ def gathered(target: str, requests: list[tuple[Metadata, list[pb.Event]]]) -> li
             for metadata, events in requests
         ]
     )
-    with grpc.insecure_channel(target) as channel:
-        rpc = channel.unary_unary(
-            GATHERED_METHOD,
-            request_serializer=pb.GatheredRequest.SerializeToString,
-            response_deserializer=pb.GatheredResponse.FromString,
-        )
-        reply: pb.GatheredResponse = rpc(call, timeout=10)
+    reply = gathered_call(target, call)
     answers: list[Answer] = []
     for sub in reply.responses:
         if sub.code == 0:
@@ -279,23 +274,17 @@ def test_a_request_that_waited_past_the_budget_is_refused_alone_and_fresh_ones_a
             waited_us=waited_us,
         )
 
-    with grpc.insecure_channel(own_server) as channel:
-        rpc = channel.unary_unary(
-            GATHERED_METHOD,
-            request_serializer=pb.GatheredRequest.SerializeToString,
-            response_deserializer=pb.GatheredResponse.FromString,
-        )
-        reply = rpc(
-            pb.GatheredRequest(
-                requests=[
-                    sub("stale", budget_us),
-                    sub("fresh", 0),
-                    sub("older", budget_us // 4),
-                    sub("past-half", budget_us * 3 // 4),
-                ]
-            ),
-            timeout=10,
-        )
+    reply = gathered_call(
+        own_server,
+        pb.GatheredRequest(
+            requests=[
+                sub("stale", budget_us),
+                sub("fresh", 0),
+                sub("older", budget_us // 4),
+                sub("past-half", budget_us * 3 // 4),
+            ]
+        ),
+    )
     codes = [grpc.StatusCode.OK.value[0], grpc.StatusCode.UNAVAILABLE.value[0]]
     # The budget counts the bridge's queue: a hung Redis costs a request it once. The ones
     # that spent more than half of it are refused alone; the others of the call keep theirs.

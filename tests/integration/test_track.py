@@ -21,7 +21,7 @@ from events_server.server.app import EventsServer
 from events_server.server.routing import partition_for, partition_for_tracked
 from events_server.server.settings import Settings
 from events_server.wire.codec import envelope_to_dict
-from events_server.wire.metadata import GATHERED_METHOD, MD_API_KEY, MD_ORIGIN
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from events_server.wire.violations import unpack_violations
 from tests.harness.consumers import FAST, run, take
 from tests.harness.data import ev, mapping, product, purchase, text_price, unavailable
@@ -31,6 +31,7 @@ from tests.harness.processes import run_events_server
 from tests.harness.rpc import (
     ACCEPTED,
     DUPLICATE,
+    gathered_call,
     send,
     statuses,
     track,
@@ -58,14 +59,7 @@ def gathered_track(
             for events in requests
         ]
     )
-    with grpc.insecure_channel(target) as channel:
-        rpc = channel.unary_unary(
-            GATHERED_METHOD,
-            request_serializer=pb.GatheredRequest.SerializeToString,
-            response_deserializer=pb.GatheredResponse.FromString,
-        )
-        reply: pb.GatheredResponse = rpc(call, timeout=10)
-    return list(reply.responses)
+    return list(gathered_call(target, call).responses)
 
 
 def held(client: redis.Redis, keys: KeySpace) -> list[tuple[str, Any]]:
@@ -299,13 +293,7 @@ def test_a_sub_request_of_an_unknown_kind_is_invalid(grpc_target: str, api_key: 
     call = pb.GatheredRequest(
         requests=[pb.SubRequest(metadata={MD_API_KEY: api_key}, kind=7)]  # type: ignore[arg-type]
     )
-    with grpc.insecure_channel(grpc_target) as channel:
-        rpc = channel.unary_unary(
-            GATHERED_METHOD,
-            request_serializer=pb.GatheredRequest.SerializeToString,
-            response_deserializer=pb.GatheredResponse.FromString,
-        )
-        (answer,) = rpc(call, timeout=10).responses
+    (answer,) = gathered_call(grpc_target, call).responses
     assert answer.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     found = unpack_violations([(t.key, t.value) for t in answer.trailers])
     assert [(v.field, v.reason) for v in found] == [("kind", "enum")]
