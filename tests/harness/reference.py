@@ -1,13 +1,15 @@
 """A plain FastAPI app served by uvicorn on loopback, as the bridge is: the reference the
-bridge's 422s are compared with (tests/integration/test_numbers_and_422.py, test_v2_422.py)."""
+bridge's 422s are compared with (tests/integration/test_numbers_and_422.py, test_v2_422.py);
+and the shape of a JSON schema, to compare the reference's with a contract's."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -37,3 +39,18 @@ def serving(app: FastAPI) -> Iterator[httpx.Client]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def schema_shape(schema: Any, words: Set[str], untyped_consts: bool = False) -> Any:
+    """A JSON schema without the keys in ``words`` (titles, descriptions, ...), at every
+    depth; allOf [$ref] as $ref; with ``untyped_consts``, a const without the
+    `type: string` pydantic adds to it."""
+    if isinstance(schema, list):
+        return [schema_shape(item, words, untyped_consts) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if list(schema.get("allOf", [{}])[0]) == ["$ref"] and len(schema["allOf"]) == 1:
+        schema = {**{k: v for k, v in schema.items() if k != "allOf"}, **schema["allOf"][0]}
+    if untyped_consts and "const" in schema:
+        schema = {k: v for k, v in schema.items() if k != "type"}
+    return {k: schema_shape(v, words, untyped_consts) for k, v in schema.items() if k not in words}

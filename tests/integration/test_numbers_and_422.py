@@ -39,7 +39,7 @@ from rest_bridge.responses import Reply
 from rest_bridge.validation import validate_body
 from tests.harness.data import CONTRACT
 from tests.harness.keys import create_key
-from tests.harness.reference import serving
+from tests.harness.reference import schema_shape, serving
 from tests.harness.streams import queued
 
 # --- the reference: a plain FastAPI app written from the contract -------------------
@@ -111,14 +111,7 @@ def plain() -> Iterator[httpx.Client]:
 
 def _shape(schema: Any) -> Any:
     """A JSON schema without its words (titles, descriptions, defaults); allOf [$ref] as $ref."""
-    if isinstance(schema, list):
-        return [_shape(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    if list(schema.get("allOf", [{}])[0]) == ["$ref"] and len(schema["allOf"]) == 1:
-        schema = {**{k: v for k, v in schema.items() if k != "allOf"}, **schema["allOf"][0]}
-    words = {"title", "description", "default"}
-    return {k: _shape(v) for k, v in schema.items() if k not in words}
+    return schema_shape(schema, {"title", "description", "default"})
 
 
 def test_the_reference_app_is_the_contract(plain: httpx.Client) -> None:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from events_server.queue.keys import KeySpace
 from rest_bridge.routes.v2 import PATHS
 from rest_bridge.validation_v2 import validate_track_body
-from tests.harness.reference import serving
+from tests.harness.reference import schema_shape, serving
 from tests.harness.streams import queued
 
 # --- the reference: a plain FastAPI app written from the spec ------------------------
@@ -123,15 +123,7 @@ def plain() -> Iterator[httpx.Client]:
 def _shape(schema: Any) -> Any:
     """A JSON schema without its words (titles, descriptions); allOf [$ref] as $ref; a
     const without the `type: string` pydantic adds to it."""
-    if isinstance(schema, list):
-        return [_shape(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    if list(schema.get("allOf", [{}])[0]) == ["$ref"] and len(schema["allOf"]) == 1:
-        schema = {**{k: v for k, v in schema.items() if k != "allOf"}, **schema["allOf"][0]}
-    if "const" in schema:
-        schema = {k: v for k, v in schema.items() if k != "type"}
-    return {k: _shape(v) for k, v in schema.items() if k not in {"title", "description"}}
+    return schema_shape(schema, {"title", "description"}, untyped_consts=True)
 
 
 def test_the_reference_app_is_the_spec(plain: httpx.Client) -> None:
