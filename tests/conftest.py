@@ -160,6 +160,13 @@ def http(bridge: str, api_key: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
+def keyless(bridge: str) -> Iterator[httpx.Client]:
+    """A client of the session's bridge that sends no key."""
+    with httpx.Client(base_url=bridge, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
 def rdb(
     valkey: SessionValkey, settings: Settings, session_key: tuple[ApiKey, str]
 ) -> Iterator[redis.Redis]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -44,13 +43,6 @@ BEACON_TYPES = {
     "Blob application/x-www-form-urlencoded": "application/x-www-form-urlencoded",
     "string": "text/plain;charset=UTF-8",
 }
-
-
-@pytest.fixture
-def keyless(bridge: str) -> Iterator[httpx.Client]:
-    """A client of the session's bridge that sends no key."""
-    with httpx.Client(base_url=bridge, timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

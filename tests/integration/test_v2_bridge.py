@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -62,13 +61,6 @@ def body(*events: dict[str, Any], tenant: str = TENANT) -> bytes:
 
 def kinds(rdb: redis.Redis, keys: KeySpace) -> list[str]:
     return [envelope.WhichOneof("tracked") or "event" for _, envelope in queued(rdb, keys)]
-
-
-@pytest.fixture
-def keyless(bridge: str) -> Iterator[httpx.Client]:
-    """A client of the session's bridge that sends no key."""
-    with httpx.Client(base_url=bridge, timeout=10) as client:
-        yield client
 
 
 @pytest.fixture
