@@ -105,13 +105,19 @@ def text_price(sku: str, price: str, quantity: int = 1) -> dict[str, Any]:
     return {"sku": sku, "price_text": price, "quantity": quantity}
 
 
+TRANSACTION: dict[str, object] = {
+    "tenant": "shop-a",
+    "market": "se",
+    "dsid": "3n0kq7c1x9s",
+    "transaction_id": "T-1001",
+}
+"""The fields a valid purchase and the mapping of its transaction both have."""
+
+
 def purchase(*products: dict[str, Any], **fields: object) -> pb.TrackedEvent:
     """A valid purchase (one product unless given); keyword arguments override its fields."""
     base: dict[str, object] = {
-        "tenant": "shop-a",
-        "market": "se",
-        "dsid": "3n0kq7c1x9s",
-        "transaction_id": "T-1001",
+        **TRANSACTION,
         "currency": "SEK",
         "products": [pb.PurchasedProduct(**p) for p in products or (product(quantity=12),)],
     }
@@ -121,13 +127,7 @@ def purchase(*products: dict[str, Any], **fields: object) -> pb.TrackedEvent:
 
 def mapping(**fields: object) -> pb.TrackedEvent:
     """A valid transaction mapping; keyword arguments override its fields."""
-    base: dict[str, object] = {
-        "tenant": "shop-a",
-        "market": "se",
-        "dsid": "3n0kq7c1x9s",
-        "transaction_id": "T-1001",
-    }
-    base.update(fields)
+    base = {**TRANSACTION, **fields}
     return pb.TrackedEvent(transaction_mapping=pb.TransactionMapping(**base))  # type: ignore[arg-type]
 
 
