@@ -164,15 +164,9 @@ def _valid(event: pb.Event, limits: Settings) -> bool:
     )
 
 
-@pytest.fixture
-def limits(settings: Settings) -> Settings:
-    """The session server's settings (``settings`` is hypothesis' in this module)."""
-    return settings
-
-
 @pytest.mark.usefixtures("rdb")
 def test_arbitrary_protobuf_events_get_ok_invalid_argument_or_permission_denied(
-    stub: events_pb2_grpc.EventsServiceStub, figures: Figures, limits: Settings
+    stub: events_pb2_grpc.EventsServiceStub, figures: Figures, settings: Settings
 ) -> None:
     seen: Counter[str] = Counter()
 
@@ -181,7 +175,7 @@ def test_arbitrary_protobuf_events_get_ok_invalid_argument_or_permission_denied(
     def check(events: list[pb.Event]) -> None:
         request = pb.CreateEventsRequest(events=events)
         ours = all(e.tenant in TEST_TENANTS for e in events)
-        every_valid = all(_valid(e, limits) for e in events)
+        every_valid = all(_valid(e, settings) for e in events)
         answer = judged_call(stub.CreateEvents, request, every_valid, ours, seen)
         if isinstance(answer, grpc.RpcError):
             assert violations(answer)

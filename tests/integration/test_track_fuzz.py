@@ -108,15 +108,9 @@ def valid(event: pb.TrackedEvent, limits: Settings) -> bool:
     )
 
 
-@pytest.fixture
-def limits(settings: Settings) -> Settings:
-    """The session server's settings (``settings`` is hypothesis' in this module)."""
-    return settings
-
-
 @pytest.mark.usefixtures("rdb")
 def test_arbitrary_tracked_events_get_ok_invalid_argument_or_permission_denied(
-    stub: events_pb2_grpc.EventsServiceStub, figures: Figures, limits: Settings
+    stub: events_pb2_grpc.EventsServiceStub, figures: Figures, settings: Settings
 ) -> None:
     seen: Counter[str] = Counter()
 
@@ -127,13 +121,13 @@ def test_arbitrary_tracked_events_get_ok_invalid_argument_or_permission_denied(
             getattr(e, e.WhichOneof("kind") or "purchase").tenant in TEST_TENANTS for e in events
         )
         request = pb.TrackRequest(events=events)
-        every_valid = all(valid(e, limits) for e in events)
+        every_valid = all(valid(e, settings) for e in events)
         answer = judged_call(stub.Track, request, every_valid, ours, seen)
         if isinstance(answer, pb.CreateEventsResponse):
             seen["events accepted"] += answer.accepted
         elif answer is not None:
             named = {int(field[7 : field.index("]")]) for field, _ in violations(answer)}
-            assert named == {i for i, e in enumerate(events) if not valid(e, limits)}
+            assert named == {i for i, e in enumerate(events) if not valid(e, settings)}
 
     check()
     figures(f"arbitrary Track requests, codes and events accepted: {dict(seen)}")
