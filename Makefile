@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python scripts/dev.py
 
-# The fast suite (about two minutes); the slow fault and load tests are test-reliability's.
+# The fast suite (about four minutes on 2 cores); the slow fault and load tests are test-reliability's.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# Crash loop, blackhole, SIGTERM under load, a 2-minute soak (about 3 minutes).
+# Crash loop, blackhole, SIGTERM under load, a cluster failover, the front door under attack, a 2-minute soak (about 7 minutes).
 test-reliability: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
