@@ -125,6 +125,13 @@ class BodyParser:
             len(body) <= INLINE_MAX_BYTES and body.count(b",") <= INLINE_MAX_COMMAS
         )
 
+    def parse_inline(self, body: bytes, rules: Rules[T]) -> T | Reply | None:
+        """What ``parse`` gives a body cheap enough for the event loop, without a coroutine
+        (one per WebSocket frame); None for any other body."""
+        if self.parses_inline(body):
+            return rules.inline(body, self._max_depth, self._max_events)
+        return None
+
     async def parse(self, body: bytes, rules: Rules[T]) -> tuple[T | Reply, list[str] | None]:
         """What the body becomes by ``rules``, or the reply refusing it and (when known) the
         tenants it names."""

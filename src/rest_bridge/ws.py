@@ -342,7 +342,9 @@ class WebSocketIngest:
         """What became of the frame's event, and the answer to send (None: none)."""
         if not frame.has_event:
             return self._not_ok(conn, frame, missing_event_detail())
-        events, _ = await self._parser.parse(frame.body, V1_RULES)
+        events = self._parser.parse_inline(frame.body, V1_RULES)
+        if events is None:
+            events, _ = await self._parser.parse(frame.body, V1_RULES)
         if isinstance(events, Reply):
             if events.status != UNPROCESSABLE:  # the parse workers are busy: retry later
                 return "unanswered", None

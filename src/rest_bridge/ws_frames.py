@@ -71,6 +71,8 @@ def id_metadata(frame_id: str) -> str:
     Every character that is not printable ASCII, and ``%``, is percent-encoded as UTF-8:
     distinct ids stay distinct (``x€1`` is not ``x?1``, nor ``x%E2%82%AC1``).
     """
+    if frame_id.isascii() and frame_id.isprintable() and "%" not in frame_id:
+        return frame_id  # what quote() returns for it, at a fraction of its cost
     return quote(frame_id, safe=METADATA_SAFE)
 
 

@@ -61,6 +61,8 @@ FEED_BYTES = 4096
 
 CLOSE_TOO_BIG = 1009
 
+_DATA = frozenset((Opcode.TEXT, Opcode.BINARY, Opcode.CONT))
+
 
 class SocketBytes(Protocol):
     """What the app tells the socket about the messages it took."""
@@ -88,7 +90,10 @@ class _AbortingTransport:
             self.timer = loop.call_later(self._timeout, self._transport.abort)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        value = getattr(self._transport, name)
+        if callable(value):  # kept: write, is_closing... are called for every frame
+            setattr(self, name, value)
+        return value
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -197,7 +202,8 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         held = self.queued + self.taken
         if not self.disconnected:  # (once it is, the parser's bytes are garbage)
             held += len(self.pending) + len(self.conn.reader.buffer)  # (all of it is held)
-            held += sum(len(f) for f in self.frames)
+            if self.frames:
+                held += sum(map(len, self.frames))
         if held > self.held:
             self.budget.take(held - self.held)
         elif held < self.held:
@@ -291,6 +297,16 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         # websockets queued a pong for each ping as it parsed it (and a close's echo,
         # always last): only the pongs of the pings within the cap are sent.
         replies = self.conn.data_to_send()
+        data = [e for e in events if isinstance(e, Frame) and e.opcode in _DATA]
+        if not replies and len(data) == len(events):
+            for frame in data:  # the usual read: messages only, nothing to count or answer
+                if frame.opcode is Opcode.TEXT:
+                    self.handle_text(frame)
+                elif frame.opcode is Opcode.BINARY:
+                    self.handle_bytes(frame)
+                else:
+                    self.handle_cont(frame)
+            return
         pongs = iter([r for r in replies if r[:1] == PONG_HEAD])
         out: list[bytes] = []
         handled: list[Request | Frame] = []
