@@ -239,9 +239,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
     admission = Admission(lambda: api.state.origins, settings)  # who, before any body is read
     create_events = v1.CreateEvents(settings, gatherer, cors, parser, rejected, admission)
     track = v2.Track(settings, gatherer, cors, parser, rejected, admission)
-    ws = WebSocketIngest(
-        settings, lambda: api.state.events, cors, counters, rejected, gatherer, admission
-    )
+    ws = WebSocketIngest(settings, cors, counters, rejected, gatherer, admission)
     bridge = Bridge(api, create_events, cors, settings, ws, counters, gatherer, track)
 
     @api.get("/metrics", include_in_schema=False)

@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log, request_id
 from events_server.pb import events_pb2 as pb
-from events_server.pb import events_pb2_grpc
 from rest_bridge.access import MAX_LOGGED_CHARS, redact_query
 from rest_bridge.admission import Admission
 from rest_bridge.config import BridgeSettings
@@ -102,7 +100,6 @@ class WebSocketIngest:
     def __init__(  # noqa: PLR0917
         self,
         settings: BridgeSettings,
-        stub: Callable[[], events_pb2_grpc.EventsServiceAsyncStub],
         cors: Cors,
         metrics: BridgeMetrics,
         rejected: RejectedReporter | None,
@@ -111,7 +108,6 @@ class WebSocketIngest:
     ) -> None:
         self._settings = settings
         self._max_open = ws_connection_cap(settings)
-        self._stub = stub
         self._gatherer = gatherer
         self._admission = admission
         self._cors = cors
