@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -40,6 +41,7 @@ from events_server.server.status import (
 )
 from events_server.server.store import EventStore
 from events_server.server.track_request import PreparedTrack
+from events_server.wire.codec import envelope_context
 from events_server.wire.metadata import (
     MD_API_KEY,
     MD_FORWARDED_HOST,
@@ -111,6 +113,8 @@ class EventsService:
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
         self._rejected = rejected
+        self._stamp: tuple[Timestamp | None, bytes] = (None, b"")
+        """The last receipt time serialized, and its bytes."""
 
     async def CreateEvents(
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
@@ -196,16 +200,19 @@ class EventsService:
         self._metrics.admitted(caller.auth)
 
         metadata = passage.metadata
-        shared = pb.Envelope(
-            received_at=passage.received_at,
-            client_ip=passage.client_ip,
-            user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
-            referer=metadata.get(MD_REFERER),
-            forwarded_host=metadata.get(MD_FORWARDED_HOST),
-            api_key_id=caller.key_id,
-            storefront_origin=caller.storefront.origin if caller.storefront else None,
-            ws_message_id=passage.retry_id,
-        ).SerializeToString()
+        stamp = passage.received_at
+        if stamp is not self._stamp[0]:  # the requests of one gathered call share theirs
+            self._stamp = (stamp, stamp.SerializeToString())
+        shared = envelope_context(
+            self._stamp[1],
+            passage.client_ip,
+            metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
+            metadata.get(MD_REFERER),
+            metadata.get(MD_FORWARDED_HOST),
+            caller.key_id,
+            caller.storefront.origin if caller.storefront else None,
+            passage.retry_id,
+        )
         passage.items = prepared.items(shared, self._store.keys, self._partitions)
 
     def plan_charge(self, passage: Passage) -> Charge | None:
