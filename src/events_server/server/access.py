@@ -30,6 +30,9 @@ QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 # Quiet when OK: the bridge's admission of a request's caller, whose own line follows.
 QUIET_WHEN_OK = frozenset({ADMIT_METHOD})
 
+MAX_WRAPPED = 256
+"""Wrapped handlers kept, by method."""
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
@@ -48,6 +51,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._ip_mode = ip_mode
         self._hops = forwarded_hops
         self._bridge = bridge if bridge is not None else BridgeIdentity()
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -56,6 +60,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         method: str = handler_call_details.method
+        # gRPC asks on every call; a method's handler is one object, so its wrapper is too.
+        wrapped = self._wrapped.get(method)
+        if wrapped is None or wrapped[0] is not handler:
+            if len(self._wrapped) >= MAX_WRAPPED:  # only registered methods get here
+                self._wrapped.clear()
+            wrapped = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return wrapped[1]
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = (
             handler.unary_unary  # type: ignore[assignment]
         )

@@ -61,6 +61,9 @@ DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 RATE_HOLD_SECONDS = 1.0
 """The longest a rate-limited call is held before its refusal is sent."""
 
+MAX_RATES_KEPT = 10_000
+"""Callers whose rates are kept worked out (see ``_rates_of``); past it, they start over."""
+
 NO_REPLY = pb.CreateEventsResponse()
 """What a refused call returns, beside its status (see ``status.refuse``)."""
 
@@ -113,6 +116,7 @@ class EventsService:
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
         self._rejected = rejected
+        self._rates_by_record: dict[int, tuple[object, Rates]] = {}
         self._stamp: tuple[Timestamp | None, bytes] = (None, b"")
         """The last receipt time serialized, and its bytes."""
 
@@ -226,11 +230,24 @@ class EventsService:
         if not passage.items or caller is None:
             return None
         events = len(passage.request.events)
-        charge = self.limiter.charge_for(caller.limiter_id, self._rates(caller), events)
+        charge = self.limiter.charge_for(caller.limiter_id, self._rates_of(caller), events)
         if charge is not None and self._store.charges_in_write(passage.items):
             passage.charge = charge
             return None
         return charge
+
+    def _rates_of(self, caller: Caller) -> Rates:
+        """The caller's rates, worked out once per key (or storefront) record: records are
+        immutable, and a cached lookup hands out the same one until it expires."""
+        record: object = caller.key if caller.key is not None else caller.storefront
+        known = self._rates_by_record.get(id(record))
+        if known is not None and known[0] is record:
+            return known[1]
+        if len(self._rates_by_record) >= MAX_RATES_KEPT:
+            self._rates_by_record.clear()
+        rates = self._rates(caller)
+        self._rates_by_record[id(record)] = (record, rates)  # kept: its id stays its own
+        return rates
 
     async def charge(self, passage: Passage, deadline: float) -> None:
         """Take the request from its caller's allowance, before anything is written, unless
