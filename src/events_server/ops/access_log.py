@@ -59,6 +59,7 @@ class AccessLog:
         self._sampler = Sampler(sample)
         self._template: dict[str, Any] = {}
         self._pid = -1
+        self._started = 0.0  # when logging was loaded, which relativeCreated counts from
 
     def wanted(self, level: int, ok: bool) -> bool:
         """Whether the line of a request is written at ``level``: every refusal and error
@@ -79,7 +80,7 @@ class AccessLog:
         attrs["levelname"] = logging.getLevelName(level)
         attrs["created"] = now
         attrs["msecs"] = int((now - int(now)) * 1000) + 0.0
-        attrs["relativeCreated"] = (now - logging._startTime) * 1000
+        attrs["relativeCreated"] = (now - self._started) * 1000
         attrs.update(fields)
         self.logger.handle(record)
 
@@ -90,4 +91,5 @@ class AccessLog:
             base = logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, "", None, None)
             base.funcName = "write"
             self._template, self._pid = vars(base), pid
+            self._started = base.created - base.relativeCreated / 1000
         return self._template
