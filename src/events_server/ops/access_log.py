@@ -8,7 +8,8 @@ record made once (per process) instead and hands it to ``Logger.handle``, so the
 filters, its handlers and theirs, the levels and the propagation to the root all hold as
 configured; ``JsonFormatter`` knows such a record's extra fields come after the standard
 ones and reads only those. What a handler gets differs only in the record's origin
-(``pathname``, ``lineno``, ``funcName``: this module's, not the caller's).
+(``pathname``, ``lineno``, ``funcName``: this module's, not the caller's), and a record
+factory set with ``logging.setLogRecordFactory`` is not asked for these records.
 
 Successful lines can be sampled (``access_log_sample``, both processes): refusals and
 errors are always written.
