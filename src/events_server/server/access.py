@@ -13,6 +13,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.server.identity import BRIDGE_ONLY_METHODS, BridgeIdentity
@@ -22,7 +23,7 @@ from events_server.server.passage import client_ip
 from events_server.server.status import call_events
 from events_server.wire.metadata import ADMIT_METHOD, MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
-log = logging.getLogger("events_server.access")
+ACCESS_LOGGER = "events_server.access"
 
 # Probes and reflection are frequent and dull: their lines are DEBUG.
 QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -43,11 +44,13 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         ip_mode: IpMode,
         forwarded_hops: int,
         bridge: BridgeIdentity | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self._metrics = metrics
         self._ip_mode = ip_mode
         self._hops = forwarded_hops
         self._bridge = bridge if bridge is not None else BridgeIdentity()
+        self._access = access if access is not None else AccessLog(ACCESS_LOGGER, 1.0)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -88,7 +91,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 seconds = time.perf_counter() - started
                 self._metrics.observe_rpc(method, code.name, seconds)
                 ok = code is grpc.StatusCode.OK
-                if log.isEnabledFor(line := logging.DEBUG if quiet_when_ok and ok else level):
+                if self._access.wanted(
+                    line := logging.DEBUG if quiet_when_ok and ok else level, ok
+                ):
                     self._log(
                         line,
                         method,
@@ -126,6 +131,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         else:
             count = call_events.get()  # CreateEvents reads raw bytes
         access_line(
+            self._access,
             level,
             method,
             code,
@@ -140,6 +146,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
 
 def access_line(
+    access: AccessLog,
     level: int,
     method: str,
     code: grpc.StatusCode,
@@ -151,7 +158,8 @@ def access_line(
     client: str,
     **more: Any,
 ) -> None:
-    """Log the access line of one call (or of one request a gathered call carried)."""
+    """Write the access line of one call (or of one request a gathered call carried), which
+    ``access.wanted`` chose."""
     fields: dict[str, Any] = {
         "method": method,
         "code": code.name,
@@ -170,4 +178,4 @@ def access_line(
         fields["auth"] = "storefront"
         fields["origin"] = metadata[MD_ORIGIN][:200]
     fields.update(more)
-    log.log(level, "%s %s", method, code.name, extra=fields)
+    access.write(level, f"{method} {code.name}", fields)

@@ -10,12 +10,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.exposition import MetricsEndpoint, scrape_registry
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
-from events_server.server.access import AccessInterceptor
+from events_server.server.access import ACCESS_LOGGER, AccessInterceptor
 from events_server.server.admission import AdmittingOrigins
 from events_server.server.auth import Authenticator, Caller, KeyStore
 from events_server.server.gathered import GatheredService
@@ -212,9 +213,13 @@ async def create_server(
     )
     if warning := bridge.startup_warning(settings.grpc_addr):
         log.warning("%s", warning)
+    # One sample for the process: calls' and gathered requests' lines alike.
+    access = AccessLog(ACCESS_LOGGER, settings.access_log_sample)
     server = grpc.aio.server(
         interceptors=[
-            AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops, bridge)
+            AccessInterceptor(
+                metrics, settings.log_client_ip, settings.forwarded_hops, bridge, access
+            )
         ],
         # Past it gRPC refuses a call at once (RESOURCE_EXHAUSTED) instead of queueing it.
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
@@ -254,7 +259,7 @@ async def create_server(
     # Not the generated add_EventsServiceServicer_to_server: CreateEvents (and Track) take
     # the raw request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
-    gathered = GatheredService(events, metrics, settings.log_client_ip)
+    gathered = GatheredService(events, metrics, settings.log_client_ip, access)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.pb import events_pb2 as pb
@@ -45,7 +46,6 @@ from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERV
 from events_server.wire.violations import FieldViolation
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("events_server.access")
 
 BRIDGE_TURNS = "bridge:gathered"
 """The FairTurns account of gathered calls."""
@@ -65,10 +65,12 @@ class GatheredService:
         events: EventsService,
         metrics: ServerMetrics,
         ip_mode: IpMode,
+        access: AccessLog,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self._ip_mode = ip_mode
+        self._access = access
 
     async def CreateEventsGathered(
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
@@ -162,9 +164,10 @@ class GatheredService:
         try:
             code, message, trailers = self._events.finish(passage)
             self._metrics.gathered_request(code.name)
-            if access_log.isEnabledFor(logging.INFO):
+            if self._access.wanted(logging.INFO, code is grpc.StatusCode.OK):
                 metadata = passage.metadata
                 access_line(
+                    self._access,
                     logging.INFO,
                     SUB_METHOD.format(passage.method),
                     code,
