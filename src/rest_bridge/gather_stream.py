@@ -65,6 +65,7 @@ class _Stream:
         self._out: dict[int, tuple[asyncio.Future[pb.GatheredResponse], asyncio.TimerHandle]] = {}
         self._outbox: collections.deque[pb.GatheredRequest] = collections.deque()
         self._writing = False
+        self._taken = False
         self.over = False
         """Broken, ended, or draining: no batch is sent on it any more."""
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -87,6 +88,13 @@ class _Stream:
         # waits, the batches queued meanwhile included.
         self._writing = True
         try:
+            if not self._taken:
+                # A write before the server's answer could meet a refusal (a server without
+                # the method, a caller it refuses) and hide its status behind gRPC's INTERNAL.
+                await self._call.initial_metadata()
+                self._taken = True
+                if self._call.done():  # refused: the reader fails every batch with why
+                    self._outbox.clear()
             while self._outbox:
                 await self._call.write(self._outbox.popleft())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

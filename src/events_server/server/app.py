@@ -67,7 +67,8 @@ class EventsServer:
         streams: GatheredStreams | None = None,
     ) -> None:
         self.grpc = server
-        self._streams = streams
+        self.streams = streams
+        """The bridge's gathered streams (None: a server built without them)."""
         self.metrics = metrics
         self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
         self.replicas = ReplicaGauges()
@@ -106,8 +107,8 @@ class EventsServer:
             return
         self._stopping = True
         await self._health.enter_graceful_shutdown()
-        if self._streams is not None:  # the bridge's streams take no more batches
-            self._streams.drain()
+        if self.streams is not None:  # the bridge's streams take no more batches
+            self.streams.drain()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

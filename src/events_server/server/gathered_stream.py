@@ -82,6 +82,8 @@ class GatheredStreams:
         self._ip_mode = ip_mode
         self._open: set[_Stream] = set()
         self._telling: set[asyncio.Task[None]] = set()
+        self.working = 0
+        """Batches being worked now, on every stream."""
         self._draining = False
 
     async def StreamGathered(self, requests: object, context: Context) -> None:
@@ -92,6 +94,9 @@ class GatheredStreams:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{GATHERED_STREAM_METHOD} is for the REST bridge only, and this caller is not it",
             )
+        # At once: the bridge writes its first batch once it knows the stream is taken (a
+        # server without the method answers UNIMPLEMENTED instead).
+        await context.send_initial_metadata(())
         stream = _Stream(context)
         peer = context.peer()
         client = client_ip_for_log(client_ip({}, peer, 0), self._ip_mode)
@@ -115,14 +120,21 @@ class GatheredStreams:
                     await context.abort(code, message)
                 task = loop.create_task(self._batch(stream, batch, peer, client))
                 working.add(task)
-                task.add_done_callback(working.discard)
-                task.add_done_callback(lambda _: slots.release())
+                self.working += 1
+                task.add_done_callback(lambda done: self._done(done, working, slots))
             if working:  # half-closed: what was read is still answered
                 await asyncio.gather(*working)
         finally:
             self._open.discard(stream)
             for task in working:  # the stream is gone (or the server stops): so are they
                 task.cancel()
+
+    def _done(
+        self, task: asyncio.Task[None], working: set[asyncio.Task[None]], slots: asyncio.Semaphore
+    ) -> None:
+        working.discard(task)
+        self.working -= 1
+        slots.release()
 
     async def _batch(
         self, stream: _Stream, batch: pb.GatheredRequest, peer: str, client: str
