@@ -35,7 +35,7 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary handler and the bridge-only stream; other streaming ones
+    """Wraps every unary-unary handler and the bridge's stream; other streaming ones
     (reflection, Watch) pass untouched."""
 
     def __init__(
@@ -54,16 +54,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
         method: str = handler_call_details.method
-        if handler is not None and handler.stream_stream is not None:
-            if method in BRIDGE_ONLY_METHODS:  # the bridge's gathered stream
-                return self._bridge_stream(method, handler)
+        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary  # type: ignore[assignment]
+            wrap = grpc.unary_unary_rpc_method_handler
+        elif handler.stream_stream is not None and method in BRIDGE_ONLY_METHODS:
+            # The bridge's gathered stream: one line when it ends (its batches have theirs).
+            inner = handler.stream_stream  # type: ignore[assignment]
+            wrap = grpc.stream_stream_rpc_method_handler
+        else:
             return handler
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = (
-            handler.unary_unary  # type: ignore[assignment]
-        )
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         bridge_only = method in BRIDGE_ONLY_METHODS
         quiet_when_ok = method in QUIET_WHEN_OK
@@ -108,54 +111,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 current_request_id.reset(token)
                 current_identity.reset(known)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _bridge_stream(self, method: str, handler: Handler) -> Handler:
-        """A bridge-only stream: refused to anyone else, one access line when it ends (each
-        of its batches has lines of its own)."""
-        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]] = (
-            handler.stream_stream  # type: ignore[assignment]
-        )
-
-        async def observed(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            started = time.perf_counter()
-            caller = self._bridge.identify(context)
-            known = current_identity.set(caller)
-            token = current_request_id.set(accept_request_id(None))
-            code = grpc.StatusCode.OK
-            try:
-                if not caller.bridge:
-                    await self._bridge.refuse(context, method)
-                await inner(requests, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                code = context.code() or code
-                seconds = time.perf_counter() - started
-                self._metrics.observe_rpc(method, code.name, seconds)
-                if log.isEnabledFor(logging.INFO):
-                    self._log(
-                        logging.INFO,
-                        method,
-                        code,
-                        seconds=seconds,
-                        request=None,
-                        response=None,
-                        metadata=caller.metadata,
-                        context=context,
-                    )
-                current_request_id.reset(token)
-                current_identity.reset(known)
-
-        return grpc.stream_stream_rpc_method_handler(
+        return wrap(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
