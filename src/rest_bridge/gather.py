@@ -7,7 +7,9 @@ metadata a CreateEvents call of its own would carry
 that finds fewer than ``max_calls`` calls out is sent at once, alone; the ones that
 arrive while every call is out wait, and go together in the next call to leave (up to
 ``max_requests`` and ``max_bytes``). So an idle bridge adds no latency, and a busy one
-pays grpc.aio's per-call cost once per call, not once per request.
+pays grpc.aio's per-call cost once per call, not once per request. A "call" here is a
+batch on the bridge's gathered stream (rest_bridge.gather_stream: about half a unary
+call's cost), or a unary CreateEventsGathered call for a batch over STREAM_BYTES.
 
 The server answers each sub-request as its own call would be answered (its status, its
 trailers, its results): a sub-request's refusal is raised to its own waiter alone, as
@@ -18,14 +20,15 @@ unreachable, its deadline passed) is every sub-request's, as it would have been 
 Fairness: requests wait per credential (key or page origin), and each call takes them
 round robin, so a flood behind one credential does not push a light one out of the calls.
 
-Nothing is retried, with two exceptions that are not retries, as the server read nothing
-of the refused call: gRPC refuses a message over its receive limit first thing, and a
-gathered call so refused is sent again as one call per sub-request, so only a request too
-large on its own is answered 413; and a bridge the server does not recognise (its
-EVENTS_BRIDGE_TOKEN or certificate missing on one side) is refused the gathered call by
-the access interceptor, and then sends plain CreateEvents calls, one per request, as it
-did before gathering, whose forwarded context the server ignores (for DIRECT_SECONDS,
-then it tries again), with a warning.
+Nothing is retried, with three exceptions that are not retries, as the server read nothing
+of the refused call: a server without the stream refuses it (UNIMPLEMENTED), and its
+batches go as unary calls (for DIRECT_SECONDS, with a warning); gRPC refuses a message
+over its receive limit first thing, and a gathered call so refused is sent again as one
+call per sub-request, so only a request too large on its own is answered 413; and a
+bridge the server does not recognise (its EVENTS_BRIDGE_TOKEN or certificate missing on
+one side) is refused the gathered call by the access interceptor, and then sends plain
+CreateEvents calls, one per request, as it did before gathering, whose forwarded context
+the server ignores (for DIRECT_SECONDS, then it tries again), with a warning.
 """
 
 from __future__ import annotations
