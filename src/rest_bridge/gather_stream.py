@@ -138,8 +138,13 @@ class _Stream:
                     answer.set_result(response)
         except grpc.aio.AioRpcError as broken:
             error = broken
-        except asyncio.CancelledError:
-            error = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, details="Cancelled")
+        except asyncio.CancelledError:  # the bridge is stopping
+            self._fail(grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, details="Cancelled"))
+            raise
+        self._fail(error)
+
+    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+        """The stream is over: so is every batch out on it, as each call would have been."""
         self.over = True
         for answer, timer in self._out.values():
             timer.cancel()

@@ -27,7 +27,8 @@ from events_server.wire.metadata import (
     GATHERED_STREAM_METHOD,
 )
 from rest_bridge.gather import Gatherer
-from tests.harness.data import ev
+from rest_bridge.gather_stream import STREAM_BYTES
+from tests.harness.data import ev, event_of_size
 from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.processes import ServerProcess, events_env
 from tests.harness.servers import LoopThread, bridged, serving
@@ -103,6 +104,37 @@ def test_batches_share_one_stream_and_each_is_counted_as_a_gathered_call(
     assert grew(streams, method=STREAM) == 1
     assert grew("events_grpc_requests_total", method=GATHERED_METHOD, code="OK") == calls
     assert grew("events_gathered_requests_total", code="OK") == 60
+
+
+def test_a_batch_too_large_for_the_stream_goes_as_a_call_of_its_own(
+    loop: LoopThread, own_server: Any, settings: Settings, api_key: str
+) -> None:
+    server, target = own_server
+    size = STREAM_BYTES // 400  # 400 such events: a request over what the stream carries
+    events = [
+        event_of_size(size, settings.max_string_length, user_id=f"big-{n}", tenant="shop-a")
+        for n in range(400)
+    ]
+    before = scrape(server_metrics_url(server))
+
+    async def scenario() -> tuple[int, bool]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            gatherer = gatherer_on(channel)
+            reply = await gatherer.create_events(
+                pb.CreateEventsRequest(events=events), (("x-api-key", api_key),)
+            )
+            return reply.accepted, gatherer._link._stream is None
+
+    accepted, no_stream = loop.run(scenario())
+    assert accepted == 400
+    assert no_stream  # no stream was opened for it: a message of that size would end one
+    after = scrape(server_metrics_url(server))
+    durations = "events_grpc_request_duration_seconds_count"
+    assert (
+        value(after, durations, method=GATHERED_METHOD)
+        - value(before, durations, method=GATHERED_METHOD)
+        == 1
+    )
 
 
 def test_only_the_bridge_may_open_the_gathered_stream(
