@@ -6,7 +6,8 @@ CreateEvents call, or a Track call by its kind; ``EventsService``: admit its key
 storefront origin, parse, validate, check its tenants, charge its rate) and gets the
 status and per-event results that call would end with; what they queue is written by one
 store append (one pipeline of per-partition scripts for all of them). A sub-request's
-refusal touches no other.
+refusal touches no other. The same calls come as batches on the bridge's stream too
+(``gathered_stream``): both are worked by ``serve``.
 
 Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
 EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
@@ -240,7 +241,9 @@ def trailer_messages(trailers: Trailers) -> list[pb.Trailer]:
 
 
 def decode(raw: bytes) -> pb.GatheredRequest:
-    """The gathered call's sub-requests (their events stay bytes until each is admitted)."""
+    """The gathered call's sub-requests (their events stay bytes until each is admitted):
+    parsed before its turn (from the bridge alone, and cheap), to learn how long its
+    requests already waited there."""
     try:
         return pb.GatheredRequest.FromString(raw)
     except DecodeError as error:
