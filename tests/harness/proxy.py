@@ -17,8 +17,9 @@ What a reply is depends on the protocol:
 - ``http2`` (gRPC): a HEADERS frame on a stream from the server, the start of an
   answer to a call, or a DATA frame, a message on a stream already answering (the
   bridge's gathered stream answers each batch so; a unary call's HEADERS come before its
-  DATA, so it is cut where it always was). Server-to-client bytes are whole HTTP/2 frames from the first
-  byte (the server sends no preface), so they are split into frames as they come.
+  DATA, so it is cut where it always was). Server-to-client bytes are whole HTTP/2
+  frames from the first byte (the server sends no preface), so they are split into
+  frames as they come.
 """
 
 from __future__ import annotations
