@@ -5,6 +5,7 @@ without it. (test_gathered.py's tests run over it too: its gatherers use the str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Iterator
@@ -142,21 +143,20 @@ def test_only_the_bridge_may_open_the_gathered_stream(
 ) -> None:
     token = "a-bridge-token-of-16+-chars"
 
-    async def scenario(target: str) -> grpc.StatusCode:
+    async def scenario(target: str) -> tuple[grpc.StatusCode, str]:
         async with grpc.aio.insecure_channel(target) as channel:
             call = events_pb2_grpc.BridgeIngestStub(channel).StreamGathered()
-            try:
-                await call.write(batch(1, api_key, "stranger"))
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(batch(1, api_key, "stranger"))  # refused before or after
                 await call.read()
-            except grpc.aio.AioRpcError as error:
-                return error.code()
-            except asyncio.InvalidStateError:  # refused before the write: the status says
-                return await call.code()
-            return await call.code()
+            return await call.code(), await call.details()
 
     with serving(loop, Settings(**{**settings.model_dump(), "bridge_token": token})) as (_, target):
-        code = loop.run(scenario(target))
+        code, details = loop.run(scenario(target))
     assert code == grpc.StatusCode.PERMISSION_DENIED
+    # By the access interceptor, which names what proves the bridge, as for the calls.
+    assert "is for the REST bridge only" in details
+    assert "known by the EVENTS_BRIDGE_TOKEN" in details
     assert queued(rdb, keys) == []
 
 
