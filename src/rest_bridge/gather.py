@@ -310,9 +310,8 @@ class Gatherer:
                 # A server without StreamGathered refused the stream unread: calls, then.
                 if self._unary_until <= loop.time():
                     log.warning(
-                        "the events-server has no %s (an older version?): sending gathered"
-                        " calls, one per batch, for %g s",
-                        "StreamGathered",
+                        "the events-server has no StreamGathered (an older version?): sending"
+                        " gathered calls, one per batch, for %g s",
                         DIRECT_SECONDS,
                     )
                 self._unary_until = loop.time() + DIRECT_SECONDS
