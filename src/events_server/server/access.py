@@ -36,7 +36,8 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary handler; streaming ones (reflection, Watch) pass untouched."""
+    """Wraps every unary-unary handler and the bridge's stream; other streaming ones
+    (reflection, Watch) pass untouched."""
 
     def __init__(
         self,
@@ -56,12 +57,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method: str = handler_call_details.method
-        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = (
-            handler.unary_unary  # type: ignore[assignment]
-        )
+        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary  # type: ignore[assignment]
+            wrap = grpc.unary_unary_rpc_method_handler
+        elif handler.stream_stream is not None and method in BRIDGE_ONLY_METHODS:
+            # The bridge's gathered stream: one line when it ends (its batches have theirs).
+            inner = handler.stream_stream  # type: ignore[assignment]
+            wrap = grpc.stream_stream_rpc_method_handler
+        else:
+            return handler
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         bridge_only = method in BRIDGE_ONLY_METHODS
         quiet_when_ok = method in QUIET_WHEN_OK
@@ -108,7 +116,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 current_request_id.reset(token)
                 current_identity.reset(known)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return wrap(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
