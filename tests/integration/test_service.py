@@ -212,6 +212,18 @@ def test_script_is_reloaded_when_redis_lost_it(
     assert len(queued(rdb, keys)) == 2
 
 
+def test_connections_redis_closed_are_not_written_on_again(
+    stub: events_pb2_grpc.EventsServiceStub, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    assert statuses(send(stub, ev(deduplication_id="before"))) == [ACCEPTED]
+    # Every connection but this one closed by Redis (as an operator's CLIENT KILL, or a
+    # client timeout, would): the server's kept write connections are dead now.
+    assert rdb.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert statuses(send(stub, ev(deduplication_id="after"))) == [ACCEPTED]
+    assert statuses(send(stub, ev(deduplication_id="before"))) == [DUPLICATE]
+    assert len(queued(rdb, keys)) == 2
+
+
 # --- limits ------------------------------------------------------------------------
 
 

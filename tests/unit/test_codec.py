@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,6 +12,8 @@ from events_server.pb import events_pb2 as pb
 from events_server.wire.codec import (
     OPTIONAL_STRING_FIELDS,
     TYPE_NAMES,
+    envelope_bytes,
+    envelope_context,
     envelope_to_dict,
     event_from_dict,
 )
@@ -87,3 +90,52 @@ def test_optional_fields_are_the_contracts_nullable_strings() -> None:
     }
     assert set(OPTIONAL_STRING_FIELDS) == nullable
     assert len(pb.Event.DESCRIPTOR.fields) == len(Event.model_fields) == 23
+
+
+# Lengths past 127 bytes take a varint of two bytes, past 16383 three.
+context_strings = st.one_of(st.none(), st.just(""), text, st.text(min_size=130, max_size=20000))
+
+
+@given(
+    seconds=st.integers(0, 2**40),
+    nanos=st.integers(0, 999_999_999),
+    client_ip=st.one_of(st.just(""), text),
+    user_agent=context_strings,
+    referer=context_strings,
+    forwarded_host=context_strings,
+    api_key_id=st.one_of(st.just(""), text),
+    storefront_origin=context_strings,
+    ws_message_id=context_strings,
+)
+def test_envelope_context_is_the_envelopes_own_serialization(  # noqa: PLR0917
+    seconds: int,
+    nanos: int,
+    client_ip: str,
+    user_agent: str | None,
+    referer: str | None,
+    forwarded_host: str | None,
+    api_key_id: str,
+    storefront_origin: str | None,
+    ws_message_id: str | None,
+) -> None:
+    received_at = Timestamp(seconds=seconds, nanos=nanos)
+    fields: dict[str, Any] = {
+        "client_ip": client_ip,
+        "user_agent": user_agent,
+        "referer": referer,
+        "forwarded_host": forwarded_host,
+        "api_key_id": api_key_id,
+        "storefront_origin": storefront_origin,
+        "ws_message_id": ws_message_id,
+    }
+    built = envelope_context(received_at.SerializeToString(), **fields)
+    assert built == pb.Envelope(received_at=received_at, **fields).SerializeToString()
+    event = pb.Event(tenant="shop", market="se", type=pb.EVENT_TYPE_CLICK, url="u" * 300)
+    envelope = pb.Envelope.FromString(envelope_bytes(event.SerializeToString(), built))
+    assert envelope.event == event
+    assert envelope.received_at == received_at
+    for name, value in fields.items():
+        if value is None:
+            assert not envelope.HasField(name)  # type: ignore[arg-type]
+        else:
+            assert getattr(envelope, name) == value

@@ -31,6 +31,9 @@ QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 # Quiet when OK: the bridge's admission of a request's caller, whose own line follows.
 QUIET_WHEN_OK = frozenset({ADMIT_METHOD})
 
+MAX_WRAPPED = 256
+"""Wrapped handlers kept, by method."""
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
@@ -52,6 +55,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._hops = forwarded_hops
         self._bridge = bridge if bridge is not None else BridgeIdentity()
         self._access = access if access is not None else AccessLog(ACCESS_LOGGER, 1.0)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -60,16 +64,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = handler_call_details.method
+        if handler.unary_unary is None and not (
+            # The bridge's gathered stream: one line when it ends (its batches have theirs).
+            handler.stream_stream is not None and method in BRIDGE_ONLY_METHODS
+        ):
+            return handler
+        # gRPC asks on every call; a method's handler is one object, so its wrapper is too.
+        wrapped = self._wrapped.get(method)
+        if wrapped is None or wrapped[0] is not handler:
+            if len(self._wrapped) >= MAX_WRAPPED:  # only registered methods get here
+                self._wrapped.clear()
+            wrapped = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return wrapped[1]
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
         if handler.unary_unary is not None:
             inner = handler.unary_unary  # type: ignore[assignment]
             wrap = grpc.unary_unary_rpc_method_handler
-        elif handler.stream_stream is not None and method in BRIDGE_ONLY_METHODS:
-            # The bridge's gathered stream: one line when it ends (its batches have theirs).
+        else:
             inner = handler.stream_stream  # type: ignore[assignment]
             wrap = grpc.stream_stream_rpc_method_handler
-        else:
-            return handler
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         bridge_only = method in BRIDGE_ONLY_METHODS
         quiet_when_ok = method in QUIET_WHEN_OK

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from events_server.queue.connection import RedisClient
 from events_server.queue.keys import KeySpace
 from events_server.server.errors import PermissionDenied, StoreUnavailable, Unauthenticated
-from events_server.server.lookups import CachedLookup
+from events_server.server.lookups import CACHE_LIMIT, CachedLookup
 from events_server.server.storefronts import Storefront
 from events_server.server.strangers import UnknownKeyBudget
 from events_server.wire.origins import REFUSED, OriginDecision, decide_origin, normalize_origin
@@ -269,6 +269,8 @@ class Authenticator:
         self._ttl = cache_seconds
         self._fallback = tuple(fallback_origins)
         self._lookup = CachedLookup(store.find, cache_seconds, "API key")
+        self._digests: dict[str, str] = {}
+        """The digests of secrets of keys found in force (a SHA-256 costs more than a look)."""
         self._origins: tuple[float, frozenset[str]] = (0.0, frozenset())
 
     async def admit(self, secret: str | None, origin: str | None, peer: str = "") -> Caller:
@@ -299,7 +301,7 @@ class Authenticator:
                 " registered storefront origin",
                 "missing_key",
             )
-        digest = digest_of(secret)
+        digest = self._digests.get(secret) or digest_of(secret)
         # A key found before is looked up again whatever its address spent: a flood of
         # made-up keys from a client's address (one NAT, or a proxy not counted in
         # EVENTS_FORWARDED_HOPS) must not lock out the keys in use there.
@@ -309,6 +311,10 @@ class Authenticator:
             if asks:  # refusals past the allowance cost nothing, so they take nothing
                 self._strangers.spend(peer)
             raise Unauthenticated("unknown or revoked API key", "unknown_key")
+        if secret not in self._digests:  # keys in force only: made-up ones never stay
+            if len(self._digests) >= CACHE_LIMIT:
+                self._digests.clear()
+            self._digests[secret] = digest
         return key
 
     async def find(self, secret: str | None) -> ApiKey | None:

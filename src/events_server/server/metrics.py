@@ -45,6 +45,10 @@ AUTH_KINDS = ("key", "storefront")
 """Kinds of ``events_auth_failures_total``: no key, a key unknown or revoked, a key not for
 the tenant, a key used from a page origin it does not allow."""
 
+MAX_CACHED_CHILDREN = 10_000
+"""Children of stored events looked up by their tenant's own name (see ``_stored``); past
+it the lookup starts over (tenants are bounded by the keys that cover them)."""
+
 GATHERED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 SCRIPT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -115,6 +119,7 @@ class ServerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tenant_label = TenantLabels(max_tenants)
         self._children = LabelCache()
+        self._stored_children: dict[tuple[str, int | str, str], Any] = {}
         self.events = Counter(
             "events",
             "Events by tenant, type and outcome (accepted, duplicate, rejected); reason says why"
@@ -198,16 +203,22 @@ class ServerMetrics:
     ) -> None:
         """Count a call's events (CreateEvents' or Track's) by outcome: from its reply, or from
         the error that ended it."""
+        if not events:
+            return
         kinds: Callable[[Any], tuple[str, int | str]] = (
-            _TENANT_TYPE if not events or isinstance(events[0], pb.Event) else _tracked_tenant_kind
+            _TENANT_TYPE if isinstance(events[0], pb.Event) else _tracked_tenant_kind
         )
-        counts: dict[tuple[str, int | str, str, str], int] = {}
         if reply is not None and (reply.duplicates == 0 or reply.accepted == 0):
             # One outcome for all (the usual case): no need to walk the results.
             outcome = ACCEPTED if reply.duplicates == 0 else DUPLICATE
-            for (tenant, kind), n in collections.Counter(map(kinds, events)).items():
-                counts[tenant, kind, outcome, ""] = n
-        elif reply is not None:
+            if len(events) == 1:  # a storefront's request
+                self._stored(kinds(events[0]), outcome).inc()
+                return
+            for tenant_kind, n in collections.Counter(map(kinds, events)).items():
+                self._stored(tenant_kind, outcome).inc(n)
+            return
+        counts: dict[tuple[str, int | str, str, str], int] = {}
+        if reply is not None:
             for event, result in zip(events, reply.results, strict=False):
                 outcome = _STATUS_OUTCOME.get(result.status, "unknown")
                 key = (*kinds(event), outcome, "")
@@ -225,6 +236,20 @@ class ServerMetrics:
                 reason,
             )
             self._children.get(self.events, labels).inc(n)
+
+    def _stored(self, tenant_kind: tuple[str, int | str], outcome: str) -> Any:
+        """The events counter's child of stored events of a tenant and type, by their own
+        values: a stored event's tenant label, once given, never changes (a known tenant
+        stays known; past the cap, every newcomer is ``_other`` for good)."""
+        key = (*tenant_kind, outcome)
+        child = self._stored_children.get(key)
+        if child is None:
+            if len(self._stored_children) >= MAX_CACHED_CHILDREN:
+                self._stored_children.clear()
+            tenant, kind = tenant_kind
+            labels = (self.tenant_label(tenant), _type_label(kind), outcome, "")
+            child = self._stored_children[key] = self._children.get(self.events, labels)
+        return child
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Count one finished gRPC call and its duration."""

@@ -9,9 +9,9 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
+from events_server.queue.lanes import Lanes
 from events_server.queue.scripts import Command
 from events_server.server.confirm import Confirmation
 from events_server.server.errors import IngestError, StoreFull, StoreUnavailable
@@ -35,7 +35,10 @@ class NodeTransport:
         self._confirmation = confirmation
         self._observe_script = observe_script
         self._timeout = timeout_seconds
-        kwargs = redis.connection_pool.connection_kwargs
+        pool = redis.connection_pool
+        # Half the pool at most, as for one caller's turns: the rest is for the others.
+        self._lanes = Lanes(pool, max(1, pool.max_connections // 2))
+        kwargs = pool.connection_kwargs
         self.name = str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
         """The server, as named in logs and metrics."""
 
@@ -83,28 +86,17 @@ class NodeTransport:
         return await self._roundtrip(packed, len(commands))
 
     async def _roundtrip(self, packed: bytes, count: int) -> list[Any]:
-        """Send packed commands on one pooled connection; read ``count`` replies."""
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        complete = False
-        try:
-            started = time.perf_counter()
-            await connection.send_packed_command(packed, check_health=False)
-            replies = [await _reply(connection) for _ in range(count)]
-            complete = True
-            if self._observe_script is not None:
-                self._observe_script(time.perf_counter() - started)
-            return replies
-        finally:
-            if not complete:
-                # Replies may still be on their way (a timeout or a cancelled call): this
-                # connection must never hand them to the next caller.
-                await connection.disconnect(nowait=True)
-            await pool.release(connection)
+        """Send packed commands on one connection; read ``count`` replies."""
+        started = time.perf_counter()
+        replies = await self._lanes.roundtrip(packed, count)
+        if self._observe_script is not None:
+            self._observe_script(time.perf_counter() - started)
+        return replies
 
     async def forget_idle_connections(self) -> None:
         # After a restart every pooled socket is dead; dropping the idle ones makes
         # the next calls reconnect instead of each failing once on a stale socket.
+        await self._lanes.forget_idle()
         await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     async def ping(self) -> bool:
@@ -128,14 +120,6 @@ class NodeTransport:
                 return {self.name: found}
         except ResponseError:
             return None
-
-
-async def _reply(connection: AbstractConnection) -> Any:
-    try:
-        return await connection.read_response()
-    except ResponseError as refused:
-        # An error reply is read in full: the connection stays usable.
-        return refused
 
 
 def _refusal(reply: Exception) -> IngestError:

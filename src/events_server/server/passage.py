@@ -73,7 +73,10 @@ def check_retry_id(retry_id: str, events: int) -> None:
 
 def client_ip(metadata: dict[str, str], peer: str, forwarded_hops: int) -> str:
     """The client address: from x-forwarded-for, skipping trusted proxies, else the peer."""
-    chain = [hop.strip() for hop in metadata.get(MD_FORWARDED_FOR, "").split(",") if hop.strip()]
+    forwarded = metadata.get(MD_FORWARDED_FOR, "")
+    if "," not in forwarded and (one := forwarded.strip()):
+        return one  # one hop (the bridge's usual): the client's, whatever is trusted
+    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
     if chain:
         # Only the right end of the chain was written by proxies we trust; anything
         # further left came from the client and could be forged.

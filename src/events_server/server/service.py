@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
@@ -40,6 +41,7 @@ from events_server.server.status import (
 )
 from events_server.server.store import EventStore
 from events_server.server.track_request import PreparedTrack
+from events_server.wire.codec import envelope_context
 from events_server.wire.metadata import (
     MD_API_KEY,
     MD_FORWARDED_HOST,
@@ -58,6 +60,9 @@ DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 
 RATE_HOLD_SECONDS = 1.0
 """The longest a rate-limited call is held before its refusal is sent."""
+
+MAX_RATES_KEPT = 10_000
+"""Callers whose rates are kept worked out (see ``_rates_of``); past it, they start over."""
 
 NO_REPLY = pb.CreateEventsResponse()
 """What a refused call returns, beside its status (see ``status.refuse``)."""
@@ -111,6 +116,9 @@ class EventsService:
         self._forwarded_hops = forwarded_hops
         self._metrics = metrics
         self._rejected = rejected
+        self._rates_by_record: dict[int, tuple[object, Rates]] = {}
+        self._stamp: tuple[Timestamp | None, bytes] = (None, b"")
+        """The last receipt time serialized, and its bytes."""
 
     async def CreateEvents(
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
@@ -196,16 +204,19 @@ class EventsService:
         self._metrics.admitted(caller.auth)
 
         metadata = passage.metadata
-        shared = pb.Envelope(
-            received_at=passage.received_at,
-            client_ip=passage.client_ip,
-            user_agent=metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
-            referer=metadata.get(MD_REFERER),
-            forwarded_host=metadata.get(MD_FORWARDED_HOST),
-            api_key_id=caller.key_id,
-            storefront_origin=caller.storefront.origin if caller.storefront else None,
-            ws_message_id=passage.retry_id,
-        ).SerializeToString()
+        stamp = passage.received_at
+        if stamp is not self._stamp[0]:  # the requests of one gathered call share theirs
+            self._stamp = (stamp, stamp.SerializeToString())
+        shared = envelope_context(
+            self._stamp[1],
+            passage.client_ip,
+            metadata.get(MD_USER_AGENT, metadata.get("user-agent")),
+            metadata.get(MD_REFERER),
+            metadata.get(MD_FORWARDED_HOST),
+            caller.key_id,
+            caller.storefront.origin if caller.storefront else None,
+            passage.retry_id,
+        )
         passage.items = prepared.items(shared, self._store.keys, self._partitions)
 
     def plan_charge(self, passage: Passage) -> Charge | None:
@@ -219,11 +230,24 @@ class EventsService:
         if not passage.items or caller is None:
             return None
         events = len(passage.request.events)
-        charge = self.limiter.charge_for(caller.limiter_id, self._rates(caller), events)
+        charge = self.limiter.charge_for(caller.limiter_id, self._rates_of(caller), events)
         if charge is not None and self._store.charges_in_write(passage.items):
             passage.charge = charge
             return None
         return charge
+
+    def _rates_of(self, caller: Caller) -> Rates:
+        """The caller's rates, worked out once per key (or storefront) record: records are
+        immutable, and a cached lookup hands out the same one until it expires."""
+        record: object = caller.key if caller.key is not None else caller.storefront
+        known = self._rates_by_record.get(id(record))
+        if known is not None and known[0] is record:
+            return known[1]
+        if len(self._rates_by_record) >= MAX_RATES_KEPT:
+            self._rates_by_record.clear()
+        rates = self._rates(caller)
+        self._rates_by_record[id(record)] = (record, rates)  # kept: its id stays its own
+        return rates
 
     async def charge(self, passage: Passage, deadline: float) -> None:
         """Take the request from its caller's allowance, before anything is written, unless

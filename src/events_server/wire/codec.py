@@ -43,8 +43,13 @@ OPTIONAL_STRING_FIELDS: tuple[str, ...] = tuple(
 """The contract's nullable string fields, in proto field order."""
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """Protobuf base-128 varint encoding of a non-negative integer."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -65,7 +70,69 @@ def envelope_bytes(event: bytes, context: bytes, field: int = ENVELOPE_EVENT_FIE
     Protobuf parses fields in any order, so the request's shared context is
     serialized once and each event is prefixed to it: no per-event copies.
     """
-    return length_delimited(field, event) + context
+    return b"".join((varint(field << 3 | 2), varint(len(event)), event, context))
+
+
+_CONTEXT_FIELDS = {
+    name: varint(pb.Envelope.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+    for name in (
+        "received_at",
+        "client_ip",
+        "user_agent",
+        "referer",
+        "forwarded_host",
+        "api_key_id",
+        "storefront_origin",
+        "ws_message_id",
+    )
+}
+(
+    _RECEIVED_AT,
+    _CLIENT_IP,
+    _USER_AGENT,
+    _REFERER,
+    _FORWARDED_HOST,
+    _API_KEY_ID,
+    _STOREFRONT_ORIGIN,
+    _WS_MESSAGE_ID,
+) = _CONTEXT_FIELDS.values()
+
+
+def envelope_context(  # noqa: PLR0917
+    received_at: bytes,
+    client_ip: str,
+    user_agent: str | None,
+    referer: str | None,
+    forwarded_host: str | None,
+    api_key_id: str,
+    storefront_origin: str | None,
+    ws_message_id: str | None,
+) -> bytes:
+    """The serialized rest of an Envelope (all but its event), as
+    ``pb.Envelope(...).SerializeToString()`` gives it, from ``received_at`` (a serialized
+    Timestamp) and the strings (None: an optional field not set; "" in a plain field: left
+    out, as proto3 does), without building the message: it is built for every request."""
+    out = _RECEIVED_AT + _ONE_BYTE[len(received_at)] + received_at  # a Timestamp: < 128
+    if client_ip:
+        out += _string(_CLIENT_IP, client_ip)
+    if user_agent is not None:
+        out += _string(_USER_AGENT, user_agent)
+    if referer is not None:
+        out += _string(_REFERER, referer)
+    if forwarded_host is not None:
+        out += _string(_FORWARDED_HOST, forwarded_host)
+    if api_key_id:
+        out += _string(_API_KEY_ID, api_key_id)
+    if storefront_origin is not None:
+        out += _string(_STOREFRONT_ORIGIN, storefront_origin)
+    if ws_message_id is not None:
+        out += _string(_WS_MESSAGE_ID, ws_message_id)
+    return out
+
+
+def _string(tag: bytes, value: str) -> bytes:
+    data = value.encode()
+    return tag + varint(len(data)) + data
 
 
 def event_from_dict(data: Mapping[str, Any]) -> pb.Event:
