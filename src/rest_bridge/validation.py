@@ -32,6 +32,7 @@ from rest_bridge.errors import (
     unprocessable,
     validation_detail,
 )
+from rest_bridge.fastpath import quick_events as quick_body
 from rest_bridge.jsonbody import nests_deeper, parse_json, too_deep, too_many_events
 from rest_bridge.models import Event, String, unencodable_locations
 from rest_bridge.responses import Reply
@@ -209,7 +210,18 @@ def validate_body(
 
     For small bodies (see rest_bridge.offload): the cost of a refusal grows with the
     errors found, ~8 µs per comma at worst. validate_large_body takes any body.
+    A body clearly valid takes one quick pass (rest_bridge.fastpath), any other the full
+    validation (validate_body_fully).
     """
+    if (events := quick_body(body, max_events)) is not None:
+        return events
+    return validate_body_fully(body, max_depth, max_events)
+
+
+def validate_body_fully(
+    body: bytes, max_depth: int, max_events: int | None = None
+) -> list[pb.Event] | Reply:
+    """validate_body by the models alone (FastAPI's way), with no quick pass."""
     if not body:
         return unprocessable(missing_body())
     # Success implies a shallow body: list[Event] nests MIN_JSON_DEPTH deep at

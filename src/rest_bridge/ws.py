@@ -338,7 +338,11 @@ class WebSocketIngest:
         """What became of the frame's event, and the answer to send (None: none)."""
         if not frame.has_event:
             return self._not_ok(conn, frame, missing_event_detail())
-        events = self._parser.parse_inline(frame.body, V1_RULES)
+        events: list[pb.Event] | Reply | None = None
+        if frame.event is not None:
+            events = [frame.event]
+        else:
+            events = self._parser.parse_inline(frame.body, V1_RULES)
         if events is None:
             events, _ = await self._parser.parse(frame.body, V1_RULES)
         if isinstance(events, Reply):
