@@ -35,8 +35,14 @@ from rest_bridge.models_v2 import (
 
 # --- v1: a JSON array of Event ----------------------------------------------------------
 
-_LIST_FIELDS = frozenset({"variant_ids", "entity_identifiers"})
-_V1_STRINGS = frozenset(Event.model_fields) - _LIST_FIELDS - {"type", "tenant", "market", "dsid"}
+_STRING, _DSID, _TYPE, _LIST, _MAP = range(5)
+_KINDS = dict.fromkeys(Event.model_fields, _STRING) | {
+    "dsid": _DSID,
+    "type": _TYPE,
+    "variant_ids": _LIST,
+    "entity_identifiers": _MAP,
+}
+_REQUIRED = ("tenant", "market", "type")
 
 
 def _text(value: Any) -> str | None:
@@ -50,50 +56,60 @@ def _text(value: Any) -> str | None:
     return None
 
 
+def _texts(value: Any) -> list[str] | None:
+    if type(value) is not list:
+        return None
+    if all(type(item) is str for item in value):
+        return value
+    texts = [_text(item) for item in value]
+    return None if None in texts else texts  # type: ignore[return-value]
+
+
+def _text_map(value: Any) -> dict[str, str] | None:
+    if type(value) is not dict:
+        return None
+    if all(type(item) is str for item in value.values()):
+        return value
+    texts = {key: _text(item) for key, item in value.items()}
+    return None if None in texts.values() else texts  # type: ignore[return-value]
+
+
+def _field(name: str, kind: int, value: Any) -> Any:
+    """What protobuf takes for a field that is not a plain string, or None when the model
+    would refuse it."""
+    if kind == _TYPE:
+        return TYPE_VALUES.get(value) if type(value) is str else None
+    if kind == _LIST:
+        return _texts(value)
+    if kind == _MAP:
+        return _text_map(value)
+    text = _text(value)
+    return None if kind == _DSID and not text else text  # dsid: at least one character
+
+
 def quick_event(item: Any) -> pb.Event | None:
     """``item`` (parsed by orjson) as a protobuf Event when it is clearly a valid Event."""
     if type(item) is not dict:
         return None
-    fields: dict[str, Any] = {}
+    fields = item
     for name, value in item.items():
-        if value is None:
-            if name in _V1_STRINGS or name in _LIST_FIELDS or name == "dsid":
-                continue  # no value, as the model's None
-            return None
-        if name in _V1_STRINGS or name in {"tenant", "market"}:
-            text = _text(value)
-            if text is None:
-                return None
-            fields[name] = text
-        elif name == "type":
-            if type(value) is not str or (number := TYPE_VALUES.get(value)) is None:
-                return None
-            fields[name] = number
-        elif name == "dsid":
-            text = _text(value)
-            if not text:
-                return None
-            fields[name] = text
-        elif name == "variant_ids":
-            if type(value) is not list:
-                return None
-            ids = [_text(v) for v in value]
-            if None in ids:
-                return None
-            if ids:
-                fields[name] = ids
-        elif name == "entity_identifiers":
-            if type(value) is not dict:
-                return None
-            pairs = {k: _text(v) for k, v in value.items()}
-            if None in pairs.values():
-                return None
-            if pairs:
-                fields[name] = pairs
-        else:
+        kind = _KINDS.get(name)
+        if kind == _STRING and type(value) is str:
+            continue  # nearly every field: taken as it is
+        if kind is None:
             return None  # unknown: the model forbids it
-    if "tenant" not in fields or "market" not in fields or "type" not in fields:
-        return None
+        if fields is item:
+            fields = dict(item)
+        if value is None:
+            if name in _REQUIRED:
+                return None
+            del fields[name]  # no value, as the model's None
+        elif (taken := _field(name, kind, value)) is None:
+            return None
+        else:
+            fields[name] = taken
+    if fields is item or not all(name in fields for name in _REQUIRED):
+        return None  # (a type is always converted: no copy, no type)
     return pb.Event(**fields)
 
 

@@ -13,9 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.workload import Batches
+from events_server.pb import events_pb2 as pb
 from rest_bridge.fastpath import quick_events, quick_track
 from rest_bridge.models import Event
 from rest_bridge.responses import Reply
+from rest_bridge.routes.steps import response_body, response_bytes
 from rest_bridge.validation import validate_body_fully
 from rest_bridge.validation_v2 import validate_track_body
 from rest_bridge.ws_frames import Frame, parse_frame
@@ -234,3 +236,21 @@ def test_the_benchmarks_frames_carry_their_events() -> None:
         assert frame.id == frame_id
         assert frame.event is not None
         assert validate_body_fully(frame.body, MAX_DEPTH, MAX_EVENTS) == [frame.event]
+
+
+def test_the_200_body_is_written_as_orjson_writes_the_results() -> None:
+    result = pb.EventResult
+    replies = [
+        pb.CreateEventsResponse(),
+        pb.CreateEventsResponse(
+            accepted=1,
+            duplicates=1,
+            results=[
+                result(status=result.STATUS_ACCEPTED, entry_id="1700000000000-0", partition=3),
+                result(status=result.STATUS_DUPLICATE, entry_id='"\\ø\n', partition=0),
+            ],
+        ),
+        pb.CreateEventsResponse(results=[result(status=result.STATUS_UNSPECIFIED)]),
+    ]
+    for reply in replies:
+        assert response_bytes(reply) == orjson.dumps(response_body(reply))
