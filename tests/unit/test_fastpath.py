@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bench.workload import Batches
 from events_server.pb import events_pb2 as pb
-from rest_bridge.fastpath import quick_events, quick_track
+from rest_bridge.fastpath import quick_request, quick_track
 from rest_bridge.models import Event
 from rest_bridge.responses import Reply
 from rest_bridge.routes.steps import response_body, response_bytes
@@ -31,13 +31,14 @@ MAX_EVENTS = 500
 
 def _same_v1(body: bytes) -> bool:
     """Whether the quick pass took ``body``; when it did, the full path's events are its."""
-    quick = quick_events(body, MAX_EVENTS)
+    quick = quick_request(body, MAX_EVENTS)
     if quick is None:
         return False
     full = validate_body_fully(body, MAX_DEPTH, MAX_EVENTS)
     assert not isinstance(full, Reply), (body, full.body)
-    assert quick == full, body
-    assert [e.SerializeToString() for e in quick] == [e.SerializeToString() for e in full]
+    request = pb.CreateEventsRequest(events=full)
+    assert quick == request, body
+    assert quick.SerializeToString() == request.SerializeToString()
     return True
 
 
@@ -57,7 +58,7 @@ def _same_v2(body: bytes) -> bool:
 
 def test_no_bad_v1_body_of_the_contract_tests_is_taken() -> None:
     for body in v1_contract.BAD_BODIES.values():
-        assert quick_events(body, MAX_EVENTS) is None, body
+        assert quick_request(body, MAX_EVENTS) is None, body
 
 
 def test_no_bad_v2_body_of_the_contract_tests_is_taken() -> None:
@@ -121,8 +122,8 @@ def test_the_benchmarks_bodies_are_taken_alike() -> None:
 
 def test_past_max_events_and_empty_lists_are_left_to_the_full_path() -> None:
     body = json.dumps([v1_contract.EVENT] * 3).encode()
-    assert quick_events(body, 2) is None
-    assert quick_events(b"[]", MAX_EVENTS) is None
+    assert quick_request(body, 2) is None
+    assert quick_request(b"[]", MAX_EVENTS) is None
     track = v2_contract._body(*[v2_contract.MAPPING] * 3)
     assert quick_track(track, 2) is None
 
@@ -222,9 +223,10 @@ def test_a_frame_of_a_clearly_valid_event_carries_the_event_the_full_path_makes(
     event = json.loads(body)[0]
     frame = parse_frame(json.dumps({"id": "f-1", "event": event}))
     assert isinstance(frame, Frame)
-    if frame.event is not None:
+    if frame.request is not None:
         assert frame.body == orjson.dumps([event])
-        assert validate_body_fully(frame.body, MAX_DEPTH, MAX_EVENTS) == [frame.event]
+        full = validate_body_fully(frame.body, MAX_DEPTH, MAX_EVENTS)
+        assert frame.request == pb.CreateEventsRequest(events=full)  # type: ignore[arg-type]
 
 
 def test_the_benchmarks_frames_carry_their_events() -> None:
@@ -234,8 +236,9 @@ def test_the_benchmarks_frames_carry_their_events() -> None:
         frame = parse_frame(data)
         assert isinstance(frame, Frame)
         assert frame.id == frame_id
-        assert frame.event is not None
-        assert validate_body_fully(frame.body, MAX_DEPTH, MAX_EVENTS) == [frame.event]
+        assert frame.request is not None
+        full = validate_body_fully(frame.body, MAX_DEPTH, MAX_EVENTS)
+        assert frame.request == pb.CreateEventsRequest(events=full)  # type: ignore[arg-type]
 
 
 def test_the_200_body_is_written_as_orjson_writes_the_results() -> None:
