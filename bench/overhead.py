@@ -1,5 +1,9 @@
 """What observability costs per request: metrics updates, the access wrappers, a JSON log line.
 
+The wrappers are measured at WARNING (no line), at INFO writing every line and at INFO with
+the default sample (one successful line in a hundred); then one line alone, written the
+generic way (Logger.log) and the access writer's way.
+
 python -m bench.overhead   (a few seconds; prints microseconds per call)
 
 In-process micro-benchmarks of our own code only, so they are steady on a busy
@@ -9,17 +13,19 @@ machine where the end-to-end `make bench` figures move by ±20 % from run to run
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
 
-from events_server.ops.logs import JsonFormatter
+from events_server.ops.access_log import AccessLog
+from events_server.ops.logs import JsonFormatter, request_id
 from events_server.pb import events_pb2 as pb
-from events_server.server.access import AccessInterceptor
+from events_server.server.access import ACCESS_LOGGER, AccessInterceptor
 from events_server.server.metrics import ServerMetrics
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.metrics import BridgeMetrics
@@ -30,26 +36,27 @@ DUPLICATE = pb.EventResult.STATUS_DUPLICATE
 
 
 def per_call_us(fn: Callable[[], object], rounds: int = ROUNDS) -> float:
-    """Microseconds per call of fn (best of three runs)."""
+    """Microseconds of CPU per call of fn (best of five runs; CPU time, steadier than the
+    clock on a busy box)."""
     best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
+    for _ in range(5):
+        started = time.process_time()
         for _ in range(rounds):
             fn()
-        best = min(best, (time.perf_counter() - started) / rounds)
+        best = min(best, (time.process_time() - started) / rounds)
     return best * 1e6
 
 
 def per_await_us(make: Callable[[], Any], rounds: int = ROUNDS) -> float:
-    """Microseconds per awaited coroutine made by make() (best of three runs)."""
+    """Microseconds of CPU per awaited coroutine made by make() (best of five runs)."""
 
     async def loop() -> float:
         best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
+        for _ in range(5):
+            started = time.process_time()
             for _ in range(rounds):
                 await make()
-            best = min(best, (time.perf_counter() - started) / rounds)
+            best = min(best, (time.process_time() - started) / rounds)
         return best
 
     return asyncio.run(loop()) * 1e6
@@ -66,6 +73,45 @@ class Context:
 
     def code(self) -> None:
         return None
+
+
+BRIDGE_FIELDS = {
+    "method": "POST",
+    "path": "/create-events",
+    "status": 200,
+    "duration_ms": 1.234,
+    "client_ip": "203.0.113.0",
+    "query": "api_key=[REDACTED]",
+}
+
+
+def line_rows() -> list[tuple[str, float]]:
+    """One bridge access line, as Logger.log wrote it and as AccessLog writes it, through a
+    JsonFormatter handler writing to a file (the request id set, as in a request)."""
+    logger = logging.getLogger("bench.overhead.line")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    access = AccessLog(logger.name, 1.0)
+    token = request_id.set("0123456789abcdef0123456789abcdef")
+    try:
+        with tempfile.TemporaryFile("w") as out:
+            sink = logging.StreamHandler(out)
+            sink.setFormatter(JsonFormatter())
+            logger.addHandler(sink)
+            fields = BRIDGE_FIELDS
+            generic = per_call_us(
+                lambda: logger.log(
+                    logging.INFO, "%s %s %d", "POST", "/create-events", 200, extra=fields
+                )
+            )
+            own = per_call_us(lambda: access.write(logging.INFO, "POST /create-events 200", fields))
+            logger.removeHandler(sink)
+    finally:
+        request_id.reset(token)
+    return [
+        ("one access line: Logger.log + JsonFormatter", generic),
+        ("one access line: AccessLog.write + JsonFormatter", own),
+    ]
 
 
 def main() -> None:
@@ -104,16 +150,18 @@ def main() -> None:
         return accepted
 
     handler: Any = grpc.unary_unary_rpc_method_handler(reply)
-    interceptor = AccessInterceptor(server, "truncated", 0)
 
-    async def wrapped() -> Any:
-        async def continuation(_: object) -> Any:
-            return handler
+    def intercepted(interceptor: AccessInterceptor) -> Any:
+        async def wrapped() -> Any:
+            async def continuation(_: object) -> Any:
+                return handler
 
-        details: Any = type("Details", (), {"method": "/events.v1.EventsService/CreateEvents"})()
-        return await interceptor.intercept_service(continuation, details)
+            method = "/events.v1.EventsService/CreateEvents"
+            details: Any = type("Details", (), {"method": method})()
+            return await interceptor.intercept_service(continuation, details)
 
-    observed = asyncio.run(wrapped()).unary_unary
+        return asyncio.run(wrapped()).unary_unary
+
     request = pb.CreateEventsRequest()
     context = Context()
 
@@ -137,31 +185,39 @@ def main() -> None:
     async def send(message: object) -> None:
         return None
 
-    sink = logging.StreamHandler(io.StringIO())
-    sink.setFormatter(JsonFormatter())
-    for name in ("events_server.access", "rest_bridge.access"):
-        logging.getLogger(name).addHandler(sink)
-        logging.getLogger(name).propagate = False
-    for level in (logging.WARNING, logging.INFO):
+    # A file, as stderr is to a collector: a write (and flush) per line.
+    with tempfile.TemporaryFile("w") as out:
+        sink = logging.StreamHandler(out)
+        sink.setFormatter(JsonFormatter())
         for name in ("events_server.access", "rest_bridge.access"):
-            logging.getLogger(name).setLevel(level)
-        label = logging.getLevelName(level)
-        rows.append(
-            (
-                f"gRPC interceptor wrapper, log level {label}",
-                per_await_us(lambda: observed(request, context)),
+            logging.getLogger(name).addHandler(sink)
+            logging.getLogger(name).propagate = False
+        for level, sample in ((logging.WARNING, 1.0), (logging.INFO, 1.0), (logging.INFO, 0.01)):
+            for name in ("events_server.access", "rest_bridge.access"):
+                logging.getLogger(name).setLevel(level)
+            label = f"log level {logging.getLevelName(level)}, sample {sample:g}"
+            access = AccessLog(ACCESS_LOGGER, sample)
+            observed = intercepted(AccessInterceptor(server, "truncated", 0, access=access))
+            middleware = AccessMiddleware(
+                app, BridgeMetrics(), "truncated", routes=("/create-events",), sample=sample
             )
-        )
-        rows.append(
-            (
-                f"ASGI access middleware, log level {label}",
-                per_await_us(lambda: middleware(scope, receive, send)),
+            rows.append(
+                (
+                    f"gRPC interceptor wrapper, {label}",
+                    per_await_us(partial(observed, request, context)),
+                )
             )
-        )
+            rows.append(
+                (
+                    f"ASGI access middleware, {label}",
+                    per_await_us(partial(middleware, scope, receive, send)),
+                )
+            )
+        rows.extend(line_rows())
 
-    print(f"{'what':50} {'us/call':>8}")
+    print(f"{'what':64} {'us/call':>8}")
     for what, us in rows:
-        print(f"{what:50} {us:8.1f}")
+        print(f"{what:64} {us:8.1f}")
 
 
 if __name__ == "__main__":

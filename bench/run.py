@@ -1,7 +1,10 @@
 """`make bench`: start everything fresh, measure every phase, print the tables, write JSON.
 
 python -m bench.run [--quick] [--only C1@16,D1@16] [--server-workers N] [--bridge-workers N]
-                    [--uds] [--python-http]
+                    [--uds] [--python-http] [--log-level L] [--access-log-sample S]
+
+The services run with their default log settings (INFO, the default access-line sample)
+unless the last two options say otherwise; their log lines go to files, as to a collector.
 
 The HTTP phases C and D are driven by wrk when it is installed (`apt-get install wrk`),
 else by the Python generator, with a warning: it takes a large share of the two cores
@@ -28,7 +31,7 @@ from typing import Any
 from bench import replication
 from bench.phases import Phase, Runner
 from bench.report import Check, Row, check, check_table, errors_line, phase_table, row
-from bench.services import Bench
+from bench.services import Bench, log_settings
 from bench.wrk import wrk_binary
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
@@ -114,7 +117,8 @@ def describe_run(args: argparse.Namespace, load_before: float) -> str:
         f"run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit},"
         f" {os.cpu_count()} CPUs, load average {load_before:.1f} before and"
         f" {os.getloadavg()[0]:.1f} after, C/D driven by {driver},"
-        f" {args.seconds:g} s measured per phase after {args.warmup:g} s warm-up"
+        f" {args.seconds:g} s measured per phase after {args.warmup:g} s warm-up,"
+        f" services at {log_settings(args)}"
     )
 
 
@@ -130,6 +134,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-workers", type=int, default=1)
     parser.add_argument("--bridge-workers", type=int, default=1)
     parser.add_argument("--uds", action="store_true", help="bridge -> server over a Unix socket")
+    parser.add_argument("--log-level", help="both services' log level (default: theirs)")
+    parser.add_argument(
+        "--access-log-sample",
+        type=float,
+        help="both services' share of successful access lines written (default: theirs)",
+    )
     parser.add_argument("--only", help="comma-separated phases to run (e.g. A,C1@16,E)")
     parser.add_argument("--skip", help="comma-separated phases to leave out")
     args = parser.parse_args()

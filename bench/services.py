@@ -18,6 +18,7 @@ import redis
 
 from bench.workload import TENANTS
 from events_server.server.auth import new_key
+from rest_bridge.config import BridgeSettings
 from tests.harness.keys import store_key
 from tests.harness.valkey import ValkeyProcess, free_port
 
@@ -48,6 +49,31 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+SERVER_LOG = "server.log"
+BRIDGE_LOG = "bridge.log"
+"""Where the services' log lines go (in the run's working directory)."""
+
+
+def log_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The services' log settings the options change (none: their defaults)."""
+    env = {}
+    if args.log_level:
+        env["EVENTS_LOG_LEVEL"] = args.log_level
+    if args.access_log_sample is not None:
+        env["EVENTS_ACCESS_LOG_SAMPLE"] = f"{args.access_log_sample:g}"
+    return env
+
+
+def log_settings(args: argparse.Namespace) -> str:
+    """The services' log level and access-line sample, as the run sets them."""
+    env = {**os.environ, **log_environment(args)}
+    fields = BridgeSettings.model_fields
+    level = env.get("EVENTS_LOG_LEVEL", str(fields["log_level"].default)).upper()
+    sample = fields.get("access_log_sample")  # absent from code older than the setting
+    default = "all" if sample is None else f"{sample.default:g}"
+    return f"log level {level}, access-line sample {env.get('EVENTS_ACCESS_LOG_SAMPLE', default)}"
+
+
 def wait_http(url: str, seconds: float = 30) -> None:
     """Wait until url answers 200."""
     deadline = time.monotonic() + seconds
@@ -68,6 +94,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
+        self.workdir = workdir
         self.valkey = ValkeyProcess(workdir / "valkey")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.grpc_port = free_port()
@@ -89,11 +116,13 @@ class Bench:
     def start(self) -> None:
         """Valkey, events-server, rest-bridge and the naive peer, each ready to serve."""
         self.valkey.start()
+        # Logging as an operator gets it (the defaults, unless --log-level or
+        # --access-log-sample say otherwise), each service's to a file, as to a collector.
         env = {
             **os.environ,
             "REDIS_URL": self.valkey.url,
-            "EVENTS_LOG_LEVEL": "WARNING",
             "EVENTS_METRICS_ADDR": "127.0.0.1:0",
+            **log_environment(self.args),
         }
         py = sys.executable
         workers = (
@@ -103,21 +132,34 @@ class Bench:
             ["--workers", str(self.args.bridge_workers)] if self.args.bridge_workers > 1 else []
         )
 
-        def spawn(*argv: str) -> subprocess.Popen[bytes]:
-            return subprocess.Popen([py, "-m", *argv], stdout=subprocess.DEVNULL, env=env)
+        def spawn(*argv: str, log: str | None = None) -> subprocess.Popen[bytes]:
+            stderr = (self.workdir / log).open("ab") if log else None
+            try:
+                return subprocess.Popen(
+                    [py, "-m", *argv], stdout=subprocess.DEVNULL, stderr=stderr, env=env
+                )
+            finally:
+                if stderr is not None:
+                    stderr.close()  # the child has its own copy
 
         self.procs["server"] = spawn(
-            "events_server", "serve", "--grpc-addr", self.grpc_target, *workers
+            "events_server", "serve", "--grpc-addr", self.grpc_target, *workers, log=SERVER_LOG
         )
         self.procs["bridge"] = spawn(
             "rest_bridge", "--grpc-target", self.grpc_target,
-            "--port", str(self.bridge_port), "--log-level", "warning", *bridge_workers,
+            "--port", str(self.bridge_port), *bridge_workers, log=BRIDGE_LOG,
         )  # fmt: skip
         self.procs["naive"] = spawn(
             "uvicorn", "bench.naive_peer:app", "--port", str(self.naive_port),
             "--log-level", "warning", "--no-access-log", *bridge_workers,
         )  # fmt: skip
-        wait_http(f"{self.bridge_url}/readyz")
+        try:
+            wait_http(f"{self.bridge_url}/readyz")
+        except RuntimeError:
+            for log in (SERVER_LOG, BRIDGE_LOG):
+                tail = (self.workdir / log).read_text(errors="replace")[-2000:]
+                print(f"--- the end of {log}:\n{tail}", file=sys.stderr)
+            raise
         wait_http(f"{self.naive_url}/openapi.json")
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ from urllib.parse import unquote_plus
 
 from starlette.types import Message, Receive, Scope, Send
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.wire.metadata import REQUEST_ID_HEADER
@@ -61,11 +62,18 @@ class AccessMiddleware:
     """Gives each HTTP request an id (the caller's ``X-Request-ID`` if sane), logs and counts it."""
 
     def __init__(
-        self, app: AnyASGIApp, metrics: BridgeMetrics, ip_mode: IpMode, routes: Iterable[str] = ()
+        self,
+        app: AnyASGIApp,
+        metrics: BridgeMetrics,
+        ip_mode: IpMode,
+        routes: Iterable[str] = (),
+        sample: float = 1.0,
     ) -> None:
         self.app = app
         self._metrics = metrics
         self._ip_mode = ip_mode
+        # Successful (2xx) lines: this share of them; every other status is written.
+        self._access = AccessLog(log.name, sample)
         # Paths served outside the router (no scope["route"]): labelled as themselves.
         self._routes = frozenset(routes)
 
@@ -96,20 +104,22 @@ class AccessMiddleware:
                 path if path in self._routes else UNMATCHED_ROUTE
             )
             self._metrics.observe_request(route, scope["method"], status, seconds)
-            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-            if log.isEnabledFor(level):
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            if self._access.wanted(level, 200 <= status < 300):
                 self._log(level, scope, status, seconds)
             current_request_id.reset(token)
 
     def _log(self, level: int, scope: Scope, status: int, seconds: float) -> None:
         client = scope.get("client")
+        method = scope["method"]
+        path = scope["path"][:MAX_LOGGED_CHARS]
         fields: dict[str, Any] = {
-            "method": scope["method"],
-            "path": scope["path"][:MAX_LOGGED_CHARS],
+            "method": method,
+            "path": path,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
             "client_ip": client_ip_for_log(client[0] if client else "", self._ip_mode),
         }
         if query := scope.get("query_string", b"").decode("latin-1"):
             fields["query"] = redact_query(query)[:MAX_LOGGED_CHARS]
-        log.log(level, "%s %s %d", fields["method"], fields["path"], status, extra=fields)
+        self._access.write(level, f"{method} {path} {status}", fields)

@@ -80,7 +80,11 @@ class Bridge:
         if track is not None:
             self._posts.update(dict.fromkeys(v2.PATHS, track))
         self._entry = AccessMiddleware(
-            self._dispatch, self.metrics, settings.log_client_ip, routes=tuple(self._posts)
+            self._dispatch,
+            self.metrics,
+            settings.log_client_ip,
+            routes=tuple(self._posts),
+            sample=settings.access_log_sample,
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -34,7 +34,8 @@ class _WithMetadata:
         self._call = call
         self._extra = extra
 
-    def __call__(self, request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, request: Any = None, *, metadata: Any = None, **kwargs: Any) -> Any:
+        # request None: a streaming request, whose messages are written to the call.
         return self._call(
             request, metadata=(*metadata, *self._extra) if metadata else self._extra, **kwargs
         )

@@ -8,7 +8,14 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events_server.ops.logs import IpMode
-from events_server.ops.settings import ENV_PREFIX, BridgeToken, LogLevel
+from events_server.ops.settings import (
+    ACCESS_LOG_SAMPLE,
+    ACCESS_LOG_SAMPLE_HELP,
+    ENV_PREFIX,
+    AccessLogSample,
+    BridgeToken,
+    LogLevel,
+)
 
 MIN_JSON_DEPTH = 3
 """How deep a valid body nests: the array, an event object, entity_identifiers or variant_ids."""
@@ -83,6 +90,9 @@ class BridgeSettings(BaseSettings):
     log_client_ip: IpMode = Field(
         "truncated",
         description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none.",
+    )
+    access_log_sample: AccessLogSample = Field(
+        ACCESS_LOG_SAMPLE, description=ACCESS_LOG_SAMPLE_HELP
     )
     readiness_timeout_seconds: float = Field(
         1.0, gt=0, description="Deadline of the health check behind /readyz, seconds."

@@ -7,7 +7,9 @@ metadata a CreateEvents call of its own would carry
 that finds fewer than ``max_calls`` calls out is sent at once, alone; the ones that
 arrive while every call is out wait, and go together in the next call to leave (up to
 ``max_requests`` and ``max_bytes``). So an idle bridge adds no latency, and a busy one
-pays grpc.aio's per-call cost once per call, not once per request.
+pays grpc.aio's per-call cost once per call, not once per request. A "call" here is a
+batch on the bridge's gathered stream (rest_bridge.gather_stream: about half a unary
+call's cost), or a unary CreateEventsGathered call for a batch over STREAM_BYTES.
 
 The server answers each sub-request as its own call would be answered (its status, its
 trailers, its results): a sub-request's refusal is raised to its own waiter alone, as
@@ -18,14 +20,15 @@ unreachable, its deadline passed) is every sub-request's, as it would have been 
 Fairness: requests wait per credential (key or page origin), and each call takes them
 round robin, so a flood behind one credential does not push a light one out of the calls.
 
-Nothing is retried, with two exceptions that are not retries, as the server read nothing
-of the refused call: gRPC refuses a message over its receive limit first thing, and a
-gathered call so refused is sent again as one call per sub-request, so only a request too
-large on its own is answered 413; and a bridge the server does not recognise (its
-EVENTS_BRIDGE_TOKEN or certificate missing on one side) is refused the gathered call by
-the access interceptor, and then sends plain CreateEvents calls, one per request, as it
-did before gathering, whose forwarded context the server ignores (for DIRECT_SECONDS,
-then it tries again), with a warning.
+Nothing is retried, with three exceptions that are not retries, as the server read nothing
+of the refused call: a server without the stream refuses it (UNIMPLEMENTED), and its
+batches go as unary calls (for DIRECT_SECONDS, with a warning); gRPC refuses a message
+over its receive limit first thing, and a gathered call so refused is sent again as one
+call per sub-request, so only a request too large on its own is answered 413; and a
+bridge the server does not recognise (its EVENTS_BRIDGE_TOKEN or certificate missing on
+one side) is refused the gathered call by the access interceptor, and then sends plain
+CreateEvents calls, one per request, as it did before gathering, whose forwarded context
+the server ignores (for DIRECT_SECONDS, then it tries again), with a warning.
 """
 
 from __future__ import annotations
@@ -41,29 +44,22 @@ import grpc
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
-from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN, MD_WS_MESSAGE_ID
+from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from rest_bridge.deadlines import CallDeadlines
+from rest_bridge.gather_direct import DIRECT_SECONDS, DirectCalls, not_the_bridge
+from rest_bridge.gather_stream import STREAM_BYTES, GatheredLink, status_error
 
 log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str], ...]
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
 _TOO_LARGE = "message larger than max"
 
-
-NOT_THE_BRIDGE = "is for the REST bridge only"
-"""What the server's refusal of a caller it does not take for the bridge says."""
 
 LARGE_CALLS = 4
 """Gathered calls out at once while at least ``large_bytes`` wait: large requests (100
 events) gain from a second call in flight, while the server writes the first; single
 events gain from gathering more per call, so below that only ``max_calls`` go out."""
-
-DIRECT_SECONDS = 30.0
-"""How long a bridge the server does not recognise sends plain CreateEvents calls before it
-tries a gathered call again."""
 
 
 @dataclass(slots=True, eq=False)
@@ -86,16 +82,9 @@ MAX_STALLED_CALLS = 16
 """Calls that may go out beside stalled ones (bounded: a dead server is not flooded)."""
 
 
-def _error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
+def _sub_error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
     """A refused sub-request as the error its own CreateEvents call would have raised."""
-    trailers = grpc.aio.Metadata(
-        *(
-            (t.key, t.value if t.key.endswith("-bin") else t.value.decode("utf-8", "replace"))
-            for t in response.trailers
-        )
-    )
-    code = _CODES.get(response.code, grpc.StatusCode.UNKNOWN)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, response.details or None)
+    return status_error(response.code, response.details, response.trailers)
 
 
 def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseException) -> None:
@@ -125,8 +114,10 @@ class Gatherer:
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._stub = stub
-        self._direct = direct
-        self._direct_until = 0.0
+        self._link = GatheredLink(stub)
+        self._unary_until = 0.0
+        """Until when batches go as unary calls (a server without StreamGathered)."""
+        self._direct = DirectCalls(direct, timeout_seconds)
         self._observe = observe
         self._timeout = timeout_seconds
         self._max_calls = max_calls
@@ -173,8 +164,8 @@ class Gatherer:
         ws_message_id: str | None,
     ) -> pb.CreateEventsResponse:
         loop = asyncio.get_running_loop()
-        if self._direct_until > loop.time():
-            return await self._create_directly(request, metadata, ws_message_id)
+        if self._direct.until > loop.time():
+            return await self._direct.call(request, metadata, ws_message_id)
         raw = request.SerializeToString()
         meta = dict(metadata)
         kind = (
@@ -288,34 +279,6 @@ class Gatherer:
         task = asyncio.get_running_loop().create_task(self._call(batch))
         task.add_done_callback(lambda done: self._sent(done, started))
 
-    async def _create_directly(
-        self,
-        request: pb.CreateEventsRequest | pb.TrackRequest,
-        metadata: Metadata,
-        ws_message_id: str | None,
-    ) -> pb.CreateEventsResponse:
-        if ws_message_id is not None:
-            metadata = (*metadata, (MD_WS_MESSAGE_ID, ws_message_id))
-        response: pb.CreateEventsResponse
-        if isinstance(request, pb.TrackRequest):
-            response = await self._direct().Track(request, timeout=self._timeout, metadata=metadata)
-        else:
-            response = await self._direct().CreateEvents(
-                request, timeout=self._timeout, metadata=metadata
-            )
-        return response
-
-    async def _answer_directly(self, pending: Pending) -> None:
-        ws_message_id = pending.sub.ws_message_id if pending.sub.HasField("ws_message_id") else None
-        try:
-            response = await self._create_directly(pending.request, pending.metadata, ws_message_id)
-        except grpc.aio.AioRpcError as error:
-            if not pending.future.done():
-                pending.future.set_exception(error)
-        else:
-            if not pending.future.done():
-                pending.future.set_result(response)
-
     def _sent(self, task: asyncio.Task[None], started: float) -> None:
         self.out -= 1
         self._started.remove(started)
@@ -334,13 +297,29 @@ class Gatherer:
         deadlines = CallDeadlines(batch, latest)
         for pending in batch:
             pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
+        request = pb.GatheredRequest(requests=[p.sub for p in batch])
+        # On the stream unless too large for one of its messages (see gather_stream).
+        streamed = self._unary_until <= now and sum(p.size for p in batch) <= STREAM_BYTES
         try:
-            reply = await self._stub().CreateEventsGathered(
-                pb.GatheredRequest(requests=[p.sub for p in batch]), timeout=timeout
-            )
+            if streamed:
+                reply = await self._link.exchange(request, timeout)
+            else:
+                reply = await self._stub().CreateEventsGathered(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
+            if streamed and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A server without StreamGathered refused the stream unread: calls, then.
+                if self._unary_until <= loop.time():
+                    log.warning(
+                        "the events-server has no StreamGathered (an older version?): sending"
+                        " gathered calls, one per batch, for %g s",
+                        DIRECT_SECONDS,
+                    )
+                self._unary_until = loop.time() + DIRECT_SECONDS
+                await self._call(batch)
+                return
             if (
-                len(batch) > 1
+                not streamed
+                and len(batch) > 1
                 and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 and _TOO_LARGE in (error.details() or "").lower()
             ):
@@ -348,23 +327,14 @@ class Gatherer:
                 # each, so that only a request too large on its own is refused.
                 await asyncio.gather(*(self._call([p]) for p in batch))
                 return
-            if error.code() == grpc.StatusCode.PERMISSION_DENIED and NOT_THE_BRIDGE in (
-                error.details() or ""
-            ):
+            if not_the_bridge(error):
                 # Refused before the server read a byte (the access interceptor), as an
-                # unrecognised bridge: its credential is missing on one side. It is served as
-                # any direct caller is (its client context not believed), one call each.
-                if self._direct_until <= loop.time():
-                    log.warning(
-                        "the events-server does not take this process for the REST bridge"
-                        " (%s): sending one call per request (CreateEvents or Track), whose"
-                        " forwarded client context it ignores, for %g s; give both the same"
-                        " EVENTS_BRIDGE_TOKEN or this bridge a client certificate",
-                        error.details(),
-                        DIRECT_SECONDS,
-                    )
-                self._direct_until = loop.time() + DIRECT_SECONDS
-                await asyncio.gather(*(self._answer_directly(p) for p in batch))
+                # unrecognised bridge: its credential is missing on one side.
+                self._direct.refused(error)
+                direct = self._direct.answer
+                await asyncio.gather(
+                    *(direct(p.request, p.metadata, p.sub, p.future) for p in batch)
+                )
                 return
             for pending in batch:
                 if not pending.future.done():
@@ -389,9 +359,10 @@ class Gatherer:
             elif response.hold_seconds > 0:
                 # Held as the server would have held a call of its own (a rate-limited
                 # request), this request alone: the others of the call are answered now.
-                loop.call_later(response.hold_seconds, _refuse, pending.future, _error(response))
+                refusal = _sub_error(response)
+                loop.call_later(response.hold_seconds, _refuse, pending.future, refusal)
             else:
-                pending.future.set_exception(_error(response))
+                pending.future.set_exception(_sub_error(response))
         for pending in batch[len(reply.responses) :]:  # not reached: the server answers each
             if not pending.future.done():
                 pending.future.set_exception(

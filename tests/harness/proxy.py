@@ -15,8 +15,11 @@ What a reply is depends on the protocol:
 - ``resp`` (Valkey): the answer to a request that holds an ``EVALSHA`` (the enqueue
   script), so only script calls lose their replies.
 - ``http2`` (gRPC): a HEADERS frame on a stream from the server, the start of an
-  answer to a call. Server-to-client bytes are whole HTTP/2 frames from the first
-  byte (the server sends no preface), so they are split into frames as they come.
+  answer to a call, or a DATA frame, a message on a stream already answering (the
+  bridge's gathered stream answers each batch so; a unary call's HEADERS come before its
+  DATA, so it is cut where it always was). Server-to-client bytes are whole HTTP/2
+  frames from the first byte (the server sends no preface), so they are split into
+  frames as they come.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ Protocol = Literal["resp", "http2"]
 CHUNK = 1 << 16
 FRAME_HEADER = 9
 HEADERS = 0x1
+DATA = 0x0
 
 
 class _Link:
@@ -164,7 +168,7 @@ class FaultProxy:
                 return
             frame, link.replies = link.replies[:size], link.replies[size:]
             stream = int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
-            yield frame, frame[3] == HEADERS and stream != 0
+            yield frame, frame[3] in (HEADERS, DATA) and stream != 0
 
     async def _pump(
         self,

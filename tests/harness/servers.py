@@ -72,6 +72,7 @@ def own_settings(url: str, prefix: str, **overrides: Any) -> Settings:
         "health_interval_seconds": 0.1,
         "shutdown_grace_seconds": 5.0,
         "metrics_addr": "127.0.0.1:0",  # never the fixed default: tests run side by side
+        "access_log_sample": 1.0,  # every line: tests look for theirs (sampling has its own)
     }
     return Settings(**{**base, **overrides})
 
@@ -157,9 +158,10 @@ class UvicornThread:
 
 
 def bridge_settings_for(target: str, **overrides: Any) -> BridgeSettings:
-    """Settings of a bridge of its own in front of ``target``, logging warnings only."""
+    """Settings of a bridge of its own in front of ``target``, logging warnings only (and,
+    when a test sets the level lower, every access line: sampling has tests of its own)."""
     return BridgeSettings.model_validate(
-        {"grpc_target": target, "log_level": "WARNING", **overrides}
+        {"grpc_target": target, "log_level": "WARNING", "access_log_sample": 1.0, **overrides}
     )
 
 

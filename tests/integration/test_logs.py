@@ -23,7 +23,10 @@ from tests.harness.data import ev
 from tests.harness.keys import create_key
 from tests.harness.processes import BridgeProcess, ServerProcess, events_env, http_ok
 from tests.harness.rpc import send
+from tests.harness.servers import LoopThread, bridged, own_settings, serving
+from tests.harness.valkey import valkey_process
 from tests.harness.waiting import eventually
+from tests.harness.web import keyed_client
 
 ACCESS_LOGGERS = ("events_server.access", "rest_bridge.access")
 
@@ -127,6 +130,69 @@ def test_direct_grpc_callers_get_their_request_id_logged(
     assert line["code"] == "OK"
 
 
+# --- the sample: successful lines only; refusals and errors always ---------------------
+
+
+SUCCESSES = 8
+
+
+@pytest.mark.parametrize("sample", [0.0, 0.25, 1.0])
+def test_refusals_and_errors_are_logged_at_any_sample(
+    loop: LoopThread,
+    tmp_path: Path,
+    access_lines: Callable[[], list[dict[str, Any]]],
+    sample: float,
+) -> None:
+    """A bridge and a server of their own at one sample, on a Valkey that goes away."""
+    with valkey_process(tmp_path / "valkey") as valkey:
+        settings = own_settings(
+            valkey.url, "sample", access_log_sample=sample, redis_timeout_seconds=0.5
+        )
+        secret = create_key(valkey.url, settings.key_prefix, ["my_store"])
+        with (
+            serving(loop, settings) as (_, target),
+            bridged(target, access_log_sample=sample) as url,
+            keyed_client(url, secret) as client,
+        ):
+            for n in range(SUCCESSES):
+                sent = client.post("/create-events", json=[EVENT], headers=rid(f"ok-{n}"))
+                assert sent.status_code == 200, sent.text
+            refused = client.post(
+                "/create-events", json=[{**EVENT, "tenant": ""}], headers=rid("no")
+            )
+            assert refused.status_code == 422
+            valkey.stop()
+            failed = client.post("/create-events", json=[EVENT], headers=rid("failed"))
+            assert failed.status_code == 503, failed.text
+    # Both lines of each, whatever the sample.
+    assert outcomes(_lines_of(access_lines, "no")) == {422, "INVALID_ARGUMENT"}
+    assert outcomes(_lines_of(access_lines, "failed")) == {503, "UNAVAILABLE"}
+    lines = access_lines()
+    bridge_ok = [x["request_id"] for x in lines if x.get("status") == 200]
+    server_ok = [x["request_id"] for x in lines if x.get("code") == "OK" and "events" in x]
+    every = [f"ok-{n}" for n in range(SUCCESSES)]
+    if sample == 1.0:
+        assert bridge_ok == server_ok == every
+    elif sample == 0.0:
+        assert bridge_ok == server_ok == []
+        assert not [x for x in lines if x.get("code") == "OK"]  # nor the gathered calls'
+    else:
+        # The bridge's sample is its requests' alone: the 1st, 5th... The server's also
+        # counts the gathered calls' own lines: its first, and not all of them.
+        assert bridge_ok == ["ok-0", "ok-4"]
+        assert server_ok[0] == "ok-0"
+        assert len(server_ok) < SUCCESSES
+
+
+def rid(value: str) -> dict[str, str]:
+    return {"X-Request-ID": value}
+
+
+def outcomes(lines: list[dict[str, Any]]) -> set[object]:
+    """The statuses (bridge) and codes (server) of a request's lines."""
+    return {x.get("status", x.get("code")) for x in lines}
+
+
 # --- no key material, ever: the real processes' whole output ----------------------------
 
 
@@ -149,6 +215,7 @@ def test_no_key_material_is_logged(settings: Settings, tmp_path: Path) -> None:
         settings,
         EVENTS_METRICS_ADDR="127.0.0.1:0",
         EVENTS_LOG_LEVEL="DEBUG",
+        EVENTS_ACCESS_LOG_SAMPLE="1",  # every line, so that all of them are searched
     )
     server = ServerProcess(env, tmp_path / "server.log")
     bridge = BridgeProcess(server.start(), tmp_path / "bridge.log", env=env)

@@ -72,3 +72,40 @@ def test_invalid_settings_fail_at_start_up(
     assert callable(main)
     assert main(argv) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main", [events_server_main, bridge_main])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("1.5", "less than or equal to 1"),
+        ("-0.1", "greater than or equal to 0"),
+        ("nan", "finite number"),
+        ("1%", "valid number"),
+    ],
+)
+@pytest.mark.parametrize("given", ["flag", "env"])
+def test_an_access_log_sample_outside_0_to_1_fails_at_start_up(
+    main: object,
+    bad: tuple[str, str],
+    given: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert callable(main)
+    value, why = bad
+    argv = ["serve"] if main is events_server_main else []
+    if given == "flag":
+        argv += ["--access-log-sample", value]
+    else:
+        monkeypatch.setenv("EVENTS_ACCESS_LOG_SAMPLE", value)
+    if given == "flag" and value == "1%":
+        with pytest.raises(SystemExit):  # argparse's own refusal of a float flag
+            main(argv)
+        assert "--access-log-sample: invalid float value: '1%'" in capsys.readouterr().err
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err
+    assert "access_log_sample" in err
+    assert why in err

@@ -15,10 +15,12 @@ import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any, Literal, TextIO
 
 import orjson
 
+from events_server.ops.access_log import AccessRecord
 from events_server.wire.metadata import new_request_id
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -32,10 +34,8 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Everything a LogRecord carries by itself; any other attribute came in `extra=`
 # (but uvicorn's terminal-coloured copy of the message is noise in JSON).
-_STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
-    | {"message", "asctime", "color_message"}
-)
+_RECORD_ATTRS = vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+_STANDARD_ATTRS = frozenset(_RECORD_ATTRS | {"message", "asctime", "color_message"})
 
 
 def accept_request_id(value: str | None) -> str:
@@ -65,9 +65,12 @@ def client_ip_for_log(ip: str, mode: IpMode) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, request id, extra fields."""
 
+    _day_time: tuple[int, str] = (-1, "")
+    """The last second's date and time of day, as ``_timestamp`` wrote them."""
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -75,7 +78,11 @@ class JsonFormatter(logging.Formatter):
         current = request_id.get()
         if current is not None:
             line["request_id"] = current
-        for key, value in vars(record).items():
+        attrs = vars(record).items()
+        # An access line's record was copied from a standard one: what follows is its own.
+        for key, value in (
+            islice(attrs, len(_RECORD_ATTRS), None) if type(record) is AccessRecord else attrs
+        ):
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 line[key] = value
         if record.exc_info:
@@ -86,6 +93,19 @@ class JsonFormatter(logging.Formatter):
             return orjson.dumps(line, default=str).decode()
         except (TypeError, orjson.JSONEncodeError):  # lone surrogates, ints past 64 bits
             return json.dumps(line, ensure_ascii=False, default=str)
+
+    def _timestamp(self, created: float) -> str:
+        """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, its
+        date and time of day made once a second (they cost more than the rest of a line)."""
+        second = int(created)
+        micros = round((created - second) * 1_000_000)  # rounded as fromtimestamp rounds
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        cached, prefix = self._day_time
+        if second != cached:
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._day_time = (second, prefix)  # one assignment: threads may share a formatter
+        return f"{prefix}.{micros // 1000:03d}+00:00"
 
 
 def setup_logging(level: str, stream: TextIO | None = None) -> None:

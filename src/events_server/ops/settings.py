@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, BeforeValidator, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings
 
 ENV_PREFIX = "EVENTS_"
@@ -17,6 +17,17 @@ LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
     BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
 ]
+
+
+AccessLogSample = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+"""EVENTS_ACCESS_LOG_SAMPLE, which the server and the bridge both read."""
+
+ACCESS_LOG_SAMPLE = 0.01
+ACCESS_LOG_SAMPLE_HELP = (
+    "Share of successful requests' access lines written, 0 to 1 (0.01: the first, then one"
+    " in a hundred); refusals and errors (any other HTTP status, any other gRPC code) are"
+    " always written, and the metrics count every request."
+)
 
 
 MIN_BRIDGE_TOKEN_CHARS = 16

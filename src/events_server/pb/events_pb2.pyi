@@ -623,16 +623,26 @@ class GatheredRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_US_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """StreamGathered: names the batch; its answer carries it back."""
+    timeout_us: _builtins.int
+    """StreamGathered: how long the batch may take from its arrival, microseconds (what a
+    CreateEventsGathered call's deadline is; 0: none).
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubRequest]: ...
     def __init__(
         self,
         *,
         requests: _abc.Iterable[Global___SubRequest] | None = ...,
+        call_id: _builtins.int = ...,
+        timeout_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "requests", b"requests", "timeout_us", b"timeout_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,16 +725,41 @@ class GatheredResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSES_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    TRAILERS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """StreamGathered: the call_id of the batch answered."""
+    code: _builtins.int
+    """StreamGathered: a failure of the whole batch, as a CreateEventsGathered call would
+    end with it (its turn never came, its deadline passed): the gRPC status code (0: OK,
+    then `responses` answer each sub-request), its message and its trailing metadata.
+    """
+    details: _builtins.str
+    draining: _builtins.bool
+    """StreamGathered: the server takes no more batches on this stream (it is shutting
+    down); it answers those it has read, and ends the stream once the bridge half-closes
+    it. Answers no batch (call_id 0).
+    """
     @_builtins.property
     def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubResponse]: ...
+    @_builtins.property
+    def trailers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trailer]: ...
     def __init__(
         self,
         *,
         responses: _abc.Iterable[Global___SubResponse] | None = ...,
+        call_id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        trailers: _abc.Iterable[Global___Trailer] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "code", b"code", "details", b"details", "draining", b"draining", "responses", b"responses", "trailers", b"trailers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -165,6 +165,11 @@ class BridgeIngestStub:
                 request_serializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
                 response_deserializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
                 _registered_method=True)
+        self.StreamGathered = channel.stream_stream(
+                '/events.v1.BridgeIngest/StreamGathered',
+                request_serializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
+                _registered_method=True)
 
 
 class BridgeIngestServicer:
@@ -181,11 +186,25 @@ class BridgeIngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamGathered(self, request_iterator, context):
+        """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
+        is a batch, worked as CreateEventsGathered works a call, and answered by the
+        GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeIngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateEventsGathered': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEventsGathered,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.SerializeToString,
+            ),
+            'StreamGathered': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamGathered,
                     request_deserializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.FromString,
                     response_serializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.SerializeToString,
             ),
@@ -220,6 +239,33 @@ class BridgeIngest:
             request,
             target,
             '/events.v1.BridgeIngest/CreateEventsGathered',
+            events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamGathered(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/events.v1.BridgeIngest/StreamGathered',
             events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
             events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
             options,

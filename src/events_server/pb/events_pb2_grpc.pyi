@@ -96,6 +96,11 @@ class BridgeIngestStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BridgeIngestAsyncStub: ...
     CreateEventsGathered: _grpc.UnaryUnaryMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]
+    StreamGathered: _grpc.StreamStreamMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]
+    """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
+    is a batch, worked as CreateEventsGathered works a call, and answered by the
+    GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+    """
 
 @_typing.type_check_only
 class BridgeIngestAsyncStub(BridgeIngestStub):
@@ -108,6 +113,11 @@ class BridgeIngestAsyncStub(BridgeIngestStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateEventsGathered: _aio.UnaryUnaryMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]  # type: ignore[assignment]
+    StreamGathered: _aio.StreamStreamMultiCallable[_events_pb2.GatheredRequest, _events_pb2.GatheredResponse]  # type: ignore[assignment]
+    """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
+    is a batch, worked as CreateEventsGathered works a call, and answered by the
+    GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+    """
 
 class BridgeIngestServicer(metaclass=_abc_1.ABCMeta):
     """Internal: how the REST bridge sends the requests that arrive while its previous call
@@ -123,6 +133,17 @@ class BridgeIngestServicer(metaclass=_abc_1.ABCMeta):
         request: _events_pb2.GatheredRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.GatheredResponse, _abc.Awaitable[_events_pb2.GatheredResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamGathered(
+        self,
+        request_iterator: _MaybeAsyncIterator[_events_pb2.GatheredRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_events_pb2.GatheredResponse], _abc.AsyncIterator[_events_pb2.GatheredResponse]]:
+        """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
+        is a batch, worked as CreateEventsGathered works a call, and answered by the
+        GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+        """
 
 def add_BridgeIngestServicer_to_server(servicer: BridgeIngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

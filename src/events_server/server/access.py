@@ -13,6 +13,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.server.identity import BRIDGE_ONLY_METHODS, BridgeIdentity
@@ -22,7 +23,7 @@ from events_server.server.passage import client_ip
 from events_server.server.status import call_events
 from events_server.wire.metadata import ADMIT_METHOD, MD_API_KEY, MD_ORIGIN, REQUEST_ID_HEADER
 
-log = logging.getLogger("events_server.access")
+ACCESS_LOGGER = "events_server.access"
 
 # Probes and reflection are frequent and dull: their lines are DEBUG.
 QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -35,7 +36,8 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary handler; streaming ones (reflection, Watch) pass untouched."""
+    """Wraps every unary-unary handler and the bridge's stream; other streaming ones
+    (reflection, Watch) pass untouched."""
 
     def __init__(
         self,
@@ -43,22 +45,31 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         ip_mode: IpMode,
         forwarded_hops: int,
         bridge: BridgeIdentity | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self._metrics = metrics
         self._ip_mode = ip_mode
         self._hops = forwarded_hops
         self._bridge = bridge if bridge is not None else BridgeIdentity()
+        self._access = access if access is not None else AccessLog(ACCESS_LOGGER, 1.0)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method: str = handler_call_details.method
-        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = (
-            handler.unary_unary  # type: ignore[assignment]
-        )
+        inner: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary  # type: ignore[assignment]
+            wrap = grpc.unary_unary_rpc_method_handler
+        elif handler.stream_stream is not None and method in BRIDGE_ONLY_METHODS:
+            # The bridge's gathered stream: one line when it ends (its batches have theirs).
+            inner = handler.stream_stream  # type: ignore[assignment]
+            wrap = grpc.stream_stream_rpc_method_handler
+        else:
+            return handler
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         bridge_only = method in BRIDGE_ONLY_METHODS
         quiet_when_ok = method in QUIET_WHEN_OK
@@ -88,7 +99,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 seconds = time.perf_counter() - started
                 self._metrics.observe_rpc(method, code.name, seconds)
                 ok = code is grpc.StatusCode.OK
-                if log.isEnabledFor(line := logging.DEBUG if quiet_when_ok and ok else level):
+                if self._access.wanted(
+                    line := logging.DEBUG if quiet_when_ok and ok else level, ok
+                ):
                     self._log(
                         line,
                         method,
@@ -103,7 +116,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 current_request_id.reset(token)
                 current_identity.reset(known)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return wrap(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
@@ -126,6 +139,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         else:
             count = call_events.get()  # CreateEvents reads raw bytes
         access_line(
+            self._access,
             level,
             method,
             code,
@@ -140,6 +154,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
 
 def access_line(
+    access: AccessLog,
     level: int,
     method: str,
     code: grpc.StatusCode,
@@ -151,7 +166,8 @@ def access_line(
     client: str,
     **more: Any,
 ) -> None:
-    """Log the access line of one call (or of one request a gathered call carried)."""
+    """Write the access line of one call (or of one request a gathered call carried), which
+    ``access.wanted`` chose."""
     fields: dict[str, Any] = {
         "method": method,
         "code": code.name,
@@ -170,4 +186,4 @@ def access_line(
         fields["auth"] = "storefront"
         fields["origin"] = metadata[MD_ORIGIN][:200]
     fields.update(more)
-    log.log(level, "%s %s", method, code.name, extra=fields)
+    access.write(level, f"{method} {code.name}", fields)

@@ -10,15 +10,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.exposition import MetricsEndpoint, scrape_registry
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.connection import RedisClient, connect
 from events_server.queue.keys import KeySpace
-from events_server.server.access import AccessInterceptor
+from events_server.server.access import ACCESS_LOGGER, AccessInterceptor
 from events_server.server.admission import AdmittingOrigins
 from events_server.server.auth import Authenticator, Caller, KeyStore
 from events_server.server.gathered import GatheredService
+from events_server.server.gathered_stream import GatheredStreams
 from events_server.server.identity import BridgeIdentity
 from events_server.server.limits import Limiter, Rates
 from events_server.server.lookups import CachedLookup
@@ -63,8 +65,11 @@ class EventsServer:
         *,
         metrics: ServerMetrics,
         rejected: RejectedLog | None = None,
+        streams: GatheredStreams | None = None,
     ) -> None:
         self.grpc = server
+        self.streams = streams
+        """The bridge's gathered streams (None: a server built without them)."""
         self.metrics = metrics
         self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
         self.replicas = ReplicaGauges()
@@ -103,6 +108,8 @@ class EventsServer:
             return
         self._stopping = True
         await self._health.enter_graceful_shutdown()
+        if self.streams is not None:  # the bridge's streams take no more batches
+            self.streams.drain()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -212,9 +219,13 @@ async def create_server(
     )
     if warning := bridge.startup_warning(settings.grpc_addr):
         log.warning("%s", warning)
+    # One sample for the process: calls' and gathered requests' lines alike.
+    access = AccessLog(ACCESS_LOGGER, settings.access_log_sample)
     server = grpc.aio.server(
         interceptors=[
-            AccessInterceptor(metrics, settings.log_client_ip, settings.forwarded_hops, bridge)
+            AccessInterceptor(
+                metrics, settings.log_client_ip, settings.forwarded_hops, bridge, access
+            )
         ],
         # Past it gRPC refuses a call at once (RESOURCE_EXHAUSTED) instead of queueing it.
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
@@ -254,7 +265,8 @@ async def create_server(
     # Not the generated add_EventsServiceServicer_to_server: CreateEvents (and Track) take
     # the raw request bytes (no request_deserializer), so that the caller is authenticated and
     # the events counted before gRPC would have built every message.
-    gathered = GatheredService(events, metrics, settings.log_client_ip)
+    gathered = GatheredService(events, metrics, settings.log_client_ip, access)
+    streams = GatheredStreams(gathered, metrics, settings.log_client_ip, access)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -278,7 +290,11 @@ async def create_server(
                     "CreateEventsGathered": grpc.unary_unary_rpc_method_handler(
                         gathered.CreateEventsGathered,
                         response_serializer=pb.GatheredResponse.SerializeToString,
-                    )
+                    ),
+                    "StreamGathered": grpc.stream_stream_rpc_method_handler(
+                        streams.StreamGathered,
+                        response_serializer=pb.GatheredResponse.SerializeToString,
+                    ),
                 },
             ),
         )
@@ -301,7 +317,14 @@ async def create_server(
         server,
     )
     built = EventsServer(
-        server, health_servicer, store, redis, settings, metrics=metrics, rejected=rejected
+        server,
+        health_servicer,
+        store,
+        redis,
+        settings,
+        metrics=metrics,
+        rejected=rejected,
+        streams=streams,
     )
     built.listen_for_metrics()
     try:

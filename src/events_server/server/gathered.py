@@ -6,7 +6,8 @@ CreateEvents call, or a Track call by its kind; ``EventsService``: admit its key
 storefront origin, parse, validate, check its tenants, charge its rate) and gets the
 status and per-event results that call would end with; what they queue is written by one
 store append (one pipeline of per-partition scripts for all of them). A sub-request's
-refusal touches no other.
+refusal touches no other. The same calls come as batches on the bridge's stream too
+(``gathered_stream``): both are worked by ``serve``.
 
 Only the bridge may call it (``identity.BRIDGE_ONLY_METHODS``: its mTLS certificate, its
 EVENTS_BRIDGE_TOKEN, or a peer on this host when neither is configured): its
@@ -30,6 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from events_server.ops.access_log import AccessLog
 from events_server.ops.logs import IpMode, accept_request_id, client_ip_for_log
 from events_server.ops.logs import request_id as current_request_id
 from events_server.pb import events_pb2 as pb
@@ -40,12 +42,11 @@ from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
 from events_server.server.passage import Passage
 from events_server.server.service import EventsService
-from events_server.server.status import QUIET_CODES, abort, grpc_status
+from events_server.server.status import QUIET_CODES, Trailers, abort, grpc_status
 from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
 from events_server.wire.violations import FieldViolation
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("events_server.access")
 
 BRIDGE_TURNS = "bridge:gathered"
 """The FairTurns account of gathered calls."""
@@ -65,60 +66,61 @@ class GatheredService:
         events: EventsService,
         metrics: ServerMetrics,
         ip_mode: IpMode,
+        access: AccessLog,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self._ip_mode = ip_mode
+        self._access = access
 
     async def CreateEventsGathered(
         self, raw: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GatheredResponse:
         """Every sub-request answered as its own CreateEvents call would be."""
-        peer = context.peer()
         caller = identity.current.get()
         if caller is None or not caller.bridge:  # the access interceptor refused it already
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{GATHERED_METHOD} is for the REST bridge only, and this caller is not it",
             )
-        events = self._events
-        passages: list[Passage] = []
         try:
-            # Parsed before its turn (from the bridge alone, and cheap: each sub-request's
-            # events stay bytes), to learn how long its requests already waited there.
-            gathered = _parse(raw)
-            # A budget per request, as for a call of its own, from when it arrived at the
-            # bridge: a hung Redis costs a request the budget once, its wait for this call
-            # included, so the call works to its oldest request's deadline. A request that
-            # waited more than STALE_SHARE of it is refused alone (see ``_stale``): an old
-            # request never leaves the fresh ones less than the rest of the budget.
-            budget_us = int(events.write_seconds * 1e6)
-            waited = max(
-                (sub.waited_us for sub in gathered.requests if not _is_stale(sub, budget_us)),
-                default=0,
-            )
-            deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
-            async with events.limiter.turn(BRIDGE_TURNS, deadline):
-                received_at = Timestamp()
-                received_at.FromNanoseconds(time.time_ns())
-                passages = [
-                    Passage(
-                        sub.request,
-                        dict(sub.metadata),
-                        peer,
-                        sub.ws_message_id if sub.HasField("ws_message_id") else None,
-                        received_at=received_at,
-                        kind=sub.kind,
-                    )
-                    for sub in gathered.requests
-                ]
-                self._metrics.gathered(len(passages))
-                await self._work(_stale(passages, gathered, events.write_seconds), deadline)
+            return await self.serve(decode(raw), context.peer())
         except IngestError as error:  # no turn came, or not a GatheredRequest: the whole call
-            code, message, _ = grpc_status(error)
-            if code not in QUIET_CODES:
-                log.warning("%s failed: %s: %s", GATHERED_METHOD, code.name, message)
+            whole_call_failed(error)
             await abort(context, error)
+
+    async def serve(self, gathered: pb.GatheredRequest, peer: str) -> pb.GatheredResponse:
+        """Every sub-request of one gathered call (or one batch of a stream) answered as its
+        own CreateEvents call would be; IngestError when the whole call fails."""
+        events = self._events
+        _check_size(gathered)
+        # A budget per request, as for a call of its own, from when it arrived at the
+        # bridge: a hung Redis costs a request the budget once, its wait for this call
+        # included, so the call works to its oldest request's deadline. A request that
+        # waited more than STALE_SHARE of it is refused alone (see ``_stale``): an old
+        # request never leaves the fresh ones less than the rest of the budget.
+        budget_us = int(events.write_seconds * 1e6)
+        waited = max(
+            (sub.waited_us for sub in gathered.requests if not _is_stale(sub, budget_us)),
+            default=0,
+        )
+        deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
+        async with events.limiter.turn(BRIDGE_TURNS, deadline):
+            received_at = Timestamp()
+            received_at.FromNanoseconds(time.time_ns())
+            passages = [
+                Passage(
+                    sub.request,
+                    dict(sub.metadata),
+                    peer,
+                    sub.ws_message_id if sub.HasField("ws_message_id") else None,
+                    received_at=received_at,
+                    kind=sub.kind,
+                )
+                for sub in gathered.requests
+            ]
+            self._metrics.gathered(len(passages))
+            await self._work(_stale(passages, gathered, events.write_seconds), deadline)
         return pb.GatheredResponse(responses=[self._answer(p, len(passages)) for p in passages])
 
     async def _work(self, passages: list[Passage], deadline: float) -> None:
@@ -162,9 +164,10 @@ class GatheredService:
         try:
             code, message, trailers = self._events.finish(passage)
             self._metrics.gathered_request(code.name)
-            if access_log.isEnabledFor(logging.INFO):
+            if self._access.wanted(logging.INFO, code is grpc.StatusCode.OK):
                 metadata = passage.metadata
                 access_line(
+                    self._access,
                     logging.INFO,
                     SUB_METHOD.format(passage.method),
                     code,
@@ -183,10 +186,7 @@ class GatheredService:
             code=code.value[0],
             details=message,
             hold_seconds=self._events.hold(passage),
-            trailers=[
-                pb.Trailer(key=key, value=value if isinstance(value, bytes) else value.encode())
-                for key, value in trailers
-            ],
+            trailers=trailer_messages(trailers),
         )
 
 
@@ -226,14 +226,36 @@ def _stale(passages: list[Passage], gathered: pb.GatheredRequest, budget: float)
     return fresh
 
 
-def _parse(raw: bytes) -> pb.GatheredRequest:
-    """The gathered call's sub-requests (their events stay bytes until each is admitted)."""
+def whole_call_failed(error: IngestError) -> tuple[grpc.StatusCode, str, Trailers]:
+    """The status a gathered call (or a stream's batch) failing as a whole ends with, logged
+    unless it is an expected one."""
+    code, message, trailers = grpc_status(error)
+    if code not in QUIET_CODES:
+        log.warning("%s failed: %s: %s", GATHERED_METHOD, code.name, message)
+    return code, message, trailers
+
+
+def trailer_messages(trailers: Trailers) -> list[pb.Trailer]:
+    """Trailing metadata as the bridge gets it back in a message."""
+    return [
+        pb.Trailer(key=key, value=value if isinstance(value, bytes) else value.encode())
+        for key, value in trailers
+    ]
+
+
+def decode(raw: bytes) -> pb.GatheredRequest:
+    """The gathered call's sub-requests (their events stay bytes until each is admitted):
+    parsed before its turn (from the bridge alone, and cheap), to learn how long its
+    requests already waited there."""
     try:
-        gathered = pb.GatheredRequest.FromString(raw)
+        return pb.GatheredRequest.FromString(raw)
     except DecodeError as error:
         raise InvalidEvents(
             [FieldViolation("requests", f"not a GatheredRequest: {error}", "protobuf_invalid")]
         ) from None
+
+
+def _check_size(gathered: pb.GatheredRequest) -> None:
     if len(gathered.requests) > MAX_SUB_REQUESTS:
         raise InvalidEvents(
             [
@@ -244,4 +266,3 @@ def _parse(raw: bytes) -> pb.GatheredRequest:
                 )
             ]
         )
-    return gathered

@@ -36,14 +36,17 @@ from events_server.wire.addresses import is_local_address, is_local_peer
 from events_server.wire.metadata import (
     FORWARDED_METADATA,
     GATHERED_METHOD,
+    GATHERED_STREAM_METHOD,
     MD_BRIDGE_TOKEN,
     REJECTED_SERVICE_NAME,
 )
 
 log = logging.getLogger(__name__)
 
-BRIDGE_ONLY_METHODS = frozenset({f"/{REJECTED_SERVICE_NAME}/Record", GATHERED_METHOD})
-"""Unary methods no caller but the bridge may call (the access interceptor refuses the rest)."""
+BRIDGE_ONLY_METHODS = frozenset(
+    {f"/{REJECTED_SERVICE_NAME}/Record", GATHERED_METHOD, GATHERED_STREAM_METHOD}
+)
+"""Methods no caller but the bridge may call (the access interceptor refuses the rest)."""
 
 # What gRPC's auth context holds of a verified client certificate's names.
 _CERT_NAMES = ("x509_subject_alternative_name", "x509_common_name")

@@ -8,7 +8,14 @@ from pydantic import AliasChoices, BeforeValidator, Field, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from events_server.ops.logs import IpMode
-from events_server.ops.settings import ENV_PREFIX, BridgeToken, LogLevel
+from events_server.ops.settings import (
+    ACCESS_LOG_SAMPLE,
+    ACCESS_LOG_SAMPLE_HELP,
+    ENV_PREFIX,
+    AccessLogSample,
+    BridgeToken,
+    LogLevel,
+)
 from events_server.queue.connection import RedisConfig
 from events_server.wire.codec import varint
 from events_server.wire.origins import normalize_origin
@@ -110,6 +117,9 @@ class Settings(BaseSettings):
         "truncated",
         description="Client IPs in access logs: full, truncated (IPv4 /24, IPv6 /48) or none."
         " Queued envelopes always keep the full address.",
+    )
+    access_log_sample: AccessLogSample = Field(
+        ACCESS_LOG_SAMPLE, description=ACCESS_LOG_SAMPLE_HELP
     )
     metrics_addr: str = Field(
         "127.0.0.1:9464",

@@ -49,6 +49,8 @@ ORIGINS_SERVICE_NAME = _SERVICES["Origins"].full_name
 BRIDGE_INGEST_SERVICE_NAME = _SERVICES["BridgeIngest"].full_name
 GATHERED_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/CreateEventsGathered"
 """The REST bridge's gathered calls (internal: only the bridge may make them)."""
+GATHERED_STREAM_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/StreamGathered"
+"""The same calls as batches on one long-lived stream per bridge channel (bridge only)."""
 ADMIT_METHOD = f"/{ORIGINS_SERVICE_NAME}/Admit"
 """Whether a caller is known, asked by the REST bridge before it reads a request's body."""
 
