@@ -57,17 +57,38 @@ _TENANT_REFUSAL = re.compile(r"^events\[(\d+)\]\.tenant: ")
 _NOT_A_FRAME = 'a frame is a JSON object {"id": "<string>", "event": {...}}'
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """A frame that names itself: its id, and its event as a one-event POST body."""
+    """A frame that names itself: its id, and its event as a one-event POST body.
 
-    id: str
-    body: bytes
-    """``[event]`` as JSON; ``[frame]`` when the frame holds no event (for the record)."""
-    has_event: bool = True
-    request: pb.CreateEventsRequest | None = None
-    """The request of the event, when it was clearly valid (rest_bridge.fastpath): else
-    ``body`` is validated as a POST's."""
+    (A plain class, not a frozen dataclass: one is made for every frame, and a frozen
+    dataclass sets each field through object.__setattr__.)"""
+
+    __slots__ = ("_body", "_event", "has_event", "id", "request")
+
+    def __init__(
+        self,
+        frame_id: str,
+        body: bytes | None,
+        has_event: bool = True,
+        request: pb.CreateEventsRequest | None = None,
+        event: Any = None,
+    ) -> None:
+        self.id = frame_id
+        self._body = body
+        self.has_event = has_event
+        self.request = request
+        """The request of the event, when it was clearly valid (rest_bridge.fastpath): else
+        ``body`` is validated as a POST's."""
+        self._event = event
+
+    @property
+    def body(self) -> bytes:
+        """``[event]`` as JSON; ``[frame]`` when the frame holds no event (for the record).
+        Written when asked for, from the parsed ``event``, when that was given instead:
+        a clearly valid event needs it only if the server refuses it."""
+        if self._body is None:
+            self._body = orjson.dumps([self._event])
+        return self._body
 
 
 def id_metadata(frame_id: str) -> str:
@@ -141,7 +162,7 @@ def _quick_frame(frame: Any) -> Frame | None:
         return None
     # (upb takes the event's fields as a dict: see rest_bridge.fastpath.)
     request = pb.CreateEventsRequest(events=[fields])  # type: ignore[list-item]
-    return Frame(frame_id, orjson.dumps([item]), True, request)
+    return Frame(frame_id, None, True, request, item)
 
 
 _LARGE = 10**18
