@@ -53,6 +53,12 @@ class Admission:
         """Credential -> until when it is admitted (monotonic)."""
         self._asking: dict[Credential, asyncio.Future[Reply | None]] = {}
 
+    def admitted(self, headers: dict[bytes, bytes], key: str | None) -> bool:
+        """Whether the caller is admitted already (kept): before_body would say None."""
+        origin = headers.get(b"origin")
+        until = self._admitted.get((key, origin.decode("latin-1") if origin is not None else None))
+        return until is not None and until > time.monotonic()
+
     async def before_body(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None
     ) -> Reply | None:

@@ -166,6 +166,24 @@ def body_arrived(receive: Any) -> bool:
     return getattr(getattr(receive, "__self__", None), "more_body", True) is False
 
 
+def arrived_body(message: dict[str, Any], content_length: bytes | None, limit: int) -> bytes:
+    """read_body of a body that is not gzipped and has arrived whole (body_arrived: the one
+    ``receive`` message holds it all), taken without a coroutine more."""
+    if _declared(content_length) > limit:
+        raise too_large(limit)
+    if message["type"] == "http.disconnect":
+        raise _left()
+    body: bytes = message.get("body", b"")
+    if len(body) > limit:
+        raise too_large(limit)
+    return body
+
+
+def _left() -> BodyRefused:
+    # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
+    return BodyRefused(json_reply(499, {"detail": "the client left before sending the whole body"}))
+
+
 async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, limit: int) -> bytes:
     """The whole body (inflated when gzipped), or BodyRefused as soon as it passes ``limit``."""
     if _declared(content_length) > limit:
@@ -177,10 +195,7 @@ async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, l
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
-            raise BodyRefused(
-                json_reply(499, {"detail": "the client left before sending the whole body"})
-            )
+            raise _left()
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         size += len(chunk)

@@ -39,7 +39,7 @@ import resource
 import ssl
 import time
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -49,6 +49,7 @@ from uvicorn.server import ServerState
 
 from rest_bridge.budget import ByteBudget
 from rest_bridge.config import BridgeSettings
+from rest_bridge.writes import TurnWrites
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.handshake is not None:
             self.guard.shaken(self.handshake)  # from here on it is an HTTP connection
-        super().connection_made(transport)
+        # A response's head and body (and a turn's other writes) in one send.
+        super().connection_made(cast(asyncio.Transport, TurnWrites(transport)))
         if not self.guard.admit(self, self.connections):
             self._refuse(
                 503,
@@ -325,9 +327,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.guard.idle(self)
 
     def handle_websocket_upgrade(self) -> None:
-        # The WebSocket protocol takes the connection over (and counts in connections).
+        # The WebSocket protocol takes the connection over (and counts in connections),
+        # with the transport itself: it joins its writes its own way.
         self._cancel_head_timer()
         self.guard.gone(self)
+        writes = cast(TurnWrites, self.transport)
+        writes.flush()
+        self.transport = writes.raw
         super().handle_websocket_upgrade()
 
     def _arm_head_timer(self) -> None:

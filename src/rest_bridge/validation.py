@@ -32,6 +32,7 @@ from rest_bridge.errors import (
     unprocessable,
     validation_detail,
 )
+from rest_bridge.fastpath import quick_request
 from rest_bridge.jsonbody import nests_deeper, parse_json, too_deep, too_many_events
 from rest_bridge.models import Event, String, unencodable_locations
 from rest_bridge.responses import Reply
@@ -186,11 +187,14 @@ def valid_events(body: bytes) -> list[Event] | None:
         return None
 
 
-def quick_events(body: bytes, max_events: int) -> list[pb.Event] | Reply | None:
-    """The events of ``body`` when pydantic's JSON validation takes them (stopped at the
-    first invalid event: a bounded cost), else None."""
+def quick_events(body: bytes, max_events: int) -> pb.CreateEventsRequest | Reply | None:
+    """The request of ``body`` when it is clearly valid (rest_bridge.fastpath) or pydantic's
+    JSON validation takes it (stopped at the first invalid event: a bounded cost), else
+    None."""
+    if (request := quick_request(body, max_events)) is not None:
+        return request
     events = valid_events(body)
-    return None if events is None else accepted_events(events, max_events)
+    return None if events is None else _request(accepted_events(events, max_events))
 
 
 def accepted_events(events: list[Event], max_events: int | None) -> list[pb.Event] | Reply:
@@ -209,7 +213,32 @@ def validate_body(
 
     For small bodies (see rest_bridge.offload): the cost of a refusal grows with the
     errors found, ~8 µs per comma at worst. validate_large_body takes any body.
+    A body clearly valid takes one quick pass (rest_bridge.fastpath), any other the full
+    validation (validate_body_fully).
     """
+    if (request := quick_request(body, max_events)) is not None:
+        return list(request.events)
+    return validate_body_fully(body, max_depth, max_events)
+
+
+def validate_request(
+    body: bytes, max_depth: int, max_events: int | None = None
+) -> pb.CreateEventsRequest | Reply:
+    """validate_body's events as the CreateEventsRequest of them (what POST /create-events
+    sends), built at once when the body is clearly valid."""
+    if (request := quick_request(body, max_events)) is not None:
+        return request
+    return _request(validate_body_fully(body, max_depth, max_events))
+
+
+def _request(result: list[pb.Event] | Reply) -> pb.CreateEventsRequest | Reply:
+    return result if isinstance(result, Reply) else pb.CreateEventsRequest(events=result)
+
+
+def validate_body_fully(
+    body: bytes, max_depth: int, max_events: int | None = None
+) -> list[pb.Event] | Reply:
+    """validate_body by the models alone (FastAPI's way), with no quick pass."""
     if not body:
         return unprocessable(missing_body())
     # Success implies a shallow body: list[Event] nests MIN_JSON_DEPTH deep at
@@ -271,6 +300,6 @@ def events_in_worker(
     return pb.CreateEventsRequest(events=result).SerializeToString()
 
 
-def decode_events(raw: bytes) -> list[pb.Event]:
-    """What events_in_worker serialized, as the events again."""
-    return list(pb.CreateEventsRequest.FromString(raw).events)
+def decode_events(raw: bytes) -> pb.CreateEventsRequest:
+    """What events_in_worker serialized, as the request again."""
+    return pb.CreateEventsRequest.FromString(raw)

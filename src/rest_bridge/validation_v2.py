@@ -31,6 +31,7 @@ from rest_bridge.errors import (
     unprocessable,
     validation_detail,
 )
+from rest_bridge.fastpath import quick_track
 from rest_bridge.jsonbody import nests_deeper, parse_json, too_deep, too_many_events
 from rest_bridge.models_v2 import (
     EUnavailabilityType,
@@ -245,7 +246,10 @@ def validate_track_body(
 
 
 def validate_track(body: bytes, max_depth: int, max_events: int) -> pb.TrackRequest | Reply:
-    """validate_track_body on the event loop (the tenants are read from a refused body later)."""
+    """validate_track_body on the event loop (the tenants are read from a refused body later);
+    a body clearly valid takes one quick pass (rest_bridge.fastpath) instead."""
+    if (request := quick_track(body, max_events)) is not None:
+        return request
     return validate_track_body(body, max_depth, max_events)[0]
 
 

@@ -338,16 +338,18 @@ class WebSocketIngest:
         """What became of the frame's event, and the answer to send (None: none)."""
         if not frame.has_event:
             return self._not_ok(conn, frame, missing_event_detail())
-        events = self._parser.parse_inline(frame.body, V1_RULES)
-        if events is None:
-            events, _ = await self._parser.parse(frame.body, V1_RULES)
-        if isinstance(events, Reply):
-            if events.status != UNPROCESSABLE:  # the parse workers are busy: retry later
+        request: pb.CreateEventsRequest | Reply | None = frame.request
+        if request is None:
+            request = self._parser.parse_inline(frame.body, V1_RULES)
+            if request is None:
+                request = (await self._parser.parse(frame.body, V1_RULES))[0]
+        if isinstance(request, Reply):
+            if request.status != UNPROCESSABLE:  # the parse workers are busy: retry later
                 return "unanswered", None
-            return self._not_ok(conn, frame, reply_detail(events))
+            return self._not_ok(conn, frame, reply_detail(request))
         try:
             response = await self._gatherer.create_events(
-                pb.CreateEventsRequest(events=events), conn.metadata, id_metadata(frame.id)
+                request, conn.metadata, id_metadata(frame.id)
             )
         except grpc.aio.AioRpcError as error:
             refused = refusal(error)

@@ -49,6 +49,7 @@ from websockets.http11 import Request
 
 from rest_bridge.budget import ByteBudget
 from rest_bridge.connections import guard_of
+from rest_bridge.writes import TurnWrites
 
 SOCKET = "rest_bridge.socket"
 """The scope extension that holds the socket's SocketBytes."""
@@ -71,29 +72,24 @@ class SocketBytes(Protocol):
         """A message's ``nbytes`` (as taken from receive) are no longer held."""
 
 
-class _AbortingTransport:
-    """The socket's transport, but a close is an abort when it has not ended in time.
+class _AbortingTransport(TurnWrites):
+    """The socket's transport, its writes of a loop turn sent together (rest_bridge.writes),
+    but a close is an abort when it has not ended in time.
 
     uvicorn closes the transport in many places; asyncio's close() flushes the write
     buffer first, which a client that reads nothing never lets happen.
     """
 
     def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
-        self._transport = transport
+        super().__init__(transport)
         self._timeout = timeout
         self.timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
-        self._transport.close()
+        super().close()
         if self.timer is None:
             loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self._timeout, self._transport.abort)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._transport, name)
-        if callable(value):  # kept: write, is_closing... are called for every frame
-            setattr(self, name, value)
-        return value
+            self.timer = loop.call_later(self._timeout, self.raw.abort)
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):

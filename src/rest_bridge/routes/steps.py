@@ -17,7 +17,14 @@ import orjson
 
 from events_server.pb import events_pb2 as pb
 from rest_bridge.admission import Admission
-from rest_bridge.body import BodyRefused, body_arrived, check_media_type, is_gzipped, read_body
+from rest_bridge.body import (
+    BodyRefused,
+    arrived_body,
+    body_arrived,
+    check_media_type,
+    is_gzipped,
+    read_body,
+)
 from rest_bridge.config import BridgeSettings
 from rest_bridge.cors import Cors
 from rest_bridge.credentials import api_key
@@ -58,6 +65,28 @@ def response_body(reply: pb.CreateEventsResponse) -> dict[str, Any]:
             for r in reply.results
         ],
     }
+
+
+_RESULT_HEADS = {
+    status: b'{"status":"%s","entry_id":' % name.encode() for status, name in STATUS_NAMES.items()
+}
+
+
+def response_bytes(reply: pb.CreateEventsResponse) -> bytes:
+    """response_body as JSON, written at once (a third of orjson's way through the dict)."""
+    parts = []
+    for result in reply.results:
+        head = _RESULT_HEADS.get(result.status)
+        if head is None:  # not the server's: said as "unknown" by the general way
+            return orjson.dumps(response_body(reply))
+        # entry_id through orjson: whatever it holds comes out as a JSON string.
+        entry_id = orjson.dumps(result.entry_id)
+        parts.append(b'%s%s,"partition":%d}' % (head, entry_id, result.partition))
+    return b'{"accepted":%d,"duplicates":%d,"results":[%s]}' % (
+        reply.accepted,
+        reply.duplicates,
+        b",".join(parts),
+    )
 
 
 def body_timed_out(seconds: float) -> Reply:
@@ -107,16 +136,21 @@ class JsonPost:
         try:
             check_media_type(headers.get(b"content-type"), source)
             gzipped = is_gzipped(headers.get(b"content-encoding"))
-            if (denied := await self._admission.before_body(scope, headers, key)) is not None:
+            if (
+                not self._admission.admitted(headers, key)
+                and (denied := await self._admission.before_body(scope, headers, key)) is not None
+            ):
                 raise BodyRefused(denied)  # unread: nothing costly before the caller is known
-            reading = read_body(
-                receive, headers.get(b"content-length"), gzipped, self._settings.max_body_bytes
-            )
+            length, limit = headers.get(b"content-length"), self._settings.max_body_bytes
             if body_arrived(receive):  # asyncio.timeout costs ~4 µs a request: not needed
-                body = await reading
+                body = (
+                    arrived_body(await receive(), length, limit)
+                    if not gzipped
+                    else await read_body(receive, length, gzipped, limit)
+                )
             else:
                 async with asyncio.timeout(self._settings.body_timeout_seconds):
-                    body = await reading
+                    body = await read_body(receive, length, gzipped, limit)
         except BodyRefused as refused:
             reply = refused.reply
         except TimeoutError:
@@ -135,7 +169,10 @@ class JsonPost:
         self, body: bytes, rules: Rules[T], key: str | None, headers: dict[bytes, bytes]
     ) -> T | Reply:
         """What ``body`` becomes by ``rules``, or its refusal (a 422 recorded as rejected)."""
-        result, tenants = await self._parser.parse(body, rules)
+        inline = self._parser.parse_inline(body, rules)  # without a coroutine, when it can
+        result, tenants = (
+            (inline, None) if inline is not None else await self._parser.parse(body, rules)
+        )
         if isinstance(result, Reply) and result.status == UNPROCESSABLE:
             self.report(body, orjson.loads(result.body)["detail"], key, headers, tenants)
         return result
@@ -166,7 +203,7 @@ class JsonPost:
                 detail = [validation_detail(["body"], message, "request_too_large")]
                 self.report(body, detail, key, headers, tenants())
             return reply
-        return json_reply(200, response_body(response))
+        return Reply(200, response_bytes(response))
 
     def report(
         self,

@@ -10,12 +10,17 @@ from events_server.wire.rejected import tenants_of
 from rest_bridge.offload import Rules
 from rest_bridge.responses import Reply
 from rest_bridge.routes.steps import JsonPost
-from rest_bridge.validation import decode_events, events_in_worker, quick_events, validate_body
+from rest_bridge.validation import (
+    decode_events,
+    events_in_worker,
+    quick_events,
+    validate_request,
+)
 
 PATH = "/create-events"
 
-RULES: Rules[list[pb.Event]] = Rules(
-    inline=validate_body, in_worker=events_in_worker, decode=decode_events, quick=quick_events
+RULES: Rules[pb.CreateEventsRequest] = Rules(
+    inline=validate_request, in_worker=events_in_worker, decode=decode_events, quick=quick_events
 )
 
 
@@ -25,13 +30,13 @@ class CreateEvents(JsonPost):
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
     ) -> Reply:
-        events = await self.parse(body, RULES, key, headers)
-        if isinstance(events, Reply):
-            return events
+        request = await self.parse(body, RULES, key, headers)
+        if isinstance(request, Reply):
+            return request
         return await self.forward(
             self._gatherer.create_events,
-            pb.CreateEventsRequest(events=events),
-            lambda: tenants_of([e.tenant for e in events]),
+            request,
+            lambda: tenants_of([e.tenant for e in request.events]),
             scope,
             headers,
             key,
