@@ -24,6 +24,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from rest_bridge.writes import TurnWrites
+
 _JSON_TYPE = b"content-type: application/json\r\n"
 _NOT_DIRECT = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -102,7 +104,11 @@ def _write_at_once(
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     cycle.keep_alive = keep_alive
-    cycle.transport.write(b"".join(head))
+    transport = cycle.transport
+    if type(transport) is TurnWrites:
+        transport.write_whole(b"".join(head))
+    else:
+        transport.write(b"".join(head))
     cycle.response_complete = True
     cycle.message_event.set()
     if not keep_alive:

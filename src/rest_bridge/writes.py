@@ -28,6 +28,14 @@ class TurnWrites:
             self._loop.call_soon(self.flush)
         self._held.append(bytes(data))
 
+    def write_whole(self, data: bytes) -> None:
+        """Write ``data``, a whole response, at once when nothing of this turn is held
+        (there is nothing to join it with: a call_soon less), else after what is."""
+        if self._held:
+            self._held.append(data)
+        elif not self.raw.is_closing():
+            self.raw.write(data)
+
     def writelines(self, data: Any) -> None:
         self.write(b"".join(data))
 
