@@ -171,10 +171,9 @@ async def _wire(bridge: Bridge, bodies: list[bytes], n: int) -> float:
     from uvicorn.config import Config  # noqa: PLC0415 (only this mode needs them)
     from uvicorn.server import ServerState  # noqa: PLC0415
 
+    from rest_bridge.cli import uvicorn_options  # noqa: PLC0415
     from rest_bridge.connections import ConnectionGuard  # noqa: PLC0415
     from rest_bridge.https import bridge_protocol  # noqa: PLC0415
-
-    from rest_bridge.cli import uvicorn_options  # noqa: PLC0415
 
     settings = BridgeSettings()
     bridge.connection_guard = ConnectionGuard(settings, None)
