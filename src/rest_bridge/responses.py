@@ -104,7 +104,7 @@ def _write_at_once(
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     cycle.keep_alive = keep_alive
-    transport = cycle.transport
+    transport: Any = cycle.transport  # the bridge's protocol gives its cycles a TurnWrites
     if type(transport) is TurnWrites:
         transport.write_whole(b"".join(head))
     else:
