@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import orjson
+import uvloop
 from fastapi import FastAPI
 
 from bench.workload import Batches
@@ -141,6 +142,7 @@ class Recorder:
     def __init__(self) -> None:
         self.answered = asyncio.Event()
         self.closing = False
+        self.protocol: Any = None
 
     def write(self, data: bytes) -> None:
         assert data.startswith(b"HTTP/1.1 200 "), data[:200]
@@ -166,6 +168,9 @@ class Recorder:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_protocol(self) -> Any:
+        return self.protocol
+
 
 async def _wire(bridge: Bridge, bodies: list[bytes], n: int) -> float:
     from uvicorn.config import Config  # noqa: PLC0415 (only this mode needs them)
@@ -182,6 +187,7 @@ async def _wire(bridge: Bridge, bodies: list[bytes], n: int) -> float:
     state.default_headers = [(b"date", b"Sun, 06 Dec 2026 23:59:59 GMT")]
     protocol: Any = bridge_protocol(config, state, {})
     transport = Recorder()
+    transport.protocol = protocol
     protocol.connection_made(transport)
     heads = [
         b"POST /create-events HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json"
@@ -229,4 +235,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())  # the bridge's loop
