@@ -82,12 +82,12 @@ def _write_at_once(
         or cycle.scope["method"] == "HEAD"
     ):
         return False
+    defaults = _defaults(cycle.default_headers)
+    if defaults is None:
+        return False
     keep_alive = cycle.keep_alive
     has_close = False
-    head = [STATUS_LINE[status]]
-    for name, value in cycle.default_headers:
-        head += (name, b": ", value, b"\r\n")
-    head += (_JSON_TYPE, b"content-length: %d\r\n" % len(body))
+    head = [STATUS_LINE[status], defaults, _JSON_TYPE, b"content-length: %d\r\n" % len(body)]
     for given, value in headers:
         if HEADER_RE.search(given) or HEADER_VALUE_RE.search(value):
             return False  # uvicorn's send refuses it, as before
@@ -115,6 +115,33 @@ def _write_at_once(
         cycle.transport.close()
     cycle.on_response()
     return True
+
+
+_last_defaults: tuple[object, bytes | None] = (None, None)
+
+
+def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """uvicorn's default headers (its Date, renewed each second: a new list) as written,
+    made once per list; None when one of them takes uvicorn's send."""
+    global _last_defaults  # noqa: PLW0603 (a cache of the last list: one per process)
+    seen, written = _last_defaults
+    if seen is headers:
+        return written
+    lines: list[bytes] = []
+    for given, value in headers:
+        name = given.lower()
+        if (
+            HEADER_RE.search(given)
+            or HEADER_VALUE_RE.search(value)
+            or name in _NOT_DIRECT
+            or name == b"connection"
+        ):
+            _last_defaults = (headers, None)
+            return None
+        lines += (name, b": ", value, b"\r\n")
+    written = b"".join(lines)
+    _last_defaults = (headers, written)
+    return written
 
 
 def json_reply(status: int, data: Any, headers: dict[str, str] | None = None) -> Reply:
