@@ -3,9 +3,12 @@ stubbed by a gatherer that answers at once. What uvicorn, the gRPC call and the 
 is left out: this is for deciding small steps on the bridge's per-request path, steadier
 than a whole `make bench` run on a shared box.
 
-    python -m bench.inproc [--rounds 5] [--requests 4000] [--only v1,v2,ws]
+    python -m bench.inproc [--rounds 5] [--requests 4000] [--only v1,v2,wire]
 
-Prints, per round, the process CPU µs per request (or frame) of each path.
+Prints, per round, the process CPU µs per request (or frame) of each path. ``wire`` is v1
+through the bridge's HTTP protocol (uvicorn's httptools protocol with the bridge's
+bounds) on a transport that only records what is written: the request's bytes in, the
+response's bytes out, uvicorn's per-request work included.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from typing import Any
 
 import orjson
+import uvloop
 from fastapi import FastAPI
 
 from bench.workload import Batches
@@ -132,6 +136,75 @@ async def _http(bridge: Bridge, path: str, bodies: list[bytes], n: int) -> float
     return (time.process_time() - started) / n * 1e6
 
 
+class Recorder:
+    """A connection's transport as the protocol sees it: what is written is counted."""
+
+    def __init__(self) -> None:
+        self.answered = asyncio.Event()
+        self.closing = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+        self.answered.set()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default
+        )
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+
+async def _wire(bridge: Bridge, bodies: list[bytes], n: int) -> float:
+    from uvicorn.config import Config  # noqa: PLC0415 (only this mode needs them)
+    from uvicorn.server import ServerState  # noqa: PLC0415
+
+    from rest_bridge.cli import uvicorn_options  # noqa: PLC0415
+    from rest_bridge.connections import ConnectionGuard  # noqa: PLC0415
+    from rest_bridge.https import bridge_protocol  # noqa: PLC0415
+
+    settings = BridgeSettings()
+    bridge.connection_guard = ConnectionGuard(settings, None)
+    config = Config(bridge, **uvicorn_options(settings))  # as the bridge's own
+    state = ServerState()
+    state.default_headers = [(b"date", b"Sun, 06 Dec 2026 23:59:59 GMT")]
+    protocol: Any = bridge_protocol(config, state, {})
+    transport = Recorder()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    heads = [
+        b"POST /create-events HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json"
+        b"\r\nx-api-key: %s\r\ncontent-length: %d\r\n\r\n%s" % (KEY.encode(), len(b), b)
+        for b in bodies
+    ]
+    started = time.process_time()
+    for i in range(n):
+        transport.answered.clear()
+        protocol.data_received(heads[i % len(heads)])
+        await transport.answered.wait()
+        await asyncio.sleep(0)  # the turn's end: the cycle's task finishes
+    spent = (time.process_time() - started) / n * 1e6
+    protocol.connection_lost(None)
+    return spent
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -145,15 +218,21 @@ async def main() -> None:
     paths = {"v1": ("/create-events", v1_bodies), "v2": ("/v2/create-events", [V2_BODY])}
     chosen = args.only.split(",")
     figures: dict[str, list[float]] = {name: [] for name in chosen}
+
+    async def run(name: str, n: int) -> float:
+        if name == "wire":
+            return await _wire(bridge, v1_bodies, n)
+        return await _http(bridge, *paths[name], n)
+
     for name in chosen:  # warm-up
-        await _http(bridge, *paths[name], 500)
+        await run(name, 500)
     for _ in range(args.rounds):
         for name in chosen:
-            figures[name].append(await _http(bridge, *paths[name], args.requests))
+            figures[name].append(await run(name, args.requests))
     for name, values in figures.items():
         shown = " ".join(f"{v:.1f}" for v in values)
         print(f"{name}: median {statistics.median(values):.1f} us/request ({shown})")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())  # the bridge's loop

@@ -88,11 +88,19 @@ class Bridge:
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and (post := self._posts.get(scope["path"])) is not None
+        ):
+            # The storefront's path: one layer, its reply sent with its request id.
+            await self._entry.answer(post, scope, receive, send)
+            return
         await self._entry(scope, receive, send)
 
     async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and (post := self._posts.get(scope["path"])) is not None:
-            if scope["method"] == "POST":
+            if scope["method"] == "POST":  # (served by __call__; kept for any other caller)
                 await post(scope, receive, send)
                 return
             if scope["method"] == "OPTIONS" and is_preflight(scope):

@@ -64,11 +64,15 @@ events gain from gathering more per call, so below that only ``max_calls`` go ou
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """One request waiting for its answer."""
+    """One request waiting for its answer. Its SubRequest is built in place, in the call
+    that carries it (a SubRequest built here and copied into the call cost ~1.5 µs more)."""
 
     request: pb.CreateEventsRequest | pb.TrackRequest
     metadata: Metadata
-    sub: pb.SubRequest
+    raw: bytes
+    """``request`` serialized: the SubRequest's ``request``."""
+    kind: int
+    ws_message_id: str | None
     size: int
     deadline: float
     future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
@@ -167,39 +171,42 @@ class Gatherer:
         if self._direct.until > loop.time():
             return await self._direct.call(request, metadata, ws_message_id)
         raw = request.SerializeToString()
-        meta = dict(metadata)
         kind = (
             pb.REQUEST_KIND_TRACK
             if isinstance(request, pb.TrackRequest)
             else pb.REQUEST_KIND_CREATE_EVENTS
         )
-        sub = pb.SubRequest(request=raw, metadata=meta, ws_message_id=ws_message_id, kind=kind)
+        size = len(raw) + 8
+        key = origin = ""
+        for name, value in metadata:
+            size += len(name) + len(value) + 4
+            if name == MD_API_KEY:
+                key = value
+            elif name == MD_ORIGIN:
+                origin = value
+        credential = key or origin
+        now = loop.time()
+        future: asyncio.Future[pb.CreateEventsResponse] = loop.create_future()
         pending = Pending(
-            request,
-            metadata,
-            sub,
-            len(raw) + sum(len(k) + len(v) + 4 for k, v in meta.items()) + 8,
-            loop.time() + self._timeout,
-            loop.create_future(),
-            loop.time(),
+            request, metadata, raw, kind, ws_message_id, size, now + self._timeout, future, now
         )
-        credential = meta.get(MD_API_KEY) or meta.get(MD_ORIGIN) or ""
         queue = self._waiting.get(credential)
         if queue is None:
             queue = self._waiting[credential] = collections.deque()
         queue.append(pending)
         self._queued += 1
-        self._queued_bytes += pending.size
+        self._queued_bytes += size
         self._dispatch()
         try:
-            # Shielded: one waiter given up on (its client gone) must not cancel the
-            # call that carries the others too.
-            return await asyncio.shield(pending.future)
+            # Not shielded (a shield costs ~2 µs a request): a waiter given up on (its
+            # client gone) cancels its own future alone; the call that carries it is a
+            # task of its own, and skips a future that is done.
+            return await future
         except asyncio.CancelledError:
-            if pending in self._waiting.get(credential, ()):
-                pending.future.cancel()  # still queued: it will not be sent
-            else:  # sent: its answer comes to nobody
-                pending.future.add_done_callback(_ignore)
+            if future.done():  # answered before its waiter woke: nobody reads it
+                _ignore(future)
+            else:
+                future.cancel()
             raise
 
     def _dispatch(self) -> None:
@@ -295,9 +302,18 @@ class Gatherer:
         latest = max(p.deadline for p in batch)
         timeout = max(latest - now, 0.001)
         deadlines = CallDeadlines(batch, latest)
+        request = pb.GatheredRequest()
+        add = request.requests.add
         for pending in batch:
-            pending.sub.waited_us = int((now - pending.queued_at) * 1e6)
-        request = pb.GatheredRequest(requests=[p.sub for p in batch])
+            sub = add(
+                request=pending.raw,
+                ws_message_id=pending.ws_message_id,
+                waited_us=int((now - pending.queued_at) * 1e6),
+                kind=pending.kind,
+            )
+            metadata = sub.metadata
+            for name, value in pending.metadata:
+                metadata[name] = value
         # On the stream unless too large for one of its messages (see gather_stream).
         streamed = self._unary_until <= now and sum(p.size for p in batch) <= STREAM_BYTES
         try:
@@ -333,7 +349,7 @@ class Gatherer:
                 self._direct.refused(error)
                 direct = self._direct.answer
                 await asyncio.gather(
-                    *(direct(p.request, p.metadata, p.sub, p.future) for p in batch)
+                    *(direct(p.request, p.metadata, p.ws_message_id, p.future) for p in batch)
                 )
                 return
             for pending in batch:

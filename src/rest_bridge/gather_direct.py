@@ -85,11 +85,10 @@ class DirectCalls:
         self,
         request: pb.CreateEventsRequest | pb.TrackRequest,
         metadata: Metadata,
-        sub: pb.SubRequest,
+        ws_message_id: str | None,
         future: asyncio.Future[pb.CreateEventsResponse],
     ) -> None:
         """Answer a request that was to be gathered with a call of its own."""
-        ws_message_id = sub.ws_message_id if sub.HasField("ws_message_id") else None
         try:
             response = await self.call(request, metadata, ws_message_id)
         except grpc.aio.AioRpcError as error:

@@ -22,11 +22,22 @@ class TurnWrites:
         self.raw = transport
         self._held: list[bytes] = []
         self._loop = asyncio.get_running_loop()
+        self._ended = False
+        """write_eof was called: later writes (pipelined answers after a refusal that
+        ended the connection) are dropped, as a closing transport drops them."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._held:
             self._loop.call_soon(self.flush)
         self._held.append(bytes(data))
+
+    def write_whole(self, data: bytes) -> None:
+        """Write ``data``, a whole response, at once when nothing of this turn is held
+        (there is nothing to join it with: a call_soon less), else after what is."""
+        if self._held:
+            self._held.append(data)
+        elif not self._ended and not self.raw.is_closing():
+            self.raw.write(data)
 
     def writelines(self, data: Any) -> None:
         self.write(b"".join(data))
@@ -34,11 +45,12 @@ class TurnWrites:
     def flush(self) -> None:
         """Write what is held now."""
         held, self._held = self._held, []
-        if held and not self.raw.is_closing():
+        if held and not self._ended and not self.raw.is_closing():
             self.raw.write(held[0] if len(held) == 1 else b"".join(held))
 
     def write_eof(self) -> None:
         self.flush()
+        self._ended = True
         self.raw.write_eof()
 
     def close(self) -> None:

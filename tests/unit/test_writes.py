@@ -68,3 +68,20 @@ def test_what_ends_the_transport_writes_what_is_held_first() -> None:
         third.close()
 
     asyncio.run(scenario())
+
+
+def test_a_whole_response_goes_at_once_unless_writes_of_its_turn_are_held() -> None:
+    async def scenario() -> None:
+        writes, peer = await _connected()
+        writes.write_whole(b"HTTP/1.1 200 OK\r\n\r\n{}")
+        await asyncio.sleep(0)
+        assert _pending(peer) == b"HTTP/1.1 200 OK\r\n\r\n{}"  # not held for the turn's end
+        writes.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writes.write_whole(b"HTTP/1.1 200 OK\r\n\r\n{}")
+        assert _pending(peer) == b""  # after what is held, in order
+        await _turn()
+        assert _pending(peer) == b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n{}"
+        peer.close()
+        writes.close()
+
+    asyncio.run(scenario())

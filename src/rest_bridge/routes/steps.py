@@ -122,6 +122,14 @@ class JsonPost:
         self._parser = parser
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reply, cors = await self.answer(scope, receive)
+        await reply.send(send, cors)
+
+    async def answer(
+        self, scope: dict[str, Any], receive: Any
+    ) -> tuple[Reply, list[tuple[bytes, bytes]]]:
+        """The reply to one request, and the CORS headers it goes with (the caller sends
+        both: rest_bridge.access adds the request id)."""
         headers = dict(scope["headers"])
         key, source = api_key(headers, scope.get("query_string", b""))
         cors: list[tuple[bytes, bytes]] = []
@@ -129,8 +137,7 @@ class JsonPost:
             try:
                 decision = await self._cors.decide(origin.decode("latin-1"), key)
             except grpc.aio.AioRpcError as error:
-                await grpc_error_response(error, self._settings.retry_after_seconds).send(send)
-                return
+                return grpc_error_response(error, self._settings.retry_after_seconds), cors
             # On every answer, the bridge's own 413/415/422 too: the page can read them.
             cors = self._cors.response_headers(origin, decision)
         try:
@@ -152,12 +159,10 @@ class JsonPost:
                 async with asyncio.timeout(self._settings.body_timeout_seconds):
                     body = await read_body(receive, length, gzipped, limit)
         except BodyRefused as refused:
-            reply = refused.reply
+            return refused.reply, cors
         except TimeoutError:
-            reply = body_timed_out(self._settings.body_timeout_seconds)
-        else:
-            reply = await self.handle(scope, headers, key, body)
-        await reply.send(send, cors)
+            return body_timed_out(self._settings.body_timeout_seconds), cors
+        return await self.handle(scope, headers, key, body), cors
 
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
