@@ -37,7 +37,6 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -46,12 +45,11 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
 from rest_bridge.deadlines import CallDeadlines
+from rest_bridge.gather_batch import Metadata, Out, Pending, answer, ignore
 from rest_bridge.gather_direct import DIRECT_SECONDS, DirectCalls, not_the_bridge
-from rest_bridge.gather_stream import STREAM_BYTES, GatheredLink, status_error
+from rest_bridge.gather_stream import STREAM_BYTES, GatheredLink
 
 log = logging.getLogger(__name__)
-
-Metadata = tuple[tuple[str, str], ...]
 
 _TOO_LARGE = "message larger than max"
 
@@ -62,43 +60,11 @@ events) gain from a second call in flight, while the server writes the first; si
 events gain from gathering more per call, so below that only ``max_calls`` go out."""
 
 
-@dataclass(slots=True, eq=False)
-class Pending:
-    """One request waiting for its answer. Its SubRequest is built in place, in the call
-    that carries it (a SubRequest built here and copied into the call cost ~1.5 µs more)."""
-
-    request: pb.CreateEventsRequest | pb.TrackRequest
-    metadata: Metadata
-    raw: bytes
-    """``request`` serialized: the SubRequest's ``request``."""
-    kind: int
-    ws_message_id: str | None
-    size: int
-    deadline: float
-    future: asyncio.Future[pb.CreateEventsResponse] = field(repr=False)
-    queued_at: float = 0.0
-
-
 STALL_SECONDS = 0.025
 """A gathered call out longer than this no longer holds the requests queued behind it."""
 
 MAX_STALLED_CALLS = 16
 """Calls that may go out beside stalled ones (bounded: a dead server is not flooded)."""
-
-
-def _sub_error(response: pb.SubResponse) -> grpc.aio.AioRpcError:
-    """A refused sub-request as the error its own CreateEvents call would have raised."""
-    return status_error(response.code, response.details, response.trailers)
-
-
-def _refuse(future: asyncio.Future[pb.CreateEventsResponse], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def _ignore(future: asyncio.Future[pb.CreateEventsResponse]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: no "never retrieved" warning
 
 
 class Gatherer:
@@ -204,7 +170,7 @@ class Gatherer:
             return await future
         except asyncio.CancelledError:
             if future.done():  # answered before its waiter woke: nobody reads it
-                _ignore(future)
+                ignore(future)
             else:
                 future.cancel()
             raise
@@ -276,24 +242,30 @@ class Gatherer:
         return batch
 
     def _send(self, batch: list[Pending]) -> None:
-        started = asyncio.get_running_loop().time()
-        self._started.append(started)
+        out = Out(asyncio.get_running_loop().time())
+        self._started.append(out.started)
         self.out += 1
         self.calls += 1
         self.requests += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
-        task = asyncio.get_running_loop().create_task(self._call(batch))
-        task.add_done_callback(lambda done: self._sent(done, started))
+        task = asyncio.get_running_loop().create_task(self._call(batch, out))
+        task.add_done_callback(lambda done: self._sent(done, out))
 
-    def _sent(self, task: asyncio.Task[None], started: float) -> None:
-        self.out -= 1
-        self._started.remove(started)
+    def _sent(self, task: asyncio.Task[None], out: Out) -> None:
+        self._release(out)
         if not task.cancelled() and (error := task.exception()) is not None:
             raise error  # a bug: _call answers every waiter itself
-        self._dispatch()
 
-    async def _call(self, batch: list[Pending]) -> None:
+    def _release(self, out: Out) -> None:
+        """The call is over (its answer is in, or it failed): what waits may go."""
+        if not out.over:
+            out.over = True
+            self.out -= 1
+            self._started.remove(out.started)
+            self._dispatch()
+
+    async def _call(self, batch: list[Pending], out: Out | None = None) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The call lasts as long as its freshest request may: an old one must not cut the
@@ -367,20 +339,9 @@ class Gatherer:
             raise
         finally:
             deadlines.cancel()
-        for pending, response in zip(batch, reply.responses, strict=False):
-            if pending.future.done():
-                continue
-            if response.code == 0:
-                pending.future.set_result(response.response)
-            elif response.hold_seconds > 0:
-                # Held as the server would have held a call of its own (a rate-limited
-                # request), this request alone: the others of the call are answered now.
-                refusal = _sub_error(response)
-                loop.call_later(response.hold_seconds, _refuse, pending.future, refusal)
-            else:
-                pending.future.set_exception(_sub_error(response))
-        for pending in batch[len(reply.responses) :]:  # not reached: the server answers each
-            if not pending.future.done():
-                pending.future.set_exception(
-                    grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, details="no answer")
-                )
+        if out is not None:
+            # The next batch leaves before this one's waiters wake: the server works on it
+            # while this process writes their answers (and reads what their clients send
+            # next), instead of waiting for all of that.
+            self._release(out)
+        answer(batch, reply, loop)

@@ -18,10 +18,10 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_WS_MESSAGE_ID
+from rest_bridge.gather_batch import Metadata
 
 log = logging.getLogger("rest_bridge.gather")
 
-Metadata = tuple[tuple[str, str], ...]
 
 NOT_THE_BRIDGE = "is for the REST bridge only"
 """What the server's refusal of a caller it does not take for the bridge says."""

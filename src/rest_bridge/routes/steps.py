@@ -34,7 +34,8 @@ from rest_bridge.errors import (
     v1_field_loc,
     validation_detail,
 )
-from rest_bridge.gather import Gatherer, Metadata
+from rest_bridge.gather import Gatherer
+from rest_bridge.gather_batch import Metadata
 from rest_bridge.offload import BodyParser, Rules
 from rest_bridge.rejected import RejectedReporter
 from rest_bridge.responses import Reply, json_reply
