@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 
 from events_server.pb import events_pb2 as pb
-from rest_bridge.gather import Gatherer, Pending
+from rest_bridge.gather import Gatherer
+from rest_bridge.gather_batch import Pending
 
 
 def _never() -> Any:
