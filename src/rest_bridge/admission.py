@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from rest_bridge.config import BridgeSettings
 from rest_bridge.errors import grpc_error_response
+from rest_bridge.expiring import Expiring
 from rest_bridge.responses import Reply
 from rest_bridge.upstream import forwarded_metadata
 
@@ -41,6 +41,11 @@ Credential = tuple[str | None, str | None]
 CLOSE = (b"connection", b"close")
 
 
+def _credential(headers: dict[bytes, bytes], key: str | None) -> Credential:
+    origin = headers.get(b"origin")
+    return key, origin.decode("latin-1") if origin is not None else None
+
+
 class Admission:
     """The server's answer on a request's credentials, asked once its headers are in."""
 
@@ -49,15 +54,14 @@ class Admission:
     ) -> None:
         self._stub = stub
         self._settings = settings
-        self._admitted: dict[Credential, float] = {}
-        """Credential -> until when it is admitted (monotonic)."""
+        self._admitted: Expiring[Credential, bool] = Expiring(
+            settings.admission_cache_seconds, CACHE_LIMIT
+        )
         self._asking: dict[Credential, asyncio.Future[Reply | None]] = {}
 
     def admitted(self, headers: dict[bytes, bytes], key: str | None) -> bool:
         """Whether the caller is admitted already (kept): before_body would say None."""
-        origin = headers.get(b"origin")
-        until = self._admitted.get((key, origin.decode("latin-1") if origin is not None else None))
-        return until is not None and until > time.monotonic()
+        return self._admitted.get(_credential(headers, key)) is not None
 
     async def before_body(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None
@@ -74,10 +78,8 @@ class Admission:
     ) -> Reply | None:
         """None when the server knows the caller; else its refusal as an HTTP reply (401,
         403; 503 when the server cannot be asked)."""
-        origin = headers.get(b"origin")
-        credential = (key, origin.decode("latin-1") if origin is not None else None)
-        until = self._admitted.get(credential)
-        if until is not None and until > time.monotonic():
+        credential = _credential(headers, key)
+        if self._admitted.get(credential) is not None:
             return None
         asking = self._asking.get(credential)
         if asking is None:
@@ -101,9 +103,7 @@ class Admission:
             # A server older than Admit: its CreateEvents checks the caller, as it always did.
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 return grpc_error_response(error, self._settings.retry_after_seconds)
-        if len(self._admitted) >= CACHE_LIMIT:
-            self._admitted.clear()
-        self._admitted[credential] = time.monotonic() + self._settings.admission_cache_seconds
+        self._admitted.put(credential, True)
         return None
 
     def _asked(self, credential: Credential, asking: asyncio.Future[Reply | None]) -> None:

@@ -10,7 +10,6 @@ and a 403 from the server.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from events_server.wire.origins import REFUSED, OriginDecision
 from rest_bridge.config import BridgeSettings
 from rest_bridge.credentials import api_key
 from rest_bridge.errors import grpc_error_response
+from rest_bridge.expiring import Expiring
 from rest_bridge.responses import json_reply
 from rest_bridge.upstream import metadata_value
 
@@ -67,16 +67,16 @@ class Cors:
     ) -> None:
         self._stub = stub
         self._settings = settings
-        self._cache: dict[tuple[str, str | None], tuple[float, OriginDecision]] = {}
+        self._cache: Expiring[tuple[str, str | None], OriginDecision] = Expiring(
+            settings.cors_cache_seconds, CACHE_LIMIT
+        )
 
     async def decide(self, origin: str, key: str | None) -> OriginDecision:
         """The server's answer for this origin and key; AioRpcError when it cannot be asked."""
         if origin == "null" or len(origin) > MAX_ORIGIN_CHARS:
             return REFUSED  # "null": sandboxed frames and file:// pages, anyone's
-        now = time.monotonic()
-        cached = self._cache.get((origin, key))
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if (cached := self._cache.get((origin, key))) is not None:
+            return cached
         metadata = [(REQUEST_ID_HEADER, request_id.get() or new_request_id())]
         if key:
             metadata.append((MD_API_KEY, metadata_value(key)))
@@ -86,9 +86,7 @@ class Cors:
             metadata=tuple(metadata),
         )
         decision = OriginDecision(reply.allowed, reply.allowed and reply.credentials)
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[(origin, key)] = (now + self._settings.cors_cache_seconds, decision)
+        self._cache.put((origin, key), decision)
         return decision
 
     @staticmethod
