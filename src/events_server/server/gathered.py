@@ -42,7 +42,7 @@ from events_server.server.limits import Charge
 from events_server.server.metrics import ServerMetrics
 from events_server.server.passage import Passage
 from events_server.server.service import EventsService
-from events_server.server.status import QUIET_CODES, Trailers, abort, grpc_status
+from events_server.server.status import QUIET_CODES, Trailers, grpc_status
 from events_server.wire.metadata import GATHERED_METHOD, REQUEST_ID_HEADER, SERVICE_NAME
 from events_server.wire.violations import FieldViolation
 
@@ -86,8 +86,8 @@ class GatheredService:
         try:
             return await self.serve(decode(raw), context.peer())
         except IngestError as error:  # no turn came, or not a GatheredRequest: the whole call
-            whole_call_failed(error)
-            await abort(context, error)
+            await context.abort(*whole_call_failed(error))
+            raise  # not reached (abort() raises)
 
     async def serve(self, gathered: pb.GatheredRequest, peer: str) -> pb.GatheredResponse:
         """Every sub-request of one gathered call (or one batch of a stream) answered as its

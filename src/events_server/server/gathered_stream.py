@@ -173,10 +173,8 @@ class GatheredStreams:
     ) -> tuple[grpc.StatusCode, pb.GatheredResponse]:
         """The batch's answer, or the status of its failure as a whole."""
         try:
-            if batch.timeout_us:
-                async with asyncio.timeout(batch.timeout_us / 1e6):
-                    return grpc.StatusCode.OK, await self._gathered.serve(batch, peer)
-            return grpc.StatusCode.OK, await self._gathered.serve(batch, peer)
+            async with asyncio.timeout(batch.timeout_us / 1e6 if batch.timeout_us else None):
+                return grpc.StatusCode.OK, await self._gathered.serve(batch, peer)
         except IngestError as error:
             code, message, trailers = whole_call_failed(error)
             details, more = message, trailer_messages(trailers)
