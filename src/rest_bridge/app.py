@@ -21,6 +21,7 @@ from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import SERVICE_NAME
 from rest_bridge.access import AccessMiddleware
 from rest_bridge.admission import Admission
+from rest_bridge.batch_link import link_host
 from rest_bridge.channel import upstream_channel
 from rest_bridge.config import BridgeSettings
 from rest_bridge.connections import ConnectionGuard
@@ -207,6 +208,7 @@ def create_app(settings: BridgeSettings) -> Bridge:
             await rejected.drain()
             parser.close()
             ws.close()
+            gatherer.link.close()
 
     # No redirect of /create-events/ to /create-events: its Location would repeat the
     # query, api_key included (any path with a trailing slash is a 404).
@@ -245,6 +247,11 @@ def create_app(settings: BridgeSettings) -> Bridge:
         max_requests=settings.grpc_gather_max_requests,
         max_bytes=settings.grpc_gather_max_bytes,
         large_bytes=settings.grpc_gather_pipeline_bytes,
+        link_host=(
+            link_host(settings.grpc_target, settings.grpc_secure)
+            if settings.grpc_batch_link
+            else None
+        ),
         observe=counters.gathered,
     )
     parser = BodyParser(settings)  # one pool of parse processes for every route

@@ -185,6 +185,12 @@ class BridgeSettings(BaseSettings):
         " limit); the server records at most its own share of each caller anyway.",
     )
     # Group commit (rest_bridge.gather): requests that arrive while calls are out go together.
+    grpc_batch_link: bool = Field(
+        True,
+        description="Send gathered batches on the server's batch link where it offers one"
+        " (plaintext gRPC on TCP: a plain TCP connection, opened with a ticket asked over"
+        " gRPC; about half the CPU of a gRPC stream's batch). False: the gRPC stream.",
+    )
     grpc_gather_max_calls: int = Field(
         1,
         ge=1,

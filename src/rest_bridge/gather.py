@@ -44,6 +44,7 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.metadata import MD_API_KEY, MD_ORIGIN
+from rest_bridge.batch_link import BatchLink
 from rest_bridge.deadlines import CallDeadlines
 from rest_bridge.gather_batch import Metadata, Out, Pending, answer, ignore
 from rest_bridge.gather_direct import DIRECT_SECONDS, DirectCalls, not_the_bridge
@@ -80,11 +81,13 @@ class Gatherer:
         max_requests: int,
         max_bytes: int,
         large_bytes: int = 1 << 62,
+        link_host: str | None = None,
         max_calls_large: int = LARGE_CALLS,
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._stub = stub
-        self._link = GatheredLink(stub)
+        self.link = BatchLink(stub, link_host, GatheredLink(stub), timeout_seconds)
+        """Where batches go: the batch link, else the gRPC stream (rest_bridge.batch_link)."""
         self._unary_until = 0.0
         """Until when batches go as unary calls (a server without StreamGathered)."""
         self._direct = DirectCalls(direct, timeout_seconds)
@@ -290,7 +293,7 @@ class Gatherer:
         streamed = self._unary_until <= now and sum(p.size for p in batch) <= STREAM_BYTES
         try:
             if streamed:
-                reply = await self._link.exchange(request, timeout)
+                reply = await self.link.exchange(request, timeout)
             else:
                 reply = await self._stub().CreateEventsGathered(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:

@@ -619,6 +619,49 @@ class TrackRequest(_message.Message):
 Global___TrackRequest: _TypeAlias = TrackRequest  # noqa: Y015
 
 @_typing.final
+class BatchLinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchLinkRequest: _TypeAlias = BatchLinkRequest  # noqa: Y015
+
+@_typing.final
+class BatchLinkOffer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    TICKET_MS_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """The link's TCP port, on the host the bridge reaches this server by (0: none offered)."""
+    ticket: _builtins.bytes
+    """What the connection sends as its first frame (single use)."""
+    ticket_ms: _builtins.int
+    """How long the ticket stays good, milliseconds."""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        ticket: _builtins.bytes = ...,
+        ticket_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "ticket", b"ticket", "ticket_ms", b"ticket_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchLinkOffer: _TypeAlias = BatchLinkOffer  # noqa: Y015
+
+@_typing.final
 class GatheredRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

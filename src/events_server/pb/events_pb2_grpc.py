@@ -170,6 +170,11 @@ class BridgeIngestStub:
                 request_serializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
                 response_deserializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
                 _registered_method=True)
+        self.OpenBatchLink = channel.unary_unary(
+                '/events.v1.BridgeIngest/OpenBatchLink',
+                request_serializer=events__server_dot_pb_dot_events__pb2.BatchLinkRequest.SerializeToString,
+                response_deserializer=events__server_dot_pb_dot_events__pb2.BatchLinkOffer.FromString,
+                _registered_method=True)
 
 
 class BridgeIngestServicer:
@@ -195,6 +200,16 @@ class BridgeIngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBatchLink(self, request, context):
+        """A ticket for the server's batch link: the same batches as StreamGathered, as
+        length-prefixed frames on a plain TCP connection to the offered port, which takes the
+        ticket (once, within its seconds) as its first frame. Offered only over plaintext
+        gRPC (port 0: no link; the bridge keeps to StreamGathered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeIngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +222,11 @@ def add_BridgeIngestServicer_to_server(servicer, server):
                     servicer.StreamGathered,
                     request_deserializer=events__server_dot_pb_dot_events__pb2.GatheredRequest.FromString,
                     response_serializer=events__server_dot_pb_dot_events__pb2.GatheredResponse.SerializeToString,
+            ),
+            'OpenBatchLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBatchLink,
+                    request_deserializer=events__server_dot_pb_dot_events__pb2.BatchLinkRequest.FromString,
+                    response_serializer=events__server_dot_pb_dot_events__pb2.BatchLinkOffer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +288,33 @@ class BridgeIngest:
             '/events.v1.BridgeIngest/StreamGathered',
             events__server_dot_pb_dot_events__pb2.GatheredRequest.SerializeToString,
             events__server_dot_pb_dot_events__pb2.GatheredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBatchLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/events.v1.BridgeIngest/OpenBatchLink',
+            events__server_dot_pb_dot_events__pb2.BatchLinkRequest.SerializeToString,
+            events__server_dot_pb_dot_events__pb2.BatchLinkOffer.FromString,
             options,
             channel_credentials,
             insecure,

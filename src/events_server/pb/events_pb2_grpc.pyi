@@ -101,6 +101,12 @@ class BridgeIngestStub:
     is a batch, worked as CreateEventsGathered works a call, and answered by the
     GatheredResponse of its call_id as soon as it is done (answers may pass each other).
     """
+    OpenBatchLink: _grpc.UnaryUnaryMultiCallable[_events_pb2.BatchLinkRequest, _events_pb2.BatchLinkOffer]
+    """A ticket for the server's batch link: the same batches as StreamGathered, as
+    length-prefixed frames on a plain TCP connection to the offered port, which takes the
+    ticket (once, within its seconds) as its first frame. Offered only over plaintext
+    gRPC (port 0: no link; the bridge keeps to StreamGathered).
+    """
 
 @_typing.type_check_only
 class BridgeIngestAsyncStub(BridgeIngestStub):
@@ -117,6 +123,12 @@ class BridgeIngestAsyncStub(BridgeIngestStub):
     """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
     is a batch, worked as CreateEventsGathered works a call, and answered by the
     GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+    """
+    OpenBatchLink: _aio.UnaryUnaryMultiCallable[_events_pb2.BatchLinkRequest, _events_pb2.BatchLinkOffer]  # type: ignore[assignment]
+    """A ticket for the server's batch link: the same batches as StreamGathered, as
+    length-prefixed frames on a plain TCP connection to the offered port, which takes the
+    ticket (once, within its seconds) as its first frame. Offered only over plaintext
+    gRPC (port 0: no link; the bridge keeps to StreamGathered).
     """
 
 class BridgeIngestServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +155,18 @@ class BridgeIngestServicer(metaclass=_abc_1.ABCMeta):
         """The same calls as one long-lived stream (one per bridge channel): each GatheredRequest
         is a batch, worked as CreateEventsGathered works a call, and answered by the
         GatheredResponse of its call_id as soon as it is done (answers may pass each other).
+        """
+
+    @_abc_1.abstractmethod
+    def OpenBatchLink(
+        self,
+        request: _events_pb2.BatchLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.BatchLinkOffer, _abc.Awaitable[_events_pb2.BatchLinkOffer]]:
+        """A ticket for the server's batch link: the same batches as StreamGathered, as
+        length-prefixed frames on a plain TCP connection to the offered port, which takes the
+        ticket (once, within its seconds) as its first frame. Offered only over plaintext
+        gRPC (port 0: no link; the bridge keeps to StreamGathered).
         """
 
 def add_BridgeIngestServicer_to_server(servicer: BridgeIngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

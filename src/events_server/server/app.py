@@ -19,6 +19,7 @@ from events_server.queue.keys import KeySpace
 from events_server.server.access import ACCESS_LOGGER, AccessInterceptor
 from events_server.server.admission import AdmittingOrigins
 from events_server.server.auth import Authenticator, Caller, KeyStore
+from events_server.server.batch_link import BatchLinks, link_host
 from events_server.server.gathered import GatheredService
 from events_server.server.gathered_stream import GatheredStreams
 from events_server.server.identity import BridgeIdentity
@@ -66,10 +67,13 @@ class EventsServer:
         metrics: ServerMetrics,
         rejected: RejectedLog | None = None,
         streams: GatheredStreams | None = None,
+        links: BatchLinks | None = None,
     ) -> None:
         self.grpc = server
         self.streams = streams
         """The bridge's gathered streams (None: a server built without them)."""
+        self.links = links
+        """The bridge's batch link (None: a server built without it)."""
         self.metrics = metrics
         self.sampler = RedisSampler(redis, store.keys, settings.metrics_sample_interval_seconds)
         self.replicas = ReplicaGauges()
@@ -98,6 +102,8 @@ class EventsServer:
         await self._apply(await self._probe())
         self.listen_for_metrics()
         await self.grpc.start()
+        if self.links is not None:
+            await self.links.start()
         self._tasks = [asyncio.create_task(self._watch_redis(), name="redis-readiness")]
         if self.metrics_endpoint is not None:  # nobody else would see its readings
             self._tasks.append(asyncio.create_task(self.sampler.run(), name="metrics-sampler"))
@@ -110,11 +116,17 @@ class EventsServer:
         await self._health.enter_graceful_shutdown()
         if self.streams is not None:  # the bridge's streams take no more batches
             self.streams.drain()
+        if self.links is not None:  # nor its links
+            self.links.drain()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.grpc.stop(self._settings.shutdown_grace_seconds if grace is None else grace)
+        grace = self._settings.shutdown_grace_seconds if grace is None else grace
+        if self.links is not None:  # the links' batches drain beside the calls
+            await asyncio.gather(self.grpc.stop(grace), self.links.wait(grace))
+        else:
+            await self.grpc.stop(grace)
         if self.metrics_endpoint is not None:
             # Its shutdown waits for the serving thread's next poll: not on the loop.
             await asyncio.to_thread(self.metrics_endpoint.stop)
@@ -267,6 +279,12 @@ async def create_server(
     # the events counted before gRPC would have built every message.
     gathered = GatheredService(events, metrics, settings.log_client_ip, access)
     streams = GatheredStreams(gathered, metrics, settings.log_client_ip, access)
+    links = BatchLinks(
+        streams,
+        link_host(settings.grpc_addr) if settings.batch_link and credentials is None else None,
+        settings.max_request_bytes + GATHER_ROOM,
+        settings.log_client_ip,
+    )
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -294,6 +312,11 @@ async def create_server(
                     "StreamGathered": grpc.stream_stream_rpc_method_handler(
                         streams.StreamGathered,
                         response_serializer=pb.GatheredResponse.SerializeToString,
+                    ),
+                    "OpenBatchLink": grpc.unary_unary_rpc_method_handler(
+                        links.OpenBatchLink,
+                        request_deserializer=pb.BatchLinkRequest.FromString,
+                        response_serializer=pb.BatchLinkOffer.SerializeToString,
                     ),
                 },
             ),
@@ -325,6 +348,7 @@ async def create_server(
         metrics=metrics,
         rejected=rejected,
         streams=streams,
+        links=links,
     )
     built.listen_for_metrics()
     try:

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -58,6 +58,12 @@ STREAM_BATCHES = 32
 stalled ones out by default)."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Answers(Protocol):
+    """Where a batch's answer goes: a stream, or a batch link (server.batch_link)."""
+
+    async def write(self, response: pb.GatheredResponse) -> None: ...
 
 
 class _Stream:
@@ -121,7 +127,7 @@ class GatheredStreams:
                 except IngestError as error:  # not from our bridge: the stream ends
                     code, message, _ = whole_call_failed(error)
                     await context.abort(code, message)
-                task = loop.create_task(self._batch(stream, batch, peer, client))
+                task = loop.create_task(self.work_batch(stream, batch, peer, client))
                 working.add(task)
                 self.working += 1
                 task.add_done_callback(lambda done: self._done(done, working, slots))
@@ -139,9 +145,10 @@ class GatheredStreams:
         self.working -= 1
         slots.release()
 
-    async def _batch(
-        self, stream: _Stream, batch: pb.GatheredRequest, peer: str, client: str
+    async def work_batch(
+        self, stream: Answers, batch: pb.GatheredRequest, peer: str, client: str
     ) -> None:
+        """Work one batch and write its answer (its metrics and access line as a call's)."""
         started = time.perf_counter()
         code = grpc.StatusCode.CANCELLED
         try:

@@ -34,6 +34,7 @@ import grpc
 
 from events_server.wire.addresses import is_local_address, is_local_peer
 from events_server.wire.metadata import (
+    BATCH_LINK_METHOD,
     FORWARDED_METADATA,
     GATHERED_METHOD,
     GATHERED_STREAM_METHOD,
@@ -44,7 +45,12 @@ from events_server.wire.metadata import (
 log = logging.getLogger(__name__)
 
 BRIDGE_ONLY_METHODS = frozenset(
-    {f"/{REJECTED_SERVICE_NAME}/Record", GATHERED_METHOD, GATHERED_STREAM_METHOD}
+    {
+        f"/{REJECTED_SERVICE_NAME}/Record",
+        GATHERED_METHOD,
+        GATHERED_STREAM_METHOD,
+        BATCH_LINK_METHOD,
+    }
 )
 """Methods no caller but the bridge may call (the access interceptor refuses the rest)."""
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     grpc_addr: str = Field(
         "127.0.0.1:50051", description="host:port the gRPC server listens on (port 0: any free)."
     )
+    batch_link: bool = Field(
+        True,
+        description="Offer the REST bridge the batch link (its gathered batches as frames on a"
+        " plain TCP connection, on the gRPC host and a free port; about half the CPU of a"
+        " gRPC stream's batch): only while gRPC is plaintext on TCP. False: StreamGathered.",
+    )
     workers: int = Field(
         1,
         ge=1,

@@ -51,6 +51,8 @@ GATHERED_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/CreateEventsGathered"
 """The REST bridge's gathered calls (internal: only the bridge may make them)."""
 GATHERED_STREAM_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/StreamGathered"
 """The same calls as batches on one long-lived stream per bridge channel (bridge only)."""
+BATCH_LINK_METHOD = f"/{BRIDGE_INGEST_SERVICE_NAME}/OpenBatchLink"
+"""A ticket for the server's batch link (events_server.wire.batch_link; bridge only)."""
 ADMIT_METHOD = f"/{ORIGINS_SERVICE_NAME}/Admit"
 """Whether a caller is known, asked by the REST bridge before it reads a request's body."""
 
