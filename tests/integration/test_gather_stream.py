@@ -124,7 +124,7 @@ def test_a_batch_too_large_for_the_stream_goes_as_a_call_of_its_own(
             reply = await gatherer.create_events(
                 pb.CreateEventsRequest(events=events), (("x-api-key", api_key),)
             )
-            return reply.accepted, gatherer._link._stream is None
+            return reply.accepted, gatherer.link._fallback._stream is None
 
     accepted, no_stream = loop.run(scenario())
     assert accepted == 400
@@ -268,7 +268,7 @@ def test_a_stopping_server_drains_the_stream_and_answers_what_it_read(
             out = [send(f"out-{n}") for n in range(5)]
             await asyncio.sleep(0.1)
             stopping = asyncio.create_task(server.stop(5))
-            link = gatherer._link
+            link = gatherer.link._fallback
             await until(lambda: link._stream is not None and link._stream.over, within=5)
             try:
                 await send("after-the-drain")
