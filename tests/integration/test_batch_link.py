@@ -40,6 +40,18 @@ from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import queued
 from tests.harness.waiting import eventually, until
+from tests.harness.ws import (
+    ask,
+    nothing_arrives,
+    opened,
+    own_bridge,
+    resent_until_answered,
+    run,
+    until_counted,
+    with_ws_id,
+)
+from tests.harness.ws import event as ws_event
+from tests.harness.ws import frame as frame_text
 
 LEGIT_SECONDS = 2.0
 """How long the legitimate gatherer's request may take beside an attack (it takes a few
@@ -183,6 +195,7 @@ def test_a_connection_without_a_good_ticket_is_closed_and_nothing_is_stored(
 ) -> None:
     server, target = own_server
     port = server.links.port
+    before = scrape(server_metrics_url(server))
 
     async def scenario() -> tuple[bytes, list[float]]:
         async with grpc.aio.insecure_channel(target) as channel:
@@ -219,6 +232,12 @@ def test_a_connection_without_a_good_ticket_is_closed_and_nothing_is_stored(
     users = {e.event.user_id for _, e in queued(rdb, keys)}
     assert users == {"before", "after"}  # the intruder's event is not stored
     assert any("batch link: refused" in r.getMessage() for r in caplog.records)
+    after = scrape(server_metrics_url(server))
+    connections = "events_batch_link_connections_total"
+    assert (
+        value(after, connections, outcome="refused") - value(before, connections, outcome="refused")
+        == 1
+    )
 
 
 def test_a_silent_connection_is_closed_after_the_handshake_seconds(
@@ -418,3 +437,37 @@ def test_a_stopping_server_drains_the_link_and_answers_what_it_read(
     # Later, no batch on that link, and no new one: the stopping server refuses it.
     assert late == grpc.StatusCode.UNAVAILABLE
     assert {f"out-{n}" for n in range(5)} <= {e.event.user_id for _, e in queued(rdb, keys)}
+
+
+def test_a_link_cut_under_a_frame_leaves_it_unanswered_and_the_resend_is_queued_once(
+    loop: LoopThread, own_server: Any, api_key: str, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    server, target = own_server
+    text = frame_text("cut-link", ws_event(user_id="u-cut"))
+
+    async def cut() -> int:
+        links = list(server.links.links)
+        for link in links:
+            link.close()
+        return len(links)
+
+    with own_bridge(target) as base:
+
+        async def scenario() -> tuple[int, dict[str, Any]]:
+            async with opened(base, api_key) as ws:
+                await ask(ws, frame_text("warm-up", ws_event()))  # the link is up
+                # Redis holds the write: the batch is in the server when its link is cut.
+                await asyncio.to_thread(rdb.client_pause, 700)
+                await ws.send(text)
+                await until(lambda: any(link.working for link in server.links.links), within=5)
+                cuts = await asyncio.to_thread(loop.run, cut())
+                await until_counted(base, "unanswered", 1)
+                assert await nothing_arrives(ws)  # never a not-ok for it
+                return cuts, await resent_until_answered(ws, text, "cut-link")
+
+        cuts, answer = run(scenario())
+    assert cuts == 1
+    assert answer == {"id": "cut-link", "status": "ok"}
+    # Queued once: by the first attempt (its write was in Redis's hands) or by the resend.
+    [envelope] = with_ws_id(rdb, keys, "cut-link")
+    assert envelope.event.user_id == "u-cut"

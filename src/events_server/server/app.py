@@ -284,6 +284,7 @@ async def create_server(
         link_host(settings.grpc_addr) if settings.batch_link and credentials is None else None,
         settings.max_request_bytes + GATHER_ROOM,
         settings.log_client_ip,
+        metrics,
     )
     server.add_generic_rpc_handlers(
         (

@@ -37,6 +37,7 @@ from events_server.server import identity
 from events_server.server.errors import IngestError
 from events_server.server.gathered import decode
 from events_server.server.gathered_stream import STREAM_BATCHES, GatheredStreams
+from events_server.server.metrics import ServerMetrics
 from events_server.server.passage import client_ip
 from events_server.wire.batch_link import (
     ACCEPTED,
@@ -84,9 +85,16 @@ class BatchLinks:
     """The batch link's listener, its tickets and its connections (one per server process)."""
 
     def __init__(
-        self, streams: GatheredStreams, host: str | None, max_frame: int, ip_mode: IpMode
+        self,
+        streams: GatheredStreams,
+        host: str | None,
+        max_frame: int,
+        ip_mode: IpMode,
+        metrics: ServerMetrics,
     ) -> None:
         self.streams = streams
+        self._accepted = metrics.batch_links.labels("accepted")
+        self._refusals = metrics.batch_links.labels("refused")
         self._host = host
         self.max_frame = max_frame
         self.ip_mode = ip_mode
@@ -117,7 +125,9 @@ class BatchLinks:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{BATCH_LINK_METHOD} is for the REST bridge only, and this caller is not it",
             )
-        if not self.port or self.draining:
+        if self.draining:  # as a stopping server refuses a new stream
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the events-server is stopping")
+        if not self.port:
             return pb.BatchLinkOffer()
         ticket = secrets.token_bytes(TICKET_BYTES)
         tickets = self._tickets
@@ -139,6 +149,7 @@ class BatchLinks:
     def refused(self, why: str, peer: str) -> None:
         """A connection closed as not the bridge's (logged, not on every one: a flood)."""
         self._refused += 1
+        self._refusals.inc()
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:
             log.warning(
@@ -149,6 +160,11 @@ class BatchLinks:
             )
             self._refused = 0
             self._refusal_logged = now
+
+    def accepted(self, link: _Link) -> None:
+        """A connection gave a good ticket: it is a link."""
+        self.links.add(link)
+        self._accepted.inc()
 
     def drain(self) -> None:
         """The server stops: no new connections, and each link told to send no more."""
@@ -245,7 +261,7 @@ class _Link(asyncio.Protocol):
             return
         self._accepted = True
         self._handshake_over()
-        self._links.links.add(self)
+        self._links.accepted(self)
         self._client = client_ip_for_log(client_ip({}, self._peer, 0), self._links.ip_mode)
         self._transport.write(ACCEPTED)
         if self._links.draining:

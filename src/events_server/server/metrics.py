@@ -186,6 +186,16 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.batch_links = Counter(
+            "events_batch_link_connections",
+            "Connections to the batch link's port by outcome: accepted (a good ticket), refused"
+            " (none, a bad, used or late one, too many waiting for theirs, the server stopping).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("accepted", "refused"):
+            self.batch_links.labels(outcome)
+
         self.unconfirmed = Counter(
             "events_redis_confirmations_timed_out",
             "Pipelines of writes refused (503) because their Redis primary did not confirm"
