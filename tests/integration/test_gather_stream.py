@@ -40,8 +40,11 @@ from tests.harness.waiting import eventually, until
 STREAM = GATHERED_STREAM_METHOD
 
 
-def gatherer_on(channel: grpc.aio.Channel, timeout: float = 10) -> Gatherer:
-    """A bridge's gatherer on ``channel``, as the bridge builds it."""
+def gatherer_on(
+    channel: grpc.aio.Channel, timeout: float = 10, link_host: str | None = None
+) -> Gatherer:
+    """A bridge's gatherer on ``channel``, as the bridge builds it (on the gRPC stream,
+    unless a ``link_host`` is given: test_batch_link.py tests the link)."""
     return Gatherer(
         lambda: events_pb2_grpc.BridgeIngestStub(channel),
         lambda: events_pb2_grpc.EventsServiceStub(channel),
@@ -49,6 +52,7 @@ def gatherer_on(channel: grpc.aio.Channel, timeout: float = 10) -> Gatherer:
         max_calls=1,
         max_requests=64,
         max_bytes=1 << 20,
+        link_host=link_host,
     )
 
 
@@ -321,8 +325,13 @@ class _OldServer:
         return server, channel, f"127.0.0.1:{port}"
 
 
+@pytest.mark.parametrize("link", [False, True], ids=["stream", "link-first"])
 def test_a_server_without_the_stream_gets_gathered_calls_with_a_warning(
-    loop: LoopThread, grpc_target: str, api_key: str, caplog: pytest.LogCaptureFixture
+    loop: LoopThread,
+    grpc_target: str,
+    api_key: str,
+    caplog: pytest.LogCaptureFixture,
+    link: bool,
 ) -> None:
     old = _OldServer(grpc_target)
 
@@ -330,7 +339,7 @@ def test_a_server_without_the_stream_gets_gathered_calls_with_a_warning(
         server, forwarding, target = await old.start()
         try:
             async with grpc.aio.insecure_channel(target) as channel:
-                gatherer = gatherer_on(channel)
+                gatherer = gatherer_on(channel, link_host="127.0.0.1" if link else None)
                 metadata = (("x-api-key", api_key),)
                 replies = []
                 for wave in range(2):
@@ -348,9 +357,12 @@ def test_a_server_without_the_stream_gets_gathered_calls_with_a_warning(
             await server.stop(0)
             await forwarding.close()
 
-    with caplog.at_level(logging.WARNING, logger="rest_bridge.gather"):
+    with caplog.at_level(logging.WARNING, logger="rest_bridge"):
         accepted, calls = loop.run(scenario())
     assert accepted == [1] * 20
     assert old.calls == calls  # every batch went as a call of its own
     warnings = [r for r in caplog.records if "has no StreamGathered" in r.getMessage()]
     assert len(warnings) == 1  # said once, not per batch
+    # Asked for a batch link first (an older server has no OpenBatchLink): said once too.
+    no_link = [r for r in caplog.records if "no batch link" in r.getMessage()]
+    assert len(no_link) == (1 if link else 0)
