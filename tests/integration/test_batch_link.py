@@ -23,7 +23,7 @@ import redis
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.queue.keys import KeySpace
-from events_server.server.batch_link import MAX_HANDSHAKES
+from events_server.server.batch_link import MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER
 from events_server.server.gathered_stream import STREAM_BATCHES
 from events_server.server.settings import Settings
 from events_server.wire.batch_link import (
@@ -263,31 +263,49 @@ def test_a_silent_connection_is_closed_after_the_handshake_seconds(
     assert seconds < LEGIT_SECONDS
 
 
-def test_a_flood_of_connections_is_bounded_and_the_bridge_is_still_served(
+async def flood(port: int, sources: list[str], each: int) -> list[socket.socket]:
+    """``each`` connections to the link's port from each of ``sources`` (loopback
+    addresses), sending nothing. Plain sockets, not blocking (the server accepts on this
+    same loop), so that each is made whether or not the server closes it."""
+    sockets = []
+    for source in sources:
+        for _ in range(each):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind((source, 0))
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            sockets.append(sock)
+    return sockets
+
+
+def closed_of(sockets: list[socket.socket]) -> int:
+    """How many of ``sockets`` the server has closed."""
+    closed = 0
+    for sock in sockets:
+        try:
+            closed += sock.recv(1) == b""
+        except BlockingIOError:  # open, and nothing sent
+            pass
+        except ConnectionResetError:
+            closed += 1
+    return closed
+
+
+def test_a_flood_from_many_addresses_is_bounded_and_the_bridge_is_still_served(
     loop: LoopThread, own_server: Any, api_key: str
 ) -> None:
     server, target = own_server
-    port = server.links.port
-    count = MAX_HANDSHAKES + 40
+    sources = [f"127.0.0.{n}" for n in range(2, 12)]  # 10 hosts, 10 connections each
 
     async def scenario() -> tuple[int, int, float]:
         async with grpc.aio.insecure_channel(target) as channel:
             gatherer = linked_gatherer(channel)
             await legit(gatherer, api_key, "opens-the-link")  # the bridge's link is open
-            # Plain sockets, so that each connection is made whether or not it is closed.
-            sockets = []
-            for _ in range(count):  # not blocking: the server accepts on this same loop
-                sock = socket.socket()
-                sock.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-                sockets.append(sock)
+            sockets = await flood(server.links.port, sources, 10)
             await until(lambda: server.links.handshaking == MAX_HANDSHAKES, within=5)
             seconds = max([await legit(gatherer, api_key, f"beside-{n}") for n in range(5)])
             await asyncio.sleep(0.2)
-            closed = 0
-            for sock in sockets:
-                with contextlib.suppress(BlockingIOError):
-                    closed += sock.recv(1) == b""
+            closed = closed_of(sockets)
             waiting = server.links.handshaking
             for sock in sockets:
                 sock.close()
@@ -296,9 +314,36 @@ def test_a_flood_of_connections_is_bounded_and_the_bridge_is_still_served(
 
     closed, waiting, seconds = loop.run(scenario())
     assert waiting == MAX_HANDSHAKES  # never more waiting for a ticket at once
-    assert closed == count - MAX_HANDSHAKES  # the rest closed on arrival
+    assert closed == 100 - MAX_HANDSHAKES  # the rest closed on arrival
     assert seconds < LEGIT_SECONDS
     eventually(lambda: server.links.handshaking == 0)  # and each is let go when it goes
+
+
+def test_a_flood_from_one_address_leaves_room_for_the_bridge_to_open_its_link(
+    loop: LoopThread, own_server: Any, api_key: str
+) -> None:
+    server, target = own_server
+
+    async def scenario() -> tuple[int, int, float, bool]:
+        sockets = await flood(server.links.port, ["127.0.0.2"], 40)
+        await until(lambda: server.links.handshaking == MAX_HANDSHAKES_PER_PEER, within=5)
+        async with grpc.aio.insecure_channel(target) as channel:
+            gatherer = linked_gatherer(channel)  # opens its link during the flood
+            seconds = max([await legit(gatherer, api_key, f"during-{n}") for n in range(5)])
+            linked = gatherer.link._connection is not None
+            gatherer.link.close()
+        await asyncio.sleep(0.2)
+        closed = closed_of(sockets)
+        waiting = server.links.handshaking
+        for sock in sockets:
+            sock.close()
+        return closed, waiting, seconds, linked
+
+    closed, waiting, seconds, linked = loop.run(scenario())
+    assert waiting == MAX_HANDSHAKES_PER_PEER
+    assert closed == 40 - MAX_HANDSHAKES_PER_PEER
+    assert linked  # on the link, not pushed back to the gRPC stream
+    assert seconds < LEGIT_SECONDS
 
 
 def test_a_frame_over_the_limit_ends_the_link_unread(

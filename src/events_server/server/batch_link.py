@@ -5,7 +5,8 @@ Who may connect: whoever presents, as its first frame and within HANDSHAKE_SECON
 ticket this process handed out on BridgeIngest.OpenBatchLink, which the access
 interceptor lets only the bridge call. A ticket is good once and for TICKET_SECONDS.
 A connection without one costs a socket and a timer: at most MAX_HANDSHAKES wait at
-once (more are closed on arrival), and nothing it sends is read past the ticket's size.
+once, MAX_HANDSHAKES_PER_PEER from one address (more are closed on arrival), and nothing
+it sends is read past the ticket's size.
 
 Offered only where gRPC is plaintext (with TLS the link would carry in the clear what the
 bridge otherwise sends encrypted) and on a TCP listener (a Unix socket's gRPC has none).
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 MAX_HANDSHAKES = 64
 """Connections waiting to send their ticket at once; more are closed as they come."""
 
+MAX_HANDSHAKES_PER_PEER = 8
+"""...and from one address: one host's flood leaves the other hosts (the bridge's) room."""
+
 MAX_TICKETS = 64
 """Tickets handed out and not used yet; past it the oldest is void."""
 
@@ -81,6 +85,11 @@ def _peer(address: Any) -> str:
     return f"ipv6:[{host}]:{port}" if v6 else f"ipv4:{host}:{port}"
 
 
+def _host(peer: str) -> str:
+    """The address of a peer as ``_peer`` spells it."""
+    return peer.partition(":")[2].rpartition(":")[0]
+
+
 class BatchLinks:
     """The batch link's listener, its tickets and its connections (one per server process)."""
 
@@ -103,6 +112,7 @@ class BatchLinks:
         """Where it listens (0: not listening, nothing offered)."""
         self._tickets: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.handshaking = 0
+        self._handshaking_from: collections.Counter[str] = collections.Counter()
         self.links: set[_Link] = set()
         self.draining = False
         self._refused = 0
@@ -161,6 +171,25 @@ class BatchLinks:
             self._refused = 0
             self._refusal_logged = now
 
+    def wait_for_ticket(self, host: str) -> bool:
+        """Whether a new connection from ``host`` may wait for its ticket (it is counted)."""
+        if (
+            self.draining
+            or self.handshaking >= MAX_HANDSHAKES
+            or self._handshaking_from[host] >= MAX_HANDSHAKES_PER_PEER
+        ):
+            return False
+        self.handshaking += 1
+        self._handshaking_from[host] += 1
+        return True
+
+    def ticket_waited(self, host: str) -> None:
+        """A connection no longer waits for its ticket (it gave one, or it is gone)."""
+        self.handshaking -= 1
+        self._handshaking_from[host] -= 1
+        if not self._handshaking_from[host]:
+            del self._handshaking_from[host]
+
     def accepted(self, link: _Link) -> None:
         """A connection gave a good ticket: it is a link."""
         self.links.add(link)
@@ -196,7 +225,8 @@ class _Link(asyncio.Protocol):
         self._buffer = bytearray()
         self._accepted = False
         self._timer: asyncio.TimerHandle | None = None
-        self._handshaking = False
+        self._handshaking: str | None = None
+        """While it waits to send its ticket: the address it came from."""
         self.tasks: set[asyncio.Task[None]] = set()
         self._reading = True
         self._write_paused = False
@@ -210,19 +240,19 @@ class _Link(asyncio.Protocol):
         self._transport = transport
         self._peer = _peer(transport.get_extra_info("peername"))
         links = self._links
-        if links.handshaking >= MAX_HANDSHAKES or links.draining:
+        host = _host(self._peer)
+        if not links.wait_for_ticket(host):
             links.refused("too many connections without a ticket yet", self._peer)
             self.closed = True
             transport.abort()  # type: ignore[attr-defined]
             return
-        links.handshaking += 1
-        self._handshaking = True
+        self._handshaking = host
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_SECONDS, self._too_slow)
 
     def _handshake_over(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            self._links.handshaking -= 1
+        if self._handshaking is not None:
+            self._links.ticket_waited(self._handshaking)
+            self._handshaking = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
