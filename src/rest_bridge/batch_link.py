@@ -10,8 +10,11 @@ channel that proves the bridge), then a connection to the offered port on the ho
 Where there is no link (gRPC over TLS or a Unix socket here, a server that offers none,
 an older server without the method, a port that cannot be reached), batches go on the
 gRPC stream (``fallback``), for FALLBACK_SECONDS, with a warning, then the link is tried
-again. When the connection breaks, every batch out on it fails as UNAVAILABLE, as on a
-broken stream: nothing is sent again here. A server that stops says ``draining``: no
+again; each failure in a row doubles that, up to FALLBACK_MOST_SECONDS (a port a firewall
+drops is a stall of HANDSHAKE_SECONDS for the batches that wait on the attempt).
+
+When the connection breaks, every batch out on it fails as UNAVAILABLE, as on a broken
+stream: nothing is sent again here. A server that stops says ``draining``: no
 batch is sent on that connection any more, and the next opens a new one.
 """
 
@@ -33,7 +36,10 @@ from rest_bridge.gather_stream import GatheredLink, status_error
 log = logging.getLogger(__name__)
 
 FALLBACK_SECONDS = 30.0
-"""How long batches go on the gRPC stream after the link could not be opened."""
+"""How long batches go on the gRPC stream after the link could not be opened..."""
+
+FALLBACK_MOST_SECONDS = 900.0
+"""...doubled for each failure in a row, up to this."""
 
 
 def link_host(grpc_target: str, tls: bool) -> str | None:
@@ -173,6 +179,7 @@ class BatchLink:
         self._opening: asyncio.Task[_Connection | None] | None = None
         self._ids = itertools.count(1)
         self.fallback_until = 0.0 if host is not None else float("inf")
+        self._fallback_seconds = FALLBACK_SECONDS
         """Until when batches go on the gRPC stream (no link offered or reachable)."""
 
     def exchange(
@@ -228,15 +235,18 @@ class BatchLink:
             self._without_link(f"port {offer.port} on {self._host}: {why}")
             return None
         self._connection = connection
+        self._fallback_seconds = FALLBACK_SECONDS
         return connection
 
     def _without_link(self, why: str) -> None:
+        seconds = self._fallback_seconds
         log.warning(
             "no batch link to the events-server (%s): batches go on the gRPC stream for %g s",
             why,
-            FALLBACK_SECONDS,
+            seconds,
         )
-        self.fallback_until = asyncio.get_running_loop().time() + FALLBACK_SECONDS
+        self.fallback_until = asyncio.get_running_loop().time() + seconds
+        self._fallback_seconds = min(seconds * 2, FALLBACK_MOST_SECONDS)
 
     def close(self) -> None:
         """Close the link (the bridge stops; what is out on it fails as UNAVAILABLE)."""

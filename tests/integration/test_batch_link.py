@@ -516,3 +516,36 @@ def test_a_link_cut_under_a_frame_leaves_it_unanswered_and_the_resend_is_queued_
     # Queued once: by the first attempt (its write was in Redis's hands) or by the resend.
     [envelope] = with_ws_id(rdb, keys, "cut-link")
     assert envelope.event.user_id == "u-cut"
+
+
+def test_a_link_port_that_cannot_be_reached_is_tried_again_ever_less_often(
+    loop: LoopThread,
+    own_server: Any,
+    api_key: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, target = own_server
+
+    async def scenario() -> tuple[list[float], bool]:
+        # The server offers its port, but nothing listens there any more (a firewall, a
+        # port not published): each connection is refused.
+        await asyncio.to_thread(loop.run, closed_listener(server))
+        async with grpc.aio.insecure_channel(target) as channel:
+            gatherer = linked_gatherer(channel)
+            seconds = []
+            for attempt in range(3):
+                seconds.append(await legit(gatherer, api_key, f"refused-{attempt}"))
+                gatherer.link.fallback_until = 0.0  # as if its window had passed
+            return seconds, gatherer.link._connection is None
+
+    with caplog.at_level(logging.WARNING, logger="rest_bridge.batch_link"):
+        seconds, unlinked = loop.run(scenario())
+    assert unlinked
+    assert max(seconds) < LEGIT_SECONDS  # answered on the gRPC stream meanwhile
+    windows = [r.getMessage().rsplit(" for ", 1)[1] for r in caplog.records]
+    assert windows == ["30 s", "60 s", "120 s"]  # each failure in a row doubles the wait
+
+
+async def closed_listener(server: Any) -> None:
+    server.links._listener.close()
+    await server.links._listener.wait_closed()
