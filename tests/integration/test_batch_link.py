@@ -36,6 +36,7 @@ from events_server.wire.batch_link import (
 from events_server.wire.metadata import GATHERED_METHOD, GATHERED_STREAM_METHOD
 from rest_bridge.gather import Gatherer
 from tests.harness.data import ev
+from tests.harness.gathering import batch, drained, gatherer_on
 from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.servers import LoopThread, serving
 from tests.harness.streams import queued
@@ -58,25 +59,9 @@ LEGIT_SECONDS = 2.0
 milliseconds alone): not a speed test, a test that the attack did not hold it up."""
 
 
-def linked_gatherer(channel: grpc.aio.Channel, timeout: float = 10) -> Gatherer:
+def linked_gatherer(channel: grpc.aio.Channel) -> Gatherer:
     """A bridge's gatherer on ``channel``, on the batch link, as the bridge builds it."""
-    return Gatherer(
-        lambda: events_pb2_grpc.BridgeIngestStub(channel),
-        lambda: events_pb2_grpc.EventsServiceStub(channel),
-        timeout_seconds=timeout,
-        max_calls=1,
-        max_requests=64,
-        max_bytes=1 << 20,
-        link_host="127.0.0.1",
-    )
-
-
-def batch(call_id: int, api_key: str, user: str) -> pb.GatheredRequest:
-    sub = pb.SubRequest(
-        request=pb.CreateEventsRequest(events=[ev(user_id=user)]).SerializeToString(),
-        metadata={"x-api-key": api_key},
-    )
-    return pb.GatheredRequest(requests=[sub], call_id=call_id, timeout_us=10_000_000)
+    return gatherer_on(channel, link_host="127.0.0.1")
 
 
 @pytest.fixture
@@ -452,28 +437,12 @@ def test_a_stopping_server_drains_the_link_and_answers_what_it_read(
     async def scenario(server: Any, target: str) -> tuple[list[Any], grpc.StatusCode | None]:
         async with grpc.aio.insecure_channel(target) as channel:
             gatherer = linked_gatherer(channel)
-            metadata = (("x-api-key", api_key),)
 
-            def send(user: str) -> asyncio.Task[pb.CreateEventsResponse]:
-                request = pb.CreateEventsRequest(events=[ev(user_id=user)])
-                return asyncio.create_task(gatherer.create_events(request, metadata))
+            def told() -> bool:
+                connection = gatherer.link._connection
+                return connection is not None and connection.over
 
-            await send("opens-the-link")
-            connection = gatherer.link._connection
-            assert connection is not None
-            await asyncio.to_thread(rdb.client_pause, 400)
-            out = [send(f"out-{n}") for n in range(5)]
-            await asyncio.sleep(0.1)
-            stopping = asyncio.create_task(server.stop(5))
-            await until(lambda: connection.over, within=5)
-            try:
-                await send("after-the-drain")
-                late = None
-            except grpc.aio.AioRpcError as error:
-                late = error.code()
-            answers = await asyncio.gather(*out, return_exceptions=True)
-            await stopping
-            return answers, late
+            return await drained(server, gatherer, rdb, api_key, told)
 
     with serving(loop, settings) as (server, target):
         answers, late = loop.run(scenario(server, target))

@@ -27,41 +27,17 @@ from events_server.wire.metadata import (
     GATHERED_METHOD,
     GATHERED_STREAM_METHOD,
 )
-from rest_bridge.gather import Gatherer
 from rest_bridge.gather_stream import STREAM_BYTES
 from tests.harness.data import ev, event_of_size
+from tests.harness.gathering import batch, drained, gatherer_on
 from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.processes import ServerProcess, events_env
 from tests.harness.servers import LoopThread, bridged, serving
 from tests.harness.streams import Queue, queued
 from tests.harness.valkey import free_port
-from tests.harness.waiting import eventually, until
+from tests.harness.waiting import eventually
 
 STREAM = GATHERED_STREAM_METHOD
-
-
-def gatherer_on(
-    channel: grpc.aio.Channel, timeout: float = 10, link_host: str | None = None
-) -> Gatherer:
-    """A bridge's gatherer on ``channel``, as the bridge builds it (on the gRPC stream,
-    unless a ``link_host`` is given: test_batch_link.py tests the link)."""
-    return Gatherer(
-        lambda: events_pb2_grpc.BridgeIngestStub(channel),
-        lambda: events_pb2_grpc.EventsServiceStub(channel),
-        timeout_seconds=timeout,
-        max_calls=1,
-        max_requests=64,
-        max_bytes=1 << 20,
-        link_host=link_host,
-    )
-
-
-def batch(call_id: int, api_key: str, user: str) -> pb.GatheredRequest:
-    sub = pb.SubRequest(
-        request=pb.CreateEventsRequest(events=[ev(user_id=user)]).SerializeToString(),
-        metadata={"x-api-key": api_key},
-    )
-    return pb.GatheredRequest(requests=[sub], call_id=call_id, timeout_us=10_000_000)
 
 
 @pytest.fixture
@@ -261,27 +237,12 @@ def test_a_stopping_server_drains_the_stream_and_answers_what_it_read(
     async def scenario(server: Any, target: str) -> tuple[list[Any], grpc.StatusCode | None]:
         async with grpc.aio.insecure_channel(target) as channel:
             gatherer = gatherer_on(channel)
-            metadata = (("x-api-key", api_key),)
-
-            def send(user: str) -> asyncio.Task[pb.CreateEventsResponse]:
-                request = pb.CreateEventsRequest(events=[ev(user_id=user)])
-                return asyncio.create_task(gatherer.create_events(request, metadata))
-
-            await send("opens-the-stream")
-            await asyncio.to_thread(rdb.client_pause, 400)
-            out = [send(f"out-{n}") for n in range(5)]
-            await asyncio.sleep(0.1)
-            stopping = asyncio.create_task(server.stop(5))
             link = gatherer.link._fallback
-            await until(lambda: link._stream is not None and link._stream.over, within=5)
-            try:
-                await send("after-the-drain")
-                late = None
-            except grpc.aio.AioRpcError as error:
-                late = error.code()
-            answers = await asyncio.gather(*out, return_exceptions=True)
-            await stopping
-            return answers, late
+
+            def told() -> bool:
+                return link._stream is not None and link._stream.over
+
+            return await drained(server, gatherer, rdb, api_key, told)
 
     with serving(loop, settings) as (server, target):
         answers, late = loop.run(scenario(server, target))
