@@ -31,7 +31,7 @@ import grpc
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
 from events_server.wire.batch_link import HANDSHAKE_SECONDS, HEADER, MAX_ANSWER_BYTES, frame
-from rest_bridge.gather_stream import GatheredLink, status_error
+from rest_bridge.gather_stream import BatchesOut, GatheredLink
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: Any = None
-        self.out: dict[int, tuple[asyncio.Future[pb.GatheredResponse], asyncio.TimerHandle]] = {}
+        self.out = BatchesOut()
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.over = False
         """Broken, closed or draining: no batch is sent on it any more."""
@@ -76,20 +76,9 @@ class _Connection(asyncio.Protocol):
     def send(
         self, request: pb.GatheredRequest, call_id: int, seconds: float
     ) -> asyncio.Future[pb.GatheredResponse]:
-        loop = asyncio.get_running_loop()
-        request.call_id = call_id
-        request.timeout_us = int(seconds * 1e6)
-        answer: asyncio.Future[pb.GatheredResponse] = loop.create_future()
-        self.out[call_id] = (answer, loop.call_later(seconds, self._expire, call_id))
+        answer = self.out.add(request, call_id, seconds)
         self.transport.write(frame(request.SerializeToString()))
         return answer
-
-    def _expire(self, call_id: int) -> None:
-        answer, _ = self.out.pop(call_id)
-        if not answer.done():
-            answer.set_exception(
-                grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
-            )
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -121,17 +110,7 @@ class _Connection(asyncio.Protocol):
             self.over = True
             self._close_if_idle()
             return
-        entry = self.out.pop(response.call_id, None)
-        if entry is None:  # its timer answered it already
-            return
-        answer, timer = entry
-        timer.cancel()
-        if answer.done():  # given up on (its batch's task cancelled)
-            pass
-        elif response.code:
-            answer.set_exception(status_error(response.code, response.details, response.trailers))
-        else:
-            answer.set_result(response)
+        self.out.answer(response)
         if self.over:
             self._close_if_idle()
 
@@ -154,11 +133,7 @@ class _Connection(asyncio.Protocol):
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # retrieved: whoever waited has it
-        for answer, timer in self.out.values():
-            timer.cancel()
-            if not answer.done():
-                answer.set_exception(error)
-        self.out.clear()
+        self.out.fail(error)
 
 
 class BatchLink:

@@ -57,12 +57,64 @@ def _unavailable(details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=details)
 
 
+class BatchesOut:
+    """The batches out on one stream or batch link (rest_bridge.batch_link), by ``call_id``:
+    each answered once, by its answer, by its timer (DEADLINE_EXCEEDED, as its call's
+    deadline would have), or by the end of what carries it (``fail``)."""
+
+    def __init__(self) -> None:
+        self._out: dict[int, tuple[asyncio.Future[pb.GatheredResponse], asyncio.TimerHandle]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._out)
+
+    def add(
+        self, request: pb.GatheredRequest, call_id: int, seconds: float
+    ) -> asyncio.Future[pb.GatheredResponse]:
+        """``request`` named ``call_id`` and given ``seconds``; the future of its answer."""
+        loop = asyncio.get_running_loop()
+        request.call_id = call_id
+        request.timeout_us = int(seconds * 1e6)
+        answer: asyncio.Future[pb.GatheredResponse] = loop.create_future()
+        self._out[call_id] = (answer, loop.call_later(seconds, self._expire, call_id))
+        return answer
+
+    def answer(self, response: pb.GatheredResponse) -> None:
+        """The server's answer to one batch: its result, or the error its call would raise."""
+        entry = self._out.pop(response.call_id, None)
+        if entry is None:  # its timer has answered it already
+            return
+        answer, timer = entry
+        timer.cancel()
+        if answer.done():  # given up on: its batch's task was cancelled
+            return
+        if response.code:
+            answer.set_exception(status_error(response.code, response.details, response.trailers))
+        else:
+            answer.set_result(response)
+
+    def fail(self, error: grpc.aio.AioRpcError) -> None:
+        """What carries them is over: so is every batch out, as each call would have been."""
+        for answer, timer in self._out.values():
+            timer.cancel()
+            if not answer.done():
+                answer.set_exception(error)
+        self._out.clear()
+
+    def _expire(self, call_id: int) -> None:
+        answer, _ = self._out.pop(call_id)
+        if not answer.done():
+            answer.set_exception(
+                grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+            )
+
+
 class _Stream:
     """One open StreamGathered call and the batches out on it."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall[pb.GatheredRequest, pb.GatheredResponse]):
         self._call = call
-        self._out: dict[int, tuple[asyncio.Future[pb.GatheredResponse], asyncio.TimerHandle]] = {}
+        self._out = BatchesOut()
         self._outbox: collections.deque[pb.GatheredRequest] = collections.deque()
         self._writing = False
         self._taken = False
@@ -73,11 +125,7 @@ class _Stream:
     async def exchange(
         self, request: pb.GatheredRequest, call_id: int, seconds: float
     ) -> pb.GatheredResponse:
-        loop = asyncio.get_running_loop()
-        request.call_id = call_id
-        request.timeout_us = int(seconds * 1e6)
-        answer: asyncio.Future[pb.GatheredResponse] = loop.create_future()
-        self._out[call_id] = (answer, loop.call_later(seconds, self._expire, call_id))
+        answer = self._out.add(request, call_id, seconds)
         self._outbox.append(request)
         if not self._writing:
             await self._write()
@@ -104,13 +152,6 @@ class _Stream:
         if self.over:  # draining: half-closed once what was queued is written
             await self._close()
 
-    def _expire(self, call_id: int) -> None:
-        answer, _ = self._out.pop(call_id)
-        if not answer.done():
-            answer.set_exception(
-                grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
-            )
-
     async def _read(self) -> None:
         error: grpc.aio.AioRpcError
         try:
@@ -125,17 +166,7 @@ class _Stream:
                     if not self._writing:
                         await self._close()
                     continue
-                entry = self._out.pop(response.call_id, None)
-                if entry is None:  # its timer has answered it already
-                    continue
-                answer, timer = entry
-                timer.cancel()
-                if response.code:
-                    answer.set_exception(
-                        status_error(response.code, response.details, response.trailers)
-                    )
-                else:
-                    answer.set_result(response)
+                self._out.answer(response)
         except grpc.aio.AioRpcError as broken:
             error = broken
         except asyncio.CancelledError:  # the bridge is stopping
@@ -146,11 +177,7 @@ class _Stream:
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         """The stream is over: so is every batch out on it, as each call would have been."""
         self.over = True
-        for answer, timer in self._out.values():
-            timer.cancel()
-            if not answer.done():
-                answer.set_exception(error)
-        self._out.clear()
+        self._out.fail(error)
 
     async def _close(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
