@@ -30,6 +30,7 @@ import grpc
 
 from events_server.pb import events_pb2 as pb
 from events_server.pb import events_pb2_grpc
+from events_server.wire.addresses import split_address
 from events_server.wire.batch_link import HANDSHAKE_SECONDS, HEADER, MAX_ANSWER_BYTES, frame
 from rest_bridge.gather_stream import BatchesOut, GatheredLink
 
@@ -44,11 +45,10 @@ FALLBACK_MOST_SECONDS = 900.0
 
 def link_host(grpc_target: str, tls: bool) -> str | None:
     """The host the link is reached on: grpc_target's (None: TLS or a Unix socket, no link)."""
-    if tls or grpc_target.startswith(("unix:", "unix-abstract:")) or ":" not in grpc_target:
+    split = None if tls else split_address(grpc_target)
+    if split is None or not split[1]:
         return None
-    target = grpc_target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    host, _, _ = target.rpartition(":")
-    return host.strip("[]") or None
+    return split[0] or None
 
 
 _NO_LINK = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)

@@ -39,7 +39,7 @@ from events_server.server.errors import IngestError
 from events_server.server.gathered import decode
 from events_server.server.gathered_stream import STREAM_BATCHES, GatheredStreams
 from events_server.server.metrics import ServerMetrics
-from events_server.server.passage import client_ip
+from events_server.wire.addresses import split_address
 from events_server.wire.batch_link import (
     ACCEPTED,
     HANDSHAKE_SECONDS,
@@ -67,27 +67,20 @@ REFUSAL_LOG_SECONDS = 10.0
 
 def link_host(grpc_addr: str) -> str | None:
     """Where the link listens: the gRPC listener's host (None: a Unix socket, no link)."""
-    if grpc_addr.startswith("unix:"):
-        return None
-    host, _, _ = grpc_addr.rpartition(":")
-    return host.strip("[]") or "0.0.0.0"
+    split = split_address(grpc_addr)
+    return None if split is None else split[0] or "0.0.0.0"
 
 
-def _peer(address: Any) -> str:
-    """A connection's peer as gRPC's context.peer() spells it."""
+def _peer(address: Any) -> tuple[str, str]:
+    """A connection's peer as gRPC's context.peer() spells it, and its address."""
     if not isinstance(address, tuple) or len(address) < 2:
-        return "unknown"
+        return "unknown", "unknown"
     host, port = address[0], address[1]
     try:
         v6 = ipaddress.ip_address(host).version == 6
     except ValueError:
         v6 = False
-    return f"ipv6:[{host}]:{port}" if v6 else f"ipv4:{host}:{port}"
-
-
-def _host(peer: str) -> str:
-    """The address of a peer as ``_peer`` spells it."""
-    return peer.partition(":")[2].rpartition(":")[0]
+    return (f"ipv6:[{host}]:{port}" if v6 else f"ipv4:{host}:{port}"), host
 
 
 class BatchLinks:
@@ -238,15 +231,15 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._peer = _peer(transport.get_extra_info("peername"))
+        self._peer, host = _peer(transport.get_extra_info("peername"))
         links = self._links
-        host = _host(self._peer)
         if not links.wait_for_ticket(host):
             links.refused("too many connections without a ticket yet", self._peer)
             self.closed = True
             transport.abort()  # type: ignore[attr-defined]
             return
         self._handshaking = host
+        self._client = client_ip_for_log(host, links.ip_mode)
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_SECONDS, self._too_slow)
 
     def _handshake_over(self) -> None:
@@ -292,7 +285,6 @@ class _Link(asyncio.Protocol):
         self._accepted = True
         self._handshake_over()
         self._links.accepted(self)
-        self._client = client_ip_for_log(client_ip({}, self._peer, 0), self._links.ip_mode)
         self._transport.write(ACCEPTED)
         if self._links.draining:
             self.tell_draining()

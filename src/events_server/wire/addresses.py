@@ -35,11 +35,18 @@ def is_local_address(address: str) -> bool:
     """Whether a listening address or a gRPC target (``host:port``, ``[::1]:port``,
     ``dns:///host:port``, ``unix:/path``) is on this host only: ``0.0.0.0``, ``[::]`` and
     host names are not."""
+    split = split_address(address)
+    return split is None or _loopback(split[0])
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """A listening address's or a gRPC target's host (IPv6 without its brackets) and port
+    ("" when it names none); None for a Unix socket."""
     if address.startswith(_UNIX):
-        return True
+        return None
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         address = address.removeprefix(scheme)
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or (host.count(":") and not host.startswith("[")):
-        host = address  # no port: a bare host or IPv6 address
-    return _loopback(host)
+        return address.strip("[]"), ""  # no port: a bare host or IPv6 address
+    return host.strip("[]"), port
