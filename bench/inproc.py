@@ -53,6 +53,15 @@ class AtOnce:
             * n,
         )
 
+    def submit(self, request: Any, metadata: Any, ws_message_id: Any = None) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        coroutine = self._answer(request, metadata, ws_message_id)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            future.set_result(done.value)
+        return future
+
     def create_events(self, request: Any, metadata: Any, ws_message_id: Any = None) -> Any:
         return self._answer(request, metadata, ws_message_id)
 

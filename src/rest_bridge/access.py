@@ -45,7 +45,7 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 MAX_LOGGED_CHARS = 2048
 
-_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
+REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 
 
 def redact_query(query: str) -> str:
@@ -59,6 +59,11 @@ def redact_query(query: str) -> str:
         secret = unquote_plus(name).strip().lower() in SECRET_PARAMS
         parts.append(f"{name}={REDACTED}" if secret else part)
     return "&".join(parts)
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request's id: the caller's ``X-Request-ID`` if sane, else a new one."""
+    return accept_request_id(_header(scope, REQUEST_ID_BYTES))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -93,7 +98,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        rid = accept_request_id(_header(scope, _REQUEST_ID_BYTES))
+        rid = request_id_of(scope)
         token = current_request_id.set(rid)
         status = 500  # what the client gets when the app raises before answering
 
@@ -101,7 +106,7 @@ class AccessMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", ()), (_REQUEST_ID_BYTES, rid.encode())]
+                headers = [*message.get("headers", ()), (REQUEST_ID_BYTES, rid.encode())]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -113,7 +118,7 @@ class AccessMiddleware:
             route = getattr(scope.get("route"), "path", None) or (
                 path if path in self._routes else UNMATCHED_ROUTE
             )
-            self._done(scope, route, status, started)
+            self.done(scope, route, status, started)
             current_request_id.reset(token)
 
     async def answer(self, route: Answering, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,18 +127,18 @@ class AccessMiddleware:
         with its id rather than through a wrapper of ``send`` (a closure, a message copied
         and its headers rebuilt, per request)."""
         started = time.perf_counter()
-        rid = accept_request_id(_header(scope, _REQUEST_ID_BYTES))
+        rid = request_id_of(scope)
         token = current_request_id.set(rid)
         status = 500  # what the client gets when the app raises before answering
         try:
             reply, extra = await route.answer(scope, receive)
             status = reply.status
-            await reply.send(send, extra, (_REQUEST_ID_BYTES, rid.encode()))
+            await reply.send(send, extra, (REQUEST_ID_BYTES, rid.encode()))
         finally:
-            self._done(scope, scope["path"], status, started)
+            self.done(scope, scope["path"], status, started)
             current_request_id.reset(token)
 
-    def _done(self, scope: Scope, route: str, status: int, started: float) -> None:
+    def done(self, scope: Scope, route: str, status: int, started: float) -> None:
         """Count the request answered with ``status`` and write its line if it is wanted."""
         seconds = time.perf_counter() - started
         self._metrics.observe_request(route, scope["method"], status, seconds)

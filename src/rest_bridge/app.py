@@ -28,6 +28,7 @@ from rest_bridge.connections import ConnectionGuard
 from rest_bridge.contract import DESCRIPTION, TAG, ValidationErrorItem
 from rest_bridge.cors import Cors, is_preflight
 from rest_bridge.gather import Gatherer
+from rest_bridge.hot import HotPosts
 from rest_bridge.https import server_context
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.models import Event
@@ -87,6 +88,8 @@ class Bridge:
             routes=tuple(self._posts),
             sample=settings.access_log_sample,
         )
+        self.hot_posts = HotPosts(self._posts, self._entry)
+        """The same routes, served from the protocol's callbacks when they can be."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (

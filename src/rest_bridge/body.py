@@ -151,7 +151,8 @@ def _corrupt(why: str) -> BodyRefused:
     return BodyRefused(invalid_body(["body"], f"Content-Encoding gzip: {why}", "gzip_invalid"))
 
 
-def _declared(content_length: bytes | None) -> int:
+def declared_length(content_length: bytes | None) -> int:
+    """The Content-Length a request declares (0 when it declares none)."""
     try:
         return int(content_length) if content_length else 0
     except ValueError:
@@ -169,7 +170,7 @@ def body_arrived(receive: Any) -> bool:
 def arrived_body(message: dict[str, Any], content_length: bytes | None, limit: int) -> bytes:
     """read_body of a body that is not gzipped and has arrived whole (body_arrived: the one
     ``receive`` message holds it all), taken without a coroutine more."""
-    if _declared(content_length) > limit:
+    if declared_length(content_length) > limit:
         raise too_large(limit)
     if message["type"] == "http.disconnect":
         raise _left()
@@ -186,7 +187,7 @@ def _left() -> BodyRefused:
 
 async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, limit: int) -> bytes:
     """The whole body (inflated when gzipped), or BodyRefused as soon as it passes ``limit``."""
-    if _declared(content_length) > limit:
+    if declared_length(content_length) > limit:
         raise too_large(limit)
     inflater = Inflater(limit) if gzipped else None
     chunks: list[bytes] = []

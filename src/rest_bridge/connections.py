@@ -11,8 +11,8 @@ request's headers are in and frees no descriptor; ``timeout_keep_alive`` applies
 between requests; ``h11_max_incomplete_event_size`` is for the slower h11 protocol
 (which answers 400, not 431).
 
-GuardedHttpToolsProtocol is uvicorn's httptools protocol with the bounds the bridge
-settings give (rest_bridge.config):
+GuardedHttpToolsProtocol (rest_bridge.http_protocol) is uvicorn's httptools protocol with
+the bounds the bridge settings give (rest_bridge.config):
 
 - ``max_header_bytes``: a request line and headers larger than that are answered 431
   as soon as the bytes past it arrive, and never given to the parser;
@@ -39,17 +39,12 @@ import resource
 import ssl
 import time
 from collections import OrderedDict
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from rest_bridge.budget import ByteBudget
 from rest_bridge.config import BridgeSettings
-from rest_bridge.writes import TurnWrites
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +52,6 @@ FD_RESERVE = 128
 """Descriptors kept for everything but client connections: the listening socket, the gRPC
 channel, the parse processes' pipes, logs, and connections accepted in one burst before
 the cap closes others."""
-
-LINGER_SECONDS = 1.0
-"""How long a refused connection is still read (and the bytes dropped) after its answer,
-so that the client reads the answer rather than a reset."""
-
-MAX_LINGERING = 64
-"""Refused connections lingering at once; past it they are closed at once."""
 
 LOG_EVERY_SECONDS = 10.0
 
@@ -87,6 +75,12 @@ def ws_connection_cap(settings: BridgeSettings) -> int:
     cap = connection_cap(settings.max_connections)
     scaled = cap * settings.ws_max_connections // settings.max_connections
     return max(1, min(settings.ws_max_connections, scaled))
+
+
+class Connection(Protocol):
+    """An HTTP connection as the guard sees it (rest_bridge.http_protocol)."""
+
+    transport: Any
 
 
 class ConnectionGuard:
@@ -128,9 +122,9 @@ class ConnectionGuard:
         for reason in (EVICTED, REFUSED, HEADER_TOO_LARGE, HEADER_TIMEOUT):
             self.closed.labels(reason)
         # Connections with no request in progress, the longest idle first.
-        self._idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+        self._idle: OrderedDict[Connection, None] = OrderedDict()
         # Connections closed here whose descriptors are not released yet.
-        self._closing: set[GuardedHttpToolsProtocol] = set()
+        self._closing: set[Connection] = set()
         # HTTPS connections still in their TLS handshake, the oldest first (rest_bridge.https).
         self._shaking: OrderedDict[Handshake, None] = OrderedDict()
         self.lingering = 0
@@ -138,7 +132,7 @@ class ConnectionGuard:
         self._logged_at = -math.inf
         self._flush: asyncio.TimerHandle | None = None
 
-    def admit(self, new: GuardedHttpToolsProtocol, connections: set[Any]) -> bool:
+    def admit(self, new: Connection, connections: set[Any]) -> bool:
         """Make room for ``new`` (already in ``connections``); False when it must be refused."""
         if not self._make_room(connections, None):
             return False
@@ -179,21 +173,21 @@ class ConnectionGuard:
             excess -= 1
         return excess <= 0
 
-    def idle(self, connection: GuardedHttpToolsProtocol) -> None:
+    def idle(self, connection: Connection) -> None:
         """``connection`` has no request in progress (from now: it goes last in line)."""
         self._idle[connection] = None
         self._idle.move_to_end(connection)
 
-    def busy(self, connection: GuardedHttpToolsProtocol) -> None:
+    def busy(self, connection: Connection) -> None:
         """``connection`` has a request in progress: it is not to be evicted."""
         self._idle.pop(connection, None)
 
-    def closing(self, connection: GuardedHttpToolsProtocol) -> None:
+    def closing(self, connection: Connection) -> None:
         """``connection`` is being closed here: it no longer counts against the cap."""
         self._idle.pop(connection, None)
         self._closing.add(connection)
 
-    def gone(self, connection: GuardedHttpToolsProtocol) -> None:
+    def gone(self, connection: Connection) -> None:
         """``connection`` is closed (or handed over to a WebSocket protocol)."""
         self._idle.pop(connection, None)
         self._closing.discard(connection)
@@ -239,147 +233,3 @@ def guard_of(app: Any) -> ConnectionGuard:
             return guard
         app = getattr(app, "app", None)
     raise RuntimeError("GuardedHttpToolsProtocol serves rest_bridge apps only")
-
-
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, bounded (see the module's docstring)."""
-
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self.guard = guard_of(self.app)
-        self._in_head = True  # the next bytes are a request line and headers
-        self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._lingering = False
-        self.handshake: Handshake | None = None
-        """The TLS in front of it (rest_bridge.https), counted by the guard until now."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self.handshake is not None:
-            self.guard.shaken(self.handshake)  # from here on it is an HTTP connection
-        # A response's head and body (and a turn's other writes) in one send.
-        super().connection_made(cast(asyncio.Transport, TurnWrites(transport)))
-        if not self.guard.admit(self, self.connections):
-            self._refuse(
-                503,
-                "the bridge has as many connections as it may hold, each with a request in"
-                " progress: retry shortly",
-                REFUSED,
-                (b"retry-after", self.guard.retry_after.encode()),
-            )
-            return
-        self._arm_head_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        if self._lingering:
-            self._lingering = False
-            self.guard.lingering -= 1
-        self.guard.gone(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return  # refused: read only to be dropped
-        if self._in_head:
-            if self._head_timer is None:
-                self._arm_head_timer()  # a next request's first byte
-            room = self.guard.max_header_bytes - self._head_bytes
-            if len(data) > room:
-                # Only the bytes within the limit go to the parser: if the head is not
-                # complete with them, it is larger than the limit.
-                super().data_received(data[:room])
-                if self.transport.is_closing() or self.transport.get_protocol() is not self:
-                    return
-                if self._in_head:
-                    self._refuse(
-                        431,
-                        "the request line and headers are larger than the limit of"
-                        f" {self.guard.max_header_bytes} bytes (max_header_bytes)",
-                        HEADER_TOO_LARGE,
-                    )
-                    return
-                data = data[room:]
-            else:
-                self._head_bytes += len(data)
-        super().data_received(data)
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._cancel_head_timer()
-        self.guard.busy(self)
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._in_head = True
-        self._head_bytes = 0
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline and self._in_head:
-            self.guard.idle(self)
-
-    def handle_websocket_upgrade(self) -> None:
-        # The WebSocket protocol takes the connection over (and counts in connections),
-        # with the transport itself: it joins its writes its own way.
-        self._cancel_head_timer()
-        self.guard.gone(self)
-        writes = cast(TurnWrites, self.transport)
-        writes.flush()
-        self.transport = writes.raw
-        super().handle_websocket_upgrade()
-
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.guard.header_timeout, self._head_timed_out)
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
-            return
-        if self._head_bytes:
-            self._refuse(
-                408,
-                "the request line and headers did not arrive within"
-                f" {self.guard.header_timeout:g} seconds (header_timeout_seconds)",
-                HEADER_TIMEOUT,
-            )
-            return
-        self.guard.note(HEADER_TIMEOUT)
-        self.guard.closing(self)
-        self.transport.close()
-
-    def _refuse(self, status: int, detail: str, reason: str, *headers: tuple[bytes, bytes]) -> None:
-        """Answer ``status`` and close, reading (and dropping) what the client still sends
-        for a moment first, so that it reads the answer rather than a reset."""
-        self.guard.note(reason)
-        self.guard.closing(self)
-        self._cancel_head_timer()
-        body = orjson.dumps({"detail": detail})
-        head = [
-            STATUS_LINE[status],
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n",
-            *(b"%s: %s\r\n" % header for header in headers),
-            b"\r\n",
-        ]
-        self.transport.write(b"".join([*head, body]))
-        if self.guard.lingering >= MAX_LINGERING or not self.transport.can_write_eof():
-            self.transport.close()
-            return
-        self._lingering = True
-        self.guard.lingering += 1
-        self.transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)

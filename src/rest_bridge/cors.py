@@ -71,12 +71,16 @@ class Cors:
             settings.cors_cache_seconds, CACHE_LIMIT
         )
 
-    async def decide(self, origin: str, key: str | None) -> OriginDecision:
-        """The server's answer for this origin and key; AioRpcError when it cannot be asked."""
+    def known(self, origin: str, key: str | None) -> OriginDecision | None:
+        """The answer ``decide`` gives without asking the server; None when it must ask."""
         if origin == "null" or len(origin) > MAX_ORIGIN_CHARS:
             return REFUSED  # "null": sandboxed frames and file:// pages, anyone's
-        if (cached := self._cache.get((origin, key))) is not None:
-            return cached
+        return self._cache.get((origin, key))
+
+    async def decide(self, origin: str, key: str | None) -> OriginDecision:
+        """The server's answer for this origin and key; AioRpcError when it cannot be asked."""
+        if (known := self.known(origin, key)) is not None:
+            return known
         metadata = [(REQUEST_ID_HEADER, request_id.get() or new_request_id())]
         if key:
             metadata.append((MD_API_KEY, metadata_value(key)))

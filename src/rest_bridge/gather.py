@@ -130,15 +130,19 @@ class Gatherer:
         """The server's answer to one Track request, as Track would give it."""
         return self._request(request, metadata, None)
 
-    async def _request(
+    def submit(
         self,
         request: pb.CreateEventsRequest | pb.TrackRequest,
         metadata: Metadata,
-        ws_message_id: str | None,
-    ) -> pb.CreateEventsResponse:
+        ws_message_id: str | None = None,
+    ) -> asyncio.Future[pb.CreateEventsResponse] | None:
+        """Queue one request: the future of the server's answer (failing with
+        grpc.aio.AioRpcError as the call would), for a caller that waits on it without a
+        coroutine (rest_bridge.hot). None while calls go one by one (gather_direct): the
+        caller awaits ``create_events`` or ``track`` instead."""
         loop = asyncio.get_running_loop()
         if self._direct.until > loop.time():
-            return await self._direct.call(request, metadata, ws_message_id)
+            return None
         raw = request.SerializeToString()
         kind = (
             pb.REQUEST_KIND_TRACK
@@ -166,6 +170,17 @@ class Gatherer:
         self._queued += 1
         self._queued_bytes += size
         self._dispatch()
+        return future
+
+    async def _request(
+        self,
+        request: pb.CreateEventsRequest | pb.TrackRequest,
+        metadata: Metadata,
+        ws_message_id: str | None,
+    ) -> pb.CreateEventsResponse:
+        future = self.submit(request, metadata, ws_message_id)
+        if future is None:
+            return await self._direct.call(request, metadata, ws_message_id)
         try:
             # Not shielded (a shield costs ~2 µs a request): a waiter given up on (its
             # client gone) cancels its own future alone; the call that carries it is a

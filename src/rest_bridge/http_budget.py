@@ -16,7 +16,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.server import ServerState
 
-from rest_bridge.connections import GuardedHttpToolsProtocol
+from rest_bridge.http_protocol import GuardedHttpToolsProtocol
 
 
 class _BudgetedFlow(FlowControl):

@@ -24,8 +24,9 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from rest_bridge.config import BridgeSettings
-from rest_bridge.connections import REFUSED, ConnectionGuard, GuardedHttpToolsProtocol
-from rest_bridge.http_budget import BudgetedHttpProtocol
+from rest_bridge.connections import REFUSED, ConnectionGuard
+from rest_bridge.hot import HotHttpProtocol
+from rest_bridge.http_protocol import GuardedHttpToolsProtocol
 
 
 def server_context(settings: BridgeSettings) -> ssl.SSLContext | None:
@@ -95,7 +96,7 @@ def bridge_protocol(
     """What uvicorn serves each connection with: the guarded HTTP protocol (its bodies
     within the byte budget), over TLS when the bridge has a certificate (uvicorn's
     ``http`` option)."""
-    http = BudgetedHttpProtocol(config, server_state, app_state, _loop)
+    http = HotHttpProtocol(config, server_state, app_state, _loop)
     guard = http.guard
     if guard.tls is None:
         return http

@@ -1,7 +1,7 @@
 """The bridge's HTTP replies, written straight to ASGI (no Starlette Response objects).
 
 Under uvicorn's httptools protocol (the bridge's, rest_bridge.connections) a whole reply
-is written to the connection at once (``_write_at_once``): the bytes uvicorn's ``send``
+is written to the connection at once (``write_at_once``): the bytes uvicorn's ``send``
 writes for the same two messages, by the same rules (its default headers first, a
 ``connection: close`` when the connection is not kept alive or a header closes it, the
 response then complete), without two passes of its generic checks over every header.
@@ -50,7 +50,7 @@ class Reply:
         if last is not None:
             headers.append(last)
         cycle = getattr(send, "__self__", None)
-        if type(cycle) is RequestResponseCycle and _write_at_once(
+        if type(cycle) is RequestResponseCycle and write_at_once(
             cycle, self.status, headers, self.body
         ):
             return
@@ -68,7 +68,7 @@ class Reply:
         await send({"type": "http.response.body", "body": self.body})
 
 
-def _write_at_once(
+def write_at_once(
     cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> bool:
     """Write the whole response as uvicorn's ``send`` would; False (nothing done) when

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import orjson
@@ -22,6 +22,7 @@ from rest_bridge.body import (
     arrived_body,
     body_arrived,
     check_media_type,
+    declared_length,
     is_gzipped,
     read_body,
 )
@@ -100,11 +101,25 @@ def body_timed_out(seconds: float) -> Reply:
     )
 
 
+class Started(NamedTuple):
+    """A request sent on by ``JsonPost.start``, its answer to come in ``future``."""
+
+    future: asyncio.Future[pb.CreateEventsResponse]
+    request: Any
+    headers: dict[bytes, bytes]
+    key: str | None
+    body: bytes
+    cors: list[tuple[bytes, bytes]]
+
+
 class JsonPost:
     """The ASGI app of one JSON POST route; subclasses say what a whole body becomes."""
 
     locate: staticmethod[[str], list[str | int]] = staticmethod(v1_field_loc)
     """Where a field the server's violations name was in the request's JSON body."""
+
+    rules: Rules[Any]
+    """How its bodies are validated, and what a valid one becomes."""
 
     def __init__(  # noqa: PLR0917
         self,
@@ -165,6 +180,55 @@ class JsonPost:
             return body_timed_out(self._settings.body_timeout_seconds), cors
         return await self.handle(scope, headers, key, body), cors
 
+    def start(self, scope: dict[str, Any], body: bytes) -> Started | None:
+        """What ``answer`` does for a request whose whole body is in (``body``), up to the
+        call to the server, when no step of it would wait or refuse: the request sent on,
+        for a caller that waits for its answer without a coroutine (rest_bridge.hot). None
+        (nothing done) otherwise: ``answer`` is to serve it. So this takes a subset of what
+        ``answer`` takes, and does to it exactly what ``answer`` would."""
+        headers = dict(scope["headers"])
+        key, source = api_key(headers, scope["query_string"])
+        cors: list[tuple[bytes, bytes]] = []
+        if (origin := headers.get(b"origin")) is not None:
+            decision = self._cors.known(origin.decode("latin-1"), key)
+            if decision is None:
+                return None
+            cors = self._cors.response_headers(origin, decision)
+        if b"content-encoding" in headers or not self._admission.admitted(headers, key):
+            return None
+        try:
+            check_media_type(headers.get(b"content-type"), source)
+        except BodyRefused:
+            return None
+        limit = self._settings.max_body_bytes
+        if len(body) > limit or declared_length(headers.get(b"content-length")) > limit:
+            return None
+        request = self._parser.parse_inline(body, self.rules)
+        if request is None or isinstance(request, Reply):
+            return None
+        client = scope["client"]
+        metadata = forwarded_metadata(headers, client[0] if client else "", key)
+        future = self._gatherer.submit(request, metadata)
+        if future is None:
+            return None
+        return Started(future, request, headers, key, body, cors)
+
+    def finish(self, started: Started) -> Reply:
+        """The reply to a request ``start`` sent on, once its answer is in."""
+        error = started.future.exception()
+        if error is None:
+            return Reply(200, response_bytes(started.future.result()))
+        if not isinstance(error, grpc.aio.AioRpcError):
+            raise error
+        request = started.request
+        return self.refused(
+            error, lambda: self.tenants(request), started.headers, started.key, started.body
+        )
+
+    def tenants(self, request: Any) -> list[str]:
+        """The tenants ``request`` names (for the record of a request refused as too large)."""
+        raise NotImplementedError
+
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
     ) -> Reply:
@@ -203,13 +267,24 @@ class JsonPost:
         try:
             response = await call(request, metadata)
         except grpc.aio.AioRpcError as error:
-            reply = grpc_error_response(error, self._settings.retry_after_seconds, self.locate)
-            if reply.status == REQUEST_TOO_LARGE:
-                message = orjson.loads(reply.body)["detail"]
-                detail = [validation_detail(["body"], message, "request_too_large")]
-                self.report(body, detail, key, headers, tenants())
-            return reply
+            return self.refused(error, tenants, headers, key, body)
         return Reply(200, response_bytes(response))
+
+    def refused(
+        self,
+        error: grpc.aio.AioRpcError,
+        tenants: Callable[[], list[str]],
+        headers: dict[bytes, bytes],
+        key: str | None,
+        body: bytes,
+    ) -> Reply:
+        """The HTTP reply to a call the server (or gRPC) refused."""
+        reply = grpc_error_response(error, self._settings.retry_after_seconds, self.locate)
+        if reply.status == REQUEST_TOO_LARGE:
+            message = orjson.loads(reply.body)["detail"]
+            detail = [validation_detail(["body"], message, "request_too_large")]
+            self.report(body, detail, key, headers, tenants())
+        return reply
 
     def report(
         self,

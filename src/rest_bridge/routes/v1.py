@@ -27,6 +27,11 @@ RULES: Rules[pb.CreateEventsRequest] = Rules(
 class CreateEvents(JsonPost):
     """The ASGI app of POST /create-events."""
 
+    rules = RULES
+
+    def tenants(self, request: Any) -> list[str]:
+        return tenants_of([e.tenant for e in request.events])
+
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
     ) -> Reply:
@@ -36,7 +41,7 @@ class CreateEvents(JsonPost):
         return await self.forward(
             self._gatherer.create_events,
             request,
-            lambda: tenants_of([e.tenant for e in request.events]),
+            lambda: self.tenants(request),
             scope,
             headers,
             key,

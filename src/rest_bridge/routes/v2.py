@@ -35,6 +35,11 @@ class Track(JsonPost):
 
     locate = staticmethod(v2_field_loc)
 
+    rules = RULES
+
+    def tenants(self, request: Any) -> list[str]:
+        return tenants_of([_tenant(e) for e in request.events])
+
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
     ) -> Reply:
@@ -44,7 +49,7 @@ class Track(JsonPost):
         return await self.forward(
             self._gatherer.track,
             request,
-            lambda: tenants_of([_tenant(e) for e in request.events]),
+            lambda: self.tenants(request),
             scope,
             headers,
             key,
