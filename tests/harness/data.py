@@ -15,7 +15,7 @@ from events_server.wire.codec import varint
 
 TEST_TENANTS = (
     "t", "t0", "t1", "t2", "my_store", "shop_eu", "shop_us", "outlet", "mp", "workers",
-    "first", "second", "third", *(f"shop-{c}" for c in "abcdfgorx"), "shop-1x", "shop-dl",
+    "first", "second", "third", *(f"shop-{c}" for c in "abcdfghorx"), "shop-1x", "shop-dl",
     "shop-t1", "shop-t2",
     "shop-big", "shop-hung", "shop-cap", "shop-last", "shop-r", *(f"shop-{n}" for n in range(10)),
     *(f"shop-r{n}" for n in range(10)), *(f"shop-m{n}" for n in range(110)),
