@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
-from events_server.ops.exposition import shared_by_workers
+from events_server.ops.exposition import shared_by_workers, values_changed_on_one_thread
 from events_server.ops.logs import setup_logging
 from events_server.ops.settings import ENV_PREFIX, add_settings_flags, settings_from_args
 from rest_bridge.app import Bridge, create_app
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     if settings.workers == 1:
+        values_changed_on_one_thread()
         uvicorn.Server(server_config(settings)).run()
         return 0
     # Each worker process builds its own app (and gRPC channel) from the environment.

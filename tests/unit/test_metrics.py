@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+
+from events_server.ops.exposition import LoopValue, values_changed_on_one_thread
 from events_server.server.metrics import OTHER_TENANT, TenantLabels
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
@@ -21,3 +26,28 @@ def test_tenant_labels_are_capped_and_only_queued_events_take_a_place() -> None:
     assert labels("c") == OTHER_TENANT
     assert labels("a", admit=False) == "a"
     assert TenantLabels(0)("a") == OTHER_TENANT
+
+
+def test_values_kept_without_a_lock_expose_what_locked_ones_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exposed() -> bytes:
+        registry = CollectorRegistry()
+        counter = Counter("calls", "calls", ["code"], registry=registry)
+        histogram = Histogram("seconds", "seconds", registry=registry, buckets=(0.01, 0.1))
+        gauge = Gauge("open", "open", registry=registry)
+        for n in range(1000):
+            counter.labels("OK" if n % 3 else "UNAVAILABLE").inc()
+            histogram.observe(n / 5000)
+            gauge.set(n)
+        counter.labels("OK").inc(2.5)
+        lines = generate_latest(registry).splitlines()
+        return b"\n".join(line for line in lines if b"_created" not in line)  # a clock
+
+    locked = exposed()
+    monkeypatch.setattr(prometheus_values, "ValueClass", prometheus_values.ValueClass)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    values_changed_on_one_thread()
+    assert prometheus_values.ValueClass is LoopValue
+    assert exposed() == locked
+    assert b'calls_total{code="OK"} 669.5' in locked

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvloop
 
-from events_server.ops.exposition import shared_by_workers
+from events_server.ops.exposition import shared_by_workers, values_changed_on_one_thread
 from events_server.ops.settings import add_settings_flags
 from events_server.server.app import create_server
 from events_server.server.settings import Settings
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.workers > 1:
         with shared_by_workers():
             return serve_workers(settings)
+    values_changed_on_one_thread()
     uvloop.run(serve(settings))
     return 0
 

@@ -68,6 +68,41 @@ def shared_by_workers() -> Iterator[str]:
             shutil.rmtree(made, ignore_errors=True)
 
 
+class LoopValue:
+    """A metric's value without prometheus-client's lock, for a process whose metrics change
+    on one thread only: both services change theirs on the event loop's; the server's
+    metrics port reads them on its own, and the GIL lets a float be read whole. The lock
+    cost 0.18 µs on each change, and a single event makes some eight in each process."""
+
+    _multiprocess = False
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        self._value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+def values_changed_on_one_thread() -> None:
+    """Metrics made from now on keep their values as LoopValue: for the process of a
+    service (its metrics changed on its event loop alone), not in multiprocess mode."""
+    if multiprocess_dir() is None:
+        prometheus_values.ValueClass = LoopValue
+
+
 def scrape_registry(own: CollectorRegistry, *local: Collector) -> CollectorRegistry:
     """What a scrape reads: ``own`` plus ``local`` collectors, or every process's metrics.
 
