@@ -50,4 +50,4 @@ def test_values_kept_without_a_lock_expose_what_locked_ones_do(
     values_changed_on_one_thread()
     assert prometheus_values.ValueClass is LoopValue
     assert exposed() == locked
-    assert b'calls_total{code="OK"} 669.5' in locked
+    assert b'calls_total{code="OK"} 668.5' in locked
