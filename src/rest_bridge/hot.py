@@ -88,8 +88,8 @@ class HotPosts:
         try:
             try:
                 reply = route.finish(begun)
-            except Exception:
-                log.exception("Exception in ASGI application")  # as uvicorn says it
+            except (Exception, asyncio.CancelledError):  # a bug: answered, as uvicorn would
+                log.exception("Exception in ASGI application")
                 reply = _FAILED
             status = reply.status
             last = (REQUEST_ID_BYTES, rid.encode())

@@ -182,6 +182,29 @@ def test_a_post_from_an_allowed_origin_is_queued_and_readable_by_the_page(
     assert envelope.event.user_id == "u-1"
 
 
+def test_a_page_whose_answers_are_known_gets_the_same_headers_each_time(
+    cors_server: str, cors_keys: Keys, rdb: redis.Redis, keys: KeySpace
+) -> None:
+    # The first POST asks the server (CORS and admission); the next ones are answered from
+    # what the bridge keeps, without waiting (rest_bridge.hot): the same headers each time.
+    page = {"Origin": ALLOWED, "X-API-KEY": cors_keys.listed}
+    with bridged(cors_server, cors_cache_seconds=3600) as url, httpx.Client(base_url=url) as client:
+        answers = [
+            client.post(URL, json=[{**EVENT, "user_id": f"u-{n}"}], headers=page) for n in range(4)
+        ]
+        refused = [
+            client.post(URL, json=[EVENT], headers={**page, "Origin": "https://other.example"})
+            for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all(cors_headers(a) == cors_headers(answers[0]) for a in answers)
+    assert cors_headers(answers[0])["access-control-allow-origin"] == ALLOWED
+    assert [a.json()["accepted"] for a in answers] == [1] * 4
+    assert [r.status_code for r in refused] == [403] * 2
+    assert all(cors_headers(r) == {} for r in refused)
+    assert len(queued(rdb, keys)) == 4
+
+
 @pytest.mark.parametrize(
     "origin", ["https://allowed.example.evil", "http://allowed.example", "null"]
 )
