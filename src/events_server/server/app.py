@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 GATHER_ROOM = 4 * 1024 * 1024 + 65_536
 """What a gathered call may hold past max_request_bytes: the bridge's default bound on a
 call's events (grpc_gather_max_bytes), and its sub-requests' metadata."""
+
+TASK_STOP_SECONDS = 0.5
+"""How long a background task has to end once cancelled before it is cancelled again."""
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -118,10 +121,7 @@ class EventsServer:
             self.streams.drain()
         if self.links is not None:  # nor its links
             self.links.drain()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         grace = self._settings.shutdown_grace_seconds if grace is None else grace
         if self.links is not None:  # the links' batches drain beside the calls
             await asyncio.gather(self.grpc.stop(grace), self.links.wait(grace))
@@ -169,6 +169,18 @@ class EventsServer:
     async def _probe(self) -> Readiness:
         settings = self._settings
         return await probe(self._store, settings.durability, settings.replicas_to_confirm)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they are done. A cancellation that comes as a probe's
+    timeout fires can be taken for the timeout (Python 3.11's asyncio.timeout), and the
+    task's loop goes on: a stop waited for it for good. Such a task is cancelled again at
+    its next wait."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=TASK_STOP_SECONDS)
 
 
 def rates_for(caller: Caller, settings: Settings) -> Rates:
