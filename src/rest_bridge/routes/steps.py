@@ -1,9 +1,10 @@
 """The steps every JSON POST route shares, whatever its contract: the key, CORS, the body,
 the call to the server, the answer, the rejected record.
 
-A route (rest_bridge.routes.v1, rest_bridge.routes.v2) is a JsonPost that says what its
-body becomes (``handle``): FastAPI documents the routes (rest_bridge.app) but does not serve
-them, its generic pipeline costing more CPU than the work itself.
+A route (rest_bridge.routes.v1, rest_bridge.routes.v2) is a JsonPost that says how its body
+is validated (``rules``), which tenants a request names (``tenants``) and which call sends it
+(``call``): FastAPI documents the routes (rest_bridge.app) but does not serve them, its
+generic pipeline costing more CPU than the work itself.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ STATUS_NAMES = {
     pb.EventResult.STATUS_DUPLICATE: "duplicate",
 }
 
-R = TypeVar("R", pb.CreateEventsRequest, pb.TrackRequest)
 T = TypeVar("T")
 
 
@@ -113,7 +113,8 @@ class Started(NamedTuple):
 
 
 class JsonPost:
-    """The ASGI app of one JSON POST route; subclasses say what a whole body becomes."""
+    """The ASGI app of one JSON POST route; subclasses say what a whole body becomes (its
+    ``rules``, ``tenants`` and ``call``)."""
 
     locate: staticmethod[[str], list[str | int]] = staticmethod(v1_field_loc)
     """Where a field the server's violations name was in the request's JSON body."""
@@ -229,11 +230,18 @@ class JsonPost:
         """The tenants ``request`` names (for the record of a request refused as too large)."""
         raise NotImplementedError
 
+    def call(self, request: Any, metadata: Metadata) -> Awaitable[pb.CreateEventsResponse]:
+        """The server's answer to ``request``, through the gatherer (as ``start`` sends it)."""
+        raise NotImplementedError
+
     async def handle(
         self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
     ) -> Reply:
         """The reply to one request with its whole (inflated) JSON body."""
-        raise NotImplementedError
+        request = await self.parse(body, self.rules, key, headers)
+        if isinstance(request, Reply):
+            return request
+        return await self.forward(request, lambda: self.tenants(request), scope, headers, key, body)
 
     async def parse(
         self, body: bytes, rules: Rules[T], key: str | None, headers: dict[bytes, bytes]
@@ -249,8 +257,7 @@ class JsonPost:
 
     async def forward(  # noqa: PLR0917
         self,
-        call: Callable[[R, Metadata], Awaitable[pb.CreateEventsResponse]],
-        request: R,
+        request: Any,
         tenants: Callable[[], list[str]],
         scope: dict[str, Any],
         headers: dict[bytes, bytes],
@@ -265,7 +272,7 @@ class JsonPost:
         client = scope.get("client")
         metadata = forwarded_metadata(headers, client[0] if client else "", key)
         try:
-            response = await call(request, metadata)
+            response = await self.call(request, metadata)
         except grpc.aio.AioRpcError as error:
             return self.refused(error, tenants, headers, key, body)
         return Reply(200, response_bytes(response))

@@ -6,13 +6,14 @@ event; the 200 answers each event as POST /create-events does."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from events_server.pb import events_pb2 as pb
 from events_server.wire.rejected import tenants_of
 from rest_bridge.errors import v2_field_loc
+from rest_bridge.gather_batch import Metadata
 from rest_bridge.offload import Rules
-from rest_bridge.responses import Reply
 from rest_bridge.routes.steps import JsonPost
 from rest_bridge.validation_v2 import track_in_worker, validate_track
 
@@ -40,18 +41,5 @@ class Track(JsonPost):
     def tenants(self, request: Any) -> list[str]:
         return tenants_of([_tenant(e) for e in request.events])
 
-    async def handle(
-        self, scope: dict[str, Any], headers: dict[bytes, bytes], key: str | None, body: bytes
-    ) -> Reply:
-        request = await self.parse(body, RULES, key, headers)
-        if isinstance(request, Reply):
-            return request
-        return await self.forward(
-            self._gatherer.track,
-            request,
-            lambda: self.tenants(request),
-            scope,
-            headers,
-            key,
-            body,
-        )
+    def call(self, request: Any, metadata: Metadata) -> Awaitable[pb.CreateEventsResponse]:
+        return self._gatherer.track(request, metadata)
