@@ -39,7 +39,7 @@ import resource
 import ssl
 import time
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -225,11 +225,23 @@ class Handshake(Protocol):
         """Close it now, handshake unfinished."""
 
 
+A = TypeVar("A")
+
+
+def app_attribute(app: Any, name: str, kind: type[A]) -> A | None:
+    """The ``name`` attribute, of type ``kind``, of the bridge app uvicorn serves (through any
+    middleware it wrapped it in); None when it has none."""
+    while app is not None:
+        found = getattr(app, name, None)
+        if isinstance(found, kind):
+            return found
+        app = getattr(app, "app", None)
+    return None
+
+
 def guard_of(app: Any) -> ConnectionGuard:
     """The guard of the bridge app uvicorn serves (through any middleware it wrapped it in)."""
-    while app is not None:
-        guard = getattr(app, "connection_guard", None)
-        if isinstance(guard, ConnectionGuard):
-            return guard
-        app = getattr(app, "app", None)
-    raise RuntimeError("GuardedHttpToolsProtocol serves rest_bridge apps only")
+    guard = app_attribute(app, "connection_guard", ConnectionGuard)
+    if guard is None:
+        raise RuntimeError("GuardedHttpToolsProtocol serves rest_bridge apps only")
+    return guard

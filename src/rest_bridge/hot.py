@@ -28,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from events_server.ops.logs import request_id as current_request_id
 from rest_bridge.access import REQUEST_ID_BYTES, AccessMiddleware, request_id_of
+from rest_bridge.connections import app_attribute
 from rest_bridge.http_budget import BudgetedHttpProtocol
 from rest_bridge.responses import Reply, json_reply, write_at_once
 from rest_bridge.routes.steps import JsonPost, Started
@@ -115,22 +116,12 @@ class HotPosts:
         task.add_done_callback(self._sending.discard)
 
 
-def hot_posts_of(app: Any) -> HotPosts | None:
-    """The HotPosts of the bridge app uvicorn serves (through any middleware around it)."""
-    while app is not None:
-        hot = getattr(app, "hot_posts", None)
-        if isinstance(hot, HotPosts):
-            return hot
-        app = getattr(app, "app", None)
-    return None
-
-
 class HotHttpProtocol(BudgetedHttpProtocol):
     """The bridge's HTTP protocol, serving the JSON POSTs through HotPosts when it can."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._hot = hot_posts_of(self.app)
+        self._hot = app_attribute(self.app, "hot_posts", HotPosts)
         self._held: tuple[RequestResponseCycle, Any] | None = None
         """A hot request's cycle and app whose task waits for the end of this read."""
 
