@@ -72,8 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 (b"retry-after", self.guard.retry_after.encode()),
             )
             return
-        self._head_deadline = self.loop.time() + self.guard.header_timeout
-        self._watch(self._head_deadline)
+        self._head_begins()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
@@ -88,9 +87,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # refused: read only to be dropped
         if self._in_head:
             if self._head_deadline == math.inf:
-                self._head_deadline = self.loop.time() + self.guard.header_timeout
-                self._idle_deadline = math.inf  # a next request's first byte
-                self._watch(self._head_deadline)
+                self._head_begins()  # a next request's first byte
             room = self.guard.max_header_bytes - self._head_bytes
             if len(data) > room:
                 # Only the bytes within the limit go to the parser: if the head is not
@@ -147,6 +144,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         writes.flush()
         self.transport = writes.raw
         super().handle_websocket_upgrade()
+
+    def _head_begins(self) -> None:
+        """A head is on its way (the connection's first, or a next request's): it has
+        header_timeout_seconds from now, and the idle bound is over."""
+        self._head_deadline = self.loop.time() + self.guard.header_timeout
+        self._idle_deadline = math.inf
+        self._watch(self._head_deadline)
 
     def _watch(self, deadline: float) -> None:
         """Have the timer fire by ``deadline``: set again only if it was set for later."""
