@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, scrape_registry
+from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, Observer, scrape_registry
 
 # Anything else a client puts in the request line is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -80,24 +80,25 @@ class BridgeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self._call_size = Observer(self.gathered_calls)
         self.scrape = scrape_registry(self.registry)
         self._children = LabelCache()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
         method = method if method in METHODS else "other"
-        self._children.get(self.requests, (route, method, str(status))).inc()
-        self._children.get(self.seconds, (route, method)).observe(seconds)
+        self._children.counting(self.requests, (route, method, str(status)))(1)
+        self._children.observing(self.seconds, (route, method))(seconds)
 
     def ws_frame(self, outcome: str, seconds: float | None = None) -> None:
         """Count one WebSocket frame (and how long it took, when it was handled)."""
-        self._children.get(self.ws_frames, (outcome,)).inc()
+        self._children.counting(self.ws_frames, (outcome,))(1)
         if seconds is not None:
-            self._children.get(self.ws_frame_seconds, (outcome,)).observe(seconds)
+            self._children.observing(self.ws_frame_seconds, (outcome,))(seconds)
 
     def gathered(self, requests: int) -> None:
         """Count one gathered call to the server, of ``requests`` requests."""
-        self.gathered_calls.observe(requests)
+        self._call_size(requests)
 
     def ws_handshake(self, status: int) -> None:
         """Count one handshake answered with ``status``."""

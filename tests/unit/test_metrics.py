@@ -6,7 +6,12 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
 
-from events_server.ops.exposition import LoopValue, values_changed_on_one_thread
+from events_server.ops.exposition import (
+    LabelCache,
+    LoopValue,
+    Observer,
+    values_changed_on_one_thread,
+)
 from events_server.server.metrics import OTHER_TENANT, TenantLabels
 from rest_bridge.app import create_app
 from rest_bridge.config import BridgeSettings
@@ -51,3 +56,31 @@ def test_values_kept_without_a_lock_expose_what_locked_ones_do(
     assert prometheus_values.ValueClass is LoopValue
     assert exposed() == locked
     assert b'calls_total{code="OK"} 668.5' in locked
+
+
+def test_lean_changes_expose_what_inc_and_observe_do() -> None:
+    amounts = [0.0, 0.01, 0.010001, 0.05, 0.1, 0.5, 7.0, float("inf"), -1.0, float("nan")]
+
+    def exposed(lean: bool) -> bytes:
+        registry = CollectorRegistry()
+        counter = Counter("calls", "calls", ["code"], registry=registry)
+        labelled = Histogram("took", "took", ["route"], registry=registry, buckets=(0.01, 0.1))
+        plain = Histogram("size", "size", registry=registry, buckets=(1, 8, 64))
+        cache = LabelCache()
+        observe_plain = Observer(plain) if lean else plain.observe
+        for n, amount in enumerate(amounts * 3):
+            code = "OK" if n % 3 else "UNAVAILABLE"
+            if lean:
+                cache.counting(counter, (code,))(1)
+                cache.observing(labelled, ("/a",))(amount)
+            else:
+                counter.labels(code).inc()
+                labelled.labels("/a").observe(amount)
+            observe_plain(n)
+        lines = generate_latest(registry).splitlines()
+        return b"\n".join(line for line in lines if b"_created" not in line)  # a clock
+
+    checked = exposed(lean=False)
+    assert exposed(lean=True) == checked
+    assert b'took_bucket{le="0.01",route="/a"} 9.0' in checked
+    assert b'size_bucket{le="8.0"} 9.0' in checked

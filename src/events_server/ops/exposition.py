@@ -15,7 +15,9 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from math import isnan
 from pathlib import Path
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -122,10 +124,17 @@ def scrape_registry(own: CollectorRegistry, *local: Collector) -> CollectorRegis
 
 
 class LabelCache:
-    """Labelled children by label values: ``labels()`` validates and locks on every call."""
+    """Labelled children by label values: ``labels()`` validates and locks on every call.
+
+    ``counting`` and ``observing`` hand out a child's change itself, for the counts made
+    for every request or event: ``Counter.inc`` and ``Histogram.observe`` check on each
+    call what holds for every child (it is labelled, the amount is not negative, there is
+    no exemplar), and the histogram walks its bounds in Python. Four to six calls less.
+    """
 
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._changes: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
 
     def get(self, metric: M, labels: tuple[str, ...]) -> M:
         """``metric.labels(*labels)``, looked up once."""
@@ -134,6 +143,45 @@ class LabelCache:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def counting(self, metric: Counter, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """``metric.labels(*labels).inc``, for amounts that are never negative."""
+        key = (id(metric), labels)
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = increment(self.get(metric, labels))
+        return change
+
+    def observing(self, metric: Histogram, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """``metric.labels(*labels).observe``."""
+        key = (id(metric), labels)
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = Observer(self.get(metric, labels))
+        return change
+
+
+def increment(counter: Counter) -> Callable[[float], None]:
+    """A counter's (or labelled child's) ``inc``, for amounts that are never negative."""
+    return counter._value.inc  # type: ignore[no-any-return]
+
+
+class Observer:
+    """A histogram's (or labelled child's) ``observe``: the same values changed (the sum,
+    and the first bucket whose upper bound is at or above the amount, found by bisection;
+    the last bound is +Inf), without the per-call checks."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._bounds: list[float] = list(histogram._upper_bounds)
+        self._buckets: list[Callable[[float], None]] = [b.inc for b in histogram._buckets]
+        self._sum: Callable[[float], None] = histogram._sum.inc
+
+    def __call__(self, amount: float) -> None:
+        self._sum(amount)
+        if not isnan(amount):  # in no bucket, as with observe()
+            self._buckets[bisect_left(self._bounds, amount)](1)
 
 
 class MetricsEndpoint:

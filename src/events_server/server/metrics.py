@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache
+from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, Observer
 from events_server.pb import events_pb2 as pb
 from events_server.server.errors import IngestError, InvalidEvents, StoreUnavailable
 from events_server.wire.codec import TYPE_NAMES
@@ -119,7 +119,7 @@ class ServerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tenant_label = TenantLabels(max_tenants)
         self._children = LabelCache()
-        self._stored_children: dict[tuple[str, int | str, str], Any] = {}
+        self._stored_children: dict[tuple[str, int | str, str], Callable[[float], None]] = {}
         self.events = Counter(
             "events",
             "Events by tenant, type and outcome (accepted, duplicate, rejected); reason says why"
@@ -147,6 +147,7 @@ class ServerMetrics:
             buckets=SCRIPT_BUCKETS,
             registry=self.registry,
         )
+        self._script_seconds = Observer(self.script_seconds)
         self.auth_failures = Counter(
             "events_auth_failures",
             "Refused API keys by kind: " + ", ".join(AUTH_FAILURE_KINDS) + ".",
@@ -185,6 +186,7 @@ class ServerMetrics:
             buckets=GATHERED_BUCKETS,
             registry=self.registry,
         )
+        self._call_size = Observer(self.gathered_call_size)
 
         self.batch_links = Counter(
             "events_batch_link_connections",
@@ -222,10 +224,10 @@ class ServerMetrics:
             # One outcome for all (the usual case): no need to walk the results.
             outcome = ACCEPTED if reply.duplicates == 0 else DUPLICATE
             if len(events) == 1:  # a storefront's request
-                self._stored(kinds(events[0]), outcome).inc()
+                self._stored(kinds(events[0]), outcome)(1)
                 return
             for tenant_kind, n in collections.Counter(map(kinds, events)).items():
-                self._stored(tenant_kind, outcome).inc(n)
+                self._stored(tenant_kind, outcome)(n)
             return
         counts: dict[tuple[str, int | str, str, str], int] = {}
         if reply is not None:
@@ -247,10 +249,10 @@ class ServerMetrics:
             )
             self._children.get(self.events, labels).inc(n)
 
-    def _stored(self, tenant_kind: tuple[str, int | str], outcome: str) -> Any:
-        """The events counter's child of stored events of a tenant and type, by their own
-        values: a stored event's tenant label, once given, never changes (a known tenant
-        stays known; past the cap, every newcomer is ``_other`` for good)."""
+    def _stored(self, tenant_kind: tuple[str, int | str], outcome: str) -> Callable[[float], None]:
+        """The increment of the events counter's child of stored events of a tenant and
+        type, by their own values: a stored event's tenant label, once given, never changes
+        (a known tenant stays known; past the cap, every newcomer is ``_other`` for good)."""
         key = (*tenant_kind, outcome)
         child = self._stored_children.get(key)
         if child is None:
@@ -258,21 +260,21 @@ class ServerMetrics:
                 self._stored_children.clear()
             tenant, kind = tenant_kind
             labels = (self.tenant_label(tenant), _type_label(kind), outcome, "")
-            child = self._stored_children[key] = self._children.get(self.events, labels)
+            child = self._stored_children[key] = self._children.counting(self.events, labels)
         return child
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Count one finished gRPC call and its duration."""
-        self._children.get(self.rpc_requests, (method, code)).inc()
-        self._children.get(self.rpc_seconds, (method,)).observe(seconds)
+        self._children.counting(self.rpc_requests, (method, code))(1)
+        self._children.observing(self.rpc_seconds, (method,))(seconds)
 
     def gathered(self, requests: int) -> None:
         """Count one gathered call of ``requests`` requests."""
-        self.gathered_call_size.observe(requests)
+        self._call_size(requests)
 
     def gathered_request(self, code: str) -> None:
         """Count one request of a gathered call, by the status code it ended with."""
-        self._children.get(self.gathered_requests, (code,)).inc()
+        self._children.counting(self.gathered_requests, (code,))(1)
 
     def unconfirmed_write(self, node: str) -> None:
         """Count one pipeline of writes ``node`` did not confirm (nodes: the primaries)."""
@@ -280,11 +282,11 @@ class ServerMetrics:
 
     def observe_script(self, seconds: float) -> None:
         """Record one round trip of script calls to Redis."""
-        self.script_seconds.observe(seconds)
+        self._script_seconds(seconds)
 
     def admitted(self, auth: str) -> None:
         """Count one call let in (``auth`` from AUTH_KINDS)."""
-        self._children.get(self.admissions, (auth,)).inc()
+        self._children.counting(self.admissions, (auth,))(1)
 
     def rate_limited(self, auth: str, caller: str) -> None:
         """Count one call refused for its rate (callers are keys and registered origins:
