@@ -96,7 +96,7 @@ class HotPosts:
             last = (REQUEST_ID_BYTES, rid.encode())
             if cycle.disconnected:
                 return  # uvicorn's send drops it too
-            if not write_at_once(cycle, status, [*reply.headers, *begun.cors, last], reply.body):
+            if not write_at_once(cycle, status, [*reply.headers, *begun.cors], reply.body, last):
                 self._send(reply, cycle, begun.cors, last)
         finally:
             scope = cast(dict[str, Any], cycle.scope)

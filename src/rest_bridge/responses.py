@@ -47,13 +47,13 @@ class Reply:
         """Write it to an ASGI connection, with ``extra`` headers (CORS) if any, and
         ``last`` (the request id) after them."""
         headers = [*self.headers, *extra]
-        if last is not None:
-            headers.append(last)
         cycle = getattr(send, "__self__", None)
         if type(cycle) is RequestResponseCycle and write_at_once(
-            cycle, self.status, headers, self.body
+            cycle, self.status, headers, self.body, last
         ):
             return
+        if last is not None:
+            headers.append(last)
         await send(
             {
                 "type": "http.response.start",
@@ -69,11 +69,19 @@ class Reply:
 
 
 def write_at_once(
-    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    cycle: RequestResponseCycle,
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    last: tuple[bytes, bytes] | None = None,
 ) -> bool:
     """Write the whole response as uvicorn's ``send`` would; False (nothing done) when
     uvicorn's ``send`` must: its flow paused, the client gone, a response already started,
-    its access log on, a HEAD request, a header it checks further or refuses."""
+    its access log on, a HEAD request, a header it checks further or refuses.
+
+    ``last`` is a header of the bridge's own making, written after the others as it is:
+    the request id, whose value is a checked token and whose name is lowercase.
+    """
     if (
         cycle.response_started
         or cycle.flow.write_paused
@@ -98,6 +106,8 @@ def write_at_once(
             keep_alive = False
             has_close = True
         head += (name, b": ", value, b"\r\n")
+    if last is not None:
+        head += (last[0], b": ", last[1], b"\r\n")
     if not keep_alive and not has_close:
         head.append(b"connection: close\r\n")
     head += (b"\r\n", body)

@@ -292,6 +292,25 @@ class Authenticator:
             front = Storefront(origin[:200], (), "")
         return Caller(front.tenants, storefront=front)
 
+    def admit_known(self, secret: str | None, origin: str | None) -> Caller | None:
+        """``admit``'s answer when it needs no lookup (the key in force, or the storefront,
+        cached and fresh), without a coroutine; None when ``admit`` is to be awaited. Raises
+        what ``admit`` raises for the same caller."""
+        if secret or self._storefronts is None or origin is None:
+            digest = self._digests.get(secret) if secret else None
+            cached = self._lookup.fresh(digest) if digest is not None else None
+            if cached is None or (key := cached[1]) is None:
+                return None  # unknown here, or revoked: ``authenticate`` says which
+            self.check_origin(key, origin)
+            return Caller(key.tenants, key=key)
+        storefronts = self._storefronts
+        if not isinstance(storefronts, CachedLookup):
+            return None
+        cached_front = storefronts.fresh(origin)
+        if cached_front is None or (front := cached_front[1]) is None:
+            return None  # looked up, or not registered: ``admit`` says so
+        return Caller(front.tenants, storefront=front)
+
     async def authenticate(self, secret: str | None, peer: str = "") -> ApiKey:
         """The key in force for this secret, or Unauthenticated."""
         if not secret:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -97,13 +98,13 @@ class GatheredService:
         # A budget per request, as for a call of its own, from when it arrived at the
         # bridge: a hung Redis costs a request the budget once, its wait for this call
         # included, so the call works to its oldest request's deadline. A request that
-        # waited more than STALE_SHARE of it is refused alone (see ``_stale``): an old
+        # waited more than STALE_SHARE of it is refused alone (see ``_fresh``): an old
         # request never leaves the fresh ones less than the rest of the budget.
-        budget_us = int(events.write_seconds * 1e6)
-        waited = max(
-            (sub.waited_us for sub in gathered.requests if not _is_stale(sub, budget_us)),
-            default=0,
-        )
+        waits = [sub.waited_us for sub in gathered.requests]
+        stale_us = events.write_seconds * 1e6 * STALE_SHARE
+        waited = max(waits, default=0)
+        if waited > stale_us:  # the oldest that is not refused sets the deadline
+            waited = max((w for w in waits if w <= stale_us), default=0)
         deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
         async with events.limiter.turn(BRIDGE_TURNS, deadline):
             received_at = Timestamp()
@@ -120,15 +121,20 @@ class GatheredService:
                 for sub in gathered.requests
             ]
             self._metrics.gathered(len(passages))
-            await self._work(_stale(passages, gathered, events.write_seconds), deadline)
-        return pb.GatheredResponse(responses=[self._answer(p, len(passages)) for p in passages])
+            await self._work(_fresh(passages, waits, events.write_seconds), deadline)
+        response = pb.GatheredResponse()
+        add = response.responses.add
+        for passage in passages:
+            self._answer(passage, len(passages), add)
+        return response
 
     async def _work(self, passages: list[Passage], deadline: float) -> None:
         events = self._events
         for passage in passages:
             token = current_request_id.set(_request_id(passage))
             try:
-                await events.admit(passage)
+                if events.admit_known(passage) is None:
+                    await events.admit_looked_up(passage)
                 events.prepare(passage)
             except IngestError as error:
                 passage.fail(error)
@@ -159,35 +165,48 @@ class GatheredService:
         except IngestError as error:
             passage.fail(error)
 
-    def _answer(self, passage: Passage, gathered: int) -> pb.SubResponse:
+    def _answer(self, passage: Passage, gathered: int, add: Callable[..., pb.SubResponse]) -> None:
+        """Count the sub-request's end, write its access line, and add its answer."""
+        reply = passage.reply
+        if passage.error is None and reply is not None:
+            self._events.finish(passage)  # answered: counted, and nothing to log
+            self._metrics.gathered_request(OK_NAME)
+            if self._access.wanted(logging.INFO, True):
+                self._access_line(passage, grpc.StatusCode.OK, gathered)
+            add().response.CopyFrom(reply)  # a copy in C (a SubResponse made first: two)
+            return
         token = current_request_id.set(_request_id(passage))
         try:
             code, message, trailers = self._events.finish(passage)
             self._metrics.gathered_request(code.name)
-            if self._access.wanted(logging.INFO, code is grpc.StatusCode.OK):
-                metadata = passage.metadata
-                access_line(
-                    self._access,
-                    logging.INFO,
-                    SUB_METHOD.format(passage.method),
-                    code,
-                    seconds=time.time() - passage.received_at.ToNanoseconds() / 1e9,
-                    events=len(passage.request.events) if passage.parsed else None,
-                    response=passage.reply,
-                    metadata=metadata,
-                    client=client_ip_for_log(passage.client_ip, self._ip_mode),
-                    gathered=gathered,
-                )
+            if self._access.wanted(logging.INFO, False):
+                self._access_line(passage, code, gathered)
         finally:
             current_request_id.reset(token)
-        if passage.reply is not None:
-            return pb.SubResponse(response=passage.reply)
-        return pb.SubResponse(
+        add(
             code=code.value[0],
             details=message,
             hold_seconds=self._events.hold(passage),
             trailers=trailer_messages(trailers),
         )
+
+    def _access_line(self, passage: Passage, code: grpc.StatusCode, gathered: int) -> None:
+        token = current_request_id.set(_request_id(passage))
+        try:
+            access_line(
+                self._access,
+                logging.INFO,
+                SUB_METHOD.format(passage.method),
+                code,
+                seconds=time.time() - passage.received_at.ToNanoseconds() / 1e9,
+                events=len(passage.request.events) if passage.parsed else None,
+                response=passage.reply,
+                metadata=passage.metadata,
+                client=client_ip_for_log(passage.client_ip, self._ip_mode),
+                gathered=gathered,
+            )
+        finally:
+            current_request_id.reset(token)
 
 
 def _request_id(passage: Passage) -> str:
@@ -197,26 +216,27 @@ def _request_id(passage: Passage) -> str:
     return passage.request_id
 
 
+OK_NAME = grpc.StatusCode.OK.name
+
 STALE_SHARE = 0.5
 """A sub-request that waited in the bridge more than this share of the server's budget is
 refused alone (it would shorten the write of every request gathered with it); the bridge
 sends what waits at most STALL_SECONDS (25 ms), so only an overwhelmed bridge gets here."""
 
 
-def _is_stale(sub: pb.SubRequest, budget_us: int) -> bool:
-    return sub.waited_us > budget_us * STALE_SHARE
-
-
-def _stale(passages: list[Passage], gathered: pb.GatheredRequest, budget: float) -> list[Passage]:
-    """The passages to work on; those whose request waited more than STALE_SHARE of the
-    budget in the bridge are refused, each alone (retryable, nothing queued)."""
+def _fresh(passages: list[Passage], waits: list[int], budget: float) -> list[Passage]:
+    """The passages to work on; those whose request waited (``waits``, µs) more than
+    STALE_SHARE of the budget in the bridge are refused, each alone (retryable, nothing
+    queued)."""
+    stale_us = budget * 1e6 * STALE_SHARE
+    if max(waits, default=0) <= stale_us:
+        return passages
     fresh = []
-    budget_us = int(budget * 1e6)
-    for passage, sub in zip(passages, gathered.requests, strict=True):
-        if _is_stale(sub, budget_us):
+    for passage, waited_us in zip(passages, waits, strict=True):
+        if waited_us > stale_us:
             passage.fail(
                 StoreUnavailable(
-                    f"the request waited {sub.waited_us / 1e6:.3f}s in the REST bridge, past"
+                    f"the request waited {waited_us / 1e6:.3f}s in the REST bridge, past"
                     f" {STALE_SHARE:.0%} of the server's budget ({budget:g}s); nothing was"
                     " queued"
                 )

@@ -43,11 +43,17 @@ class CachedLookup(Generic[T]):
         """Whether ``name`` was found when last looked up (its answer may have expired)."""
         return name in self._found
 
+    def fresh(self, name: str) -> tuple[float, T | None] | None:
+        """The cached answer for ``name`` while it is fresh (when it expires, and the answer
+        itself: None when not found); None when there is none (a lookup is due)."""
+        cached = self._found.get(name) or self._missing.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached
+        return None
+
     async def __call__(self, name: str, *, fetch: bool = True) -> T | None:
         """The answer for ``name``; without ``fetch``, only a cached one (else None)."""
-        now = time.monotonic()
-        cached = self._found.get(name) or self._missing.get(name)
-        if cached is not None and cached[0] > now:
+        if (cached := self.fresh(name)) is not None:
             return cached[1]
         if not fetch:
             return None
