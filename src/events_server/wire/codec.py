@@ -70,7 +70,20 @@ def envelope_bytes(event: bytes, context: bytes, field: int = ENVELOPE_EVENT_FIE
     Protobuf parses fields in any order, so the request's shared context is
     serialized once and each event is prefixed to it: no per-event copies.
     """
-    return b"".join((varint(field << 3 | 2), varint(len(event)), event, context))
+    tag = _EVENT_TAG if field == ENVELOPE_EVENT_FIELD else varint(field << 3 | 2)
+    return b"".join((tag, _length(len(event)), event, context))
+
+
+_EVENT_TAG = varint(ENVELOPE_EVENT_FIELD << 3 | 2)
+
+
+def _length(n: int) -> bytes:
+    """``varint(n)``, without its loop for the lengths of nearly every string and event."""
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    return varint(n)
 
 
 _CONTEXT_FIELDS = {
@@ -132,7 +145,7 @@ def envelope_context(  # noqa: PLR0917
 
 def _string(tag: bytes, value: str) -> bytes:
     data = value.encode()
-    return tag + varint(len(data)) + data
+    return tag + _length(len(data)) + data
 
 
 def event_from_dict(data: Mapping[str, Any]) -> pb.Event:
