@@ -87,20 +87,53 @@ def _field(name: str, kind: int, value: Any) -> Any:
     return None if kind == _DSID and not text else text  # dsid: at least one character
 
 
+_KNOWN = frozenset(_KINDS)
+_NEEDED = frozenset(_REQUIRED)
+_PLAIN = frozenset({str, list, dict, type(None)})
+"""The types of an event's values that protobuf takes as they are (None: no value), once
+the type is a number and the list and the map are checked: strings for every other field
+(protobuf refuses a list or a map there, and so does the model)."""
+
+
 def quick_fields(item: Any) -> dict[str, Any] | None:
     """``item`` (parsed by orjson) as protobuf Event fields when it is clearly a valid Event.
 
     Fields, not the Event: a request built of them at once (``CreateEventsRequest(events=
-    [fields])``) costs less than an Event built and then copied into it."""
+    [fields])``) costs less than an Event built and then copied into it. What is left to
+    protobuf to refuse (a list or a map in a string field: TypeError) makes the caller
+    take the full validation."""
     if type(item) is not dict:
         return None
+    keys = item.keys()
+    if not keys <= _KNOWN or not keys >= _NEEDED:
+        return None  # an unknown field (the model forbids it), or a required one missing
+    if not set(map(type, item.values())) <= _PLAIN:
+        return _converted(item)  # numbers where the contract has strings: the client's
+    kind = item["type"]
+    number = TYPE_VALUES.get(kind) if type(kind) is str else None
+    if number is None or item["tenant"] is None or item["market"] is None:
+        return None
+    fields = dict(item)
+    fields["type"] = number
+    if "dsid" in fields and fields["dsid"] == "":
+        return None  # at least one character
+    if (ids := fields.get("variant_ids")) is not None and _texts(ids) is not ids:
+        return None
+    if (identifiers := fields.get("entity_identifiers")) is not None and _text_map(
+        identifiers
+    ) is not identifiers:
+        return None
+    return fields
+
+
+def _converted(item: dict[str, Any]) -> dict[str, Any] | None:
+    """``quick_fields`` for an event with values other than strings, lists and maps:
+    field by field, each converted as the model converts it."""
     fields = item
     for name, value in item.items():
-        kind = _KINDS.get(name)
+        kind = _KINDS[name]
         if kind == _STRING and type(value) is str:
             continue  # nearly every field: taken as it is
-        if kind is None:
-            return None  # unknown: the model forbids it
         if fields is item:
             fields = dict(item)
         if value is None:
@@ -132,8 +165,17 @@ def quick_request(body: bytes, max_events: int | None) -> pb.CreateEventsRequest
         if (fields := quick_fields(item)) is None:
             return None
         events.append(fields)
-    # upb takes a message's fields as a dict: typeshed's stubs do not say so.
-    return pb.CreateEventsRequest(events=events)  # type: ignore[arg-type]
+    return request_of(events)
+
+
+def request_of(events: list[dict[str, Any]]) -> pb.CreateEventsRequest | None:
+    """The CreateEventsRequest of events' fields from ``quick_fields``; None when protobuf
+    refuses one (a list or a map where a string goes: the full path refuses it too)."""
+    try:
+        # upb takes a message's fields as a dict: typeshed's stubs do not say so.
+        return pb.CreateEventsRequest(events=events)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 # --- v2: a TrackV2Request ---------------------------------------------------------------

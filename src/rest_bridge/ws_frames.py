@@ -34,7 +34,7 @@ from rest_bridge.errors import (
     too_large_detail,
     validation_detail,
 )
-from rest_bridge.fastpath import quick_fields
+from rest_bridge.fastpath import quick_fields, request_of
 from rest_bridge.responses import Reply
 from rest_bridge.upstream import METADATA_SAFE
 
@@ -158,10 +158,8 @@ def _quick_frame(frame: Any) -> Frame | None:
     if type(frame_id) is not str or not 0 < len(frame_id) <= MAX_ID_CHARS:
         return None
     item = frame.get("event")
-    if (fields := quick_fields(item)) is None:
+    if (fields := quick_fields(item)) is None or (request := request_of([fields])) is None:
         return None
-    # (upb takes the event's fields as a dict: see rest_bridge.fastpath.)
-    request = pb.CreateEventsRequest(events=[fields])  # type: ignore[list-item]
     return Frame(frame_id, None, True, request, item)
 
 
