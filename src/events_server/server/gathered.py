@@ -90,9 +90,16 @@ class GatheredService:
             await context.abort(*whole_call_failed(error))
             raise  # not reached (abort() raises)
 
-    async def serve(self, gathered: pb.GatheredRequest, peer: str) -> pb.GatheredResponse:
+    async def serve(
+        self, gathered: pb.GatheredRequest, peer: str, seconds: float | None = None
+    ) -> pb.GatheredResponse:
         """Every sub-request of one gathered call (or one batch of a stream) answered as its
-        own CreateEvents call would be; IngestError when the whole call fails."""
+        own CreateEvents call would be; IngestError when the whole call fails.
+
+        ``seconds``: the time the bridge gives a batch of its stream. No step waits past it
+        (the turn, the rate charges, the write): one deadline for all of them, where a
+        timeout around the batch cost a timer and a task's cancellation more each batch.
+        """
         events = self._events
         _check_size(gathered)
         # A budget per request, as for a call of its own, from when it arrived at the
@@ -105,10 +112,13 @@ class GatheredService:
         waited = max(waits, default=0)
         if waited > stale_us:  # the oldest that is not refused sets the deadline
             waited = max((w for w in waits if w <= stale_us), default=0)
-        deadline = asyncio.get_running_loop().time() + events.write_seconds - waited / 1e6
+        now = asyncio.get_running_loop().time()
+        deadline = now + events.write_seconds - waited / 1e6
+        if seconds is not None:
+            deadline = min(deadline, now + seconds)
         async with events.limiter.turn(BRIDGE_TURNS, deadline):
-            received_at = Timestamp()
-            received_at.FromNanoseconds(time.time_ns())
+            ns = time.time_ns()
+            received_at = Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
             passages = [
                 Passage(
                     sub.request,

@@ -180,8 +180,8 @@ class GatheredStreams:
     ) -> tuple[grpc.StatusCode, pb.GatheredResponse]:
         """The batch's answer, or the status of its failure as a whole."""
         try:
-            async with asyncio.timeout(batch.timeout_us / 1e6 if batch.timeout_us else None):
-                return grpc.StatusCode.OK, await self._gathered.serve(batch, peer)
+            seconds = batch.timeout_us / 1e6 if batch.timeout_us else None
+            return grpc.StatusCode.OK, await self._gathered.serve(batch, peer, seconds)
         except IngestError as error:
             code, message, trailers = whole_call_failed(error)
             details, more = message, trailer_messages(trailers)
