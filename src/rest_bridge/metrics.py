@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from events_server.ops.exposition import LATENCY_BUCKETS, LabelCache, Observer, scrape_registry
@@ -83,12 +85,23 @@ class BridgeMetrics:
         self._call_size = Observer(self.gathered_calls)
         self.scrape = scrape_registry(self.registry)
         self._children = LabelCache()
+        self._request_changes: dict[
+            tuple[str, str, int], tuple[Callable[[float], None], Callable[[float], None]]
+        ] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
-        method = method if method in METHODS else "other"
-        self._children.counting(self.requests, (route, method, str(status)))(1)
-        self._children.observing(self.seconds, (route, method))(seconds)
+        # Routes are templates and methods llhttp's: a bounded set of keys.
+        changes = self._request_changes.get((route, method, status))
+        if changes is None:
+            label = method if method in METHODS else "other"
+            changes = self._request_changes[route, method, status] = (
+                self._children.counting(self.requests, (route, label, str(status))),
+                self._children.observing(self.seconds, (route, label)),
+            )
+        count, observe = changes
+        count(1)
+        observe(seconds)
 
     def ws_frame(self, outcome: str, seconds: float | None = None) -> None:
         """Count one WebSocket frame (and how long it took, when it was handled)."""
