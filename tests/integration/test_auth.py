@@ -26,11 +26,13 @@ from events_server.server.auth import (
     KeyStore,
     digest_of,
 )
-from events_server.server.errors import StoreUnavailable
+from events_server.server.errors import PermissionDenied, StoreUnavailable
+from events_server.server.lookups import CachedLookup
 from events_server.server.metrics import AUTH_FAILURE_KINDS
 from events_server.server.settings import Settings
+from events_server.server.storefronts import StorefrontStore
 from tests.harness.data import ev
-from tests.harness.keys import create_key
+from tests.harness.keys import create_key, register_storefront
 from tests.harness.metrics import scrape, server_metrics_url, value
 from tests.harness.rpc import send
 from tests.harness.servers import LoopThread, serving
@@ -212,6 +214,44 @@ def test_lookups_are_cached_and_redis_trouble_is_unavailable_not_401(
     key_id, error = loop.run(scenario())
     assert key_id.startswith(ID_PREFIX)
     assert error is StoreUnavailable
+
+
+def test_a_cached_caller_is_admitted_without_a_lookup_as_admit_admits_it(
+    loop: LoopThread, settings: Settings, rdb: redis.Redis
+) -> None:
+    secret = create_key(
+        settings.redis_url, settings.key_prefix, ["shop-a"], origins=["https://a.example"]
+    )
+    register_storefront(settings, "shop-b", "https://b.example")
+
+    async def scenario() -> None:
+        client = connect(settings.redis)
+        keys = KeySpace(settings.key_prefix, 1)
+        fronts = CachedLookup(StorefrontStore(client, keys).find, 60, "storefront origin")
+        auth = Authenticator(KeyStore(client, keys), 60, (), fronts)
+        try:
+            # Nothing cached yet: admit_known leaves it to admit, which looks it up.
+            assert auth.admit_known(secret, None) is None
+            assert auth.admit_known(None, "https://b.example") is None
+            by_key = await auth.admit(secret, None)
+            by_origin = await auth.admit(None, "https://b.example")
+            unregistered = await auth.admit(None, "https://c.example")
+        finally:
+            await client.aclose()
+        # The connection is closed: what admit_known answers now, it answers from the cache.
+        assert auth.admit_known(secret, None) == by_key
+        assert auth.admit_known(secret, "https://a.example") == by_key
+        assert auth.admit_known(None, "https://b.example") == by_origin
+        assert by_key.tenants == ("shop-a",)
+        assert by_origin.tenants == ("shop-b",)
+        with pytest.raises(PermissionDenied):
+            auth.admit_known(secret, "https://b.example")  # an origin the key does not list
+        # What admit refuses, or answers without a record, it is left to say.
+        assert unregistered.tenants == ()
+        assert auth.admit_known(None, "https://c.example") is None
+        assert auth.admit_known("made-up", None) is None
+
+    loop.run(scenario())
 
 
 # --- origins, as the server enforces them ----------------------------------------------
