@@ -242,8 +242,11 @@ class EventsService:
         caller = passage.caller
         if not passage.items or caller is None:
             return None
+        rates = self._rates_of(caller)
+        if rates.unlimited:
+            return None
         events = len(passage.request.events)
-        charge = self.limiter.charge_for(caller.limiter_id, self._rates_of(caller), events)
+        charge = self.limiter.charge_for(caller.limiter_id, rates, events)
         if charge is not None and self._store.charges_in_write(passage.items):
             passage.charge = charge
             return None
