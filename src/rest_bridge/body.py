@@ -167,22 +167,39 @@ def body_arrived(receive: Any) -> bool:
     return getattr(getattr(receive, "__self__", None), "more_body", True) is False
 
 
-def arrived_body(message: dict[str, Any], content_length: bytes | None, limit: int) -> bytes:
+def arrived_body(
+    message: dict[str, Any], receive: Any, content_length: bytes | None, limit: int
+) -> bytes:
     """read_body of a body that is not gzipped and has arrived whole (body_arrived: the one
     ``receive`` message holds it all), taken without a coroutine more."""
     if declared_length(content_length) > limit:
         raise too_large(limit)
     if message["type"] == "http.disconnect":
-        raise _left()
+        message = _sent_before_leaving(receive)
     body: bytes = message.get("body", b"")
     if len(body) > limit:
         raise too_large(limit)
     return body
 
 
-def _left() -> BodyRefused:
-    # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
-    return BodyRefused(json_reply(499, {"detail": "the client left before sending the whole body"}))
+def _sent_before_leaving(receive: Any) -> dict[str, Any]:
+    """The rest of the body of a client gone since, as a ``receive`` message, when it sent
+    all of it before it left; else BodyRefused (499).
+
+    A beacon sent as a page closes, or any client that does not wait for its answer, has
+    sent a whole request: it is served (and its answer dropped), however long the steps
+    before its body took. uvicorn's ``receive`` answers only ``http.disconnect`` once the
+    connection is gone, even with the whole body in its cycle.
+    """
+    cycle: Any = getattr(receive, "__self__", None)
+    if getattr(cycle, "more_body", True) is not False or not hasattr(cycle, "body"):
+        # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
+        raise BodyRefused(
+            json_reply(499, {"detail": "the client left before sending the whole body"})
+        )
+    rest = bytes(cycle.body)
+    cycle.body = bytearray()  # taken, as uvicorn's receive takes it
+    return {"type": "http.request", "body": rest, "more_body": False}
 
 
 async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, limit: int) -> bytes:
@@ -196,7 +213,7 @@ async def read_body(receive: Any, content_length: bytes | None, gzipped: bool, l
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _left()
+            message = _sent_before_leaving(receive)
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         size += len(chunk)

@@ -15,6 +15,8 @@ import httpx
 import redis
 
 from events_server.queue.keys import KeySpace
+from events_server.server.settings import Settings
+from tests.harness.keys import create_key
 from tests.harness.servers import bridged
 from tests.harness.streams import queued
 
@@ -117,6 +119,36 @@ def test_a_client_gone_before_its_answer_leaves_its_event_queued_and_others_serv
         time.sleep(0.05)
     gone = [e for _, e in queued(rdb, keys) if e.event.user_id == "u-gone"]
     assert len(gone) == 20  # each one taken in full, its answer dropped
+
+
+def test_a_client_gone_before_its_answer_is_served_by_the_task_too(
+    bridge: str, api_key: str, rdb: redis.Redis, keys: KeySpace, settings: Settings
+) -> None:
+    # uvicorn's task serves a request whose caller the bridge has not admitted yet (it asks
+    # the server first) or whose body came after its head; by the time it reads the body,
+    # the client is gone. A client that sent everything (a beacon as its page closes) is
+    # served all the same; one that left before its whole body is not.
+    fresh = create_key(settings.redis_url, settings.key_prefix, ["shop-h"], "fresh")
+    whole = json.dumps([{**EVENT, "user_id": "u-unknown"}]).encode()
+    for n in range(5):
+        with _connect(bridge) as sock:
+            sock.sendall(_post(fresh, f"unknown-{n}", whole))
+    late = json.dumps([{**EVENT, "user_id": "u-late"}]).encode()
+    for n in range(5):
+        head, _, body = _post(api_key, f"late-{n}", late).partition(b"\r\n\r\n")
+        with _connect(bridge) as sock:
+            sock.sendall(head + b"\r\n\r\n")
+            time.sleep(0.05)  # the head's read is over: uvicorn's task reads the body
+            sock.sendall(body)
+    cut = json.dumps([{**EVENT, "user_id": "u-cut"}]).encode()
+    with _connect(bridge) as sock:
+        sock.sendall(_post(api_key, "cut-0", cut)[:-5])
+    assert _legit(bridge, api_key) <= ACCEPTANCE_SECONDS
+    deadline = time.monotonic() + 5
+    while len(queued(rdb, keys)) < 11 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    users = sorted(e.event.user_id for _, e in queued(rdb, keys))
+    assert users == ["u-1"] + ["u-late"] * 5 + ["u-unknown"] * 5
 
 
 def test_a_connection_idle_past_keep_alive_is_closed_one_in_use_is_not(

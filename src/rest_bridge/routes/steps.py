@@ -168,7 +168,7 @@ class JsonPost:
             length, limit = headers.get(b"content-length"), self._settings.max_body_bytes
             if body_arrived(receive):  # asyncio.timeout costs ~4 µs a request: not needed
                 body = (
-                    arrived_body(await receive(), length, limit)
+                    arrived_body(await receive(), receive, length, limit)
                     if not gzipped
                     else await read_body(receive, length, gzipped, limit)
                 )
