@@ -146,18 +146,19 @@ class LabelCache:
 
     def counting(self, metric: Counter, labels: tuple[str, ...]) -> Callable[[float], None]:
         """``metric.labels(*labels).inc``, for amounts that are never negative."""
-        key = (id(metric), labels)
-        change = self._changes.get(key)
-        if change is None:
-            change = self._changes[key] = increment(self.get(metric, labels))
-        return change
+        return self._change(metric, labels, increment)
 
     def observing(self, metric: Histogram, labels: tuple[str, ...]) -> Callable[[float], None]:
         """``metric.labels(*labels).observe``."""
+        return self._change(metric, labels, Observer)
+
+    def _change(
+        self, metric: M, labels: tuple[str, ...], make: Callable[[M], Callable[[float], None]]
+    ) -> Callable[[float], None]:
         key = (id(metric), labels)
         change = self._changes.get(key)
         if change is None:
-            change = self._changes[key] = Observer(self.get(metric, labels))
+            change = self._changes[key] = make(self.get(metric, labels))
         return change
 
 
