@@ -192,7 +192,7 @@ def _sent_before_leaving(receive: Any) -> dict[str, Any]:
     connection is gone, even with the whole body in its cycle.
     """
     cycle: Any = getattr(receive, "__self__", None)
-    if getattr(cycle, "more_body", True) is not False or not hasattr(cycle, "body"):
+    if not body_arrived(receive) or not hasattr(cycle, "body"):
         # Nobody will read the answer; 499 (nginx's "client closed request") is for the log.
         raise BodyRefused(
             json_reply(499, {"detail": "the client left before sending the whole body"})

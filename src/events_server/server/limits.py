@@ -247,13 +247,12 @@ class Limiter:
         """Wait for a turn at working on one of the caller's calls (see FairTurns)."""
         return self.turns.turn(caller_id, deadline)
 
-    def charge_for(self, caller_id: str, rates: Rates, events: int) -> Charge | None:
-        """The charge of a request of ``events`` events (None: no rate, no round trip).
+    def charge_for(self, caller_id: str, rates: Rates, events: int) -> Charge:
+        """The charge of a request of ``events`` events, for ``rates`` that are not
+        unlimited (an unlimited caller is charged nothing, and costs no round trip).
 
         Raises RateLimited (not retryable) for a request larger than the burst allows.
         """
-        if rates.unlimited:
-            return None
         if rates.events_per_second > 0:
             room = rates.events_per_second * max(rates.burst_seconds, 1 / rates.events_per_second)
             if events > room:

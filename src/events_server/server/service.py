@@ -247,7 +247,7 @@ class EventsService:
             return None
         events = len(passage.request.events)
         charge = self.limiter.charge_for(caller.limiter_id, rates, events)
-        if charge is not None and self._store.charges_in_write(passage.items):
+        if self._store.charges_in_write(passage.items):
             passage.charge = charge
             return None
         return charge
