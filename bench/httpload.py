@@ -1,14 +1,23 @@
 """E's load generator: one-event POSTs at a fixed rate (open loop), on raw sockets.
 
-python -m bench.httpload URL API_KEY --rate 1500 --seconds 12 --warmup 2
+python -m bench.httpload URL API_KEY --rate 1500 --seconds 12 --warmup 2 [--connections 64]
 
 wrk only keeps a number of requests in flight (closed loop), and Debian has no wrk2,
-so the open-loop phase has its own generator, lean like bench.wsload: asyncio protocols
-on uvloop, keep-alive connections (--connections opened first; a new one opens when
-every open one is busy, up to --max-connections; past that a due request waits), bodies from
-bench.workload's precomputed events. A request's latency counts from when it was due,
-so a stall is charged to every request behind it. Every request due in the window is
-in the percentiles; one not answered by the end of the drain is an error.
+so the open-loop phase has its own generator, lean like bench.wsload, and built as wrk2
+is: asyncio protocols on uvloop over a fixed pool of keep-alive connections (--connections,
+all opened before the first request), bodies from bench.workload's precomputed events. A due
+request goes out on the connection free the longest (round robin, so none sits idle long
+enough for the bridge's keep-alive timeout to close it); when every one is busy, it waits
+for the first to free up. A request's latency counts from when it was due, so a stall,
+and the wait for a connection behind it, is charged to every request behind it. Every
+request due in the window is in the percentiles; one not answered by the end of the
+drain is an error.
+
+The pool does not grow while the service is slow: a generator that opened a connection
+for each waiting request (as this one did until 2026-12) turned a few milliseconds'
+hiccup into a burst of a hundred connections opened at once, whose set-up cost (in both
+processes) then made the stall it was reacting to; clients of a real service do not open
+connections in step with its hiccups. A connection the bridge closes is opened again.
 
 It reports as bench.window says.
 """
@@ -46,7 +55,8 @@ class Load(Window):
         self.batches = Batches(args.seed, 0)
         self.backlog: deque[float] = deque()
         """Due times of requests waiting for a connection."""
-        self.idle: list[Connection] = []
+        self.idle: deque[Connection] = deque()
+        """Free connections, the one free the longest first."""
         self.connections = 0
         """Open or opening."""
         self.out = 0
@@ -63,11 +73,10 @@ class Load(Window):
         self.pump()
 
     def pump(self) -> None:
-        """Put waiting requests on idle connections; open more while some still wait."""
+        """Put waiting requests on free connections; open again any the bridge closed."""
         while self.backlog and self.idle:
-            self.idle.pop().send(self.backlog.popleft())
-        missing = min(len(self.backlog), self.args.max_connections - self.connections)
-        for _ in range(max(missing, 0)):
+            self.idle.popleft().send(self.backlog.popleft())
+        for _ in range(self.args.connections - self.connections):
             self.connections += 1
             task = asyncio.get_running_loop().create_task(self.open())
             self.opening.add(task)  # the loop keeps only a weak reference to a task
@@ -190,8 +199,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--connections", type=int, default=32, help="opened before the start")
-    parser.add_argument("--max-connections", type=int, default=256)
+    parser.add_argument(
+        "--connections", type=int, default=64, help="the pool, opened before the first request"
+    )
     parser.add_argument("--seed", type=int, default=1)
     return run_and_report(run(parser.parse_args()))
 
