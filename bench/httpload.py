@@ -62,6 +62,8 @@ class Load(Window):
         self.out = 0
         """Requests sent and not answered."""
         self.opening: set[asyncio.Task[None]] = set()
+        self.closing = False
+        """Set once the run is over: connections closed then are not opened again."""
         self.drained = asyncio.get_running_loop().create_future()
 
     def request(self) -> bytes:
@@ -73,14 +75,18 @@ class Load(Window):
         self.pump()
 
     def pump(self) -> None:
-        """Put waiting requests on free connections; open again any the bridge closed."""
+        """Put waiting requests on free connections, the one free the longest first."""
         while self.backlog and self.idle:
             self.idle.popleft().send(self.backlog.popleft())
-        for _ in range(self.args.connections - self.connections):
-            self.connections += 1
-            task = asyncio.get_running_loop().create_task(self.open())
-            self.opening.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(self.opening.discard)
+
+    def reopen(self) -> None:
+        """Open a connection in place of one the bridge closed, until the run closes them."""
+        if self.closing:
+            return
+        self.connections += 1
+        task = asyncio.get_running_loop().create_task(self.open())
+        self.opening.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self.opening.discard)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,7 +164,7 @@ class Connection(asyncio.Protocol):
             else:
                 load.backlog.appendleft(self.due)
             self.due = None
-        load.pump()
+        load.reopen()
 
 
 async def run(args: argparse.Namespace) -> LoadResult:
@@ -186,6 +192,7 @@ async def run(args: argparse.Namespace) -> LoadResult:
             await asyncio.wait_for(asyncio.shield(load.drained), DRAIN_SECONDS)
         except TimeoutError:
             load.result.errors["unanswered"] = load.out + len(load.backlog)
+    load.closing = True
     for conn in list(load.idle):
         if conn.transport is not None:
             conn.transport.close()
